@@ -1,0 +1,88 @@
+"""The recurrent state of a whole model, as ``generate()``'s cache.
+
+A recurrent model's cache is its state: a fixed set of tensors per layer whose size does not grow with
+the sequence. This class holds them explicitly (named tensors per layer, plus the per-row count of real
+tokens already consumed, which gives the next positions), and offers what ``GenerationMixin`` asks of a
+cache: reorder for beam search, repeat/select along the batch, the number of steps seen. Nothing is
+hidden in module attributes, so a state can be copied, reordered, saved and restored.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+
+
+class RecurrentCache:
+    """Per-layer recurrent state ``{name: tensor [B, ...]}`` of a stack of ``num_layers`` layers."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, num_layers: int):
+        self.layers: list[dict[str, torch.Tensor] | None] = [None] * num_layers
+        self.positions: torch.Tensor | None = None  # [B] real tokens consumed per row
+        self.steps = 0  # tokens consumed per row, padding included
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layers={len(self.layers)}, steps={self.steps})"
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [True] * len(self.layers)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.steps == 0
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.positions is None else self.positions.shape[0]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.steps
+
+    def _tensors(self) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
+        for layer in self.layers:
+            if layer is not None:
+                for name in layer:
+                    yield layer, name
+
+    def _map_batch(self, fn) -> None:
+        for layer, name in self._tensors():
+            layer[name] = fn(layer[name])
+        if self.positions is not None:
+            self.positions = fn(self.positions)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keep the rows ``beam_idx`` (beam search)."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        self.layers = [None] * len(self.layers)
+        self.positions = None
+        self.steps = 0
+
+    def clone(self) -> RecurrentCache:
+        """An independent copy, e.g. to branch several continuations from one prefix."""
+        return copy.deepcopy(self)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "a recurrent state cannot be rolled back token by token; clone() the cache before the tokens "
+            "you may want to undo"
+        )
+
+    def activate_past_recording(self) -> None:
+        self.crop(0)

@@ -1,0 +1,258 @@
+"""Import checkpoints of the public DenseRetNet code (``modeling_dense_gau_retnet.py``) into our layout.
+
+A reference directory holds a LLaMA-style ``config.json`` (``model_type: llama`` plus ``query_key_dim``,
+``v_factor``, ``dense_block_layers``, …) and weights as ``model.safetensors``, ``pytorch_model.bin`` or
+their sharded ``*.index.json`` forms. ``.bin`` files are read with ``torch.load(weights_only=True)``:
+never a full unpickle.
+
+The reference allocates k/v gates and k/v norms in layer 0 that it never uses; they are dropped with a
+notice. Any other missing, unexpected or mis-shaped tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from densessm.models.retnet import DenseRetNetConfig, DenseRetNetForCausalLM
+from densessm.ops.retention import head_log_decays, rotation_angles
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+# reference name (inside model.layers.N.self_attn.) -> ours (inside model.layers.N.retention.)
+_BLOCK_NAMES = {
+    "q_proj.weight": "q_proj.weight",
+    "k_proj.weight": "k_proj.weight",
+    "to_hidden.0.weight": "vg_proj.weight",
+    "to_out.0.weight": "o_proj.weight",
+    "group_norm.weight": "head_norm.weight",
+    "k_select.fc1.weight": "dense.k_gate.fc1.weight",
+    "k_select.fc2.weight": "dense.k_gate.fc2.weight",
+    "v_select.fc1.weight": "dense.v_gate.fc1.weight",
+    "v_select.fc2.weight": "dense.v_gate.fc2.weight",
+    "k_norm.weight": "dense.k_norm.weight",
+    "v_norm.weight": "dense.v_norm.weight",
+}
+_DENSE_REF_NAMES = {name for name, ours in _BLOCK_NAMES.items() if ours.startswith("dense.")}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|input_layernorm)\.?(.*)$")
+_REQUIRED_FIELDS = ("hidden_size", "query_key_dim", "num_attention_heads", "num_hidden_layers", "vocab_size")
+
+
+class CheckpointError(ValueError):
+    """A reference checkpoint that cannot be converted faithfully; the message says why."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"corrupt or truncated safetensors file {path}: {err}") from err
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for unreadable or unsafe pickles
+        raise CheckpointError(f"cannot read {path} safely (weights_only=True): {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a flat dict of tensors")
+    return state
+
+
+def load_reference_weights(src: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a reference directory, whichever of the four weight layouts it uses."""
+    src = Path(src)
+    layouts = (
+        ("model.safetensors", _load_safetensors),
+        ("model.safetensors.index.json", _load_safetensors),
+        ("pytorch_model.bin", _load_bin),
+        ("pytorch_model.bin.index.json", _load_bin),
+    )
+    for name, loader in layouts:
+        path = src / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return loader(path)
+        index = _read_json(path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{path} has no weight_map")
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (src / shard).is_file():
+                raise CheckpointError(f"shard {shard} listed in {path} is missing")
+            state.update(loader(src / shard))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise CheckpointError(f"tensors listed in {path} but absent from its shards: {', '.join(missing)}")
+        return state
+    raise CheckpointError(
+        f"no weights in {src}: expected model.safetensors, pytorch_model.bin or a sharded *.index.json"
+    )
+
+
+def _gate_reduction(state: dict[str, torch.Tensor], which: str, hidden: int, layers: int) -> int:
+    """The bottleneck ratio of the k or v gate, read off the first dense layer's fc1."""
+    for layer in range(1, layers):
+        weight = state.get(f"model.layers.{layer}.self_attn.{which}_select.fc1.weight")
+        if weight is not None:
+            width = weight.shape[0]
+            ratio = hidden // width
+            if width < 1 or hidden // ratio != width:
+                raise CheckpointError(
+                    f"{which}_select.fc1 has width {width}, which no integer ratio of hidden_size {hidden} gives"
+                )
+            return ratio
+    raise CheckpointError(f"no {which}_select.fc1.weight found in layers 1..{layers - 1} of a dense checkpoint")
+
+
+def reference_config(src: str | Path, state: dict[str, torch.Tensor]) -> DenseRetNetConfig:
+    """Our configuration for a reference directory (gate widths are read from the weights)."""
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no config.json in reference directory {src}")
+    ref = _read_json(path)
+    absent = [name for name in (*_REQUIRED_FIELDS, "v_factor", "dense_block_layers") if name not in ref]
+    if absent:
+        raise CheckpointError(f"{path} is not a DenseRetNet reference config: missing {', '.join(absent)}")
+    m = ref["dense_block_layers"]
+    if m == 0:
+        raise CheckpointError(
+            "reference checkpoints with dense_block_layers=0 still RMS-normalise k and v in layers >= 1, "
+            "which densessm's plain RetNet (m=0) does not: converting would change the model"
+        )
+    hidden, layers = ref["hidden_size"], ref["num_hidden_layers"]
+    fields = {
+        name: ref[name]
+        for name in (
+            *_REQUIRED_FIELDS,
+            "v_factor",
+            "dense_block_layers",
+            "rms_norm_eps",
+            "dropout",
+            "max_position_embeddings",
+            "initializer_range",
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+        )
+        if name in ref
+    }
+    return DenseRetNetConfig(
+        **fields,
+        k_gate_reduction=_gate_reduction(state, "k", hidden, layers),
+        v_gate_reduction=_gate_reduction(state, "v", hidden, layers),
+        tie_word_embeddings=False,
+        architectures=["DenseRetNetForCausalLM"],
+    )
+
+
+def _check_constant(name: str, tensor: torch.Tensor, expected: torch.Tensor) -> None:
+    if tensor.shape != expected.shape or not torch.allclose(tensor.float(), expected, rtol=1e-4, atol=1e-6):
+        raise CheckpointError(f"{name} differs from the standard RetNet constants; this model cannot reproduce it")
+
+
+def map_reference_state(
+    state: dict[str, torch.Tensor], config: DenseRetNetConfig
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename reference tensors to ours; returns ``(our_state, dropped_names)``. Raises on anything else."""
+    ours: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    unexpected: list[str] = []
+    heads = config.num_attention_heads
+    for name, tensor in state.items():
+        if name == "model.retnet_rel_pos.decay":
+            _check_constant(name, tensor, head_log_decays(heads))
+            dropped.append(name)
+            continue
+        if name == "model.retnet_rel_pos.angle":
+            _check_constant(name, tensor, rotation_angles(config.query_key_dim // heads))
+            dropped.append(name)
+            continue
+        if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            ours[name] = tensor
+            continue
+        match = _LAYER.match(name)
+        if match is None:
+            unexpected.append(name)
+            continue
+        layer, part, rest = int(match[1]), match[2], match[3]
+        if part == "input_layernorm":
+            ours[name] = tensor
+        elif rest in _DENSE_REF_NAMES and layer == 0:
+            dropped.append(name)  # allocated but never used by the reference
+        elif rest in _BLOCK_NAMES:
+            ours[f"model.layers.{layer}.retention.{_BLOCK_NAMES[rest]}"] = tensor
+        else:
+            unexpected.append(name)
+
+    with torch.device("meta"):
+        expected = DenseRetNetForCausalLM(config).state_dict()
+    missing = sorted(set(expected) - set(ours))
+    unexpected += sorted(set(ours) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(sorted(unexpected))}")
+    for name in sorted(set(ours) & set(expected)):
+        if ours[name].shape != expected[name].shape:
+            problems.append(f"{name} has shape {tuple(ours[name].shape)}, expected {tuple(expected[name].shape)}")
+    if problems:
+        raise CheckpointError("the reference weights do not match their config.json: " + "; ".join(problems))
+    return ours, dropped
+
+
+def load_reference_model(src: str | Path, dtype: torch.dtype | None = None) -> DenseRetNetForCausalLM:
+    """A DenseRetNetForCausalLM holding a reference checkpoint's weights (in their dtype unless given)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"reference directory {src} does not exist")
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"no config.json in reference directory {src}")
+    state = load_reference_weights(src)
+    config = reference_config(src, state)
+    ours, dropped = map_reference_state(state, config)
+    if dropped:
+        logger.warning("dropped %d unused reference tensors: %s", len(dropped), ", ".join(dropped))
+    with torch.device("meta"):
+        model = DenseRetNetForCausalLM(config)
+    model.load_state_dict(ours, strict=True, assign=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def convert_reference_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write ``src`` (reference layout) to ``dst`` as a densessm directory ``from_pretrained`` can load."""
+    src, dst = Path(src), Path(dst)
+    model = load_reference_model(src, dtype=dtype)
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    return dst

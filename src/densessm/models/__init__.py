@@ -1,0 +1,1 @@
+"""Model families: one folder per family (configuration + modeling), the DenseSSM pieces in ``dense``."""

@@ -1,0 +1,91 @@
+"""DenseRetNet configuration. Field names follow the public reference ``config.json`` where it has one."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from densessm.ops.retention import RETENTION_MODES
+
+
+@strict
+class DenseRetNetConfig(PreTrainedConfig):
+    r"""Configuration of a DenseRetNet (GAU-style retention, no FFN) or, with ``dense_block_layers=0``, of the
+    plain GAU-RetNet baseline.
+
+    Args:
+        vocab_size: Vocabulary size.
+        hidden_size: Residual stream width.
+        query_key_dim: Total width of q and k (split over heads).
+        num_attention_heads: Retention heads; head ``h`` decays with ``γ_h = 1 - 2^(-5-h)``.
+        num_hidden_layers: Number of retention layers.
+        v_factor: The value/gate width is ``hidden_size * v_factor``.
+        dense_block_layers: ``m``, how many layers below feed each layer's k and v (0: plain RetNet).
+        k_gate_reduction, v_gate_reduction: Bottleneck ratio of the selective-transition gates of k and v
+            (the gate's hidden width is ``hidden_size // ratio``; the public code hard-codes 32).
+        rms_norm_eps: Epsilon of every RMSNorm.
+        dropout: Dropout on each retention block's output.
+        max_position_embeddings: Training context length (retention itself has no position limit).
+        forward_mode: Default compute mode of a forward call (``parallel`` or ``recurrent``).
+    """
+
+    model_type = "dense_retnet"
+
+    vocab_size: int = 32000
+    hidden_size: int = 1536
+    query_key_dim: int = 768
+    num_attention_heads: int = 2
+    num_hidden_layers: int = 16
+    v_factor: int | float = 2
+    dense_block_layers: int = 1
+    k_gate_reduction: int = 32
+    v_gate_reduction: int = 32
+    rms_norm_eps: float = 1e-6
+    dropout: float = 0.0
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    forward_mode: str = "parallel"
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+
+    @property
+    def value_dim(self) -> int:
+        """Width of v and of the output gate."""
+        return int(self.hidden_size * self.v_factor)
+
+    def validate_dense_retnet(self):
+        positive = ("vocab_size", "hidden_size", "query_key_dim", "num_attention_heads", "num_hidden_layers")
+        for name in (*positive, "k_gate_reduction", "v_gate_reduction"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.v_factor <= 0 or self.value_dim <= 0:
+            raise ValueError(f"v_factor must be positive, got {self.v_factor}")
+        heads = self.num_attention_heads
+        if self.query_key_dim % heads or (self.query_key_dim // heads) % 2:
+            raise ValueError(
+                f"query_key_dim ({self.query_key_dim}) must split into {heads} heads of even width "
+                "(the rotation turns pairs of channels)"
+            )
+        if self.value_dim % heads:
+            raise ValueError(f"hidden_size * v_factor ({self.value_dim}) must be divisible by {heads} heads")
+        if self.dense_block_layers < 0:
+            raise ValueError(f"dense_block_layers must be >= 0, got {self.dense_block_layers}")
+        for name, ratio in (("k_gate_reduction", self.k_gate_reduction), ("v_gate_reduction", self.v_gate_reduction)):
+            if self.dense_block_layers and self.hidden_size // ratio < 1:
+                raise ValueError(f"{name}={ratio} leaves no gate width for hidden_size={self.hidden_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.forward_mode not in RETENTION_MODES:
+            raise ValueError(
+                f"unknown forward_mode {self.forward_mode!r}: expected one of {', '.join(RETENTION_MODES)}"
+            )
+
+    @property
+    def layer_types(self) -> list[str]:
+        return ["linear_attention"] * self.num_hidden_layers
+
+
+__all__ = ["DenseRetNetConfig"]

@@ -1,0 +1,446 @@
+"""DenseRetNet: GAU-style multi-scale retention (no FFN) with dense hidden connections on k and v.
+
+Per layer: ``x + Retention(RMSNorm(x))``; a final RMSNorm and an untied LM head. In the retention block
+``q = silu(W_q x)``, ``k = silu(W_k x)·Dk^-1/2`` and ``[v, g] = silu(W_vg x)``. Layers ``l ≥ 1`` of a
+DenseRetNet (``m = dense_block_layers > 0``) add the *un-fused* k and v of layers ``l-m … l-1`` at the same
+position, each times a selective-transition gate of the layer input, then RMSNorm k and v. The dense inputs
+are per position, so recurrent decoding needs no cache beyond each layer's retention state.
+
+``m = 0`` is the plain GAU-RetNet baseline: no gates and no k/v norms are allocated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+
+from densessm.cache import RecurrentCache
+from densessm.models.dense import SelectiveTransitionGate, fuse_hidden
+from densessm.models.norm import RMSNorm
+from densessm.models.retnet.configuration_dense_retnet import DenseRetNetConfig
+from densessm.ops.retention import (
+    check_mode,
+    head_log_decays,
+    retention,
+    rotate,
+    rotation_angles,
+    rotation_tables,
+)
+
+
+class DenseKVFusion(nn.Module):
+    """Dense hidden connection of one layer: gated sum of shallow k (v) into the current k (v), then RMSNorm."""
+
+    def __init__(self, config: DenseRetNetConfig):
+        super().__init__()
+        self.k_gate = SelectiveTransitionGate(config.hidden_size, config.query_key_dim, config.k_gate_reduction)
+        self.v_gate = SelectiveTransitionGate(config.hidden_size, config.value_dim, config.v_gate_reduction)
+        self.k_norm = RMSNorm(config.query_key_dim, eps=config.rms_norm_eps)
+        self.v_norm = RMSNorm(config.value_dim, eps=config.rms_norm_eps)
+
+    def forward(self, x, k, v, k_shallow, v_shallow):
+        k = self.k_norm(fuse_hidden(k, k_shallow, self.k_gate(x)))
+        v = self.v_norm(fuse_hidden(v, v_shallow, self.v_gate(x)))
+        return k, v
+
+
+class DenseRetNetRetention(nn.Module):
+    """The GAU retention block: gated multi-scale retention with per-head RMSNorm."""
+
+    def __init__(self, config: DenseRetNetConfig, dense: bool):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.key_dim = config.query_key_dim // self.num_heads
+        self.value_dim = config.value_dim
+        self.scaling = self.key_dim**-0.5
+        self.q_proj = nn.Linear(config.hidden_size, config.query_key_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.query_key_dim, bias=False)
+        self.vg_proj = nn.Linear(config.hidden_size, 2 * self.value_dim, bias=False)
+        self.o_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
+        self.head_norm = RMSNorm(self.value_dim // self.num_heads, eps=config.rms_norm_eps)
+        self.dense = DenseKVFusion(config) if dense else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, k_shallow, v_shallow, rotation, log_decay, mask, mode, state, output_state):
+        batch, length, _ = x.shape
+        q = F.silu(self.q_proj(x))
+        k = F.silu(self.k_proj(x)) * self.scaling
+        v, gate = F.silu(self.vg_proj(x)).chunk(2, dim=-1)
+        k_own, v_own = k, v
+        if self.dense is not None and k_shallow:
+            k, v = self.dense(x, k, v, k_shallow, v_shallow)
+        q = rotate(q.view(batch, length, self.num_heads, -1).transpose(1, 2), *rotation)
+        k = rotate(k.view(batch, length, self.num_heads, -1).transpose(1, 2), *rotation)
+        v = v.view(batch, length, self.num_heads, -1).transpose(1, 2)
+        out, new_state = retention(q, k, v, log_decay, mode, mask=mask, state=state, output_state=output_state)
+        out = self.head_norm(out.transpose(1, 2)).reshape(batch, length, self.value_dim) * gate
+        return self.dropout(self.o_proj(out)), k_own, v_own, new_state
+
+
+class DenseRetNetDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm residual retention layer. Returns its un-fused k and v for the layers above."""
+
+    def __init__(self, config: DenseRetNetConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        dense = config.dense_block_layers > 0 and layer_idx > 0
+        self.retention = DenseRetNetRetention(config, dense=dense)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *shallow: torch.Tensor,
+        rotation: tuple[torch.Tensor, torch.Tensor],
+        log_decay: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mode: str = "parallel",
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        output_state: bool = False,
+    ):
+        # shallow = (k_{l-n}, …, k_{l-1}, v_{l-n}, …, v_{l-1}), positional so checkpointing sees every tensor
+        half = len(shallow) // 2
+        out, k, v, new_state = self.retention(
+            self.input_layernorm(hidden_states),
+            shallow[:half],
+            shallow[half:],
+            rotation,
+            log_decay,
+            mask,
+            mode,
+            state,
+            output_state,
+        )
+        return hidden_states + out, k, v, new_state
+
+
+class DenseRetNetPreTrainedModel(PreTrainedModel):
+    config_class = DenseRetNetConfig
+    config: DenseRetNetConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DenseRetNetDecoderLayer"]
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # our state is a RecurrentCache, created by the model itself
+
+
+class DenseRetNetModel(DenseRetNetPreTrainedModel):
+    """Embeddings, the retention stack and the final norm."""
+
+    def __init__(self, config: DenseRetNetConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([DenseRetNetDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def retention_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotation angles ``[Dk]`` and per-head ``log γ`` ``[H]``: fixed by the shape, computed once per device."""
+        if device not in self._constants:
+            heads = self.config.num_attention_heads
+            angles = rotation_angles(self.config.query_key_dim // heads)
+            self._constants[device] = (angles.to(device), head_log_decays(heads).to(device))
+        return self._constants[device]
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+            if input_ids.numel() == 0:
+                raise ValueError(f"empty input: input_ids has shape {tuple(input_ids.shape)}")
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
+            batch, length = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape [batch, length, {self.config.hidden_size}], "
+                    f"got {tuple(inputs_embeds.shape)}"
+                )
+            if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+                raise ValueError(f"empty input: inputs_embeds has shape {tuple(inputs_embeds.shape)}")
+            batch, length = inputs_embeds.shape[:2]
+        if attention_mask is not None and (
+            attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length
+        ):
+            raise ValueError(
+                f"attention_mask must have shape [{batch}, >= {length}] (one entry per token), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        return batch, length
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: RecurrentCache | None = None,
+        use_cache: bool | None = None,
+        mode: str | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Run the stack.
+
+        ``mode`` picks the schedule (``parallel`` or ``recurrent``; default: ``config.forward_mode``, or
+        ``recurrent`` when ``cache`` already holds a state). ``cache`` carries the recurrent state across
+        calls; it is created when ``use_cache`` is set. ``attention_mask`` may be longer than the input (as
+        ``generate()`` passes it): its last ``length`` columns belong to this input.
+        """
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        batch, length = self._check_inputs(input_ids, inputs_embeds, attention_mask)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = RecurrentCache(self.config.num_hidden_layers)
+        if cache is not None and not isinstance(cache, RecurrentCache):
+            raise TypeError(f"cache must be a densessm RecurrentCache, got {type(cache).__name__}")
+        carried = cache is not None and not cache.is_empty
+        if carried and cache.batch_size != batch:
+            raise ValueError(f"cache holds {cache.batch_size} rows but the input has {batch}")
+        if mode is None:
+            mode = "recurrent" if carried else self.config.forward_mode
+        mode = check_mode(mode)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        device = hidden.device
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, -length:].to(device).bool()
+            if bool(mask.all()):
+                mask = None  # nothing to hide: take the shared (cheaper) path
+        start = cache.positions if carried else torch.zeros(batch, dtype=torch.long, device=device)
+        if position_ids is None:
+            if mask is None:
+                position_ids = start[:, None] + torch.arange(length, device=device)
+            else:
+                position_ids = start[:, None] + mask.long().cumsum(-1) - 1
+        angles, log_decay = self.retention_constants(device)
+        rotation = rotation_tables(position_ids.to(device), angles, hidden.dtype)
+
+        m = self.config.dense_block_layers
+        k_hist: list[torch.Tensor] = []
+        v_hist: list[torch.Tensor] = []
+        all_hidden = () if output_hidden_states else None
+        for idx, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            state = cache.layers[idx] if carried else None
+            hidden, k, v, new_state = layer(
+                hidden,
+                *k_hist,
+                *v_hist,
+                rotation=rotation,
+                log_decay=log_decay,
+                mask=mask,
+                mode=mode,
+                state=None if state is None else (state["state"], state["scale"]),
+                output_state=cache is not None,
+            )
+            if cache is not None:
+                cache.layers[idx] = {"state": new_state[0], "scale": new_state[1]}
+            if m:
+                k_hist = (k_hist + [k])[-m:]
+                v_hist = (v_hist + [v])[-m:]
+        hidden = self.norm(hidden)
+        if output_hidden_states:
+            all_hidden += (hidden,)
+        if cache is not None:
+            consumed = length if mask is None else mask.long().sum(-1)
+            cache.positions = start + consumed
+            cache.steps += length
+
+        if not return_dict:
+            return tuple(x for x in (hidden, cache if use_cache else None, all_hidden) if x is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden, cache=cache if use_cache else None, hidden_states=all_hidden
+        )
+
+
+class DenseRetNetForCausalLM(DenseRetNetPreTrainedModel, GenerationMixin):
+    """DenseRetNet with an (untied) LM head; ``generate()`` decodes through the O(1) recurrent state."""
+
+    def __init__(self, config: DenseRetNetConfig):
+        super().__init__(config)
+        self.model = DenseRetNetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
+        """Feed only the tokens the state has not consumed yet."""
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        if cache is not None and not cache.is_empty:
+            input_ids = input_ids[:, cache.get_seq_length() :]
+            kwargs.pop("inputs_embeds", None)
+            kwargs.pop("position_ids", None)
+        elif kwargs.get("inputs_embeds") is not None:
+            input_ids = None
+        model_inputs = {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask}
+        model_inputs.update(
+            {k: v for k, v in kwargs.items() if k not in ("next_sequence_length", "is_first_iteration")}
+        )
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: RecurrentCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        mode: str | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits for every position (or the last ``logits_to_keep``); ``labels`` give the shifted LM loss."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            mode=mode,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            past_key_values=kwargs.pop("past_key_values", None),
+        )
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = (logits,) + tuple(x for x in (outputs.cache, outputs.hidden_states) if x is not None)
+            return (loss,) + output if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+class DenseRetNetForSequenceClassification(DenseRetNetPreTrainedModel):
+    """DenseRetNet with a linear score head on the last real token of each row."""
+
+    def __init__(self, config: DenseRetNetConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = DenseRetNetModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def _last_token_index(self, input_ids, attention_mask, batch, length, device):
+        positions = torch.arange(length, device=device)
+        if attention_mask is not None:
+            real = attention_mask[:, -length:].to(device).bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids.to(device) != self.config.pad_token_id
+        elif batch == 1:
+            return torch.full((1,), length - 1, device=device)
+        else:
+            raise ValueError(
+                "cannot find the last token of each row: pass attention_mask, or input_ids with pad_token_id set"
+            )
+        if not bool(real.any(-1).all()):
+            raise ValueError("a row of the batch has no real token to classify")
+        return (positions * real).argmax(-1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        mode: str | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        """Pooled logits ``[B, num_labels]``; ``labels`` give a regression, single- or multi-label loss."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            mode=mode,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch, length = logits.shape[:2]
+        last = self._last_token_index(input_ids, attention_mask, batch, length, logits.device)
+        pooled = logits[torch.arange(batch, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+        if not return_dict:
+            output = (pooled,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return (loss,) + output if loss is not None else output
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "DenseRetNetForCausalLM",
+    "DenseRetNetForSequenceClassification",
+    "DenseRetNetModel",
+    "DenseRetNetPreTrainedModel",
+]

@@ -1,0 +1,37 @@
+"""xPos-style rotation of q and k and the per-head decay, as in the public RetNet/DenseRetNet code.
+
+The rotation turns each pair ``(x_2i, x_2i+1)`` by ``position · θ_i`` with ``θ_i = 10000^-linspace(0, 1,
+D/2)_i``. It is a true rotation, so ``q_t · k_s`` depends only on ``t - s``: any consistent position
+origin gives the same retention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotation_angles(key_dim: int) -> torch.Tensor:
+    """``[key_dim]`` angles, each repeated for its pair."""
+    angle = 1.0 / (10000 ** torch.linspace(0, 1, key_dim // 2))
+    return angle.repeat_interleave(2)
+
+
+def head_log_decays(num_heads: int) -> torch.Tensor:
+    """``log γ_h`` with ``γ_h = 1 - 2^(-5-h)``: each head sees a different horizon."""
+    return torch.log(1 - 2 ** (-5 - torch.arange(num_heads, dtype=torch.float)))
+
+
+def rotation_tables(
+    positions: torch.Tensor, angles: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sin, cos)`` of ``positions [B|1, L]`` (any integer origin), shaped ``[B|1, 1, L, D]``; computed in
+    fp32 once per forward and shared by every layer."""
+    theta = positions.to(torch.float32)[:, None, :, None] * angles.float()
+    return theta.sin().to(dtype), theta.cos().to(dtype)
+
+
+def rotate(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Turn each channel pair of ``x [B, H, L, D]``: ``(a, b) -> (a cos - b sin, b cos + a sin)``."""
+    pairs = x.unflatten(-1, (-1, 2))
+    swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + swapped * sin
