@@ -24,24 +24,29 @@ import torch
 _TINY = 1e-30
 
 
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Decays and decay-sums are kept in at least fp32, whatever the activations' dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _decay_weights(
-    log_decay: torch.Tensor, length: int, mask: torch.Tensor | None, device: torch.device
+    log_decay: torch.Tensor, length: int, mask: torch.Tensor | None, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised decay matrix ``γ^{n(s,t)}`` (zero where ``s > t`` or ``s`` is padding), fp32.
+    """Unnormalised decay matrix ``γ^{n(s,t)}`` (zero where ``s > t`` or ``s`` is padding), in ``dtype``.
 
     Returns ``(weights [B|1, H, L, L], counts [B|1, L])`` where ``counts`` is the running number of real
     tokens (positions 1-based).
     """
     if mask is None:
-        counts = torch.arange(1, length + 1, device=device, dtype=torch.float32)[None]
+        counts = torch.arange(1, length + 1, device=device, dtype=dtype)[None]
         valid = torch.ones(1, length, dtype=torch.bool, device=device)
     else:
         valid = mask.bool()
-        counts = valid.to(torch.float32).cumsum(-1)
+        counts = valid.to(dtype).cumsum(-1)
     steps = counts[:, :, None] - counts[:, None, :]  # [B, L, L]: real tokens in (s, t]
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     keep = causal[None] & valid[:, None, :]
-    steps = steps.clamp_min(0)[:, None] * log_decay.float()[None, :, None, None]
+    steps = steps.clamp_min(0)[:, None] * log_decay.to(dtype)[None, :, None, None]
     weights = torch.where(keep[:, None], steps.exp(), torch.zeros((), device=device))
     return weights, counts
 
@@ -57,7 +62,7 @@ def parallel_retention(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Quadratic (matrix) form over the whole sequence from an empty state."""
     length = q.shape[-2]
-    weights, _ = _decay_weights(log_decay, length, mask, q.device)
+    weights, _ = _decay_weights(log_decay, length, mask, q.device, _stat_dtype(q.dtype))
     decay = weights / weights.sum(-1, keepdim=True).sqrt().clamp_min(_TINY)
     qk = (q @ k.transpose(-1, -2)) * decay.to(q.dtype)
     if normalize_rows:
@@ -83,13 +88,13 @@ def recurrent_step(
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token: ``q, k`` ``[B, H, Dk]``, ``v`` ``[B, H, Dv]``, ``state`` ``[B, H, Dk, Dv]``, ``scale``
-    ``[B, H]`` (fp32), ``mask`` ``[B]``. Returns ``(out [B, H, Dv], state, scale)``."""
-    gamma = log_decay.float().exp()[None, :]  # [1, H]
+    ``[B, H]`` (at least fp32), ``mask`` ``[B]``. Returns ``(out [B, H, Dv], state, scale)``."""
+    gamma = log_decay.to(scale.dtype).exp()[None, :]  # [1, H]
     if mask is None:
         decay = gamma.expand_as(scale)
         add = torch.ones_like(scale)
     else:
-        real = mask.to(torch.float32)[:, None]
+        real = mask.to(scale.dtype)[:, None]
         decay = torch.where(real > 0, gamma, torch.ones_like(gamma))
         add = real.expand_as(scale)
     new_scale = scale * decay + add
@@ -107,7 +112,7 @@ def empty_state(
     """The state before any token: zero memory and zero decay-sum."""
     return (
         torch.zeros(batch, heads, key_dim, value_dim, dtype=dtype, device=device),
-        torch.zeros(batch, heads, dtype=torch.float32, device=device),
+        torch.zeros(batch, heads, dtype=_stat_dtype(dtype), device=device),
     )
 
 

@@ -1,0 +1,212 @@
+"""The converter on other shapes and weight layouts, and its errors on damaged or foreign checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from densessm import DenseRetNetForCausalLM
+from densessm.convert import _BLOCK_NAMES, CheckpointError, convert_reference_checkpoint
+from densessm.ops.retention import head_log_decays, rotation_angles
+
+OURS_TO_REF = {ours: ref for ref, ours in _BLOCK_NAMES.items()}
+
+
+def _reference_layout(model: DenseRetNetForCausalLM) -> dict[str, torch.Tensor]:
+    """Our weights under the reference's names, with the reference's dead layer-0 tensors and buffers."""
+    config = model.config
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if ".retention." in name:
+            prefix, rest = name.split(".retention.")
+            name = f"{prefix}.self_attn.{OURS_TO_REF[rest]}"
+        state[name] = tensor.clone()
+    donor = model.model.layers[1].retention.dense
+    for ours, tensor in donor.state_dict().items():
+        state[f"model.layers.0.self_attn.{OURS_TO_REF['dense.' + ours]}"] = torch.randn_like(tensor)
+    state["model.retnet_rel_pos.decay"] = head_log_decays(config.num_attention_heads)
+    state["model.retnet_rel_pos.angle"] = rotation_angles(config.query_key_dim // config.num_attention_heads)
+    return state
+
+
+def _write_reference(tmp_path, model, layout="safetensors"):
+    config = model.config
+    ref_config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": config.hidden_size,
+        "query_key_dim": config.query_key_dim,
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "vocab_size": config.vocab_size,
+        "v_factor": config.v_factor,
+        "dense_block_layers": config.dense_block_layers,
+        "rms_norm_eps": config.rms_norm_eps,
+        "deepnorm": False,
+        "dropout": 0.1,
+    }
+    src = tmp_path / "ref"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(ref_config))
+    (src / "tokenizer_config.json").write_text("{}")
+    state = _reference_layout(model)
+    names = sorted(state)
+    if layout == "safetensors":
+        save_file(state, src / "model.safetensors")
+    elif layout == "bin":
+        torch.save(state, src / "pytorch_model.bin")
+    else:  # two shards plus an index
+        half = len(names) // 2
+        shards = {"a": names[:half], "b": names[half:]}
+        ext = "safetensors" if layout == "sharded-safetensors" else "bin"
+        weight_map = {}
+        for tag, part in shards.items():
+            file = f"model-{tag}.{ext}"
+            chunk = {n: state[n] for n in part}
+            save_file(chunk, src / file) if ext == "safetensors" else torch.save(chunk, src / file)
+            weight_map.update(dict.fromkeys(part, file))
+        index = "model.safetensors.index.json" if ext == "safetensors" else "pytorch_model.bin.index.json"
+        (src / index).write_text(json.dumps({"weight_map": weight_map}))
+    return src
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin", "sharded-safetensors", "sharded-bin"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(num_attention_heads=4, query_key_dim=32, num_hidden_layers=3, dense_block_layers=1, vocab_size=53),
+        dict(num_attention_heads=1, query_key_dim=8, num_hidden_layers=4, dense_block_layers=3, k_gate_reduction=8),
+    ],
+)
+def test_other_shapes_and_layouts_round_trip(tmp_path, layout, shape):
+    model = DenseRetNetForCausalLM(tiny_config(**shape)).eval()
+    src = _write_reference(tmp_path, model, layout)
+    dst = convert_reference_checkpoint(src, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(dst).eval()
+    assert loaded.config.k_gate_reduction == model.config.k_gate_reduction
+    assert loaded.config.dropout == 0.1
+    assert (dst / "tokenizer_config.json").is_file()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits)
+    assert list(dst.glob("*.bin")) == [] and (dst / "model.safetensors").is_file()
+
+
+def test_dtype_option(tmp_path):
+    model = DenseRetNetForCausalLM(tiny_config()).eval()
+    dst = convert_reference_checkpoint(_write_reference(tmp_path, model), tmp_path / "out", dtype=torch.bfloat16)
+    assert AutoModelForCausalLM.from_pretrained(dst).dtype == torch.bfloat16
+
+
+def _error(tmp_path, match, mutate_state=None, mutate_config=None, corrupt=None):
+    model = DenseRetNetForCausalLM(tiny_config())
+    src = _write_reference(tmp_path, model)
+    if mutate_state or corrupt:
+        from safetensors.torch import load_file
+
+        state = load_file(src / "model.safetensors")
+        if mutate_state:
+            mutate_state(state)
+            save_file(state, src / "model.safetensors")
+        if corrupt:
+            corrupt(src)
+    if mutate_config:
+        config = json.loads((src / "config.json").read_text())
+        mutate_config(config)
+        (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match):
+        convert_reference_checkpoint(src, tmp_path / "out")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    _error(
+        tmp_path,
+        "missing tensors: model.layers.1.retention.q_proj.weight",
+        mutate_state=lambda s: s.pop("model.layers.1.self_attn.q_proj.weight"),
+    )
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    _error(
+        tmp_path,
+        "unexpected tensors: model.layers.2.mlp.up_proj.weight",
+        mutate_state=lambda s: s.__setitem__("model.layers.2.mlp.up_proj.weight", torch.zeros(2)),
+    )
+
+
+def test_wrong_shape_is_named(tmp_path):
+    _error(
+        tmp_path, "lm_head.weight has shape", mutate_state=lambda s: s.__setitem__("lm_head.weight", torch.zeros(3, 32))
+    )
+
+
+def test_truncated_safetensors(tmp_path):
+    def truncate(src):
+        data = (src / "model.safetensors").read_bytes()
+        (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+    _error(tmp_path, "corrupt or truncated safetensors file", corrupt=truncate)
+
+
+def test_garbage_bin_is_rejected(tmp_path):
+    def garbage(src):
+        (src / "model.safetensors").unlink()
+        (src / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+
+    _error(tmp_path, "cannot read .*pytorch_model.bin safely", corrupt=garbage)
+
+
+def test_unsafe_pickle_is_not_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('PWNED', 'w').write('x')",))
+
+    def evil(src):
+        (src / "model.safetensors").unlink()
+        torch.save({"x": Evil()}, src / "pytorch_model.bin")
+
+    _error(tmp_path, "safely", corrupt=evil)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_no_config(tmp_path):
+    (tmp_path / "ref").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        convert_reference_checkpoint(tmp_path / "ref", tmp_path / "out")
+
+
+def test_no_weights(tmp_path):
+    _error(tmp_path, "no weights in", corrupt=lambda src: (src / "model.safetensors").unlink())
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        convert_reference_checkpoint(tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_not_a_dense_retnet_config(tmp_path):
+    _error(tmp_path, "missing query_key_dim", mutate_config=lambda c: c.pop("query_key_dim"))
+
+
+def test_reference_m0_is_refused(tmp_path):
+    _error(tmp_path, "dense_block_layers=0", mutate_config=lambda c: c.__setitem__("dense_block_layers", 0))
+
+
+def test_nonstandard_decay_is_refused(tmp_path):
+    _error(
+        tmp_path,
+        "model.retnet_rel_pos.decay differs",
+        mutate_state=lambda s: s.__setitem__("model.retnet_rel_pos.decay", torch.zeros(2)),
+    )
+
+
+def test_cli_reports_errors(tmp_path, capsys):
+    from densessm.cli import main
+
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
