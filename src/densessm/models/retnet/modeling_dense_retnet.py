@@ -25,9 +25,11 @@ from transformers.modeling_outputs import (
 from densessm.cache import RecurrentCache
 from densessm.models.dense import SelectiveTransitionGate, fuse_hidden
 from densessm.models.norm import RMSNorm
+from densessm.models.recurrent import RecurrentGenerationMixin, check_inputs, prepare_step
 from densessm.models.retnet.configuration_dense_retnet import DenseRetNetConfig
+from densessm.modes import check_mode
 from densessm.ops.retention import (
-    check_mode,
+    RETENTION_MODES,
     head_log_decays,
     retention,
     rotate,
@@ -128,11 +130,6 @@ class DenseRetNetPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DenseRetNetDecoderLayer"]
-    _is_stateful = True
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # our state is a RecurrentCache, created by the model itself
 
 
 class DenseRetNetModel(DenseRetNetPreTrainedModel):
@@ -160,39 +157,6 @@ class DenseRetNetModel(DenseRetNetPreTrainedModel):
             self._constants[device] = (angles.to(device), head_log_decays(heads).to(device))
         return self._constants[device]
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
-            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-                raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-            if input_ids.numel() == 0:
-                raise ValueError(f"empty input: input_ids has shape {tuple(input_ids.shape)}")
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                bad = low if low < 0 else high
-                raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
-            batch, length = input_ids.shape
-        else:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-                raise ValueError(
-                    f"inputs_embeds must have shape [batch, length, {self.config.hidden_size}], "
-                    f"got {tuple(inputs_embeds.shape)}"
-                )
-            if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
-                raise ValueError(f"empty input: inputs_embeds has shape {tuple(inputs_embeds.shape)}")
-            batch, length = inputs_embeds.shape[:2]
-        if attention_mask is not None and (
-            attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length
-        ):
-            raise ValueError(
-                f"attention_mask must have shape [{batch}, >= {length}] (one entry per token), "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        return batch, length
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -214,39 +178,20 @@ class DenseRetNetModel(DenseRetNetPreTrainedModel):
         ``generate()`` passes it): its last ``length`` columns belong to this input.
         """
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
-        batch, length = self._check_inputs(input_ids, inputs_embeds, attention_mask)
+        config = self.config
+        batch, length = check_inputs(input_ids, inputs_embeds, attention_mask, config.vocab_size, config.hidden_size)
         if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        if use_cache and cache is None:
-            cache = RecurrentCache(self.config.num_hidden_layers)
-        if cache is not None and not isinstance(cache, RecurrentCache):
-            raise TypeError(f"cache must be a densessm RecurrentCache, got {type(cache).__name__}")
-        carried = cache is not None and not cache.is_empty
-        if carried and cache.batch_size != batch:
-            raise ValueError(f"cache holds {cache.batch_size} rows but the input has {batch}")
-        if mode is None:
-            mode = "recurrent" if carried else self.config.forward_mode
-        mode = check_mode(mode)
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-
+            use_cache = config.use_cache and not self.training
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        device = hidden.device
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask[:, -length:].to(device).bool()
-            if bool(mask.all()):
-                mask = None  # nothing to hide: take the shared (cheaper) path
-        start = cache.positions if carried else torch.zeros(batch, dtype=torch.long, device=device)
-        if position_ids is None:
-            if mask is None:
-                position_ids = start[:, None] + torch.arange(length, device=device)
-            else:
-                position_ids = start[:, None] + mask.long().cumsum(-1) - 1
-        angles, log_decay = self.retention_constants(device)
-        rotation = rotation_tables(position_ids.to(device), angles, hidden.dtype)
+        step = prepare_step(
+            config.num_hidden_layers, batch, length, hidden.device, cache, use_cache, attention_mask, position_ids
+        )
+        cache = step.cache
+        mode = check_mode(mode or ("recurrent" if step.carried else config.forward_mode), RETENTION_MODES)
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        angles, log_decay = self.retention_constants(hidden.device)
+        rotation = rotation_tables(step.position_ids, angles, hidden.dtype)
 
         m = self.config.dense_block_layers
         k_hist: list[torch.Tensor] = []
@@ -255,14 +200,14 @@ class DenseRetNetModel(DenseRetNetPreTrainedModel):
         for idx, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden += (hidden,)
-            state = cache.layers[idx] if carried else None
+            state = cache.layers[idx] if step.carried else None
             hidden, k, v, new_state = layer(
                 hidden,
                 *k_hist,
                 *v_hist,
                 rotation=rotation,
                 log_decay=log_decay,
-                mask=mask,
+                mask=step.mask,
                 mode=mode,
                 state=None if state is None else (state["state"], state["scale"]),
                 output_state=cache is not None,
@@ -275,10 +220,7 @@ class DenseRetNetModel(DenseRetNetPreTrainedModel):
         hidden = self.norm(hidden)
         if output_hidden_states:
             all_hidden += (hidden,)
-        if cache is not None:
-            consumed = length if mask is None else mask.long().sum(-1)
-            cache.positions = start + consumed
-            cache.steps += length
+        step.finish(length)
 
         if not return_dict:
             return tuple(x for x in (hidden, cache if use_cache else None, all_hidden) if x is not None)
@@ -287,7 +229,7 @@ class DenseRetNetModel(DenseRetNetPreTrainedModel):
         )
 
 
-class DenseRetNetForCausalLM(DenseRetNetPreTrainedModel, GenerationMixin):
+class DenseRetNetForCausalLM(RecurrentGenerationMixin, DenseRetNetPreTrainedModel, GenerationMixin):
     """DenseRetNet with an (untied) LM head; ``generate()`` decodes through the O(1) recurrent state."""
 
     def __init__(self, config: DenseRetNetConfig):
@@ -307,21 +249,6 @@ class DenseRetNetForCausalLM(DenseRetNetPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
-
-    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
-        """Feed only the tokens the state has not consumed yet."""
-        cache = kwargs.pop("past_key_values", None) if cache is None else cache
-        if cache is not None and not cache.is_empty:
-            input_ids = input_ids[:, cache.get_seq_length() :]
-            kwargs.pop("inputs_embeds", None)
-            kwargs.pop("position_ids", None)
-        elif kwargs.get("inputs_embeds") is not None:
-            input_ids = None
-        model_inputs = {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask}
-        model_inputs.update(
-            {k: v for k, v in kwargs.items() if k not in ("next_sequence_length", "is_first_iteration")}
-        )
-        return model_inputs
 
     def forward(
         self,

@@ -8,19 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from densessm.modes import check_mode
 from densessm.ops.retention.naive import empty_state, parallel_retention, recurrent_retention
 from densessm.ops.retention.rotation import head_log_decays, rotate, rotation_angles, rotation_tables
 
 RETENTION_MODES = ("parallel", "recurrent")
 
 RetentionState = tuple[torch.Tensor, torch.Tensor]
-
-
-def check_mode(mode: str) -> str:
-    """Return ``mode`` or raise a ValueError naming the valid ones."""
-    if mode not in RETENTION_MODES:
-        raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(RETENTION_MODES)}")
-    return mode
 
 
 def retention(
@@ -38,7 +32,7 @@ def retention(
     ``state`` continues from an earlier call (recurrent mode only: the parallel form's row normalisation
     has no meaning across a carried state). Returns ``(out [B, H, L, Dv], final state or None)``.
     """
-    check_mode(mode)
+    check_mode(mode, RETENTION_MODES)
     if mode == "parallel":
         if state is not None:
             raise ValueError(
@@ -52,7 +46,6 @@ def retention(
 __all__ = [
     "RETENTION_MODES",
     "RetentionState",
-    "check_mode",
     "empty_state",
     "head_log_decays",
     "retention",

@@ -1,0 +1,129 @@
+"""What every recurrent LM here shares: input checks, the step bookkeeping of a carried state, and the
+``GenerationMixin`` hooks that make ``generate()`` decode through a :class:`~densessm.cache.RecurrentCache`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from densessm.cache import RecurrentCache
+
+
+def check_inputs(
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    vocab_size: int,
+    hidden_size: int,
+) -> tuple[int, int]:
+    """Validate a forward call's inputs; returns ``(batch, length)`` or raises a ValueError naming the problem."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"empty input: input_ids has shape {tuple(input_ids.shape)}")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"token id {low if low < 0 else high} is out of range for vocab_size {vocab_size}")
+        batch, length = input_ids.shape
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, length, {hidden_size}], got {tuple(inputs_embeds.shape)}"
+            )
+        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"empty input: inputs_embeds has shape {tuple(inputs_embeds.shape)}")
+        batch, length = inputs_embeds.shape[:2]
+    if attention_mask is not None and (
+        attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length
+    ):
+        raise ValueError(
+            f"attention_mask must have shape [{batch}, >= {length}] (one entry per token), "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    return batch, length
+
+
+@dataclass
+class StepInputs:
+    """One forward call's view of the sequence: which tokens are real and where it starts."""
+
+    cache: RecurrentCache | None  # the state to read and update (None: stateless call)
+    carried: bool  # the cache already holds a state from earlier calls
+    mask: torch.Tensor | None  # [B, L] bool of real tokens, None when all are real
+    start: torch.Tensor  # [B] real tokens consumed before this call
+    position_ids: torch.Tensor  # [B, L] position of each token among the row's real tokens
+
+    def finish(self, length: int) -> None:
+        """Advance the cache's counters past this call's tokens."""
+        if self.cache is not None:
+            consumed = length if self.mask is None else self.mask.long().sum(-1)
+            self.cache.positions = self.start + consumed
+            self.cache.steps += length
+
+
+def prepare_step(
+    num_layers: int,
+    batch: int,
+    length: int,
+    device: torch.device,
+    cache: RecurrentCache | None,
+    use_cache: bool,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> StepInputs:
+    """Create or check the cache and derive the mask and positions of this call's tokens.
+
+    ``attention_mask`` may be longer than the input (``generate()`` passes the whole history): its last
+    ``length`` columns belong to this call.
+    """
+    if use_cache and cache is None:
+        cache = RecurrentCache(num_layers)
+    if cache is not None and not isinstance(cache, RecurrentCache):
+        raise TypeError(f"cache must be a densessm RecurrentCache, got {type(cache).__name__}")
+    carried = cache is not None and not cache.is_empty
+    if carried and cache.batch_size != batch:
+        raise ValueError(f"cache holds {cache.batch_size} rows but the input has {batch}")
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask[:, -length:].to(device).bool()
+        if bool(mask.all()):
+            mask = None  # nothing to hide: take the shared (cheaper) path
+    start = cache.positions if carried else torch.zeros(batch, dtype=torch.long, device=device)
+    if position_ids is None:
+        if mask is None:
+            position_ids = start[:, None] + torch.arange(length, device=device)
+        else:
+            position_ids = start[:, None] + mask.long().cumsum(-1) - 1
+    return StepInputs(cache, carried, mask, start, position_ids.to(device))
+
+
+class RecurrentGenerationMixin:
+    """``GenerationMixin`` hooks for models whose cache is a :class:`RecurrentCache` they create themselves."""
+
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not build a DynamicCache: the model makes its RecurrentCache
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
+        """Feed only the tokens the state has not consumed yet."""
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        if cache is not None and not cache.is_empty:
+            input_ids = input_ids[:, cache.get_seq_length() :]
+            kwargs.pop("inputs_embeds", None)
+            kwargs.pop("position_ids", None)
+        elif kwargs.get("inputs_embeds") is not None:
+            input_ids = None
+        model_inputs = {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask}
+        model_inputs.update(
+            {k: v for k, v in kwargs.items() if k not in ("next_sequence_length", "is_first_iteration")}
+        )
+        return model_inputs
