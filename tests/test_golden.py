@@ -38,3 +38,11 @@ def test_greedy_generation(case):
     prompt = expected["prompt_ids"]
     out = model.generate(prompt, max_new_tokens=24, do_sample=False)
     assert torch.equal(out[:, prompt.shape[1] :], expected["greedy_new_tokens"])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64, 200])
+def test_chunkwise_reproduces_recurrent_logits(case, chunk):
+    model, expected = case
+    with torch.no_grad():
+        logits = model(expected["input_ids"], mode="chunkwise", chunk_size=chunk).logits
+    assert (logits - expected["recurrent_logits"]).abs().max() <= 1e-5

@@ -5,7 +5,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from densessm.ops.retention import RETENTION_MODES
+from densessm.ops.retention import MODEL_MODES
 
 
 @strict
@@ -26,7 +26,10 @@ class DenseRetNetConfig(PreTrainedConfig):
         rms_norm_eps: Epsilon of every RMSNorm.
         dropout: Dropout on each retention block's output.
         max_position_embeddings: Training context length (retention itself has no position limit).
-        forward_mode: Default compute mode of a forward call (``parallel`` or ``recurrent``).
+        forward_mode: Default compute mode of a forward call: ``auto`` (parallel for short sequences without a
+            state, chunkwise for long ones or when a state is kept, recurrent for single tokens), ``parallel``,
+            ``chunkwise`` or ``recurrent``.
+        chunk_size: Tokens per chunk in chunkwise mode.
     """
 
     model_type = "dense_retnet"
@@ -44,7 +47,8 @@ class DenseRetNetConfig(PreTrainedConfig):
     dropout: float = 0.0
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
-    forward_mode: str = "parallel"
+    forward_mode: str = "auto"
+    chunk_size: int = 64
     use_cache: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
@@ -78,10 +82,10 @@ class DenseRetNetConfig(PreTrainedConfig):
                 raise ValueError(f"{name}={ratio} leaves no gate width for hidden_size={self.hidden_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.forward_mode not in RETENTION_MODES:
-            raise ValueError(
-                f"unknown forward_mode {self.forward_mode!r}: expected one of {', '.join(RETENTION_MODES)}"
-            )
+        if self.forward_mode not in MODEL_MODES:
+            raise ValueError(f"unknown forward_mode {self.forward_mode!r}: expected one of {', '.join(MODEL_MODES)}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
     @property
     def layer_types(self) -> list[str]:

@@ -27,14 +27,13 @@ from densessm.models.dense import SelectiveTransitionGate, fuse_hidden
 from densessm.models.norm import RMSNorm
 from densessm.models.recurrent import RecurrentGenerationMixin, check_inputs, prepare_step
 from densessm.models.retnet.configuration_dense_retnet import DenseRetNetConfig
-from densessm.modes import check_mode
 from densessm.ops.retention import (
-    RETENTION_MODES,
     head_log_decays,
     retention,
     rotate,
     rotation_angles,
     rotation_tables,
+    select_mode,
 )
 
 
@@ -71,7 +70,7 @@ class DenseRetNetRetention(nn.Module):
         self.dense = DenseKVFusion(config) if dense else None
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, k_shallow, v_shallow, rotation, log_decay, mask, mode, state, output_state):
+    def forward(self, x, k_shallow, v_shallow, rotation, log_decay, mask, mode, chunk_size, state, output_state):
         batch, length, _ = x.shape
         q = F.silu(self.q_proj(x))
         k = F.silu(self.k_proj(x)) * self.scaling
@@ -82,7 +81,9 @@ class DenseRetNetRetention(nn.Module):
         q = rotate(q.view(batch, length, self.num_heads, -1).transpose(1, 2), *rotation)
         k = rotate(k.view(batch, length, self.num_heads, -1).transpose(1, 2), *rotation)
         v = v.view(batch, length, self.num_heads, -1).transpose(1, 2)
-        out, new_state = retention(q, k, v, log_decay, mode, mask=mask, state=state, output_state=output_state)
+        out, new_state = retention(
+            q, k, v, log_decay, mode, mask=mask, state=state, output_state=output_state, chunk_size=chunk_size
+        )
         out = self.head_norm(out.transpose(1, 2)).reshape(batch, length, self.value_dim) * gate
         return self.dropout(self.o_proj(out)), k_own, v_own, new_state
 
@@ -105,6 +106,7 @@ class DenseRetNetDecoderLayer(GradientCheckpointingLayer):
         log_decay: torch.Tensor,
         mask: torch.Tensor | None = None,
         mode: str = "parallel",
+        chunk_size: int = 64,
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
         output_state: bool = False,
     ):
@@ -118,6 +120,7 @@ class DenseRetNetDecoderLayer(GradientCheckpointingLayer):
             log_decay,
             mask,
             mode,
+            chunk_size,
             state,
             output_state,
         )
@@ -166,15 +169,17 @@ class DenseRetNetModel(DenseRetNetPreTrainedModel):
         cache: RecurrentCache | None = None,
         use_cache: bool | None = None,
         mode: str | None = None,
+        chunk_size: int | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Run the stack.
 
-        ``mode`` picks the schedule (``parallel`` or ``recurrent``; default: ``config.forward_mode``, or
-        ``recurrent`` when ``cache`` already holds a state). ``cache`` carries the recurrent state across
-        calls; it is created when ``use_cache`` is set. ``attention_mask`` may be longer than the input (as
+        ``mode`` picks the schedule (``auto``, ``parallel``, ``chunkwise`` or ``recurrent``; default:
+        ``config.forward_mode``, made ``auto`` when that is ``parallel`` but a state is carried);
+        ``chunk_size`` overrides ``config.chunk_size``. ``cache`` carries the recurrent state across calls; it
+        is created when ``use_cache`` is set. ``attention_mask`` may be longer than the input (as
         ``generate()`` passes it): its last ``length`` columns belong to this input.
         """
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
@@ -187,7 +192,10 @@ class DenseRetNetModel(DenseRetNetPreTrainedModel):
             config.num_hidden_layers, batch, length, hidden.device, cache, use_cache, attention_mask, position_ids
         )
         cache = step.cache
-        mode = check_mode(mode or ("recurrent" if step.carried else config.forward_mode), RETENTION_MODES)
+        if mode is None:
+            mode = "auto" if step.carried and config.forward_mode == "parallel" else config.forward_mode
+        mode = select_mode(mode, length, stateful=cache is not None)
+        chunk_size = config.chunk_size if chunk_size is None else chunk_size
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
         angles, log_decay = self.retention_constants(hidden.device)
@@ -209,6 +217,7 @@ class DenseRetNetModel(DenseRetNetPreTrainedModel):
                 log_decay=log_decay,
                 mask=step.mask,
                 mode=mode,
+                chunk_size=chunk_size,
                 state=None if state is None else (state["state"], state["scale"]),
                 output_state=cache is not None,
             )
@@ -260,6 +269,7 @@ class DenseRetNetForCausalLM(RecurrentGenerationMixin, DenseRetNetPreTrainedMode
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         mode: str | None = None,
+        chunk_size: int | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
@@ -275,6 +285,7 @@ class DenseRetNetForCausalLM(RecurrentGenerationMixin, DenseRetNetPreTrainedMode
             cache=cache,
             use_cache=use_cache,
             mode=mode,
+            chunk_size=chunk_size,
             output_hidden_states=output_hidden_states,
             return_dict=True,
             past_key_values=kwargs.pop("past_key_values", None),
@@ -336,6 +347,7 @@ class DenseRetNetForSequenceClassification(DenseRetNetPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         mode: str | None = None,
+        chunk_size: int | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -349,6 +361,7 @@ class DenseRetNetForSequenceClassification(DenseRetNetPreTrainedModel):
             inputs_embeds=inputs_embeds,
             use_cache=False,
             mode=mode,
+            chunk_size=chunk_size,
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )

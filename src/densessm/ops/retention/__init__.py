@@ -1,7 +1,12 @@
 """Retention: one computation, several schedules (modes).
 
 ``retention(q, k, v, log_decay, mode=...)`` is the single entry point the models call. Every mode
-computes the same function (see :mod:`densessm.ops.retention.naive`); a mode only chooses how.
+computes the same function (see :mod:`densessm.ops.retention.naive`); a mode only chooses how:
+
+- ``parallel``: the quadratic matrix form of the reference, with its row normalisation (training);
+- ``chunkwise``: parallel inside chunks, recurrent across them; linear memory, exact hand-over of state
+  (on CUDA with ``fla`` installed, its simple-GLA kernel: see :mod:`.fla_bridge`);
+- ``recurrent``: token by token through the O(1) state (decoding).
 """
 
 from __future__ import annotations
@@ -9,12 +14,30 @@ from __future__ import annotations
 import torch
 
 from densessm.modes import check_mode
+from densessm.ops.retention.chunk import chunk_retention
+from densessm.ops.retention.fla_bridge import fla_chunk_retention, fla_usable
 from densessm.ops.retention.naive import empty_state, parallel_retention, recurrent_retention
 from densessm.ops.retention.rotation import head_log_decays, rotate, rotation_angles, rotation_tables
 
-RETENTION_MODES = ("parallel", "recurrent")
+RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
+MODEL_MODES = ("auto", *RETENTION_MODES)
+
+# "auto" picks the parallel form up to this length when no state is kept, chunkwise beyond it; measured in
+# docs/benchmarks/chunkwise.md (chunkwise overtakes parallel in training throughput between 512 and 1,024).
+AUTO_PARALLEL_MAX_LENGTH = 512
 
 RetentionState = tuple[torch.Tensor, torch.Tensor]
+
+
+def select_mode(mode: str, length: int, stateful: bool) -> str:
+    """Resolve ``auto``: with a state to carry, chunkwise (recurrent for one token); without one, parallel for
+    short sequences and chunkwise for long ones. Other modes pass through."""
+    check_mode(mode, MODEL_MODES)
+    if mode != "auto":
+        return mode
+    if stateful:
+        return "recurrent" if length == 1 else "chunkwise"
+    return "parallel" if length <= AUTO_PARALLEL_MAX_LENGTH else "chunkwise"
 
 
 def retention(
@@ -26,30 +49,42 @@ def retention(
     mask: torch.Tensor | None = None,
     state: RetentionState | None = None,
     output_state: bool = False,
+    chunk_size: int = 64,
 ) -> tuple[torch.Tensor, RetentionState | None]:
     """Multi-scale retention of ``q, k [B, H, L, Dk]`` and ``v [B, H, L, Dv]``.
 
-    ``state`` continues from an earlier call (recurrent mode only: the parallel form's row normalisation
-    has no meaning across a carried state). Returns ``(out [B, H, L, Dv], final state or None)``.
+    ``state`` continues from an earlier call (chunkwise or recurrent: the parallel form's row
+    normalisation has no meaning across a carried state). Returns ``(out [B, H, L, Dv], final state or
+    None)``.
     """
     check_mode(mode, RETENTION_MODES)
     if mode == "parallel":
         if state is not None:
             raise ValueError(
-                "mode='parallel' starts from an empty state; continue from a recurrent state with mode='recurrent'"
+                "mode='parallel' starts from an empty state; continue from a recurrent state with "
+                "mode='chunkwise' or 'recurrent'"
             )
         return parallel_retention(q, k, v, log_decay, mask=mask, output_state=output_state)
-    out, final = recurrent_retention(q, k, v, log_decay, mask=mask, state=state)
+    if mode == "chunkwise" and fla_usable(q):
+        out, final = fla_chunk_retention(q, k, v, log_decay, mask=mask, state=state)
+    elif mode == "chunkwise":
+        out, final = chunk_retention(q, k, v, log_decay, chunk_size, mask=mask, state=state)
+    else:
+        out, final = recurrent_retention(q, k, v, log_decay, mask=mask, state=state)
     return out, final if output_state else None
 
 
 __all__ = [
+    "AUTO_PARALLEL_MAX_LENGTH",
+    "MODEL_MODES",
     "RETENTION_MODES",
     "RetentionState",
+    "chunk_retention",
     "empty_state",
     "head_log_decays",
     "retention",
     "rotate",
     "rotation_angles",
     "rotation_tables",
+    "select_mode",
 ]

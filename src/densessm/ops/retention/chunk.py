@@ -1,0 +1,94 @@
+"""Chunkwise retention: the parallel form inside fixed-size chunks, the recurrent state across them.
+
+Within a chunk the state entering it, ``S̃`` (un-normalised: ``Σ γ^n kᵀv``) and its decay-sum ``scale``,
+contribute ``γ^{c_t} q_t S̃`` and ``γ^{c_t} scale`` to position ``t`` (``c_t``: real tokens from the chunk
+start to ``t``); the chunk's own tokens contribute through a ``C × C`` decay matrix, exactly as in the
+parallel form but without its row normalisation. So the output is the recurrent mode's to float precision,
+memory is linear in the sequence length, and any state can be handed in and out.
+
+Lengths that are not a multiple of the chunk size are padded internally with masked (invisible) tokens.
+Cost: ``O(L·C·(Dk+Dv))`` for the chunks plus ``O(L/C·Dk·Dv)`` for the hand-over, per head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from densessm.ops.retention.naive import _TINY, _stat_dtype
+
+
+def chunk_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    chunk_size: int,
+    mask: torch.Tensor | None = None,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Retention of ``q, k [B, H, L, Dk]``, ``v [B, H, L, Dv]`` in chunks of ``chunk_size`` tokens.
+
+    ``state`` is the recurrent state ``(S [B, H, Dk, Dv] normalised, scale [B, H])`` to continue from.
+    Returns ``(out [B, H, L, Dv], final state)``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    batch, heads, length, key_dim = q.shape
+    value_dim = v.shape[-1]
+    stat = _stat_dtype(q.dtype)
+    chunk = min(chunk_size, length)
+    chunks = -(-length // chunk)
+    tail = chunks * chunk - length
+    if tail:
+        q, k, v = (F.pad(x, (0, 0, 0, tail)) for x in (q, k, v))
+        real = torch.ones(batch, length, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+        mask = F.pad(real, (0, tail), value=False)
+    q, k, v = (x.unflatten(2, (chunks, chunk)) for x in (q, k, v))  # [B, H, N, C, D]
+
+    log_decay = log_decay.to(stat)[None, :, None, None]  # [1, H, 1, 1]
+    if mask is None:
+        counts = torch.arange(1, chunk + 1, device=q.device, dtype=stat).expand(1, 1, chunk)  # [1, 1, C]
+        real = None
+    else:
+        real = mask.unflatten(1, (chunks, chunk)).to(stat)  # [B, N, C]
+        counts = real.cumsum(-1)
+    counts = counts[:, None]  # [B|1, 1, N|1, C]
+    # γ^{c_t}: decay from the chunk start to t, and γ^{c_C - c_s}: from s to the chunk end
+    from_start = (counts * log_decay).exp()
+    to_end = ((counts[..., -1:] - counts) * log_decay).exp()
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    within = (counts[..., :, None] - counts[..., None, :]).clamp_min(0) * log_decay[..., None]
+    weights = torch.where(causal, within.exp(), torch.zeros((), dtype=stat, device=q.device))
+    if real is not None:
+        weights = weights * real[:, None, :, None, :]
+        to_end = to_end * real[:, None]
+    intra_scale = weights.sum(-1)  # [B|1, H, N|1, C]
+
+    intra = ((q @ k.transpose(-1, -2)) * weights.to(q.dtype)) @ v  # [B, H, N, C, Dv]
+    chunk_kv = (k * to_end[..., None].to(k.dtype)).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
+    chunk_scale = to_end.sum(-1).expand(batch, heads, chunks)  # [B, H, N]
+    chunk_decay = from_start[..., -1].expand(batch, heads, chunks)  # γ over the whole chunk
+
+    if state is None:
+        memory = q.new_zeros(batch, heads, key_dim, value_dim)
+        scale = torch.zeros(batch, heads, dtype=stat, device=q.device)
+    else:
+        memory = state[0] * state[1].sqrt()[..., None, None].to(state[0].dtype)
+        scale = state[1].to(stat)
+    entering, entering_scale = [], []
+    for n in range(chunks):
+        entering.append(memory)
+        entering_scale.append(scale)
+        decay = chunk_decay[:, :, n]
+        memory = memory * decay[..., None, None].to(memory.dtype) + chunk_kv[:, :, n]
+        scale = scale * decay + chunk_scale[:, :, n]
+    entering = torch.stack(entering, dim=2)  # [B, H, N, Dk, Dv]
+    entering_scale = torch.stack(entering_scale, dim=2)  # [B, H, N]
+
+    inter = (q @ entering) * from_start[..., None].to(q.dtype)
+    total_scale = from_start * entering_scale[..., None] + intra_scale
+    out = (inter + intra) * total_scale.clamp_min(_TINY).rsqrt()[..., None].to(q.dtype)
+    out = out.flatten(2, 3)[:, :, :length]
+    final = (memory * scale.clamp_min(_TINY).rsqrt()[..., None, None].to(memory.dtype), scale)
+    return out, final
