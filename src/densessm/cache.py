@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+_FORMAT = "densessm.RecurrentCache/1"
 
 
 class RecurrentCache:
@@ -86,3 +91,40 @@ class RecurrentCache:
 
     def activate_past_recording(self) -> None:
         self.crop(0)
+
+    def save(self, path: str | Path) -> None:
+        """Write the state to a safetensors file (a prompt cache that can be restored later)."""
+        if self.is_empty:
+            raise ValueError("nothing to save: the cache holds no state yet")
+        tensors = {
+            f"layers.{i}.{name}": layer[name].contiguous() for i, layer in enumerate(self.layers) for name in layer
+        }
+        tensors["positions"] = self.positions
+        metadata = {"format": _FORMAT, "num_layers": str(len(self.layers)), "steps": str(self.steps)}
+        save_file(tensors, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> RecurrentCache:
+        """Read a state written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no cache file at {path}")
+        try:
+            with safe_open(str(path), "pt", device=str(device)) as f:
+                metadata = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"corrupt or truncated cache file {path}: {err}") from err
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a densessm recurrent-state file (format {metadata.get('format')!r})")
+        cache = cls(int(metadata["num_layers"]))
+        cache.steps = int(metadata["steps"])
+        cache.positions = tensors.pop("positions")
+        for key, tensor in tensors.items():
+            _, index, name = key.split(".", 2)
+            if cache.layers[int(index)] is None:
+                cache.layers[int(index)] = {}
+            cache.layers[int(index)][name] = tensor
+        if any(layer is None for layer in cache.layers):
+            raise ValueError(f"{path} lacks the state of some layers")
+        return cache

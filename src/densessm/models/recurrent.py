@@ -87,6 +87,8 @@ def prepare_step(
         cache = RecurrentCache(num_layers)
     if cache is not None and not isinstance(cache, RecurrentCache):
         raise TypeError(f"cache must be a densessm RecurrentCache, got {type(cache).__name__}")
+    if cache is not None and len(cache) != num_layers:
+        raise ValueError(f"cache holds the state of {len(cache)} layers but the model has {num_layers}")
     carried = cache is not None and not cache.is_empty
     if carried and cache.batch_size != batch:
         raise ValueError(f"cache holds {cache.batch_size} rows but the input has {batch}")
@@ -117,6 +119,12 @@ class RecurrentGenerationMixin:
         """Feed only the tokens the state has not consumed yet."""
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         if cache is not None and not cache.is_empty:
+            if input_ids.shape[1] <= cache.get_seq_length():
+                raise ValueError(
+                    f"the cache already holds {cache.get_seq_length()} tokens and input_ids has "
+                    f"{input_ids.shape[1]}: pass the full sequence with at least one token the state has not "
+                    "consumed (e.g. keep the state of a prompt without its last token)"
+                )
             input_ids = input_ids[:, cache.get_seq_length() :]
             kwargs.pop("inputs_embeds", None)
             kwargs.pop("position_ids", None)

@@ -1,0 +1,143 @@
+"""generate() that users can trust: padded batches, per-row stopping, streaming, saved and branched states."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import TextIteratorStreamer
+
+from densessm import DenseRetNetForCausalLM, RecurrentCache
+
+
+def _model(**overrides):
+    return DenseRetNetForCausalLM(tiny_config(chunk_size=4, **overrides)).eval()
+
+
+def _left_pad(rows, width, pad=0):
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for i, row in enumerate(rows):
+        tokens[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    return tokens, mask
+
+
+@pytest.mark.parametrize("mode", [None, "recurrent", "chunkwise"])
+def test_left_padded_batch_equals_each_row_alone(mode):
+    model = _model()
+    rows = [torch.randint(3, 97, (n,)) for n in (9, 4, 6)]
+    tokens, mask = _left_pad(rows, 9)
+    extra = {} if mode is None else {"mode": mode}
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    batch = model.generate(tokens, attention_mask=mask, pad_token_id=0, **kwargs, **extra)
+    for i, row in enumerate(rows):
+        alone = model.generate(row[None], pad_token_id=0, **kwargs, **extra)
+        assert torch.equal(batch.sequences[i, 9:], alone.sequences[0, len(row) :])
+        for step_batch, step_alone in zip(batch.scores, alone.scores, strict=True):
+            torch.testing.assert_close(step_batch[i], step_alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_seeded_sampling_ignores_padding_width():
+    model = _model()
+    rows = [torch.randint(3, 97, (n,)) for n in (5, 2)]
+    kwargs = dict(max_new_tokens=10, do_sample=True, top_p=0.95, temperature=0.8, pad_token_id=0)
+    outs = []
+    for width in (5, 9):
+        tokens, mask = _left_pad(rows, width)
+        torch.manual_seed(7)
+        outs.append(model.generate(tokens, attention_mask=mask, **kwargs)[:, width:])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_each_row_stops_at_its_own_eos():
+    model = _model()
+    rows = [torch.randint(3, 97, (n,)) for n in (6, 3)]
+    tokens, mask = _left_pad(rows, 6)
+    free = model.generate(tokens, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    eos = int(free[0, 6 + 1])  # the second token row 0 generates
+    out = model.generate(
+        tokens, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0
+    )
+    for i in range(2):
+        new = out[i, 6:].tolist()
+        if eos in new:
+            cut = new.index(eos) + 1
+            assert all(t == 0 for t in new[cut:]) and new[:cut] == free[i, 6 : 6 + cut].tolist()
+    assert eos in out[0, 6:].tolist()
+
+
+def test_repetition_penalty_changes_greedy_choice():
+    model = _model()
+    prompt = torch.randint(3, 97, (1, 5))
+    plain = model.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    penalised = model.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, repetition_penalty=5.0)
+    assert penalised.shape == plain.shape
+    assert len(set(penalised[0, 5:].tolist())) >= len(set(plain[0, 5:].tolist()))
+
+
+def test_streaming_yields_the_generated_text(word_tokenizer):
+    model = _model()
+    prompt = word_tokenizer("w1 w2 w3", return_tensors="pt").input_ids
+    streamer = TextIteratorStreamer(word_tokenizer, skip_prompt=True)
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault(
+            "ids", model.generate(prompt, max_new_tokens=6, do_sample=False, streamer=streamer)
+        )
+    )
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    assert streamed.split() == word_tokenizer.decode(result["ids"][0, prompt.shape[1] :]).split()
+
+
+def test_saved_state_continues_identically(tmp_path):
+    model = _model()
+    prefix = torch.randint(3, 97, (2, 12))
+    with torch.no_grad():
+        cache = model(prefix, use_cache=True).cache
+    cache.save(tmp_path / "prompt.safetensors")
+    restored = RecurrentCache.load(tmp_path / "prompt.safetensors")
+    suffix = torch.randint(3, 97, (2, 3))
+    full = torch.cat([prefix, suffix], dim=1)
+    reference = model.generate(full, max_new_tokens=8, do_sample=False)
+    resumed = model.generate(full, cache=restored, max_new_tokens=8, do_sample=False)
+    assert torch.equal(resumed, reference)
+
+
+def test_branching_from_one_prefix():
+    model = _model()
+    prefix = torch.randint(3, 97, (1, 10))
+    with torch.no_grad():
+        shared = model(prefix[:, :-1], use_cache=True).cache  # the prompt's state, but for its last token
+    for seed in (1, 2, 3):
+        branch = shared.clone()
+        torch.manual_seed(seed)
+        from_branch = model.generate(prefix, cache=branch, max_new_tokens=6, do_sample=True)
+        torch.manual_seed(seed)
+        from_scratch = model.generate(prefix, max_new_tokens=6, do_sample=True)
+        assert torch.equal(from_branch, from_scratch)
+    assert shared.get_seq_length() == 9  # branches never touched the shared prefix state
+    with pytest.raises(ValueError, match="at least one token the state has not consumed"):
+        model.generate(prefix[:, :-1], cache=shared.clone(), max_new_tokens=2)
+
+
+def test_cache_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no cache file"):
+        RecurrentCache.load(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="corrupt or truncated cache file"):
+        RecurrentCache.load(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="nothing to save"):
+        RecurrentCache(2).save(tmp_path / "empty.safetensors")
+
+
+def test_cache_of_another_model_is_refused():
+    small, large = _model(num_hidden_layers=2), _model(num_hidden_layers=3)
+    tokens = torch.randint(3, 97, (1, 4))
+    with torch.no_grad():
+        cache = small(tokens, use_cache=True).cache
+    with pytest.raises(ValueError, match="state of 2 layers but the model has 3"):
+        large(tokens, cache=cache)
