@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
+from densessm.generation import add_generate_parser
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--new-tokens", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    add_generate_parser(sub)
     return parser
 
 

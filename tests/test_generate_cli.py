@@ -1,0 +1,88 @@
+"""`densessm generate`: runs on a saved tiny model, and names every bad input."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_config
+
+from densessm import DenseRetNetForCausalLM
+from densessm.cli import main
+
+
+@pytest.fixture
+def model_dir(tmp_path, word_tokenizer):
+    model = DenseRetNetForCausalLM(tiny_config(max_position_embeddings=16))
+    model.save_pretrained(tmp_path / "model")
+    word_tokenizer.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_streams_a_single_prompt(model_dir, capsys):
+    assert main(["generate", str(model_dir), "--prompt", "w1 w2", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() and all(word.startswith("w") for word in out.split())
+
+
+def test_batch_of_prompts_matches_single_runs(model_dir, tmp_path, capsys):
+    prompts = ["w1 w2 w3 w4", "w5"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    assert (
+        main(["generate", str(model_dir), "--prompt-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "4"]) == 0
+    )
+    batch = capsys.readouterr().out
+    for prompt in prompts:
+        assert main(["generate", str(model_dir), "--prompt", prompt, "--max-new-tokens", "4", "--no-stream"]) == 0
+        alone = capsys.readouterr().out.strip()
+        assert alone[len(prompt) :] in batch
+
+
+def test_sampling_with_seed_is_reproducible(model_dir, capsys):
+    args = ["generate", str(model_dir), "--prompt", "w3", "--do-sample", "--top-p", "0.9", "--seed", "3"]
+    outputs = []
+    for _ in range(2):
+        assert main([*args, "--no-stream"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--top-p", "1.5"], "--top-p must be in"),
+        (["--top-k", "-1"], "--top-k must be >= 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--num-beams", "0"], "--num-beams must be >= 1"),
+    ],
+)
+def test_bad_sampling_values(model_dir, capsys, extra, message):
+    assert main(["generate", str(model_dir), "--prompt", "w1", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prompt_longer_than_allowed(model_dir, capsys):
+    long = " ".join(["w1"] * 17)
+    assert main(["generate", str(model_dir), "--prompt", long]) == 2
+    assert "allows at most 16" in capsys.readouterr().err
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
+    assert "is not a model directory" in capsys.readouterr().err
+
+
+def test_missing_tokenizer(tmp_path, capsys):
+    DenseRetNetForCausalLM(tiny_config()).save_pretrained(tmp_path / "bare")
+    assert main(["generate", str(tmp_path / "bare"), "--prompt", "hi"]) == 2
+    assert "no usable tokenizer" in capsys.readouterr().err
+
+
+def test_empty_prompt(model_dir, capsys):
+    assert main(["generate", str(model_dir), "--prompt", "  "]) == 2
+    assert "empty prompt" in capsys.readouterr().err
+
+
+def test_bf16_runs(model_dir, capsys):
+    args = ["generate", str(model_dir), "--prompt", "w1 w2", "--dtype", "bfloat16", "--max-new-tokens", "3"]
+    assert main([*args, "--no-stream"]) == 0
+    assert capsys.readouterr().out.startswith("w1 w2")
