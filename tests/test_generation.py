@@ -141,3 +141,26 @@ def test_cache_of_another_model_is_refused():
         cache = small(tokens, use_cache=True).cache
     with pytest.raises(ValueError, match="state of 2 layers but the model has 3"):
         large(tokens, cache=cache)
+
+
+def test_decode_updates_the_state_in_place():
+    """The decode step reuses the cache's state memory (no state-sized allocation per token)."""
+    model = _model()
+    with torch.no_grad():
+        cache = model(torch.randint(3, 97, (2, 5)), use_cache=True).cache
+        before = [layer["state"].data_ptr() for layer in cache.layers]
+        model(torch.randint(3, 97, (2, 1)), cache=cache)
+    assert [layer["state"].data_ptr() for layer in cache.layers] == before
+
+
+def test_prepacked_weights_give_the_same_generation():
+    from densessm.inference import prepack_for_cpu
+
+    model = _model()
+    prompt = torch.randint(3, 97, (2, 7))
+    kwargs = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    plain = model.generate(prompt, **kwargs)
+    packed = prepack_for_cpu(model).generate(prompt, **kwargs)
+    assert torch.equal(plain.sequences, packed.sequences)
+    for a, b in zip(plain.scores, packed.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

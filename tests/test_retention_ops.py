@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -180,3 +181,20 @@ def test_fla_bridge_glue_matches_chunkwise(monkeypatch):
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(final[0], expected_state[0])
     torch.testing.assert_close(final[1], expected_state[1])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_inplace_decode_step_equals_reference(masked):
+    from densessm.ops.retention import recurrent_step_
+    from densessm.ops.retention.naive import recurrent_step
+
+    q, k, v, log_decay = _inputs(3, 2, 6, 4, 5)
+    _, (state, scale) = recurrent_retention(q, k, v, log_decay)
+    mask = torch.tensor([1, 0, 1]) if masked else None
+    step = (q[:, :, 0], k[:, :, 0], v[:, :, 0], log_decay)
+    expected = recurrent_step(*step, state.clone(), scale, mask)
+    target = state.clone()
+    got = recurrent_step_(*step, target, scale, mask)
+    assert got[1].data_ptr() == target.data_ptr()  # really in place
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)

@@ -81,8 +81,19 @@ class DenseRetNetRetention(nn.Module):
         q = rotate(q.view(batch, length, self.num_heads, -1).transpose(1, 2), *rotation)
         k = rotate(k.view(batch, length, self.num_heads, -1).transpose(1, 2), *rotation)
         v = v.view(batch, length, self.num_heads, -1).transpose(1, 2)
+        # a kept state that no gradient needs can be overwritten in place (the cache owns it)
+        inplace = output_state and not torch.is_grad_enabled()
         out, new_state = retention(
-            q, k, v, log_decay, mode, mask=mask, state=state, output_state=output_state, chunk_size=chunk_size
+            q,
+            k,
+            v,
+            log_decay,
+            mode,
+            mask=mask,
+            state=state,
+            output_state=output_state,
+            chunk_size=chunk_size,
+            inplace=inplace,
         )
         out = self.head_norm(out.transpose(1, 2)).reshape(batch, length, self.value_dim) * gate
         return self.dropout(self.o_proj(out)), k_own, v_own, new_state

@@ -18,6 +18,7 @@ from densessm.ops.retention.chunk import chunk_retention
 from densessm.ops.retention.fla_bridge import fla_chunk_retention, fla_usable
 from densessm.ops.retention.naive import empty_state, parallel_retention, recurrent_retention
 from densessm.ops.retention.rotation import head_log_decays, rotate, rotation_angles, rotation_tables
+from densessm.ops.retention.step import recurrent_step_
 
 RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
 MODEL_MODES = ("auto", *RETENTION_MODES)
@@ -50,12 +51,14 @@ def retention(
     state: RetentionState | None = None,
     output_state: bool = False,
     chunk_size: int = 64,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, RetentionState | None]:
     """Multi-scale retention of ``q, k [B, H, L, Dk]`` and ``v [B, H, L, Dv]``.
 
     ``state`` continues from an earlier call (chunkwise or recurrent: the parallel form's row
-    normalisation has no meaning across a carried state). Returns ``(out [B, H, L, Dv], final state or
-    None)``.
+    normalisation has no meaning across a carried state). ``inplace`` lets recurrent mode overwrite the
+    given state (decoding, when the caller owns it and needs no gradient). Returns ``(out [B, H, L, Dv],
+    final state or None)``.
     """
     check_mode(mode, RETENTION_MODES)
     if mode == "parallel":
@@ -70,7 +73,8 @@ def retention(
     elif mode == "chunkwise":
         out, final = chunk_retention(q, k, v, log_decay, chunk_size, mask=mask, state=state)
     else:
-        out, final = recurrent_retention(q, k, v, log_decay, mask=mask, state=state)
+        step = recurrent_step_ if inplace else None
+        out, final = recurrent_retention(q, k, v, log_decay, mask=mask, state=state, step=step)
     return out, final if output_state else None
 
 
@@ -81,6 +85,7 @@ __all__ = [
     "RetentionState",
     "chunk_retention",
     "empty_state",
+    "recurrent_step_",
     "head_log_decays",
     "retention",
     "rotate",

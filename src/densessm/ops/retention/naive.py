@@ -123,8 +123,11 @@ def recurrent_retention(
     log_decay: torch.Tensor,
     mask: torch.Tensor | None = None,
     state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    step=None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Token-by-token through the recurrent state; ``state`` defaults to the empty state."""
+    """Token-by-token through the recurrent state; ``state`` defaults to the empty state. ``step`` replaces
+    :func:`recurrent_step` (e.g. by the in-place decode step)."""
+    step = recurrent_step if step is None else step
     batch, heads, length, key_dim = q.shape
     if state is None:
         state = empty_state(batch, heads, key_dim, v.shape[-1], v.dtype, v.device)
@@ -132,6 +135,6 @@ def recurrent_retention(
     outs = []
     for t in range(length):
         step_mask = None if mask is None else mask[:, t]
-        out, memory, scale = recurrent_step(q[:, :, t], k[:, :, t], v[:, :, t], log_decay, memory, scale, step_mask)
+        out, memory, scale = step(q[:, :, t], k[:, :, t], v[:, :, t], log_decay, memory, scale, step_mask)
         outs.append(out)
     return torch.stack(outs, dim=2), (memory, scale)

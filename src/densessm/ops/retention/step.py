@@ -1,0 +1,46 @@
+"""The decode step, in place: one token through the recurrent state with as few passes over it as possible.
+
+The state is the big tensor of decoding (``H·Dk·Dv`` per layer and sequence). The reference step
+(:func:`densessm.ops.retention.naive.recurrent_step`) builds the outer product ``kᵀv`` and a new state:
+about six passes over state-sized memory. Here the state is scaled in place, the rank-1 update is a
+batched ``baddbmm_`` (no state-sized temporary) and the read-out a batched matrix-vector product: three
+passes. Only for inference: the old state is overwritten, so autograd cannot see through it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from densessm.ops.retention.naive import _TINY
+
+
+def recurrent_step_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    state: torch.Tensor,
+    scale: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`~densessm.ops.retention.naive.recurrent_step`, but ``state`` is updated in
+    place (and returned)."""
+    batch, heads, key_dim, value_dim = state.shape
+    if not state.is_contiguous():
+        state = state.contiguous()
+    gamma = log_decay.to(scale.dtype).exp()[None, :]
+    if mask is None:
+        decay, add = gamma.expand_as(scale), torch.ones_like(scale)
+    else:
+        real = mask.to(scale.dtype)[:, None]
+        decay = torch.where(real > 0, gamma, torch.ones_like(gamma))
+        add = real.expand_as(scale)
+    new_scale = scale * decay + add
+    inv = new_scale.clamp_min(_TINY).rsqrt()
+    carry = (scale.sqrt() * decay * inv).to(state.dtype)
+    fresh = (add * inv).to(state.dtype)
+    flat = state.view(batch * heads, key_dim, value_dim)
+    flat.mul_(carry.reshape(-1, 1, 1))
+    flat.baddbmm_((k * fresh[..., None]).reshape(-1, key_dim, 1), v.reshape(-1, 1, value_dim))
+    out = torch.bmm(q.reshape(-1, 1, key_dim), flat).view(batch, heads, value_dim)
+    return out, state, new_scale
