@@ -78,6 +78,24 @@ def parallel_retention(
     return out, state
 
 
+def step_coefficients(
+    log_decay: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one token: the new decay-sum ``[B, H]`` and the factors ``carry`` (old state) and ``fresh``
+    (``kᵀv``) that give the new normalised state ``carry·S + fresh·kᵀv``. A padded token decays nothing."""
+    gamma = log_decay.to(scale.dtype).exp()[None, :]  # [1, H]
+    if mask is None:
+        decay = gamma.expand_as(scale)
+        add = torch.ones_like(scale)
+    else:
+        real = mask.to(scale.dtype)[:, None]
+        decay = torch.where(real > 0, gamma, torch.ones_like(gamma))
+        add = real.expand_as(scale)
+    new_scale = scale * decay + add
+    inv = new_scale.clamp_min(_TINY).rsqrt()
+    return new_scale, scale.sqrt() * decay * inv, add * inv
+
+
 def recurrent_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,18 +107,8 @@ def recurrent_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token: ``q, k`` ``[B, H, Dk]``, ``v`` ``[B, H, Dv]``, ``state`` ``[B, H, Dk, Dv]``, ``scale``
     ``[B, H]`` (at least fp32), ``mask`` ``[B]``. Returns ``(out [B, H, Dv], state, scale)``."""
-    gamma = log_decay.to(scale.dtype).exp()[None, :]  # [1, H]
-    if mask is None:
-        decay = gamma.expand_as(scale)
-        add = torch.ones_like(scale)
-    else:
-        real = mask.to(scale.dtype)[:, None]
-        decay = torch.where(real > 0, gamma, torch.ones_like(gamma))
-        add = real.expand_as(scale)
-    new_scale = scale * decay + add
-    inv = new_scale.clamp_min(_TINY).rsqrt()
-    carry = (scale.sqrt() * decay * inv)[..., None, None].to(state.dtype)
-    fresh = (add * inv)[..., None, None].to(state.dtype)
+    new_scale, carry, fresh = step_coefficients(log_decay, scale, mask)
+    carry, fresh = (x[..., None, None].to(state.dtype) for x in (carry, fresh))
     new_state = state * carry + (k[..., :, None] * v[..., None, :]) * fresh
     out = (q[..., None, :] @ new_state).squeeze(-2)
     return out, new_state, new_scale

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from densessm.ops.retention.naive import _TINY
+from densessm.ops.retention.naive import step_coefficients
 
 
 def recurrent_step_(
@@ -28,17 +28,8 @@ def recurrent_step_(
     batch, heads, key_dim, value_dim = state.shape
     if not state.is_contiguous():
         state = state.contiguous()
-    gamma = log_decay.to(scale.dtype).exp()[None, :]
-    if mask is None:
-        decay, add = gamma.expand_as(scale), torch.ones_like(scale)
-    else:
-        real = mask.to(scale.dtype)[:, None]
-        decay = torch.where(real > 0, gamma, torch.ones_like(gamma))
-        add = real.expand_as(scale)
-    new_scale = scale * decay + add
-    inv = new_scale.clamp_min(_TINY).rsqrt()
-    carry = (scale.sqrt() * decay * inv).to(state.dtype)
-    fresh = (add * inv).to(state.dtype)
+    new_scale, carry, fresh = step_coefficients(log_decay, scale, mask)
+    carry, fresh = carry.to(state.dtype), fresh.to(state.dtype)
     flat = state.view(batch * heads, key_dim, value_dim)
     flat.mul_(carry.reshape(-1, 1, 1))
     flat.baddbmm_((k * fresh[..., None]).reshape(-1, key_dim, 1), v.reshape(-1, 1, value_dim))
