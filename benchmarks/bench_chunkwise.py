@@ -101,7 +101,8 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
 
     lines = [
-        "| task | length | parallel tok/s | chunkwise tok/s | chunkwise / parallel | parallel peak MiB | chunkwise peak MiB |",
+        "| task | length | parallel tok/s | chunkwise tok/s | chunkwise / parallel | parallel peak MiB "
+        "| chunkwise peak MiB |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     by_key = {(r["task"], r["mode"], r["length"]): r for r in results}
@@ -117,20 +118,23 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
             ratio = "—"
             if par and chk and "error" not in par and "error" not in chk:
                 ratio = f"{chk['tokens_per_s'] / par['tokens_per_s']:.2f}×"
-            lines.append(
-                f"| {task} | {length:,} | {cell(par, 'tokens_per_s', '{:,.0f}')} | {cell(chk, 'tokens_per_s', '{:,.0f}')}"
-                f" | {ratio} | {cell(par, 'peak_mib', '{:,.0f}')} | {cell(chk, 'peak_mib', '{:,.0f}')} |"
-            )
+            speed = f"{cell(par, 'tokens_per_s', '{:,.0f}')} | {cell(chk, 'tokens_per_s', '{:,.0f}')}"
+            memory = f"{cell(par, 'peak_mib', '{:,.0f}')} | {cell(chk, 'peak_mib', '{:,.0f}')}"
+            lines.append(f"| {task} | {length:,} | {speed} | {ratio} | {memory} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for task, style in (("train", "-"), ("prefill", "--")):
         for mode, colour in (("parallel", "tab:red"), ("chunkwise", "tab:blue")):
-            pts = sorted((r["length"], r) for r in results if r["task"] == task and r["mode"] == mode and "error" not in r)
+            pts = sorted(
+                (r["length"], r) for r in results if r["task"] == task and r["mode"] == mode and "error" not in r
+            )
             if not pts:
                 continue
             xs = [p[0] for p in pts]
-            axes[0].plot(xs, [p[1]["tokens_per_s"] for p in pts], style, color=colour, marker="o", label=f"{mode} {task}")
+            axes[0].plot(
+                xs, [p[1]["tokens_per_s"] for p in pts], style, color=colour, marker="o", label=f"{mode} {task}"
+            )
             axes[1].plot(xs, [p[1]["peak_mib"] for p in pts], style, color=colour, marker="o", label=f"{mode} {task}")
     for ax, title in zip(axes, ("throughput (tokens/s)", "peak memory growth (MiB)"), strict=True):
         ax.set_xscale("log", base=2)
