@@ -164,3 +164,11 @@ def test_prepacked_weights_give_the_same_generation():
     assert torch.equal(plain.sequences, packed.sequences)
     for a, b in zip(plain.scores, packed.scores, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_under_bf16_autocast():
+    model = _model()
+    prompt = torch.randint(3, 97, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert out.shape == (2, 15)

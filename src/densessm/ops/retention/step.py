@@ -29,9 +29,12 @@ def recurrent_step_(
     if not state.is_contiguous():
         state = state.contiguous()
     new_scale, carry, fresh = step_coefficients(log_decay, scale, mask)
-    carry, fresh = carry.to(state.dtype), fresh.to(state.dtype)
-    flat = state.view(batch * heads, key_dim, value_dim)
-    flat.mul_(carry.reshape(-1, 1, 1))
-    flat.baddbmm_((k * fresh[..., None]).reshape(-1, key_dim, 1), v.reshape(-1, 1, value_dim))
-    out = torch.bmm(q.reshape(-1, 1, key_dim), flat).view(batch, heads, value_dim)
-    return out, state, new_scale
+    dtype = state.dtype
+    # the state keeps its dtype whatever autocast would pick: in-place ops cannot change it
+    with torch.autocast(state.device.type, enabled=False):
+        flat = state.view(batch * heads, key_dim, value_dim)
+        flat.mul_(carry.to(dtype).reshape(-1, 1, 1))
+        kick = (k.to(dtype) * fresh.to(dtype)[..., None]).reshape(-1, key_dim, 1)
+        flat.baddbmm_(kick, v.to(dtype).reshape(-1, 1, value_dim))
+        out = torch.bmm(q.to(dtype).reshape(-1, 1, key_dim), flat).view(batch, heads, value_dim)
+    return out.to(q.dtype), state, new_scale
