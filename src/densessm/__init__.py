@@ -12,6 +12,7 @@ from transformers import (
 )
 
 from densessm.cache import RecurrentCache
+from densessm.models.mamba import DenseMambaConfig, DenseMambaForCausalLM, DenseMambaModel
 from densessm.models.retnet import (
     DenseRetNetConfig,
     DenseRetNetForCausalLM,
@@ -25,8 +26,14 @@ AutoConfig.register(DenseRetNetConfig.model_type, DenseRetNetConfig, exist_ok=Tr
 AutoModel.register(DenseRetNetConfig, DenseRetNetModel, exist_ok=True)
 AutoModelForCausalLM.register(DenseRetNetConfig, DenseRetNetForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(DenseRetNetConfig, DenseRetNetForSequenceClassification, exist_ok=True)
+AutoConfig.register(DenseMambaConfig.model_type, DenseMambaConfig, exist_ok=True)
+AutoModel.register(DenseMambaConfig, DenseMambaModel, exist_ok=True)
+AutoModelForCausalLM.register(DenseMambaConfig, DenseMambaForCausalLM, exist_ok=True)
 
 __all__ = [
+    "DenseMambaConfig",
+    "DenseMambaForCausalLM",
+    "DenseMambaModel",
     "DenseRetNetConfig",
     "DenseRetNetForCausalLM",
     "DenseRetNetForSequenceClassification",
