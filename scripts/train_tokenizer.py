@@ -1,0 +1,53 @@
+"""Train the bundled tokenizer: a byte-level BPE (GPT-2 style, no unknown tokens) on the bundled corpus.
+
+Ids 0, 1, 2 are ``<pad>``, ``<s>``, ``</s>``, matching the presets' ``pad/bos/eos_token_id``. A small
+vocabulary keeps the embedding and LM-head of CPU-sized models small.
+
+    python scripts/train_tokenizer.py          # writes src/densessm/resources/tokenizer/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+RESOURCES = Path(__file__).resolve().parents[1] / "src" / "densessm" / "resources"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+
+
+def texts(corpus: Path):
+    with lzma.open(corpus, "rt", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=RESOURCES / "sotu" / "sotu.jsonl.xz")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=RESOURCES / "tokenizer")
+    args = parser.parse_args()
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=args.vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts(args.corpus), trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    wrapped.save_pretrained(args.out)
+    print(f"byte-level BPE, {len(wrapped)} tokens, trained on {args.corpus.name} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
