@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
+from densessm.bench import add_bench_parser
+from densessm.evaluation.cli import add_eval_parser
 from densessm.generation import add_generate_parser
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -70,6 +72,12 @@ def _demo(args: argparse.Namespace) -> None:
         print("  ", row)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from densessm.train import main as train_main
+
+    train_main(args.train_argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densessm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,15 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     add_generate_parser(sub)
+    add_bench_parser(sub)
+    add_eval_parser(sub)
+
+    # Its flags are HfArgumentParser's (TrainingArguments and ours): `densessm train --help` lists them.
+    train = sub.add_parser("train", add_help=False, help="pretrain a model on a text corpus (HF Trainer)")
+    train.set_defaults(func=_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.train_argv = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, StrictDataclassError) as err:
+    except (ValueError, OSError, StrictDataclassError, FloatingPointError) as err:
         print(f"densessm {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,223 @@
+"""``densessm bench generate``: generation speed of recurrent models against a Transformer with a KV cache.
+
+Three measurements, all models in one run, same dtype, same machine, same batch:
+
+1. end-to-end tokens/s while generating ``N`` new tokens from a short prompt (``generate()``, greedy);
+2. the latency of one decode step after a context of ``C`` tokens;
+3. the memory each sequence keeps between steps (recurrent state vs KV cache) at that context.
+
+For (2) and (3) the context's cache is *synthesised*: filled with random tensors of exactly the shape a real
+prefill of ``C`` tokens leaves (a decode step's cost does not depend on the values), so long contexts are
+measured without minutes of prefill. A recurrent model's state has the same size after any context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from densessm.cache import RecurrentCache
+from densessm.inference import prepack_for_cpu
+from densessm.presets import list_presets, load_preset
+
+# a LLaMA with about the parameters of the 350m presets (hidden 1024, 24 layers, SwiGLU 2816)
+LLAMA_350M = dict(
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=16384,
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A randomly initialised model by preset name, or ``llama_350m``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if name == "llama_350m":
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_350M))
+    else:
+        model = AutoModelForCausalLM.from_config(load_preset(name))
+    return model.to(dtype).eval()
+
+
+def _synthetic_cache(model, batch: int, context: int, dtype: torch.dtype):
+    """The cache a ``context``-token prefill leaves, with random contents."""
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
+    prompt = torch.randint(3, model.config.vocab_size, (batch, 1))
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).cache  # the right structure, one real step
+    if isinstance(cache, RecurrentCache):
+        for layer in cache.layers:
+            for name, tensor in layer.items():
+                layer[name] = torch.rand_like(tensor) if tensor.is_floating_point() else tensor
+        cache.steps = context
+        cache.positions = torch.full((batch,), context, dtype=torch.long)
+        return cache
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    shape = (batch, config.num_key_value_heads, context, head_dim)
+    for layer in cache.layers:
+        layer.keys = torch.randn(shape, dtype=dtype)
+        layer.values = torch.randn(shape, dtype=dtype)
+    return cache
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a cache holds for the whole batch."""
+    if isinstance(cache, RecurrentCache):
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.values())
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def decode_latency(model, batch: int, context: int, steps: int, dtype: torch.dtype) -> dict:
+    """Median seconds per decode step after ``context`` tokens, and the cache bytes per sequence."""
+    cache = _synthetic_cache(model, batch, context, dtype)
+    per_sequence = cache_bytes(cache) / batch
+    token = torch.randint(3, model.config.vocab_size, (batch, 1))
+    mask = torch.ones(batch, context + steps + 1, dtype=torch.long)
+    times = []
+    with torch.no_grad():
+        for i in range(steps + 1):
+            start = time.perf_counter()
+            out = model(token, cache=cache, use_cache=True, attention_mask=mask[:, : context + i + 1])
+            token = out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - start)
+    times = sorted(times[1:])  # the first step warms up
+    return {"context": context, "step_s": times[len(times) // 2], "cache_bytes_per_sequence": per_sequence}
+
+
+def generation_throughput(model, batch: int, new_tokens: int, prompt_length: int = 16) -> dict:
+    """End-to-end ``generate()`` tokens/s (all rows) for ``new_tokens`` greedy tokens."""
+    prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_length))
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model.generate(
+            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
+        seconds = time.perf_counter() - start
+    generated = out.shape[1] - prompt_length
+    return {"new_tokens": generated, "seconds": seconds, "tokens_per_s": batch * generated / seconds}
+
+
+def run(args: argparse.Namespace) -> dict:
+    dtype = DTYPES[args.dtype]
+    results = {
+        "meta": {
+            "command": "densessm bench generate " + " ".join(args.argv),
+            "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__,
+            "dtype": args.dtype,
+            "batch": args.batch,
+            "prepacked_weights": not args.no_prepack,
+        },
+        "models": {},
+    }
+    for name in tqdm(args.models, desc="models"):
+        model = build(name, dtype)
+        if not args.no_prepack:
+            prepack_for_cpu(model)
+        entry = {
+            "parameters": sum(p.numel() for p in model.parameters())
+            + sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight"))
+        }
+        entry["decode"] = [
+            decode_latency(model, args.batch, c, args.steps, dtype) for c in tqdm(args.contexts, desc=name, leave=False)
+        ]
+        entry["generate"] = [generation_throughput(model, args.batch, n) for n in args.new_tokens]
+        results["models"][name] = entry
+        del model
+    return results
+
+
+def write_report(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    meta, models = results["meta"], results["models"]
+    batch = meta["batch"]
+    lines = [f"`{meta['command']}` — {meta['machine']}, torch {meta['torch']}, {meta['dtype']}, batch {batch}", ""]
+    lines += [
+        "| model | parameters | "
+        + " | ".join(f"gen {g['new_tokens']} tok/s" for g in next(iter(models.values()))["generate"])
+        + " |"
+    ]
+    lines += ["|---|---:|" + "---:|" * len(next(iter(models.values()))["generate"])]
+    for name, entry in models.items():
+        cells = " | ".join(f"{g['tokens_per_s']:.1f}" for g in entry["generate"])
+        lines.append(f"| {name} | {entry['parameters'] / 1e6:.0f}M | {cells} |")
+    lines += [
+        "",
+        "| model | context | decode step (ms) | tokens/s (batch) | cache per sequence (MiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, entry in models.items():
+        for d in entry["decode"]:
+            lines.append(
+                f"| {name} | {d['context']:,} | {d['step_s'] * 1000:.1f} | {batch / d['step_s']:.1f} | "
+                f"{d['cache_bytes_per_sequence'] / 2**20:.1f} |"
+            )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, entry in models.items():
+        gens = entry["generate"]
+        axes[0].plot([g["new_tokens"] for g in gens], [g["tokens_per_s"] for g in gens], marker="o", label=name)
+        ctx = [d["context"] for d in entry["decode"]]
+        axes[1].plot(ctx, [batch / d["step_s"] for d in entry["decode"]], marker="o", label=name)
+        axes[2].plot(ctx, [d["cache_bytes_per_sequence"] / 2**20 for d in entry["decode"]], marker="o", label=name)
+    titles = ("generate(): tokens/s vs tokens generated", "decode tokens/s vs context", "cache per sequence (MiB)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title)
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[2].set_yscale("log")
+    fig.suptitle(f"generation speed, batch {batch}, {meta['dtype']} ({meta['machine']})")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+
+
+def add_bench_parser(sub) -> None:
+    """Register ``densessm bench generate``."""
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    gen = bench.add_parser("generate", help="generation speed vs a LLaMA with a KV cache")
+    default_models = [
+        m for m in ("dense_retnet_350m", "retnet_350m", "dense_mamba_360m", "mamba_360m") if m in list_presets()
+    ] + ["llama_350m"]
+    gen.add_argument("--models", nargs="+", default=default_models)
+    gen.add_argument("--batch", type=int, default=6)
+    gen.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512, 1024], help="GPU: 2048 ... 10240")
+    gen.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 8192])
+    gen.add_argument("--steps", type=int, default=6, help="decode steps timed per context")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument("--no-prepack", action="store_true", help="keep PyTorch's default linear layers")
+    gen.add_argument("--out", type=Path, default=Path("docs/benchmarks/generation"))
+    gen.set_defaults(func=_bench_generate)
+
+
+def _bench_generate(args: argparse.Namespace) -> None:
+    import sys
+
+    args.argv = sys.argv[3:]
+    for name in args.models:
+        if name != "llama_350m" and name not in list_presets():
+            raise ValueError(f"unknown model {name!r}: use a preset name or llama_350m")
+    results = run(args)
+    write_report(results, args.out)
+    print(args.out.with_suffix(".md").read_text())
