@@ -441,3 +441,23 @@ def test_tiny_presets_run():
         model = AutoModelForCausalLM.from_config(load_preset(name)).eval()
         assert isinstance(model, DenseMambaForCausalLM)
         assert model(torch.randint(0, 512, (1, 5))).logits.shape == (1, 5, 512)
+
+
+@pytest.mark.parametrize("model_cls", ["mamba", "retnet"])
+def test_training_step_under_bf16_autocast(model_cls):
+    """bf16 autocast (what `densessm train --bf16` does on CPU) runs forward and backward."""
+    from conftest import tiny_config as retnet_config
+
+    from densessm import DenseMambaConfig, DenseMambaForCausalLM, DenseRetNetForCausalLM
+
+    if model_cls == "mamba":
+        model = DenseMambaForCausalLM(
+            DenseMambaConfig(vocab_size=97, hidden_size=32, state_size=4, num_hidden_layers=3, dense_block_layers=2)
+        )
+    else:
+        model = DenseRetNetForCausalLM(retnet_config())
+    tokens = torch.randint(0, 97, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens, labels=tokens).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

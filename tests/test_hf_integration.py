@@ -223,3 +223,11 @@ def test_gradient_checkpointing_gives_identical_gradients(monkeypatch):
 
 def test_version():
     assert densessm.__version__
+
+
+def test_from_pretrained_overrides_are_validated(tmp_path):
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    DenseRetNetForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(StrictDataclassClassValidationError, match="dense_block_layers must be >= 0"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, dense_block_layers=-1)

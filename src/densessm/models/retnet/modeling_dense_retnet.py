@@ -150,6 +150,7 @@ class DenseRetNetModel(DenseRetNetPreTrainedModel):
     """Embeddings, the retention stack and the final norm."""
 
     def __init__(self, config: DenseRetNetConfig):
+        config.validate()  # again: from_pretrained applies its keyword overrides after the config was validated
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([DenseRetNetDecoderLayer(config, i) for i in range(config.num_hidden_layers)])

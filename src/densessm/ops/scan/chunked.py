@@ -106,6 +106,9 @@ class _ChunkedScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y, grad_final, *grad_states):
         u, delta, A, B, C, starts, states = ctx.saved_tensors  # states: all K·T of them, padding included
+        # under autocast the incoming gradients may be of a lower precision than the scan's fp32 tensors
+        grad_y, grad_final = (None if g is None else g.to(u.dtype) for g in (grad_y, grad_final))
+        grad_states = tuple(None if g is None else g.to(u.dtype) for g in grad_states)
         steps = ctx.steps
         batch, length, channels = u.shape
         size = A.shape[1]

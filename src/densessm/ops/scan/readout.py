@@ -27,10 +27,11 @@ class _SharedReadOut(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         C, *states = ctx.saved_tensors
+        grad = grad.to(states[0].dtype)  # under autocast the incoming gradient may be of a lower precision
         grad_C = None
         if ctx.needs_input_grad[0]:
-            grad_C = sum(grad[..., None, :] @ h for h in states).squeeze(-2)
-        grad_states = grad[..., None] * C[..., None, :] if any(ctx.needs_input_grad[1:]) else None
+            grad_C = sum(grad[..., None, :] @ h for h in states).squeeze(-2).to(C.dtype)
+        grad_states = grad[..., None] * C[..., None, :].to(grad.dtype) if any(ctx.needs_input_grad[1:]) else None
         return (grad_C, *(grad_states if need else None for need in ctx.needs_input_grad[1:]))
 
 
