@@ -36,16 +36,28 @@ LLAMA_350M = dict(
     num_key_value_heads=16,
     max_position_embeddings=16384,
 )
+LLAMAS = {
+    "llama_350m": LLAMA_350M,
+    "llama_tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    ),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build(name: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A randomly initialised model by preset name, or ``llama_350m``."""
+    """A randomly initialised model by preset name, or a LLaMA (``llama_350m``, ``llama_tiny``)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    if name == "llama_350m":
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_350M))
+    if name in LLAMAS:
+        model = LlamaForCausalLM(LlamaConfig(**LLAMAS[name]))
     else:
         model = AutoModelForCausalLM.from_config(load_preset(name))
     return model.to(dtype).eval()
@@ -81,8 +93,26 @@ def cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def _kv_bytes(model, batch: int, context: int, dtype: torch.dtype) -> int:
+    config = model.config
+    if not hasattr(config, "num_key_value_heads"):
+        return 0  # a recurrent model: its state does not grow
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    return batch * context * per_token * torch.finfo(dtype).bits // 8
+
+
 def decode_latency(model, batch: int, context: int, steps: int, dtype: torch.dtype) -> dict:
     """Median seconds per decode step after ``context`` tokens, and the cache bytes per sequence."""
+    needed = 2.2 * _kv_bytes(model, batch, context, dtype)  # the cache, and its copy while a step grows it
+    if needed > _available_bytes():
+        return {"context": context, "skipped": f"needs ~{needed / 2**30:.0f} GiB for the KV cache"}
     cache = _synthetic_cache(model, batch, context, dtype)
     per_sequence = cache_bytes(cache) / batch
     token = torch.randint(3, model.config.vocab_size, (batch, 1))
@@ -168,6 +198,9 @@ def write_report(results: dict, out: Path) -> None:
     ]
     for name, entry in models.items():
         for d in entry["decode"]:
+            if "skipped" in d:
+                lines.append(f"| {name} | {d['context']:,} | {d['skipped']} | | |")
+                continue
             lines.append(
                 f"| {name} | {d['context']:,} | {d['step_s'] * 1000:.1f} | {batch / d['step_s']:.1f} | "
                 f"{d['cache_bytes_per_sequence'] / 2**20:.1f} |"
@@ -178,9 +211,10 @@ def write_report(results: dict, out: Path) -> None:
     for name, entry in models.items():
         gens = entry["generate"]
         axes[0].plot([g["new_tokens"] for g in gens], [g["tokens_per_s"] for g in gens], marker="o", label=name)
-        ctx = [d["context"] for d in entry["decode"]]
-        axes[1].plot(ctx, [batch / d["step_s"] for d in entry["decode"]], marker="o", label=name)
-        axes[2].plot(ctx, [d["cache_bytes_per_sequence"] / 2**20 for d in entry["decode"]], marker="o", label=name)
+        done = [d for d in entry["decode"] if "skipped" not in d]
+        ctx = [d["context"] for d in done]
+        axes[1].plot(ctx, [batch / d["step_s"] for d in done], marker="o", label=name)
+        axes[2].plot(ctx, [d["cache_bytes_per_sequence"] / 2**20 for d in done], marker="o", label=name)
     titles = ("generate(): tokens/s vs tokens generated", "decode tokens/s vs context", "cache per sequence (MiB)")
     for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title)
@@ -216,8 +250,8 @@ def _bench_generate(args: argparse.Namespace) -> None:
 
     args.argv = sys.argv[3:]
     for name in args.models:
-        if name != "llama_350m" and name not in list_presets():
-            raise ValueError(f"unknown model {name!r}: use a preset name or llama_350m")
+        if name not in LLAMAS and name not in list_presets():
+            raise ValueError(f"unknown model {name!r}: use a preset name or one of {', '.join(LLAMAS)}")
     results = run(args)
     write_report(results, args.out)
     print(args.out.with_suffix(".md").read_text())

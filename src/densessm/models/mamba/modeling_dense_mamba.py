@@ -96,7 +96,7 @@ class DenseMambaMixer(nn.Module):
     def ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``Δ`` (fp32, after softplus), ``B`` and ``C`` of the conv output ``u [b, L, D]``."""
         time_step, B, C = self.x_proj(u).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
-        delta = F.softplus(F.linear(time_step, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        delta = F.softplus(self.dt_proj(time_step).float())
         return delta, B, C
 
     def _conv_steps(self, x, state, mask):
