@@ -30,11 +30,13 @@ class PrepackedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def prepack_for_cpu(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` of a CPU model by a :class:`PrepackedLinear`, in place; returns ``model``.
+def prepack_for_cpu(model: nn.Module, min_weight: int = 2**20) -> nn.Module:
+    """Replace every ``nn.Linear`` of a CPU model with at least ``min_weight`` weights by a
+    :class:`PrepackedLinear`, in place; returns ``model``.
 
-    Works for fp32 and bf16 weights. Use the model for inference only afterwards (``save_pretrained`` and
-    training need the original model).
+    Small layers (the dense gates, Mamba's Δ projection) stay as they are: for them the per-call layout
+    conversions cost more than the faster product saves. Works for fp32 and bf16 weights. Use the model for
+    inference only afterwards (``save_pretrained`` and training need the original model).
     """
     if not torch.backends.mkldnn.is_available():
         return model
@@ -42,7 +44,8 @@ def prepack_for_cpu(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
-            if child.weight.device.type == "cpu" and child.weight.dtype in (torch.float32, torch.bfloat16):
+            big = child.weight.numel() >= min_weight
+            if big and child.weight.device.type == "cpu" and child.weight.dtype in (torch.float32, torch.bfloat16):
                 setattr(parent, name, PrepackedLinear(child))
     model.eval()
     return model
