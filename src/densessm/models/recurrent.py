@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from densessm.cache import RecurrentCache
 
@@ -107,7 +108,8 @@ def prepare_step(
 
 
 class RecurrentGenerationMixin:
-    """``GenerationMixin`` hooks for models whose cache is a :class:`RecurrentCache` they create themselves."""
+    """``GenerationMixin`` hooks for models whose cache is a :class:`RecurrentCache` they create themselves,
+    and the LM head's part of their forward."""
 
     _is_stateful = True
 
@@ -135,3 +137,30 @@ class RecurrentGenerationMixin:
             {k: v for k, v in kwargs.items() if k not in ("next_sequence_length", "is_first_iteration")}
         )
         return model_inputs
+
+    def causal_lm_output(
+        self,
+        outputs: BaseModelOutputWithPast,
+        labels: torch.Tensor | None,
+        logits_to_keep: int,
+        return_dict: bool | None,
+        **loss_kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits of the backbone's output (or of its last ``logits_to_keep`` positions) and, with ``labels``,
+        the shifted LM loss."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        if not return_dict:
+            output = (logits,) + tuple(x for x in (outputs.cache, outputs.hidden_states) if x is not None)
+            return (loss,) + output if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )

@@ -388,7 +388,6 @@ class DenseMambaForCausalLM(RecurrentGenerationMixin, DenseMambaPreTrainedModel,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for every position (or the last ``logits_to_keep``); ``labels`` give the shifted LM loss."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -401,21 +400,7 @@ class DenseMambaForCausalLM(RecurrentGenerationMixin, DenseMambaPreTrainedModel,
             return_dict=True,
             past_key_values=kwargs.pop("past_key_values", None),
         )
-        hidden = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
-        loss = None
-        if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        if not return_dict:
-            output = (logits,) + tuple(x for x in (outputs.cache, outputs.hidden_states) if x is not None)
-            return (loss,) + output if loss is not None else output
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
-        )
+        return self.causal_lm_output(outputs, labels, logits_to_keep, return_dict, **kwargs)
 
 
 __all__ = ["DenseMambaForCausalLM", "DenseMambaModel", "DenseMambaPreTrainedModel"]
