@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from densessm import DenseRetNetConfig
+from densessm import DenseMambaConfig, DenseRetNetConfig
 
 GOLDEN = Path(__file__).resolve().parents[1] / ".." / "shared" / "golden" / "dense_retnet_reference"
 
@@ -26,6 +26,20 @@ def tiny_config(**overrides) -> DenseRetNetConfig:
     )
     fields.update(overrides)
     return DenseRetNetConfig(**fields)
+
+
+def tiny_mamba_config(**overrides) -> DenseMambaConfig:
+    fields = dict(
+        vocab_size=97,
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=3,
+        dense_block_layers=2,
+        dense_gate_reduction=4,
+        chunk_size=4,
+    )
+    fields.update(overrides)
+    return DenseMambaConfig(**fields)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_mamba_config
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,17 +19,7 @@ MODES = ("parallel", "chunkwise", "recurrent")
 
 
 def tiny_config(**overrides) -> DenseMambaConfig:
-    fields = dict(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        state_size=4,
-        num_hidden_layers=3,
-        dense_block_layers=2,
-        dense_gate_reduction=4,
-        chunk_size=4,
-    )
-    fields.update(overrides)
-    return DenseMambaConfig(**fields)
+    return tiny_mamba_config(**{"vocab_size": VOCAB, **overrides})
 
 
 def tiny_model(**overrides) -> DenseMambaForCausalLM:
@@ -448,12 +439,10 @@ def test_training_step_under_bf16_autocast(model_cls):
     """bf16 autocast (what `densessm train --bf16` does on CPU) runs forward and backward."""
     from conftest import tiny_config as retnet_config
 
-    from densessm import DenseMambaConfig, DenseMambaForCausalLM, DenseRetNetForCausalLM
+    from densessm import DenseRetNetForCausalLM
 
     if model_cls == "mamba":
-        model = DenseMambaForCausalLM(
-            DenseMambaConfig(vocab_size=97, hidden_size=32, state_size=4, num_hidden_layers=3, dense_block_layers=2)
-        )
+        model = DenseMambaForCausalLM(tiny_config(vocab_size=97))
     else:
         model = DenseRetNetForCausalLM(retnet_config())
     tokens = torch.randint(0, 97, (2, 12))

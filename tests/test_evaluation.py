@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, tiny_mamba_config
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from densessm import DenseMambaConfig
 from densessm.cli import main
 from densessm.evaluation import harness
 from densessm.evaluation.perplexity import score_carried, score_sliding, sliding_spans
@@ -28,15 +27,7 @@ def retnet_config():
 
 
 def mamba_config():
-    return DenseMambaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        state_size=4,
-        num_hidden_layers=3,
-        dense_block_layers=2,
-        dense_gate_reduction=4,
-        chunk_size=4,
-    )
+    return tiny_mamba_config(vocab_size=VOCAB)
 
 
 FAMILIES = pytest.mark.parametrize("make_config", [retnet_config, mamba_config], ids=["retnet", "mamba"])
