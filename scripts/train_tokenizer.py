@@ -13,11 +13,9 @@ import json
 import lzma
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from densessm.tokenizer import train_bpe
 
 RESOURCES = Path(__file__).resolve().parents[1] / "src" / "densessm" / "resources"
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
 
 def texts(corpus: Path):
@@ -33,18 +31,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESOURCES / "tokenizer")
     args = parser.parse_args()
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=args.vocab_size,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts(args.corpus), trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    wrapped = train_bpe(texts(args.corpus), args.vocab_size)
     wrapped.save_pretrained(args.out)
     print(f"byte-level BPE, {len(wrapped)} tokens, trained on {args.corpus.name} -> {args.out}")
 
