@@ -18,6 +18,7 @@ from densessm.data import (
     BUNDLED_CORPUS,
     DataArguments,
     build_blocks,
+    check_utf8,
     find_data_files,
     load_blocks,
     split_blocks,
@@ -143,6 +144,32 @@ def test_load_blocks_applies_limits(tmp_path, tokenizer):
     assert (len(train), len(val)) == (5, 2)
 
 
+def test_validation_files_replace_the_split(tmp_path, tokenizer):
+    train_path = write_jsonl(tmp_path / "train.jsonl", DOCS * 3)
+    held_path = write_jsonl(tmp_path / "held.jsonl", [d.upper() for d in DOCS] * 3)
+    held_blocks = cut(stream_of(tokenizer, [d.upper() for d in DOCS] * 3), 8)
+    common = {
+        "dataset_dir": [str(train_path)],
+        "data_cache_dir": str(tmp_path / "cache"),
+        "preprocessing_num_workers": 1,
+    }
+    args = DataArguments(validation_files=[str(held_path)], **common)
+    train, val = load_blocks(args, tokenizer, 8, seed=0)
+    assert train["input_ids"] == cut(stream_of(tokenizer, DOCS * 3), 8)  # every training block, none held out
+    assert val["input_ids"] == held_blocks
+    subset = load_blocks(
+        DataArguments(validation_files=[str(held_path)], max_eval_samples=3, **common), tokenizer, 8, 0
+    )
+    again = load_blocks(DataArguments(validation_files=[str(held_path)], max_eval_samples=3, **common), tokenizer, 8, 1)
+    assert subset[1]["input_ids"] == again[1]["input_ids"]  # a fixed subset: the training seed does not move it
+    assert len(subset[1]) == 3 and all(b in held_blocks for b in subset[1]["input_ids"])
+    assert subset[1]["input_ids"] != held_blocks[:3] or len(held_blocks) == 3  # sampled across the file
+    streamed = DataArguments(validation_files=[str(held_path)], streaming=True, max_eval_samples=2, **common)
+    train, val = load_blocks(streamed, tokenizer, 8, seed=0)
+    assert [b["input_ids"] for b in val] == held_blocks[:2]
+    assert sorted(b["input_ids"] for b in train) == sorted(cut(stream_of(tokenizer, DOCS * 3), 8))
+
+
 def test_streaming_gives_the_same_blocks_lazily(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", DOCS * 5)
     groups = find_data_files([path])
@@ -173,6 +200,13 @@ def test_errors_name_the_problem(tmp_path, tokenizer):
     (latin / "bad.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"bad\.txt is not UTF-8 text: .* at byte 3"):
         build_blocks(find_data_files([latin]), tokenizer, 4, tmp_path / "cache", num_proc=1)
+    with pytest.raises(ValueError, match=r"bad\.txt is not UTF-8 text"):  # streaming checks each file's start
+        stream_blocks(find_data_files([latin]), tokenizer, 4, n_val=0, seed=0, shuffle_buffer_size=10)
+    late = tmp_path / "late.txt"
+    late.write_bytes(b"a" * 5000 + "\u00e9 and more".encode("latin-1"))
+    check_utf8(late, chunk_size=1024, max_bytes=2048)  # only the start is read
+    with pytest.raises(ValueError, match=r"late\.txt is not UTF-8 text: .* at byte 5000"):
+        check_utf8(late, chunk_size=1024)
 
     no_text = tmp_path / "no_text.jsonl"
     no_text.write_text(json.dumps({"body": "x"}) + "\n")

@@ -50,6 +50,7 @@ BUNDLED_CORPUS = Path(__file__).parent / "resources" / "sotu"
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 COMPRESSION = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 SPLIT_SEED = 0
+STREAMING_UTF8_CHECK = 1 << 20  # bytes of each file checked up front in streaming mode
 CACHE_VERSION = 1  # bump when the block layout changes, so old caches are not reused
 BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 
@@ -77,6 +78,13 @@ class DataArguments:
     block_size: int | None = field(
         default=None,
         metadata={"help": "Tokens per training sequence. Default: the model's max_position_embeddings."},
+    )
+    validation_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "A held-out corpus (files or directories, formats as --dataset_dir): the validation blocks come "
+            "from it instead of from --validation_split_percentage of the training blocks."
+        },
     )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes that tokenize. Default: all CPU cores (at most 8)."}
@@ -147,14 +155,17 @@ def find_data_files(paths: Sequence[str | os.PathLike], debug_mode: bool = False
     return groups
 
 
-def check_utf8(path: str | os.PathLike, chunk_size: int = 1 << 20) -> None:
-    """Raise a ValueError naming ``path`` and the byte offset if it is not valid UTF-8 (after decompression)."""
+def check_utf8(path: str | os.PathLike, chunk_size: int = 1 << 20, max_bytes: int | None = None) -> None:
+    """Raise a ValueError naming ``path`` and the byte offset if it is not valid UTF-8 (after decompression).
+
+    ``max_bytes`` checks only the start of the file (streaming mode: a wrongly encoded file shows itself in its
+    first megabyte, and reading a whole large corpus up front is what streaming avoids)."""
     path = Path(path)
     opener = COMPRESSION.get(path.suffix, open)
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with opener(path, "rb") as f:
-        while chunk := f.read(chunk_size):
+        while (max_bytes is None or offset < max_bytes) and (chunk := f.read(chunk_size)):
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
@@ -163,6 +174,8 @@ def check_utf8(path: str | os.PathLike, chunk_size: int = 1 << 20) -> None:
                     "(e.g. `iconv -f latin1 -t utf-8`) or remove it from the corpus"
                 ) from None
             offset += len(chunk)
+        if max_bytes is not None and offset >= max_bytes:
+            return  # cut off at a chunk boundary, possibly inside a character: not an error
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError as err:
@@ -323,6 +336,10 @@ def stream_blocks(
     shuffle_buffer_size: int,
 ) -> tuple[datasets.IterableDataset, datasets.IterableDataset | None]:
     """Streaming mode: the first ``n_val`` blocks for validation, the rest shuffled through a buffer."""
+    for builder, files in groups.items():
+        if builder != "parquet":
+            for name in files:
+                check_utf8(name, max_bytes=STREAMING_UTF8_CHECK)
     rows = _tokenized(groups, tokenizer, None, None, streaming=True)
     blocks = datasets.IterableDataset.from_generator(
         pack, features=BLOCK_FEATURES, gen_kwargs={"rows": rows, "block_size": block_size}
@@ -338,18 +355,32 @@ def load_blocks(
     groups = find_data_files(args.dataset_dir or [BUNDLED_CORPUS], args.debug_mode)
     if args.streaming:
         n_val = 0 if args.validation_split_percentage <= 0 else (args.max_eval_samples or 64)
-        train, val = stream_blocks(groups, tokenizer, block_size, n_val, seed, args.shuffle_buffer_size)
+        if args.validation_files:
+            train, _ = stream_blocks(groups, tokenizer, block_size, 0, seed, args.shuffle_buffer_size)
+            held_out = find_data_files(args.validation_files)
+            _, val = stream_blocks(held_out, tokenizer, block_size, args.max_eval_samples or 64, seed, 1)
+        else:
+            train, val = stream_blocks(groups, tokenizer, block_size, n_val, seed, args.shuffle_buffer_size)
         if args.max_train_samples is not None:
             train = train.take(args.max_train_samples)
         return train, val
     cache_dir = args.data_cache_dir or Path("~/.cache/densessm/data").expanduser()
     num_proc = args.preprocessing_num_workers or min(os.cpu_count() or 1, 8)
     blocks = build_blocks(groups, tokenizer, block_size, cache_dir, num_proc, args.overwrite_cache)
-    train, val = split_blocks(blocks, args.validation_split_percentage)
+    if args.validation_files:
+        held_out = find_data_files(args.validation_files)
+        train = blocks
+        val = build_blocks(held_out, tokenizer, block_size, cache_dir, num_proc, args.overwrite_cache)
+        if args.max_eval_samples is not None and args.max_eval_samples < len(val):
+            # A fixed pseudo-random subset, so that it samples the whole held-out corpus, not its first files.
+            order = np.random.default_rng(SPLIT_SEED).permutation(len(val))[: args.max_eval_samples]
+            val = val.select(np.sort(order), keep_in_memory=True)
+    else:
+        train, val = split_blocks(blocks, args.validation_split_percentage)
+        if val is not None and args.max_eval_samples is not None:
+            val = val.select(range(min(args.max_eval_samples, len(val))))
     if args.max_train_samples is not None:
         train = train.select(range(min(args.max_train_samples, len(train))))
-    if val is not None and args.max_eval_samples is not None:
-        val = val.select(range(min(args.max_eval_samples, len(val))))
     return train, val
 
 
