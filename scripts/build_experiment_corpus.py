@@ -197,6 +197,14 @@ def documents(source: Source, path: Path) -> list[Document]:
     raise ValueError(f"no extractor for {name}")
 
 
+def write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` unless ``path`` already holds it: an unchanged file keeps its mtime, so the token caches
+    keyed on it stay valid when the script runs again."""
+    data = text.encode("utf-8")
+    if not (path.is_file() and path.read_bytes() == data):
+        path.write_bytes(data)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/corpus"))
@@ -227,7 +235,7 @@ def main() -> None:
     prepared = prepare(raw, min_chars=args.min_chars)
     splits = split_documents(prepared.documents, seed=args.seed)
     for split in SPLITS:
-        (args.out / f"{split}.jsonl").write_text(to_jsonl(splits[split]), encoding="utf-8")
+        write_if_changed(args.out / f"{split}.jsonl", to_jsonl(splits[split]))
     stats = {
         "seed": args.seed,
         "min_chars": args.min_chars,
@@ -236,7 +244,7 @@ def main() -> None:
         "dropped_duplicate": dict(sorted(prepared.dropped_duplicate.items())),
         "splits": split_stats(splits),
     }
-    (args.out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_if_changed(args.out / "stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
     for split in SPLITS:
         row = stats["splits"][split]["all"]
         print(f"{split}: {row['documents']} documents, {row['characters']:,d} characters, {row['bytes']:,d} bytes")

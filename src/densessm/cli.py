@@ -13,6 +13,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from densessm.bench import add_bench_parser
 from densessm.evaluation.cli import add_eval_parser
+from densessm.experiments.cli import add_experiment_parser
 from densessm.generation import add_generate_parser
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_bench_parser(sub)
     add_eval_parser(sub)
+    add_experiment_parser(sub)
 
     # Its flags are HfArgumentParser's (TrainingArguments and ours): `densessm train --help` lists them.
     train = sub.add_parser("train", add_help=False, help="pretrain a model on a text corpus (HF Trainer)")

