@@ -78,7 +78,7 @@ def _dense_vs_plain(args: argparse.Namespace) -> None:
             f"{(time.perf_counter() - start) / 60:.1f} min so far)",
             flush=True,
         )
-    results = collect(out, scale.seeds)
+    results = collect(out, scale.seeds, args.jobs)
     for path in write_report(results, Path(args.report), _command(args)):
         print(f"wrote {path}")
 

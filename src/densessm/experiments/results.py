@@ -33,11 +33,13 @@ def _curve(run_dir: Path, tokens_per_step: int) -> dict[str, list]:
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     val = [(e["step"] * tokens_per_step, e["eval_loss"]) for e in history if "eval_loss" in e]
     train = [(e["step"] * tokens_per_step, e["loss"]) for e in history if "loss" in e]
-    return {"validation": val, "train": train}
+    grad_norm = [e["grad_norm"] for e in history if "grad_norm" in e]
+    return {"validation": val, "train": train, "max_grad_norm": max(grad_norm, default=math.nan)}
 
 
-def collect(out: Path, seeds: tuple[int, ...] | list[int]) -> dict:
-    """Every finished run of the grid in ``out`` (the given seeds), with per-model and per-family statistics."""
+def collect(out: Path, seeds: tuple[int, ...] | list[int], jobs: int = 1) -> dict:
+    """Every finished run of the grid in ``out`` (the given seeds, run ``jobs`` at a time), with per-model and
+    per-family statistics."""
     plan = json.loads((out / "plan.json").read_text())
     scale = plan["scale"]
     tokens_per_step = scale["block_size"] * scale["batch_size"]
@@ -65,6 +67,7 @@ def collect(out: Path, seeds: tuple[int, ...] | list[int]) -> dict:
                 "train_minutes": lambda r: r["train_seconds"] / 60,
                 "train_tokens_per_second": lambda r: r["train"]["train_tokens_per_second"],
                 "final_train_loss": lambda r: r["curve"]["train"][-1][1],
+                "max_grad_norm": lambda r: r["curve"]["max_grad_norm"],
             }.items():
                 entry[key] = _mean_std([get(r) for r in runs])
             entry["tasks"] = _task_means(runs)
@@ -78,6 +81,7 @@ def collect(out: Path, seeds: tuple[int, ...] | list[int]) -> dict:
         "plan": plan,
         "throughput": json.loads(sizing.read_text()) if sizing.is_file() else None,
         "seeds": list(seeds),
+        "jobs": jobs,
         "models": models,
         "comparisons": comparisons,
         "machine": {
@@ -116,6 +120,7 @@ def compare(dense: dict, plain: dict) -> dict:
     batches, so the per-seed (paired) differences are listed too.
     """
     out = {"runs": [len(dense["runs"]), len(plain["runs"])]}
+    measurable = min(out["runs"]) >= 2  # one run per model says nothing about the noise
     for key in ("test_perplexity", "test_loss"):
         (d_mean, d_std), (p_mean, p_std) = dense[key], plain[key]
         diff = p_mean - d_mean
@@ -124,11 +129,11 @@ def compare(dense: dict, plain: dict) -> dict:
         out[key] = {
             "difference": diff,
             "relative": diff / p_mean,
-            "sigma_diff": sigma_diff,
-            "sigma_seed": sigma_seed,
-            "z": diff / sigma_diff if sigma_diff > 0 else math.inf * (1 if diff else 0),
-            "beyond_2_sigma_diff": abs(diff) > 2 * sigma_diff,
-            "beyond_2_sigma_seed": abs(diff) > 2 * sigma_seed,
+            "sigma_diff": sigma_diff if measurable else None,
+            "sigma_seed": sigma_seed if measurable else None,
+            "z": diff / sigma_diff if measurable and sigma_diff > 0 else None,
+            "beyond_2_sigma_diff": abs(diff) > 2 * sigma_diff if measurable else None,
+            "beyond_2_sigma_seed": abs(diff) > 2 * sigma_seed if measurable else None,
         }
     pairs = {r["seed"]: r for r in plain["runs"]}
     out["paired_test_perplexity"] = {
@@ -136,6 +141,8 @@ def compare(dense: dict, plain: dict) -> dict:
         for r in dense["runs"]
         if r["seed"] in pairs
     }
+    wins = sum(d > 0 for d in out["paired_test_perplexity"].values())
+    out["dense_better_seeds"] = [wins, len(out["paired_test_perplexity"])]
     return out
 
 
@@ -181,6 +188,14 @@ def plot_curves(results: dict, path: Path) -> Path:
     return path
 
 
+def _maybe(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _yes(value: bool | None) -> str:
+    return "n/a" if value is None else ("yes" if value else "no")
+
+
 def _pm(value: tuple[float, float], digits: int = 2) -> str:
     return f"{value[0]:,.{digits}f} ± {value[1]:,.{digits}f}"
 
@@ -208,7 +223,8 @@ def render_markdown(results: dict, command: str, png_name: str) -> str:
         f"{scale['warmup_ratio']:.0%} warm-up, gradient clipping {scale['max_grad_norm']}, fp32. Seeds "
         f"{', '.join(map(str, results['seeds']))}: the seed sets the initial weights and the batch order, so "
         "seed k of every model sees the same batches.",
-        f"- Dense models: m = {scale['dense_block_layers']} (each layer receives the hidden states of the 2 layers "
+        f"- Dense models: m = {scale['dense_block_layers']} (each layer receives the hidden states of the "
+        f"{scale['dense_block_layers']} layers "
         "below). Baselines: the same architecture with m = 0, widened to match (within 2%).",
         f"- Evaluation: perplexity with `densessm eval ppl --method carried` (every token of a document scored once, "
         f"the recurrent state carried across windows of {scale['block_size']}) on fixed random subsets of the "
@@ -217,8 +233,10 @@ def render_markdown(results: dict, command: str, png_name: str) -> str:
         f"documents / {plan['held_out']['test']['bytes']:,d} bytes. The curves score "
         f"{scale['eval_blocks']} validation blocks every {scale['eval_steps']} steps.",
         f"- Machine: {machine['cpus']} CPU cores ({machine['processor']}), {machine['platform']}, torch "
-        f"{machine['torch']}, transformers {machine['transformers']}. Runs went two at a time, one thread each, so "
-        f"wall times are of a shared machine. Total training time of the grid: {total_minutes:.0f} core-minutes.",
+        f"{machine['torch']}, transformers {machine['transformers']}. Runs went {results['jobs']} at a time with "
+        f"{max(1, machine['cpus'] // results['jobs'])} intra-op thread(s) each, on a machine also used for other "
+        "work: wall times and tokens/s are indicative only; the comparison rests on perplexity, which does not "
+        f"depend on speed. Training time of all runs together: {total_minutes:.0f} minutes.",
     ]
     if results.get("throughput"):
         sizing = results["throughput"]
@@ -233,18 +251,24 @@ def render_markdown(results: dict, command: str, png_name: str) -> str:
         "## Results",
         "",
         "| model | m | hidden x layers | non-embedding parameters | all parameters | test perplexity | "
-        "test bits/byte | validation perplexity | final train loss | training min/run | tokens/s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "test bits/byte | validation perplexity | final train loss | largest gradient norm | training min/run | "
+        "tokens/s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in results["models"].items():
         lines.append(
             f"| {LABELS[name]} | {m['dense_block_layers']} | {m['hidden_size']} x {m['num_hidden_layers']} | "
             f"{m['non_embedding_parameters']:,d} | {m['parameters']:,d} | {_pm(m['test_perplexity'])} | "
             f"{_pm(m['test_bits_per_byte'], 4)} | {_pm(m['validation_perplexity'])} | "
-            f"{_pm(m['final_train_loss'], 3)} | {_pm(m['train_minutes'], 1)} | "
+            f"{_pm(m['final_train_loss'], 3)} | {_pm(m['max_grad_norm'], 0)} | {_pm(m['train_minutes'], 1)} | "
             f"{_pm(m['train_tokens_per_second'], 0)} |"
         )
-    lines += ["", "Mean ± standard deviation over seeds (sample standard deviation).", ""]
+    lines += [
+        "",
+        "Mean ± standard deviation over seeds (sample standard deviation). The largest gradient norm is the largest "
+        "logged before clipping (logged every few steps); spikes there mark unstable early training.",
+        "",
+    ]
     lines += ["## Is the difference beyond the noise?", ""]
     lines += [
         "| family | runs (dense, plain) | plain − dense test perplexity | relative | σ_diff | z = Δ/σ_diff | "
@@ -256,8 +280,8 @@ def render_markdown(results: dict, command: str, png_name: str) -> str:
         seeds = ", ".join(f"{s}: {d:+.2f}" for s, d in c["paired_test_perplexity"].items())
         lines.append(
             f"| {family} | {c['runs'][0]}, {c['runs'][1]} | {p['difference']:+.2f} | {p['relative']:+.1%} | "
-            f"{p['sigma_diff']:.2f} | {p['z']:+.1f} | {'yes' if p['beyond_2_sigma_diff'] else 'no'} | "
-            f"{'yes' if p['beyond_2_sigma_seed'] else 'no'} | {seeds} |"
+            f"{_maybe(p['sigma_diff'], '.2f')} | {_maybe(p['z'], '+.1f')} | {_yes(p['beyond_2_sigma_diff'])} | "
+            f"{_yes(p['beyond_2_sigma_seed'])} | {seeds} |"
         )
     lines += [
         "",
@@ -269,13 +293,19 @@ def render_markdown(results: dict, command: str, png_name: str) -> str:
         dense, plain = FAMILIES[family]
         p = c["test_perplexity"]
         better = "lower" if p["difference"] > 0 else "higher"
-        verdict = "exceeds" if p["beyond_2_sigma_diff"] else "does not exceed"
-        lines.append(
+        wins, pairs = c["dense_better_seeds"]
+        head = (
             f"- **{LABELS[dense]} vs {LABELS[plain]}**: the dense model's mean test perplexity is "
-            f"{abs(p['difference']):.2f} ({abs(p['relative']):.1%}) {better} than the baseline's; the difference "
-            f"{verdict} 2 standard errors (z = {p['z']:+.1f}), and "
-            f"{'exceeds' if p['beyond_2_sigma_seed'] else 'does not exceed'} twice the seed-to-seed standard "
-            f"deviation ({p['sigma_seed']:.2f})."
+            f"{abs(p['difference']):.2f} ({abs(p['relative']):.1%}) {better} than the baseline's (dense better on "
+            f"{wins} of {pairs} seeds); "
+        )
+        if p["z"] is None:
+            lines.append(head + "with fewer than 2 runs per model there is no measure of the noise yet.")
+            continue
+        lines.append(
+            head + f"the difference {'exceeds' if p['beyond_2_sigma_diff'] else 'does not exceed'} 2 standard "
+            f"errors (z = {p['z']:+.1f}), and {'exceeds' if p['beyond_2_sigma_seed'] else 'does not exceed'} twice "
+            f"the seed-to-seed standard deviation ({p['sigma_seed']:.2f})."
         )
     lines += ["", f"![validation loss curves]({png_name})", ""]
     task_rows = [(n, t, row) for n, m in results["models"].items() for t, row in m["tasks"].items()]
