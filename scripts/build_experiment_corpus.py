@@ -40,6 +40,7 @@ from densessm.experiments.corpus import (
     strip_brown_tags,
     to_jsonl,
 )
+from densessm.experiments.dense_vs_plain import write_if_changed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,14 +196,6 @@ def documents(source: Source, path: Path) -> list[Document]:
             files = _tar_members(tar, lambda n: marker in n and n.endswith(".html"))
             return [Document(name, _strip_prefix(n, marker), html_to_text(t)) for n, t in files]
     raise ValueError(f"no extractor for {name}")
-
-
-def write_if_changed(path: Path, text: str) -> None:
-    """Write ``text`` unless ``path`` already holds it: an unchanged file keeps its mtime, so the token caches
-    keyed on it stay valid when the script runs again."""
-    data = text.encode("utf-8")
-    if not (path.is_file() and path.read_bytes() == data):
-        path.write_bytes(data)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def test_held_out_subset_is_seeded_capped_and_in_order():
     assert 100 <= size < 100 + 60  # stops at the first document past the cap
     assert subset == sorted(subset, key=docs.index)  # kept in corpus order
     assert held_out_subset(docs, None) is docs
-    assert held_out_subset(docs, 1) == [held_out_subset(docs, 1)[0]] and len(held_out_subset(docs, 1)) == 1
+    assert len(held_out_subset(docs, 1)) == 1  # at least one document, even under a tiny cap
 
 
 def test_grid_configs_match_the_baselines_within_two_percent():

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -158,13 +158,13 @@ def held_out_subset(documents: list[dict], max_bytes: int | None, seed: int = 0)
     return [documents[i] for i in sorted(chosen)]
 
 
-def _write_jsonl(path: Path, documents: list[dict]) -> None:
-    """Write ``documents`` as JSON lines, unless ``path`` holds them already: an unchanged file keeps its mtime, so
-    the token blocks cached from it stay valid when the grid restarts."""
-    data = "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in documents).encode("utf-8")
+def write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (atomically) unless it holds it already: an unchanged file keeps its mtime, so
+    the token blocks cached from it stay valid when a script or the grid runs again."""
+    data = text.encode("utf-8")
     if path.is_file() and path.read_bytes() == data:
         return
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
 
@@ -221,7 +221,7 @@ def prepare(corpus: Path, out: Path, scale: Scale) -> dict:
         subset = held_out_subset(read_split(corpus, split), scale.eval_bytes)
         path = out / "eval" / f"{split}.jsonl"
         path.parent.mkdir(exist_ok=True)
-        _write_jsonl(path, subset)
+        write_if_changed(path, "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in subset))
         held_out[split] = {
             "path": str(path),
             "documents": len(subset),
@@ -416,8 +416,9 @@ def measure_throughput(corpus: Path, out: Path, scale: Scale, jobs: int, steps: 
 
     def one(name: str) -> float:
         run = Run(name, 0, out / "throughput" / name)
-        argv = ["train", *train_command(corpus, out, replace(scale, eval_steps=10 * steps), run, steps)]
-        argv.append("--overwrite_output_dir")
+        argv = ["train", *train_command(corpus, out, scale, run, steps)]
+        # Training alone: no evaluation or checkpoint inside the timed steps (the last flag given wins).
+        argv += ["--eval_strategy", "no", "--save_strategy", "no", "--overwrite_output_dir"]
         _subprocess(argv, out / "throughput" / f"{name}.log", threads)
         return json.loads((run.directory / "train_results.json").read_text())["train_tokens_per_second"]
 
