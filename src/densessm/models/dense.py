@@ -27,11 +27,15 @@ class SelectiveTransitionGate(nn.Module):
         self.fc2 = nn.Linear(bottleneck, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.fc2(F.silu(self.fc1(x))))
+        return self.from_hidden(F.silu(self.fc1(x)))
+
+    def from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The gate from ``silu(fc1(x))`` computed elsewhere (fused with other projections of ``x``)."""
+        return F.silu(self.fc2(hidden))
 
 
 def fuse_hidden(current: torch.Tensor, shallow: Sequence[torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
     """Hidden fusion: ``current + Σ_i gate ⊙ shallow_i`` (oldest layer first, as the reference sums)."""
     for state in shallow:
-        current = current + gate * state
+        current = torch.addcmul(current, gate, state)  # one fused pass instead of a product and a sum
     return current

@@ -46,10 +46,32 @@ class DenseKVFusion(nn.Module):
         self.v_gate = SelectiveTransitionGate(config.hidden_size, config.value_dim, config.v_gate_reduction)
         self.k_norm = RMSNorm(config.query_key_dim, eps=config.rms_norm_eps)
         self.v_norm = RMSNorm(config.value_dim, eps=config.rms_norm_eps)
+        self.fused_gate: nn.Linear | None = None  # both gates' second layers, block-diagonal (inference)
 
-    def forward(self, x, k, v, k_shallow, v_shallow):
-        k = self.k_norm(fuse_hidden(k, k_shallow, self.k_gate(x)))
-        v = self.v_norm(fuse_hidden(v, v_shallow, self.v_gate(x)))
+    def fuse_gates(self) -> tuple[nn.Linear, nn.Linear]:
+        """Inference only: one block-diagonal product for both gates' second layers; hands back their first
+        layers (for the caller to merge with its own projections of ``x``) and removes them here."""
+        fc2_k, fc2_v = self.k_gate.fc2.weight.detach(), self.v_gate.fc2.weight.detach()
+        weight = torch.block_diag(fc2_k, fc2_v)
+        self.fused_gate = nn.Linear(
+            weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype
+        )
+        self.fused_gate.weight = nn.Parameter(weight, requires_grad=False)
+        first = self.k_gate.fc1, self.v_gate.fc1
+        self.k_gate.fc1 = self.k_gate.fc2 = self.v_gate.fc1 = self.v_gate.fc2 = None
+        return first
+
+    def forward(self, x, k, v, k_shallow, v_shallow, gate_hidden=None):
+        """``gate_hidden``: both gates' ``silu(fc1(x))``, side by side, when the caller computed them."""
+        if self.fused_gate is not None:
+            k_gate, v_gate = F.silu(self.fused_gate(gate_hidden)).split((k.shape[-1], v.shape[-1]), dim=-1)
+        elif gate_hidden is not None:
+            k_hidden, v_hidden = gate_hidden.split((self.k_gate.fc1.out_features, -1), dim=-1)
+            k_gate, v_gate = self.k_gate.from_hidden(k_hidden), self.v_gate.from_hidden(v_hidden)
+        else:
+            k_gate, v_gate = self.k_gate(x), self.v_gate(x)
+        k = self.k_norm(fuse_hidden(k, k_shallow, k_gate))
+        v = self.v_norm(fuse_hidden(v, v_shallow, v_gate))
         return k, v
 
 
@@ -69,15 +91,43 @@ class DenseRetNetRetention(nn.Module):
         self.head_norm = RMSNorm(self.value_dim // self.num_heads, eps=config.rms_norm_eps)
         self.dense = DenseKVFusion(config) if dense else None
         self.dropout = nn.Dropout(config.dropout)
+        self.fused_projection: nn.Linear | None = None  # see fuse_projections()
+        self.fused_sizes: list[int] = []
+
+    def fuse_projections(self) -> None:
+        """Inference only, irreversible: one product for every projection of ``x`` (q, k, [v, g] and the
+        dense gates' first layers, all followed by silu) and one for both gates' second layers.
+
+        A decode step multiplies a few rows by each weight, so every separate product pays a call of its
+        own; concatenated weights stream the same bytes in fewer calls. The separate layers are removed
+        (no weight is kept twice), so the model cannot be trained or saved afterwards.
+        """
+        if self.fused_projection is not None:
+            return
+        parts = [self.q_proj, self.k_proj, self.vg_proj]
+        if self.dense is not None:
+            parts += self.dense.fuse_gates()
+        weight = torch.cat([p.weight.detach() for p in parts])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        sizes = [p.weight.shape[0] for p in parts]
+        self.fused_projection, self.fused_sizes = fused, sizes[:3] + ([sum(sizes[3:])] if self.dense else [])
+        self.q_proj = self.k_proj = self.vg_proj = None
 
     def forward(self, x, k_shallow, v_shallow, rotation, log_decay, mask, mode, chunk_size, state, output_state):
         batch, length, _ = x.shape
-        q = F.silu(self.q_proj(x))
-        k = F.silu(self.k_proj(x)) * self.scaling
-        v, gate = F.silu(self.vg_proj(x)).chunk(2, dim=-1)
+        gate_hidden = None
+        if self.fused_projection is not None:
+            q, k, vg, *gates = F.silu(self.fused_projection(x)).split(self.fused_sizes, dim=-1)
+            k, gate_hidden = k * self.scaling, (gates[0] if gates else None)
+        else:
+            q = F.silu(self.q_proj(x))
+            k = F.silu(self.k_proj(x)) * self.scaling
+            vg = F.silu(self.vg_proj(x))
+        v, gate = vg.chunk(2, dim=-1)
         k_own, v_own = k, v
         if self.dense is not None and k_shallow:
-            k, v = self.dense(x, k, v, k_shallow, v_shallow)
+            k, v = self.dense(x, k, v, k_shallow, v_shallow, gate_hidden)
         q = rotate(q.view(batch, length, self.num_heads, -1).transpose(1, 2), *rotation)
         k = rotate(k.view(batch, length, self.num_heads, -1).transpose(1, 2), *rotation)
         v = v.view(batch, length, self.num_heads, -1).transpose(1, 2)

@@ -1,0 +1,49 @@
+"""Inference-only weight transforms (fused projections, prepacked weights) must not change what is computed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from densessm import DenseRetNetForCausalLM
+from densessm.inference import fuse_projections
+
+
+@pytest.mark.parametrize("dense_block_layers", [0, 1, 2])
+def test_fused_projections_match_the_separate_ones(dense_block_layers):
+    torch.manual_seed(0)
+    model = DenseRetNetForCausalLM(tiny_config(dense_block_layers=dense_block_layers)).eval()
+    tokens = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        reference = model(tokens).logits
+        cache = model(tokens[:, :5], use_cache=True).cache
+        reference_step = model(tokens[:, 5:6], cache=cache).logits
+        fuse_projections(model)
+        fused = model(tokens).logits
+        cache = model(tokens[:, :5], use_cache=True).cache
+        fused_step = model(tokens[:, 5:6], cache=cache).logits
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_step, reference_step, atol=1e-5, rtol=1e-5)
+    retention = model.model.layers[1].retention
+    assert retention.q_proj is None and retention.fused_projection is not None
+    if dense_block_layers:
+        assert retention.dense.k_gate.fc1 is None and retention.dense.fused_gate is not None
+    # every weight is kept once; the only extra numbers are the zeros of the block-diagonal gate product
+    config = model.config
+    fresh = DenseRetNetForCausalLM(config)
+    k_hidden, v_hidden = config.hidden_size // config.k_gate_reduction, config.hidden_size // config.v_gate_reduction
+    zeros = k_hidden * config.value_dim + v_hidden * config.query_key_dim
+    dense_layers = config.num_hidden_layers - 1 if dense_block_layers else 0
+    expected = sum(p.numel() for p in fresh.parameters()) + dense_layers * zeros
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_fusing_twice_is_harmless():
+    model = DenseRetNetForCausalLM(tiny_config()).eval()
+    fuse_projections(model)
+    weights = [layer.retention.fused_projection.weight for layer in model.model.layers]
+    fuse_projections(model)
+    assert all(
+        a is layer.retention.fused_projection.weight for a, layer in zip(weights, model.model.layers, strict=True)
+    )
