@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, tiny_mamba_config
 
-from densessm import DenseRetNetForCausalLM
+from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
 from densessm.inference import fuse_projections
 
 
@@ -47,3 +47,29 @@ def test_fusing_twice_is_harmless():
     assert all(
         a is layer.retention.fused_projection.weight for a, layer in zip(weights, model.model.layers, strict=True)
     )
+
+
+@pytest.mark.parametrize("dense_block_layers", [0, 2])
+def test_fused_mamba_projection_matches_the_separate_ones(dense_block_layers):
+    torch.manual_seed(0)
+    model = DenseMambaForCausalLM(tiny_mamba_config(dense_block_layers=dense_block_layers)).eval()
+    for layer in model.backbone.layers[1:]:  # open the gates (they start closed), so the test can see them
+        if layer.mixer.dense_gate is not None:
+            torch.nn.init.normal_(layer.mixer.dense_gate.fc2.weight, std=0.5)
+    tokens = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        reference = model(tokens).logits
+        reference_steps = model.generate(
+            tokens, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+        fuse_projections(model)
+        fused = model(tokens).logits
+        fused_steps = model.generate(
+            tokens, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fused_steps.sequences, reference_steps.sequences)
+    for a, b in zip(fused_steps.scores, reference_steps.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    mixer = model.backbone.layers[1].mixer
+    assert (mixer.in_proj is None) == bool(dense_block_layers)

@@ -92,6 +92,23 @@ class DenseMambaMixer(nn.Module):
         if dense:
             self.dense_gate = SelectiveTransitionGate(config.hidden_size, inner, config.dense_gate_reduction)
             self.dense_gate.fc2.zero_init = True  # the gate starts closed: see DenseMambaPreTrainedModel
+        self.fused_projection: nn.Linear | None = None  # see fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Inference only, irreversible: ``in_proj`` and the dense gate's first layer (both read ``x``) become
+        one product, which saves a call per decode step; the separate layers are removed."""
+        if self.fused_projection is not None or self.dense_gate is None:
+            return
+        parts = [self.in_proj, self.dense_gate.fc1]
+        weight = torch.cat([p.weight.detach() for p in parts])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=self.in_proj.bias is not None)
+        fused = fused.to(device=weight.device, dtype=weight.dtype)
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        if self.in_proj.bias is not None:
+            gate_bias = torch.zeros(parts[1].out_features, device=weight.device, dtype=weight.dtype)
+            fused.bias = nn.Parameter(torch.cat([self.in_proj.bias.detach(), gate_bias]), requires_grad=False)
+        self.fused_projection = fused
+        self.in_proj = self.dense_gate.fc1 = None
 
     def ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``Δ`` (fp32, after softplus), ``B`` and ``C`` of the conv output ``u [b, L, D]``."""
@@ -123,7 +140,12 @@ class DenseMambaMixer(nn.Module):
         above, conv state, SSM state)``. ``shallow`` holds the state sequences of the layers below (oldest
         first)."""
         dtype = x.dtype
-        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        gate_hidden = None
+        if self.fused_projection is not None:
+            inner, total = self.D.shape[0], self.fused_projection.out_features
+            xs, z, gate_hidden = self.fused_projection(x).split([inner, inner, total - 2 * inner], dim=-1)
+        else:
+            xs, z = self.in_proj(x).chunk(2, dim=-1)
         A = -torch.exp(self.A_log.float())
         fresh = conv_state is None and ssm_state is None
         if mode == "parallel" and fresh and mask is None and not readers and not shallow and kernels_usable(xs):
@@ -143,7 +165,8 @@ class DenseMambaMixer(nn.Module):
         scan_mode = "recurrent" if mode == "recurrent" else "parallel"
         y, states, ssm_state = selective_scan(u32, delta, A, B.float(), C, scan_mode, ssm_state, readers)
         if shallow:  # C·(h + g ⊙ Σ_i h^{l-i}) = C·h + g ⊙ C·Σ_i h^{l-i}: g acts on channels, C on the state
-            y = y + self.dense_gate(x).float() * read_out_sum(C, *shallow)
+            gate = self.dense_gate(x) if gate_hidden is None else self.dense_gate.from_hidden(F.silu(gate_hidden))
+            y = y + gate.float() * read_out_sum(C, *shallow)
         y = (y + u32 * self.D.float()) * F.silu(z.float())
         return self.out_proj(y.to(dtype)), states, conv_state, ssm_state
 

@@ -62,12 +62,10 @@ class DenseKVFusion(nn.Module):
         return first
 
     def forward(self, x, k, v, k_shallow, v_shallow, gate_hidden=None):
-        """``gate_hidden``: both gates' ``silu(fc1(x))``, side by side, when the caller computed them."""
+        """``gate_hidden``: both gates' ``silu(fc1(x))``, side by side, computed by the caller's fused
+        projection (after :meth:`fuse_gates`)."""
         if self.fused_gate is not None:
             k_gate, v_gate = F.silu(self.fused_gate(gate_hidden)).split((k.shape[-1], v.shape[-1]), dim=-1)
-        elif gate_hidden is not None:
-            k_hidden, v_hidden = gate_hidden.split((self.k_gate.fc1.out_features, -1), dim=-1)
-            k_gate, v_gate = self.k_gate.from_hidden(k_hidden), self.v_gate.from_hidden(v_hidden)
         else:
             k_gate, v_gate = self.k_gate(x), self.v_gate(x)
         k = self.k_norm(fuse_hidden(k, k_shallow, k_gate))
