@@ -23,7 +23,7 @@ _FORMAT = "densessm.RecurrentCache/1"
 class RecurrentCache:
     """Per-layer recurrent state ``{name: tensor [B, ...]}`` of a stack of ``num_layers`` layers."""
 
-    is_compileable = False
+    is_compileable = True  # a decode step can be captured: see densessm.compiled_decoding
     is_croppable = False
 
     def __init__(self, num_layers: int):
@@ -43,7 +43,8 @@ class RecurrentCache:
 
     @property
     def is_empty(self) -> bool:
-        return self.steps == 0
+        # decided by structure, not by the step counter, so a compiled step does not specialise on the count
+        return self.positions is None
 
     @property
     def batch_size(self) -> int | None:
@@ -65,8 +66,14 @@ class RecurrentCache:
             self.positions = fn(self.positions)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Keep the rows ``beam_idx`` (beam search)."""
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        """Keep the rows ``beam_idx`` (beam search), in place: the tensors keep their addresses (a captured
+        decode step reads them there)."""
+
+        def reorder(t: torch.Tensor) -> torch.Tensor:
+            picked = t.index_select(0, beam_idx.to(t.device))
+            return picked if t.requires_grad else t.copy_(picked)
+
+        self._map_batch(reorder)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices.to(t.device)])

@@ -29,9 +29,10 @@ def check_inputs(
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise ValueError(f"empty input: input_ids has shape {tuple(input_ids.shape)}")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"token id {low if low < 0 else high} is out of range for vocab_size {vocab_size}")
+        if not torch.compiler.is_compiling():  # a captured step cannot read values (its tokens are the model's own)
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab_size:
+                raise ValueError(f"token id {low if low < 0 else high} is out of range for vocab_size {vocab_size}")
         batch, length = input_ids.shape
     else:
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
@@ -62,10 +63,21 @@ class StepInputs:
     position_ids: torch.Tensor  # [B, L] position of each token among the row's real tokens
 
     def finish(self, length: int) -> None:
-        """Advance the cache's counters past this call's tokens."""
-        if self.cache is not None:
-            consumed = length if self.mask is None else self.mask.long().sum(-1)
+        """Advance the cache's counters past this call's tokens.
+
+        A carried cache's positions are advanced in place (a captured decode step needs fixed addresses);
+        inside a compiled step the Python step counter is left to the caller
+        (:class:`densessm.compiled_decoding.CompiledDecoder`), since reading it would specialise the
+        compiled code on its value.
+        """
+        if self.cache is None:
+            return
+        consumed = length if self.mask is None else self.mask.long().sum(-1)
+        if self.carried:
+            self.cache.positions.add_(consumed)
+        else:
             self.cache.positions = self.start + consumed
+        if not torch.compiler.is_compiling():
             self.cache.steps += length
 
 
@@ -96,8 +108,8 @@ def prepare_step(
     mask = None
     if attention_mask is not None:
         mask = attention_mask[:, -length:].to(device).bool()
-        if bool(mask.all()):
-            mask = None  # nothing to hide: take the shared (cheaper) path
+        if not torch.compiler.is_compiling() and bool(mask.all()):
+            mask = None  # nothing to hide: take the shared (cheaper) path (not in a captured step: host sync)
     start = cache.positions if carried else torch.zeros(batch, dtype=torch.long, device=device)
     if position_ids is None:
         if mask is None:
@@ -116,6 +128,24 @@ class RecurrentGenerationMixin:
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generate() must not build a DynamicCache: the model makes its RecurrentCache
+
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        """Compile the decode steps when asked (``generate(compile_config=...)``), on any device.
+
+        Opt-in rather than automatic on CUDA: the first steps spend tens of seconds compiling.
+        """
+        return generation_config.compile_config is not None and not generation_config.disable_compile
+
+    def get_compiled_call(self, compile_config):
+        """The decode step for ``generate()``: a :class:`~densessm.compiled_decoding.CompiledDecoder`, built
+        once per configuration (``reduce-overhead`` on CUDA: CUDA graphs)."""
+        from densessm.compiled_decoding import CompiledDecoder
+
+        decoder = self.__dict__.get("_compiled_decoder")
+        if decoder is None or decoder.compile_config != compile_config:
+            decoder = CompiledDecoder(self, compile_config)
+            self.__dict__["_compiled_decoder"] = decoder  # not a submodule: keep it out of state_dict and .to()
+        return decoder
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
         """Feed only the tokens the state has not consumed yet."""

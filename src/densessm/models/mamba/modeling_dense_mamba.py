@@ -359,7 +359,11 @@ class DenseMambaModel(DenseMambaPreTrainedModel):
         else:
             hidden, states, inputs = self._stack(hidden, step.mask, mode, states, output_hidden_states)
         hidden = self.norm_f(hidden)
-        if cache is not None:
+        if cache is not None and step.carried and torch.compiler.is_compiling():
+            for kept, new in zip(cache.layers, states, strict=True):  # a captured step keeps the addresses
+                kept["conv"].copy_(new["conv"])
+                kept["ssm"].copy_(new["ssm"])
+        elif cache is not None:
             cache.layers = states
         step.finish(length)
 

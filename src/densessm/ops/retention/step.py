@@ -23,8 +23,8 @@ def recurrent_step_(
     scale: torch.Tensor,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`~densessm.ops.retention.naive.recurrent_step`, but ``state`` is updated in
-    place (and returned)."""
+    """Same contract as :func:`~densessm.ops.retention.naive.recurrent_step`, but ``state`` and ``scale``
+    are updated in place (and returned): their addresses stay fixed, as a captured decode step needs."""
     batch, heads, key_dim, value_dim = state.shape
     if not state.is_contiguous():
         state = state.contiguous()
@@ -37,4 +37,4 @@ def recurrent_step_(
         kick = (k.to(dtype) * fresh.to(dtype)[..., None]).reshape(-1, key_dim, 1)
         flat.baddbmm_(kick, v.to(dtype).reshape(-1, 1, value_dim))
         out = torch.bmm(q.to(dtype).reshape(-1, 1, key_dim), flat).view(batch, heads, value_dim)
-    return out.to(q.dtype), state, new_scale
+    return out.to(q.dtype), state, scale.copy_(new_scale)

@@ -1,0 +1,95 @@
+"""The compiled decode step (torch.compile; CUDA graphs on a GPU) computes what the eager step computes.
+
+``aot_eager`` traces and functionalises the step exactly as inductor's front end does (whole graph, no
+breaks, in-place state updates as graph-input mutations) in a second, so it runs by default; inductor's
+code generation on CPU is the slow test. Recompiling at any decode step is an error: a step that
+recompiles per token (a host read, a growing shape) could never be a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import tiny_config, tiny_mamba_config
+from transformers import CompileConfig
+
+from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
+from densessm.compiled_decoding import CompiledDecoder
+from densessm.inference import prepack_for_cpu
+
+
+def _model(family: str):
+    torch.manual_seed(0)
+    if family == "retnet":
+        return DenseRetNetForCausalLM(tiny_config()).eval()
+    model = DenseMambaForCausalLM(tiny_mamba_config()).eval()
+    for layer in model.backbone.layers[1:]:  # open the dense gates, which start closed
+        torch.nn.init.normal_(layer.mixer.dense_gate.fc2.weight, std=0.5)
+    return model
+
+
+def _left_padded():
+    tokens = torch.randint(3, 97, (3, 7))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    return tokens, mask
+
+
+def _compare(family: str, backend: str, **generate_kwargs):
+    model = _model(family)
+    tokens, mask = _left_padded()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, output_scores=True, return_dict_in_generate=True)
+    kwargs.update(generate_kwargs)
+    torch.manual_seed(1)
+    eager = model.generate(tokens, **kwargs)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.manual_seed(1)
+        config = CompileConfig(fullgraph=True, dynamic=False, backend=backend)
+        compiled = model.generate(tokens, compile_config=config, **kwargs)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for a, b in zip(compiled.scores, eager.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    return model
+
+
+@pytest.mark.parametrize("family", ["retnet", "mamba"])
+def test_compiled_greedy_decoding_matches_eager(family):
+    model = _compare(family, "aot_eager", do_sample=False)
+    assert isinstance(model.__dict__["_compiled_decoder"], CompiledDecoder)
+    assert "_compiled_decoder" not in dict(model.named_modules())  # not a submodule: no state_dict entry
+
+
+@pytest.mark.parametrize("family", ["retnet", "mamba"])
+def test_compiled_seeded_sampling_matches_eager(family):
+    _compare(family, "aot_eager", do_sample=True, top_k=20, temperature=0.8)
+
+
+def test_compiled_beam_search_matches_eager():
+    _compare("retnet", "aot_eager", do_sample=False, num_beams=2)
+
+
+def test_only_single_token_steps_from_a_state_are_compiled():
+    model = _model("retnet")
+    decoder = CompiledDecoder(model, CompileConfig(backend="aot_eager"))
+    tokens = torch.randint(3, 97, (2, 5))
+    with torch.no_grad():
+        cache = model(tokens, use_cache=True).cache
+        assert not decoder.is_decode_step(tokens, cache, {})  # a prompt: eager
+        assert decoder.is_decode_step(tokens[:, :1], cache, {"use_cache": True})
+        assert not decoder.is_decode_step(tokens[:, :1], cache, {"output_hidden_states": True})
+    assert not decoder.is_decode_step(tokens[:, :1], cache, {})  # gradients on: eager
+
+
+def test_compiling_prepacked_weights_is_refused_with_a_reason():
+    model = prepack_for_cpu(_model("retnet"), min_weight=0)
+    with pytest.raises(ValueError, match="prepacked"):
+        CompiledDecoder(model, CompileConfig())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["retnet", "mamba"])
+def test_inductor_compiled_decoding_matches_eager(family):
+    _compare(family, "inductor", do_sample=False)
