@@ -86,3 +86,42 @@ def test_bf16_runs(model_dir, capsys):
     args = ["generate", str(model_dir), "--prompt", "w1 w2", "--dtype", "bfloat16", "--max-new-tokens", "3"]
     assert main([*args, "--no-stream"]) == 0
     assert capsys.readouterr().out.startswith("w1 w2")
+
+
+def test_cpu_weights_are_prepacked_unless_asked_not_to(model_dir, capsys, monkeypatch):
+    import densessm.inference
+
+    calls = []
+    real = densessm.inference.prepack_for_cpu
+    monkeypatch.setattr(densessm.inference, "prepack_for_cpu", lambda model: calls.append(model) or real(model))
+    args = ["generate", str(model_dir), "--prompt", "w1 w2", "--max-new-tokens", "4", "--no-stream"]
+    assert main(args) == 0
+    packed = capsys.readouterr().out
+    assert len(calls) == 1
+    assert main([*args, "--no-prepack"]) == 0
+    assert len(calls) == 1 and capsys.readouterr().out == packed
+
+
+def test_compiled_decoding_gives_the_same_text(model_dir, capsys, monkeypatch):
+    import functools
+
+    import transformers
+
+    from densessm.compiled_decoding import CompiledDecoder
+
+    compiled_steps = []
+    real_check = CompiledDecoder.is_decode_step
+    monkeypatch.setattr(
+        CompiledDecoder, "is_decode_step", lambda *a: compiled_steps.append(real_check(*a)) or compiled_steps[-1]
+    )
+
+    # aot_eager traces the step as inductor would, in a second (inductor itself: tests/test_compiled_decoding.py)
+    monkeypatch.setattr(
+        transformers, "CompileConfig", functools.partial(transformers.CompileConfig, backend="aot_eager")
+    )
+    args = ["generate", str(model_dir), "--prompt", "w1 w2", "--max-new-tokens", "5", "--no-stream"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main([*args, "--compile"]) == 0
+    assert capsys.readouterr().out == eager
+    assert compiled_steps.count(True) == 4  # 5 new tokens: the first from the prompt (eager), 4 compiled steps
