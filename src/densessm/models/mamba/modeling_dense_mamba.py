@@ -93,6 +93,18 @@ class DenseMambaMixer(nn.Module):
             self.dense_gate = SelectiveTransitionGate(config.hidden_size, inner, config.dense_gate_reduction)
             self.dense_gate.fc2.zero_init = True  # the gate starts closed: see DenseMambaPreTrainedModel
         self.fused_projection: nn.Linear | None = None  # see fuse_projections()
+        self._transition: tuple[tuple, torch.Tensor] | None = None  # see transition()
+
+    def transition(self) -> torch.Tensor:
+        """``A = -exp(A_log)`` in fp32. Without autograd it is kept between calls, since decoding would
+        recompute it (an exp over ``[D, N]``) at every token; a change of ``A_log`` (training, loading,
+        moving) changes its version or address and recomputes it."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device, self.A_log.dtype)
+        if self._transition is None or self._transition[0] != key:
+            self._transition = (key, -torch.exp(self.A_log.float()))
+        return self._transition[1]
 
     def fuse_projections(self) -> None:
         """Inference only, irreversible: ``in_proj`` and the dense gate's first layer (both read ``x``) become
@@ -146,7 +158,7 @@ class DenseMambaMixer(nn.Module):
             xs, z, gate_hidden = self.fused_projection(x).split([inner, inner, total - 2 * inner], dim=-1)
         else:
             xs, z = self.in_proj(x).chunk(2, dim=-1)
-        A = -torch.exp(self.A_log.float())
+        A = self.transition()
         fresh = conv_state is None and ssm_state is None
         if mode == "parallel" and fresh and mask is None and not readers and not shallow and kernels_usable(xs):
             y, ssm_state = kernel_conv_scan(xs, z, self.conv1d.weight, self.conv1d.bias, self.ssm_inputs, A, self.D)

@@ -44,5 +44,5 @@ def naive_scan(
     for u_t, delta_t, B_t in zip(u.unbind(1), delta.unbind(1), B.unbind(1), strict=True):
         h = scan_step(h, u_t, delta_t, A, B_t)
         states.append(h)
-    states = torch.stack(states, dim=1)
+    states = states[0][:, None] if len(states) == 1 else torch.stack(states, dim=1)  # decoding: no copy
     return read_out(states, C), (states,) * readers, h
