@@ -29,17 +29,17 @@ def _model(family: str):
     return model
 
 
-def _left_padded():
-    tokens = torch.randint(3, 97, (3, 7))
+def _left_padded(batch: int = 3):
+    tokens = torch.randint(3, 97, (batch, 7))
     mask = torch.ones_like(tokens)
     mask[0, :3] = 0
-    mask[2, :1] = 0
+    mask[-1, :1] = 0
     return tokens, mask
 
 
-def _compare(family: str, backend: str, **generate_kwargs):
+def _compare(family: str, backend: str, batch: int = 3, **generate_kwargs):
     model = _model(family)
-    tokens, mask = _left_padded()
+    tokens, mask = _left_padded(batch)
     kwargs = dict(attention_mask=mask, max_new_tokens=6, output_scores=True, return_dict_in_generate=True)
     kwargs.update(generate_kwargs)
     torch.manual_seed(1)
@@ -60,6 +60,20 @@ def test_compiled_greedy_decoding_matches_eager(family):
     model = _compare(family, "aot_eager", do_sample=False)
     assert isinstance(model.__dict__["_compiled_decoder"], CompiledDecoder)
     assert "_compiled_decoder" not in dict(model.named_modules())  # not a submodule: no state_dict entry
+
+
+def test_a_single_row_compiles_once():
+    _compare("retnet", "aot_eager", batch=1, do_sample=False)  # a [1, 1] view must not recompile per token
+
+
+def test_a_second_generate_call_reuses_the_compiled_step():
+    model = _model("retnet")
+    tokens, mask = _left_padded()
+    config = CompileConfig(fullgraph=True, dynamic=False, backend="aot_eager")
+    torch._dynamo.reset()
+    model.generate(tokens, attention_mask=mask, max_new_tokens=3, do_sample=False, compile_config=config)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a new cache: same graph
+        model.generate(tokens, attention_mask=mask, max_new_tokens=3, do_sample=False, compile_config=config)
 
 
 @pytest.mark.parametrize("family", ["retnet", "mamba"])

@@ -81,11 +81,16 @@ class CompiledDecoder:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
         if self.model.device.type == "cuda":
             _mark_static(cache)
-        # fixed shapes and strides, or every token would recompile (generate() passes views of growing tensors)
-        mask = None if attention_mask is None else attention_mask[:, -1:].contiguous()
-        logits = self._step(input_ids.contiguous(), mask, cache)
+        # fixed shapes and strides, or every token would recompile: generate() passes views of growing tensors,
+        # and a [1, 1] view keeps its parent's row stride through .contiguous()
+        mask = None if attention_mask is None else _fresh(attention_mask[:, -1:])
+        logits = self._step(_fresh(input_ids), mask, cache)
         cache.steps += 1
         return CausalLMOutputWithPast(logits=logits, cache=cache)
+
+
+def _fresh(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _mark_static(cache: RecurrentCache) -> None:
@@ -93,4 +98,4 @@ def _mark_static(cache: RecurrentCache) -> None:
     so it reads them where they are instead of copying them in and out of the graph at every step."""
     for tensor in [layer[name] for layer, name in cache._tensors()] + [cache.positions]:
         if getattr(tensor, "_dynamo_static_input_type", None) is None:
-            torch._dynamo.mark_static_address(tensor)
+            torch._dynamo.mark_static_address(tensor, guard=False)  # no recompile for a new cache
