@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
+from densessm import bench
 from densessm.bench import _decoder, build, dense_pairs
+from densessm.cache import RecurrentCache
 from densessm.cli import main
 
 
@@ -74,3 +78,154 @@ def test_dense_pairs_match_twins_that_were_requested():
 def test_bench_rejects_unknown_models(tmp_path, capsys):
     assert main(["bench", "generate", "--models", "gpt5", "--out", str(tmp_path / "x")]) == 2
     assert "unknown model 'gpt5'" in capsys.readouterr().err
+
+
+def test_bench_compile_decodes_recurrent_models_compiled_and_unprepacked(tmp_path, capsys, monkeypatch):
+    """``--compile`` (aot_eager here: inductor's code generation is slow on a CPU): the recurrent models decode
+    through the compiled step, never prepacked (the compiled path refuses prepacked weights); the LLaMA stays
+    eager and prepacked; the compilation happens in the untimed warm-up, never in a timed region."""
+    prepacked = []
+    prepack = bench.prepack_for_cpu
+    monkeypatch.setattr(
+        bench, "prepack_for_cpu", lambda model: prepacked.append(type(model).__name__) or prepack(model)
+    )
+    out = tmp_path / "gen"
+    models = ["dense_retnet_tiny", "retnet_tiny", "llama_tiny"]
+    args = ["bench", "generate", "--compile", "--compile-backend", "aot_eager", "--models", *models, "--batch", "2"]
+    args += ["--new-tokens", "4", "--contexts", "8", "--steps", "2", "--overhead-steps", "2", "--overhead-context", "8"]
+    assert main(args + ["--out", str(out)]) == 0
+    results = json.loads(out.with_suffix(".json").read_text())
+    meta = results["meta"]
+    assert meta["compiled"] == {"dense_retnet_tiny": True, "retnet_tiny": True, "llama_tiny": False}
+    assert meta["prepacked"] == {"dense_retnet_tiny": False, "retnet_tiny": False, "llama_tiny": True}
+    assert prepacked == ["LlamaForCausalLM"]  # the overhead pair is compiled too: not prepacked either
+    assert meta["device"] == "cpu" and meta["compile_config"]["backend"] == "aot_eager"
+    for name, entry in results["models"].items():
+        assert entry["compiled"] == (name != "llama_tiny")
+        assert (entry["graphs_compiled"] > 0) == (name != "llama_tiny")  # the decode step really was compiled
+        [decode] = entry["decode"]
+        assert decode["step_s"] > 0 and decode["warmup_steps"] == (1 if name == "llama_tiny" else 4)
+        assert (decode["graphs_compiled_in_warmup"] > 0) == (name != "llama_tiny")  # the timed step's own path
+        [gen] = entry["generate"]
+        assert gen["new_tokens"] == 4 and gen["tokens_per_s"] > 0
+        assert decode["graphs_compiled_while_timed"] == 0 and gen["graphs_compiled_while_timed"] == 0
+    [overhead] = results["overhead"]
+    assert overhead["compiled"] and not overhead["prepacked_weights"] and overhead["warmup_rounds"] == 4
+    assert overhead["dense_step_s"] > 0 and overhead["plain_step_s"] > 0
+
+    report = capsys.readouterr().out
+    assert "device cpu, float32, compile on" in report
+    assert "| dense_retnet_tiny | " in report and "default linear layers, compiled decode steps |" in report
+    assert "`llama_tiny`: optimised: prepacked weights" in report and "eager (not compiled)" in report
+    assert "WARNING" not in report
+
+
+def test_eager_run_reports_compile_off_and_saves_each_model(tmp_path, capsys, monkeypatch):
+    saved = []
+    write_json = bench.write_json
+    monkeypatch.setattr(bench, "write_json", lambda r, out: saved.append(json.dumps(r)) or write_json(r, out))
+    out = tmp_path / "gen"
+    models = ["retnet_tiny", "mamba_tiny"]
+    args = ["bench", "generate", "--models", *models, "--batch", "1", "--new-tokens", "2", "--contexts", "8"]
+    assert main(args + ["--steps", "1", "--overhead-steps", "0", "--out", str(out)]) == 0
+    # after each model (a run cut short keeps what it measured), then the finished results
+    progress = [(list(r["models"]), r["meta"]["complete"]) for r in map(json.loads, saved)]
+    assert progress == [(models[:1], False), (models, False), (models, True)]
+    meta = json.loads(out.with_suffix(".json").read_text())["meta"]
+    assert meta["compile"] is False and meta["compiled"] == {"retnet_tiny": False, "mamba_tiny": False}
+    assert meta["prepacked"]["retnet_tiny"] and meta["complete"]
+    assert "device cpu, float32, compile off" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["dense_retnet_tiny", "dense_mamba_tiny", "llama_tiny", "llama_tiny_stock"])
+def test_synthetic_cache_lives_on_the_models_device(name):
+    """Every tensor the synthetic context is made of is made on the model's device. On a CPU-only machine the
+    default device is made "meta" while the context is filled in, so a tensor made without the model's device
+    would show up as a meta tensor here."""
+    model = build(name, torch.bfloat16)
+    param = next(model.parameters())
+    cache = bench._synthetic_cache(model, batch=2, context=4, steps=12, dynamic=bench.is_stock(name))
+    with torch.device("meta"):
+        cache = bench._fill_context(cache, 16, model.device)
+    if isinstance(cache, RecurrentCache):
+        assert cache.positions.device == param.device and cache.positions.dtype == torch.long
+        assert cache.positions.tolist() == [16, 16] and cache.get_seq_length() == 16
+        tensors = [layer[n] for layer, n in cache._tensors()]
+        assert any(t.is_floating_point() for t in tensors)
+    else:
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        assert all(t.dtype == param.dtype and t.shape[0] == 2 for t in tensors)
+        assert cache.get_seq_length() == 16 or isinstance(cache, StaticCache)
+    assert all(t.device == param.device for t in tensors)
+    step = bench._decoder(model, batch=2, context=8, calls=1, dynamic=bench.is_stock(name))[1]
+    assert step() > 0  # and a decode step runs on what was made
+
+
+def test_decode_inputs_follow_the_model_device(monkeypatch):
+    """_decoder makes its mask and tokens on the model's device (a stub model on the CPU, default device meta)."""
+    calls = []
+
+    class Stub:
+        device = torch.device("cpu")
+        config = SimpleNamespace(vocab_size=50)
+
+        def __call__(self, token, cache, use_cache, attention_mask):
+            calls.append((token, attention_mask))
+            return SimpleNamespace(logits=torch.zeros(2, 1, 50, device=self.device))
+
+    monkeypatch.setattr(bench, "_synthetic_cache", lambda *args, **kwargs: None)
+    with torch.device("meta"):
+        step = bench._decoder(Stub(), batch=2, context=8, calls=3)[1]
+        step()
+        step()
+    assert [tuple(mask.shape) for _, mask in calls] == [(2, 9), (2, 10)]
+    assert all(t.device.type == "cpu" for call in calls for t in call)
+
+
+def test_cuda_helpers_synchronise_and_read_the_gpu(monkeypatch):
+    """The CUDA branches of the clock, the memory guard and the machine line (stubbed: no GPU here)."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123 * 2**20, 141 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * 2**20)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * 2**20)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    cuda = torch.device("cuda")
+    bench._now(torch.device("cpu"))
+    assert synced == []
+    bench._now(cuda)
+    assert synced == [cuda]
+    assert bench._available_bytes(cuda) == (123 + 3) * 2**20  # free + reserved but unallocated
+    assert bench._available_bytes(torch.device("cpu")) > 2**20  # /proc/meminfo
+    assert bench._machine(cuda).startswith("NVIDIA H200")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_bench_refuses_a_device_it_cannot_use(tmp_path, capsys):
+    assert main(["bench", "generate", "--models", "retnet_tiny", "--device", "cuda", "--out", str(tmp_path / "x")]) == 2
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err
+    assert main(["bench", "generate", "--models", "retnet_tiny", "--device", "mps", "--out", str(tmp_path / "x")]) == 2
+    assert "--device must be cpu or cuda" in capsys.readouterr().err
+
+
+def test_a_compilation_inside_a_timed_generate_is_flagged(tmp_path, capsys, monkeypatch):
+    """A timed region that compiles is no steady state (on CUDA a decoder recompiles for a new cache): the
+    count is kept and the report warns. Here dynamo forgets the warm-up's graph before the timed generate()."""
+    generate = bench._generate
+
+    def forgetful(model, prompt, new_tokens, compile_config=None):
+        if new_tokens != bench.WARMUP_TOKENS:
+            torch._dynamo.reset()
+        return generate(model, prompt, new_tokens, compile_config)
+
+    monkeypatch.setattr(bench, "_generate", forgetful)
+    out = tmp_path / "gen"
+    args = ["bench", "generate", "--compile", "--compile-backend", "aot_eager", "--models", "retnet_tiny"]
+    args += ["--batch", "2", "--new-tokens", "3", "--contexts", "8", "--steps", "1", "--overhead-steps", "0"]
+    assert main(args + ["--out", str(out)]) == 0
+    entry = json.loads(out.with_suffix(".json").read_text())["models"]["retnet_tiny"]
+    assert entry["generate"][0]["graphs_compiled_while_timed"] > 0
+    assert entry["decode"][0]["graphs_compiled_while_timed"] == 0
+    assert "WARNING: compilation inside a timed region (not a steady state): retnet_tiny (generate 3)" in (
+        capsys.readouterr().out
+    )

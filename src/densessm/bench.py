@@ -23,15 +23,23 @@ Two LLaMA baselines of the same configuration:
   keys and values onto its history). The issue's speed targets are stated against this one.
 
 ``generate()`` in (1) uses transformers' default ``DynamicCache`` for both.
+
+``--device cuda`` runs everything on a GPU (prepacking is CPU-only and is skipped there; each timed region
+synchronises the GPU at both ends). ``--compile`` runs the recurrent models' decode steps through
+:class:`~densessm.compiled_decoding.CompiledDecoder` (``torch.compile``; on CUDA with ``reduce-overhead``: CUDA
+graphs) in (1) to (4), untimed warm-up steps taking the compilation; the LLaMAs stay eager (their own
+compilation is transformers' business, not the path measured here).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,6 +78,33 @@ LLAMAS = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WARMUP_ROUNDS = 3  # alternating rounds of the overhead measurement that are not timed
+# decode steps not timed before a compiled step's timings: the 1st call compiles (and runs eagerly once under
+# CUDA graph trees), the 2nd records the CUDA graph, replays follow; one spare
+COMPILED_WARMUP_STEPS = 4
+WARMUP_TOKENS = 8  # new tokens of the untimed generate() that precedes the timed ones
+RECOMPILE_LIMIT = 64  # dynamo gives up compiling after 8 recompiles (default): a recompile must show in the counts
+
+
+def _now(device: torch.device) -> float:
+    """The clock at either end of a timed region: on CUDA once the queued work is done (launches are async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process (a timed region that compiles is no steady state)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def compile_config_for(backend: str):
+    """The ``CompileConfig`` of ``--compile``: whole graph, static shapes, mode ``reduce-overhead`` (CUDA graphs
+    on a GPU; :class:`~densessm.compiled_decoding.CompiledDecoder` drops the mode elsewhere)."""
+    from transformers import CompileConfig
+
+    return CompileConfig(fullgraph=True, dynamic=False, backend=backend)
 
 
 def is_stock(name: str) -> bool:
@@ -77,18 +112,29 @@ def is_stock(name: str) -> bool:
     return name in LLAMAS and name.endswith(STOCK)
 
 
-def treatment(name: str, prepacked: bool) -> str:
-    """One line on how model ``name`` is run, for the report: the two LLaMAs differ only in this."""
+def treatment(name: str, prepacked: bool, compiled: bool = False, compile_run: bool = False) -> str:
+    """One line on how model ``name`` is run, for the report: the two LLaMAs differ only in this.
+
+    ``compiled``: its decode steps run compiled; ``compile_run``: the run was asked to compile (the LLaMAs
+    stay eager then, which the line says).
+    """
     if is_stock(name):
-        return "stock transformers: default linear layers, growing DynamicCache"
-    weights = "prepacked weights" if prepacked else "default linear layers"
-    if name in LLAMAS:
-        return f"optimised: {weights}, preallocated StaticCache in decode (generate(): DynamicCache)"
-    return weights
+        line = "stock transformers: default linear layers, growing DynamicCache"
+    else:
+        weights = "prepacked weights" if prepacked else "default linear layers"
+        line = weights
+        if name in LLAMAS:
+            line = f"optimised: {weights}, preallocated StaticCache in decode (generate(): DynamicCache)"
+    if compiled:
+        line += ", compiled decode steps"
+    elif compile_run:
+        line += ", eager (not compiled)"
+    return line
 
 
-def build(name: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A randomly initialised model by preset name, or a LLaMA (``llama_350m``, ``llama_tiny``, ``*_stock``)."""
+def build(name: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A randomly initialised model by preset name, or a LLaMA (``llama_350m``, ``llama_tiny``, ``*_stock``),
+    on ``device`` (initialised on the CPU, so its weights do not depend on the device)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -96,11 +142,12 @@ def build(name: str, dtype: torch.dtype) -> torch.nn.Module:
         model = LlamaForCausalLM(LlamaConfig(**LLAMAS[name]))
     else:
         model = AutoModelForCausalLM.from_config(load_preset(name))
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _synthetic_cache(model, batch: int, context: int, steps: int, dynamic: bool = False):
-    """The cache a ``context``-token prefill leaves, with random contents (room for ``steps`` more tokens).
+    """The cache a ``context``-token prefill leaves, with random contents (room for ``steps`` more tokens),
+    on the model's device.
 
     A Transformer gets a ``StaticCache``: preallocated, so a decode step does not copy the whole history the
     way the growing ``DynamicCache`` does. That is its fastest form on this path, so the comparison is fair
@@ -111,7 +158,7 @@ def _synthetic_cache(model, batch: int, context: int, steps: int, dynamic: bool 
 
     if context < 1:
         raise ValueError(f"context must be >= 1, got {context}")
-    prompt = torch.randint(3, model.config.vocab_size, (batch, 1))
+    prompt = torch.randint(3, model.config.vocab_size, (batch, 1), device=model.device)
     recurrent = getattr(model, "_is_stateful", False)
     if recurrent:
         cache = None
@@ -121,18 +168,26 @@ def _synthetic_cache(model, batch: int, context: int, steps: int, dynamic: bool 
         cache = StaticCache(config=model.config, max_cache_len=context + steps + 1)
     with torch.no_grad():
         cache = model(prompt, cache=cache, use_cache=True).cache  # the right structure, one real step
+    return _fill_context(cache, context, model.device)
+
+
+def _fill_context(cache, context: int, device: torch.device):
+    """Turn the cache of one real step into that of ``context`` tokens with random contents; every tensor
+    made here is made on ``device``."""
+    from transformers import DynamicCache
+
     if isinstance(cache, RecurrentCache):
         for layer in cache.layers:
             for name, tensor in layer.items():
-                layer[name] = torch.rand_like(tensor) if tensor.is_floating_point() else tensor
+                layer[name] = torch.rand_like(tensor, device=device) if tensor.is_floating_point() else tensor
         cache.steps = context
-        cache.positions = torch.full((batch,), context, dtype=torch.long)
+        cache.positions = torch.full((cache.batch_size,), context, dtype=torch.long, device=device)
         return cache
     if isinstance(cache, DynamicCache):
         for layer in cache.layers:  # [batch, kv_heads, 1, head_dim] after the real step: widen it to the context
             shape = (*layer.keys.shape[:2], context, layer.keys.shape[-1])
-            layer.keys = torch.randn(shape, dtype=layer.keys.dtype)
-            layer.values = torch.randn(shape, dtype=layer.values.dtype)
+            layer.keys = torch.randn(shape, dtype=layer.keys.dtype, device=device)
+            layer.values = torch.randn(shape, dtype=layer.values.dtype, device=device)
         return cache
     for layer in cache.layers:
         layer.keys[:, :, :context].normal_()
@@ -150,7 +205,12 @@ def cache_bytes(cache, context: int) -> int:
     )
 
 
-def _available_bytes() -> int:
+def _available_bytes(device: torch.device) -> int:
+    """Memory free for a new cache: on CUDA the GPU's free memory plus what PyTorch's allocator holds unused
+    (an earlier context's freed cache), else the host's available memory."""
+    if device.type == "cuda":
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused
     with open("/proc/meminfo") as f:
         fields = dict(line.split(":", 1) for line in f)
     return int(fields["MemAvailable"].split()[0]) * 1024
@@ -170,77 +230,139 @@ def _median(values: list[float]) -> float:
     return values[len(values) // 2]
 
 
-def _decoder(model, batch: int, context: int, calls: int, dynamic: bool = False):
+def _decoder(model, batch: int, context: int, calls: int, dynamic: bool = False, compile_config=None):
     """A synthetic ``context``-token cache and a function that runs one greedy decode step on it (``calls``
-    at most) and returns its seconds; one step at a time, so that two models' steps can be interleaved."""
+    at most) and returns its seconds; one step at a time, so that two models' steps can be interleaved.
+
+    With ``compile_config`` (recurrent models) the step runs through the model's compiled decoder
+    (``get_compiled_call``, the one ``generate(compile_config=...)`` uses); its first calls compile.
+    """
+    device = model.device
     cache = _synthetic_cache(model, batch, context, calls, dynamic=dynamic)
-    mask = torch.ones(batch, context + calls, dtype=torch.long)
-    token = torch.randint(3, model.config.vocab_size, (batch, 1))
+    mask = torch.ones(batch, context + calls, dtype=torch.long, device=device)
+    token = torch.randint(3, model.config.vocab_size, (batch, 1), device=device)
+    forward = model if compile_config is None else model.get_compiled_call(compile_config)
+    # a recurrent model gets no mask, as in generate() without padding (an all-ones mask would cost the eager
+    # step a host read and the compiled one its masked path): its state is the history
+    recurrent = getattr(model, "_is_stateful", False)
     length = context
 
     def step() -> float:
         nonlocal token, length
         length += 1
         with torch.no_grad():
-            start = time.perf_counter()
-            out = model(token, cache=cache, use_cache=True, attention_mask=mask[:, :length])
+            start = _now(device)
+            out = forward(token, cache=cache, use_cache=True, attention_mask=None if recurrent else mask[:, :length])
             token = out.logits[:, -1:].argmax(-1)
-            return time.perf_counter() - start
+            return _now(device) - start
 
     return cache, step
 
 
 def decode_latency(
-    model, batch: int, context: int, steps: int, dtype: torch.dtype, dynamic_cache: bool = False
+    model,
+    batch: int,
+    context: int,
+    steps: int,
+    dtype: torch.dtype,
+    dynamic_cache: bool = False,
+    compile_config=None,
 ) -> dict:
     """Median seconds per decode step after ``context`` tokens, and the cache bytes per sequence.
 
     ``dynamic_cache``: a Transformer decodes with the growing ``DynamicCache`` instead of a ``StaticCache``.
     Its append copies one layer at a time, so the memory check needs no more room than the static one.
+    ``compile_config``: the steps run compiled (see :func:`_decoder`); the first ``COMPILED_WARMUP_STEPS``
+    (compilation, CUDA graph recording) are not timed, where the eager path drops only the first.
+    ``graphs_compiled_in_warmup`` and ``graphs_compiled_while_timed`` count the compilations among the
+    untimed and the timed steps (the latter is 0 in a steady state).
     """
-    needed = 1.1 * _kv_bytes(model, batch, context + steps + 1, dtype)
-    if needed > _available_bytes():
+    warmup = 1 if compile_config is None else COMPILED_WARMUP_STEPS
+    needed = 1.1 * _kv_bytes(model, batch, context + warmup + steps, dtype)
+    if needed > _available_bytes(model.device):
         return {"context": context, "skipped": f"needs ~{needed / 2**30:.0f} GiB for the KV cache"}
-    cache, step = _decoder(model, batch, context, steps + 1, dynamic=dynamic_cache)
+    cache, step = _decoder(model, batch, context, warmup + steps, dynamic=dynamic_cache, compile_config=compile_config)
     per_sequence = cache_bytes(cache, context) / batch
-    times = [step() for _ in range(steps + 1)]
-    return {"context": context, "step_s": _median(times[1:]), "cache_bytes_per_sequence": per_sequence}
+    graphs = _graphs_compiled()
+    for _ in range(warmup):
+        step()
+    warmup_graphs, graphs = _graphs_compiled() - graphs, _graphs_compiled()
+    times = [step() for _ in range(steps)]
+    return {
+        "context": context,
+        "step_s": _median(times),
+        "cache_bytes_per_sequence": per_sequence,
+        "warmup_steps": warmup,
+        "graphs_compiled_in_warmup": warmup_graphs,
+        "graphs_compiled_while_timed": _graphs_compiled() - graphs,
+    }
 
 
-def generation_throughput(model, batch: int, new_tokens: int, prompt_length: int = 16) -> dict:
-    """End-to-end ``generate()`` tokens/s (all rows) for ``new_tokens`` greedy tokens."""
-    prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_length))
+def _generate(model, prompt: torch.Tensor, new_tokens: int, compile_config=None) -> torch.Tensor:
+    """Greedy ``generate()`` of exactly ``new_tokens`` tokens; compiled decode steps with ``compile_config``."""
+    kwargs = {} if compile_config is None else {"compile_config": compile_config}
     with torch.no_grad():
-        start = time.perf_counter()
-        out = model.generate(
-            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        return model.generate(
+            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs
         )
-        seconds = time.perf_counter() - start
+
+
+def warm_up_generate(model, batch: int, prompt_length: int = 16, compile_config=None) -> None:
+    """An untimed ``generate()`` of ``WARMUP_TOKENS`` tokens with the timed runs' settings: it takes the
+    compilation of the decode step (and, on a GPU, the first kernel launches) out of the timings."""
+    prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_length), device=model.device)
+    _generate(model, prompt, WARMUP_TOKENS, compile_config)
+
+
+def generation_throughput(model, batch: int, new_tokens: int, prompt_length: int = 16, compile_config=None) -> dict:
+    """End-to-end ``generate()`` tokens/s (all rows) for ``new_tokens`` greedy tokens (decode steps compiled
+    with ``compile_config``; run :func:`warm_up_generate` first so that the compilation is not timed)."""
+    device = model.device
+    prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_length), device=device)
+    graphs = _graphs_compiled()
+    start = _now(device)
+    out = _generate(model, prompt, new_tokens, compile_config)
+    seconds = _now(device) - start
     generated = out.shape[1] - prompt_length
-    return {"new_tokens": generated, "seconds": seconds, "tokens_per_s": batch * generated / seconds}
+    return {
+        "new_tokens": generated,
+        "seconds": seconds,
+        "tokens_per_s": batch * generated / seconds,
+        "graphs_compiled_while_timed": _graphs_compiled() - graphs,
+    }
 
 
 def dense_overhead(
-    dense_name: str, plain_name: str, batch: int, context: int, steps: int, dtype: torch.dtype, prepack: bool
+    dense_name: str,
+    plain_name: str,
+    batch: int,
+    context: int,
+    steps: int,
+    dtype: torch.dtype,
+    prepack: bool,
+    device: str | torch.device = "cpu",
+    compile_config=None,
 ) -> dict:
     """How much slower a decode step of ``dense_name`` is than one of its plain twin ``plain_name``.
 
     Both models decode from a synthetic ``context``-token state, alternating single steps (which model goes
     first alternates too), so that the machine's drift hits both alike; ``steps`` rounds are timed after
-    ``WARMUP_ROUNDS`` untimed ones. ``overhead`` compares the two medians; ``median_round_overhead`` is the
-    median of the per-round ratios, which also cancels drift within the run.
+    ``WARMUP_ROUNDS`` untimed ones (``COMPILED_WARMUP_STEPS`` with ``compile_config``, whose steps run
+    compiled). ``overhead`` compares the two medians; ``median_round_overhead`` is the median of the
+    per-round ratios, which also cancels drift within the run.
     """
-    models = [build(name, dtype) for name in (dense_name, plain_name)]
+    models = [build(name, dtype, device) for name in (dense_name, plain_name)]
     if prepack:
         for model in models:
             prepack_for_cpu(model)
-    steppers = [_decoder(model, batch, context, WARMUP_ROUNDS + steps)[1] for model in models]
+    warmup = WARMUP_ROUNDS if compile_config is None else max(WARMUP_ROUNDS, COMPILED_WARMUP_STEPS)
+    steppers = [_decoder(model, batch, context, warmup + steps, compile_config=compile_config)[1] for model in models]
     times: tuple[list[float], list[float]] = ([], [])
-    for round_ in range(WARMUP_ROUNDS + steps):
+    for round_ in range(warmup + steps):
         order = (0, 1) if round_ % 2 == 0 else (1, 0)
         for i in order:
             seconds = steppers[i]()
-            if round_ >= WARMUP_ROUNDS:
+            if round_ >= warmup:
                 times[i].append(seconds)
     del steppers, models
     gc.collect()
@@ -251,7 +373,9 @@ def dense_overhead(
         "batch": batch,
         "context": context,
         "rounds": steps,
+        "warmup_rounds": warmup,
         "prepacked_weights": prepack,
+        "compiled": compile_config is not None,
         "dense_step_s": dense,
         "plain_step_s": plain,
         "overhead": dense / plain - 1,
@@ -268,44 +392,138 @@ def dense_pairs(models: list[str]) -> list[tuple[str, str]]:
     ]
 
 
-def run(args: argparse.Namespace) -> dict:
+def _machine(device: torch.device) -> str:
+    """The machine, for the report: the host's processor and threads, and the GPU's name on CUDA."""
+    host = f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host {host}"
+    return host
+
+
+def _release(device: torch.device, compiled: bool) -> None:
+    """Free what the last model held: dynamo's compiled steps (they reference its weights and, on CUDA, the
+    caches marked static and the CUDA graphs' memory pool), then the allocator's cached blocks."""
+    if compiled:
+        from torch import _dynamo
+
+        _dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def write_json(results: dict, out: Path) -> None:
+    """The results as ``out.json``: at the end, and after each model (``meta.complete`` false until done), so a
+    run cut short (a GPU session's time limit) leaves what it measured."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Measure every model of ``args`` (see the module docstring); ``checkpoint`` gets the results so far after
+    each model and each dense/plain pair."""
     dtype = DTYPES[args.dtype]
+    device = torch.device(args.device)
+    compile_config = compile_config_for(args.compile_backend) if args.compile else None
+    compiled = {name: args.compile and name not in LLAMAS for name in args.models}
+    prepack = not args.no_prepack and device.type == "cpu"
+    notes = []
+    if not args.no_prepack and not prepack:
+        notes.append(f"weights not prepacked: prepacking is CPU-only (device {device})")
+    if args.compile:
+        mode = compile_config.mode if args.compile_backend == "inductor" else None
+        if mode == "reduce-overhead" and device.type != "cuda":
+            mode = None  # what CompiledDecoder does: CUDA graphs need a GPU
+        notes.append(
+            f"compiled decode steps (recurrent models): torch.compile backend {args.compile_backend}, "
+            f"mode {mode or 'default'}{' (CUDA graphs)' if mode == 'reduce-overhead' else ''}, fullgraph, static "
+            f"shapes; the first {COMPILED_WARMUP_STEPS} decode steps and a {WARMUP_TOKENS}-token generate() are "
+            "untimed warm-up"
+        )
+        if prepack:
+            notes.append("compiled models are not prepacked (the compiled path takes only default linear layers)")
+        notes.append("the LLaMAs run eagerly under --compile: transformers' own compilation is not measured here")
     results = {
         "meta": {
             "command": "densessm bench generate " + " ".join(args.argv),
-            "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads",
+            "machine": _machine(device),
+            "device": str(device),
             "torch": torch.__version__,
             "dtype": args.dtype,
             "batch": args.batch,
-            "prepacked_weights": not args.no_prepack,
-            "prepacked": {name: not args.no_prepack and not is_stock(name) for name in args.models},
+            "compile": args.compile,
+            "compile_config": compile_config.to_dict() if compile_config is not None else None,
+            "compiled": compiled,
+            "prepacked_weights": prepack,
+            "prepacked": {name: prepack and not is_stock(name) and not compiled[name] for name in args.models},
+            "dynamo_recompile_limit": RECOMPILE_LIMIT if args.compile else None,
+            "notes": notes,
+            "complete": False,
         },
         "models": {},
         "overhead": [],
     }
-    for name in tqdm(args.models, desc="models"):
-        model = build(name, dtype)
-        if results["meta"]["prepacked"][name]:
-            prepack_for_cpu(model)
-        entry = {
-            "parameters": sum(p.numel() for p in model.parameters())
-            + sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight"))
-        }
-        entry["decode"] = [
-            decode_latency(model, args.batch, c, args.steps, dtype, dynamic_cache=is_stock(name))
-            for c in tqdm(args.contexts, desc=name, leave=False)
-        ]
-        entry["generate"] = [generation_throughput(model, args.batch, n) for n in args.new_tokens]
-        results["models"][name] = entry
-        del model
-        gc.collect()
-    if args.overhead_steps > 0:
-        for dense, plain in tqdm(dense_pairs(args.models), desc="dense overhead"):
-            results["overhead"].append(
-                dense_overhead(
-                    dense, plain, args.batch, args.overhead_context, args.overhead_steps, dtype, not args.no_prepack
+    # on CUDA, CompiledDecoder marks each new cache's tensors static, guarded by identity: one recompilation per
+    # cache (each context, each generate()), which can pass dynamo's default limit of 8 per function, past
+    # which it runs the step eagerly with only a warning; graphs_compiled_while_timed shows any in a timing
+    limit = contextlib.nullcontext()
+    if args.compile:
+        from torch import _dynamo
+
+        limit = _dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+    with limit:
+        for name in tqdm(args.models, desc="models"):
+            config = compile_config if compiled[name] else None
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            graphs = _graphs_compiled()
+            model = build(name, dtype, device)
+            if results["meta"]["prepacked"][name]:
+                prepack_for_cpu(model)
+            entry = {
+                "parameters": sum(p.numel() for p in model.parameters())
+                + sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight")),
+                "compiled": config is not None,
+            }
+            entry["decode"] = [
+                decode_latency(
+                    model, args.batch, c, args.steps, dtype, dynamic_cache=is_stock(name), compile_config=config
                 )
-            )
+                for c in tqdm(args.contexts, desc=name, leave=False)
+            ]
+            warm_up_generate(model, args.batch, compile_config=config)
+            entry["generate"] = [
+                generation_throughput(model, args.batch, n, compile_config=config) for n in args.new_tokens
+            ]
+            entry["graphs_compiled"] = _graphs_compiled() - graphs
+            if device.type == "cuda":
+                entry["cuda_bytes_before"] = before
+                entry["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+            results["models"][name] = entry
+            del model
+            _release(device, args.compile)
+            if checkpoint is not None:
+                checkpoint(results)
+        if args.overhead_steps > 0:
+            for dense, plain in tqdm(dense_pairs(args.models), desc="dense overhead"):
+                results["overhead"].append(
+                    dense_overhead(
+                        dense,
+                        plain,
+                        args.batch,
+                        args.overhead_context,
+                        args.overhead_steps,
+                        dtype,
+                        prepack and not args.compile,
+                        device,
+                        compile_config,
+                    )
+                )
+                _release(device, args.compile)
+                if checkpoint is not None:
+                    checkpoint(results)
+    results["meta"]["complete"] = True
     return results
 
 
@@ -315,21 +533,46 @@ def write_report(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, out)
     meta, models = results["meta"], results["models"]
     batch = meta["batch"]
     prepacked = meta.get("prepacked", {})
-    notes = {name: treatment(name, prepacked.get(name, meta["prepacked_weights"])) for name in models}
-    lines = [f"`{meta['command']}` — {meta['machine']}, torch {meta['torch']}, {meta['dtype']}, batch {batch}", ""]
+    compiled = meta.get("compiled", {})
+    compile_run = meta.get("compile", False)
+    notes = {
+        name: treatment(name, prepacked.get(name, meta["prepacked_weights"]), compiled.get(name, False), compile_run)
+        for name in models
+    }
+    device = meta.get("device", "cpu")
+    lines = [
+        f"`{meta['command']}` — {meta['machine']}, torch {meta['torch']}; device {device}, {meta['dtype']}, "
+        f"compile {'on' if compile_run else 'off'}, batch {batch}",
+        "",
+    ]
+    lines += [f"- {note}" for note in meta.get("notes", [])]
+    polluted = [
+        f"{name} ({'generate' if 'tokens_per_s' in m else 'decode'} {m.get('new_tokens', m.get('context'))})"
+        for name, entry in models.items()
+        for m in entry["decode"] + entry["generate"]
+        if m.get("graphs_compiled_while_timed")
+    ]
+    if polluted:
+        lines.append("- WARNING: compilation inside a timed region (not a steady state): " + ", ".join(polluted))
+    if lines[-1] != "":
+        lines.append("")
+    gens = next(iter(models.values()))["generate"]
+    cuda_memory = all("cuda_peak_bytes" in entry for entry in models.values())
     lines += [
         "| model | parameters | notes | "
-        + " | ".join(f"gen {g['new_tokens']} tok/s" for g in next(iter(models.values()))["generate"])
+        + " | ".join(f"gen {g['new_tokens']} tok/s" for g in gens)
+        + (" | peak GPU memory (GiB)" if cuda_memory else "")
         + " |"
     ]
-    lines += ["|---|---:|---|" + "---:|" * len(next(iter(models.values()))["generate"])]
+    lines += ["|---|---:|---|" + "---:|" * (len(gens) + cuda_memory)]
     for name, entry in models.items():
         cells = " | ".join(f"{g['tokens_per_s']:.1f}" for g in entry["generate"])
+        if cuda_memory:
+            cells += f" | {entry['cuda_peak_bytes'] / 2**30:.2f}"
         lines.append(f"| {name} | {entry['parameters'] / 1e6:.0f}M | {notes[name]} | {cells} |")
     lines += [
         "",
@@ -354,7 +597,8 @@ def write_report(results: dict, out: Path) -> None:
         lines += [
             "",
             f"Dense overhead: single decode steps alternated between the two models after a context of "
-            f"{o['context']:,}, {o['rounds']} rounds (+{WARMUP_ROUNDS} warm-up), batch {o['batch']}.",
+            f"{o['context']:,}, {o['rounds']} rounds (+{o.get('warmup_rounds', WARMUP_ROUNDS)} warm-up), "
+            f"batch {o['batch']}{', compiled decode steps' if o.get('compiled') else ''}.",
             "",
             "| dense | plain | dense step (ms) | plain step (ms) | overhead | median per-round overhead |",
             "|---|---|---:|---:|---:|---:|",
@@ -384,7 +628,10 @@ def write_report(results: dict, out: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     axes[2].set_yscale("log")
-    fig.suptitle(f"generation speed, batch {batch}, {meta['dtype']} ({meta['machine']})")
+    fig.suptitle(
+        f"generation speed, batch {batch}, {device}, {meta['dtype']}, compile {'on' if compile_run else 'off'} "
+        f"({meta['machine']})"
+    )
     if any(name in LLAMAS for name in models):  # spell out the two LLaMA treatments once, under the plots
         fig.text(0.5, 0.01, "; ".join(f"{name}: {notes[name]}" for name in models if name in LLAMAS), ha="center")
         fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -407,6 +654,13 @@ def add_bench_parser(sub) -> None:
     gen.add_argument("--steps", type=int, default=6, help="decode steps timed per context")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--no-prepack", action="store_true", help="keep PyTorch's default linear layers")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda[:N]; prepacking is CPU-only")
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="recurrent models decode through the compiled step (CUDA graphs on a GPU); the LLaMAs stay eager",
+    )
+    gen.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
     gen.add_argument("--overhead-steps", type=int, default=40, help="alternating rounds per dense/plain pair (0: skip)")
     gen.add_argument("--overhead-context", type=int, default=1024, help="context of the dense-overhead measurement")
     gen.add_argument("--out", type=Path, default=Path("docs/benchmarks/generation"))
@@ -417,9 +671,17 @@ def _bench_generate(args: argparse.Namespace) -> None:
     import sys
 
     args.argv = sys.argv[3:]
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {args.device!r}: {err}") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA GPU (a CPU-only torch build, or no driver)")
     for name in args.models:
         if name not in LLAMAS and name not in list_presets():
             raise ValueError(f"unknown model {name!r}: use a preset name or one of {', '.join(LLAMAS)}")
-    results = run(args)
+    results = run(args, checkpoint=lambda partial: write_json(partial, args.out))
     write_report(results, args.out)
     print(args.out.with_suffix(".md").read_text())
