@@ -178,7 +178,7 @@ class DenseMambaMixer(nn.Module):
         y, states, ssm_state = selective_scan(u32, delta, A, B.float(), C, scan_mode, ssm_state, readers)
         if shallow:  # C·(h + g ⊙ Σ_i h^{l-i}) = C·h + g ⊙ C·Σ_i h^{l-i}: g acts on channels, C on the state
             gate = self.dense_gate(x) if gate_hidden is None else self.dense_gate.from_hidden(F.silu(gate_hidden))
-            y = y + gate.float() * read_out_sum(C, *shallow)
+            y = torch.addcmul(y, gate.float(), read_out_sum(C, *shallow))
         y = (y + u32 * self.D.float()) * F.silu(z.float())
         return self.out_proj(y.to(dtype)), states, conv_state, ssm_state
 

@@ -39,7 +39,7 @@ def read_out_sum(C: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
     """``C_t · Σ_i h^i_t`` for state sequences ``h^i [b, L, D, N]`` and ``C [b, L, N]`` -> ``[b, L, D]``."""
     if torch.is_grad_enabled() and (C.requires_grad or any(h.requires_grad for h in states)):
         return _SharedReadOut.apply(C, *states)
-    total = states[0]
-    for h in states[1:]:
-        total = total + h  # without autograd: sum first, one read-out pass instead of one per state
-    return read_out(total, C)
+    out = read_out(states[0], C)  # without autograd: one read pass per state; summing the states first would
+    for h in states[1:]:  # read them too and write a state-sized sum
+        out += read_out(h, C)
+    return out
