@@ -73,3 +73,17 @@ def test_fused_mamba_projection_matches_the_separate_ones(dense_block_layers):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     mixer = model.backbone.layers[1].mixer
     assert (mixer.in_proj is None) == bool(dense_block_layers)
+
+
+@pytest.mark.parametrize("transform", ["fuse", "prepack"])
+def test_a_transformed_model_refuses_to_be_saved_or_trained(tmp_path, transform):
+    from densessm.inference import prepack_for_cpu
+
+    model = DenseRetNetForCausalLM(tiny_config()).eval()
+    (fuse_projections if transform == "fuse" else lambda m: prepack_for_cpu(m, min_weight=0))(model)
+    with pytest.raises(RuntimeError, match="save the original model"):
+        model.save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(RuntimeError, match="train the original model"):
+        model.train()
+    assert model.eval() is model and not model.training

@@ -41,6 +41,29 @@ class PrepackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _seal(model: nn.Module) -> None:
+    """Refuse what a transformed model can no longer do right, instead of doing it wrong: its checkpoint would
+    lack the fused or packed weights (and reload with them randomly initialised), and training would leave
+    the fused copies behind."""
+
+    def save_pretrained(*args, **kwargs):
+        raise RuntimeError(
+            "this model's weights were fused or prepacked for inference (densessm.inference): save the original "
+            "model instead"
+        )
+
+    def train(mode: bool = True) -> nn.Module:
+        if mode:
+            raise RuntimeError(
+                "this model's weights were fused or prepacked for inference (densessm.inference): train the "
+                "original model instead"
+            )
+        return nn.Module.train(model, False)
+
+    model.save_pretrained = save_pretrained
+    model.train = train
+
+
 def fuse_projections(model: nn.Module) -> nn.Module:
     """Merge the products that share an input into one (any device), in place; returns ``model``.
 
@@ -52,6 +75,7 @@ def fuse_projections(model: nn.Module) -> nn.Module:
         if callable(fuse) and module is not model:
             fuse()
     model.eval()
+    _seal(model)
     return model
 
 
@@ -79,4 +103,5 @@ def prepack_for_cpu(model: nn.Module, min_weight: int = 2**15, batch_size_hint: 
             ):
                 setattr(parent, name, PrepackedLinear(child, batch_size_hint))
     model.eval()
+    _seal(model)
     return model
