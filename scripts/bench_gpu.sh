@@ -9,6 +9,9 @@
 # no package index); otherwise a .venv-gpu with requirements-dev.txt's torch pin from the default index (the
 # CUDA build on Linux) and its other pins. A transformers other than the pinned one is replaced, without
 # touching the machine's packages, from wheels carried in .whl/ or else from the index when it is reachable.
+# GPU images may hold an older transformers and no index: before the device run, on a machine with PyPI,
+#   pip download --no-deps --only-binary=:all: -d .whl transformers==5.24.0
+# and pass ".whl" in the device tool's `carry` (it is git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
