@@ -49,10 +49,14 @@ def test_fusing_twice_is_harmless():
     )
 
 
-@pytest.mark.parametrize("dense_block_layers", [0, 2])
-def test_fused_mamba_projection_matches_the_separate_ones(dense_block_layers):
+@pytest.mark.parametrize("dense_block_layers, use_bias", [(0, False), (2, False), (2, True)])
+def test_fused_mamba_projection_matches_the_separate_ones(dense_block_layers, use_bias):
     torch.manual_seed(0)
-    model = DenseMambaForCausalLM(tiny_mamba_config(dense_block_layers=dense_block_layers)).eval()
+    config = tiny_mamba_config(dense_block_layers=dense_block_layers, use_bias=use_bias)
+    model = DenseMambaForCausalLM(config).eval()
+    if use_bias:
+        for layer in model.backbone.layers:
+            torch.nn.init.normal_(layer.mixer.in_proj.bias)
     for layer in model.backbone.layers[1:]:  # open the gates (they start closed), so the test can see them
         if layer.mixer.dense_gate is not None:
             torch.nn.init.normal_(layer.mixer.dense_gate.fc2.weight, std=0.5)

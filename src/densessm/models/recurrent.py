@@ -7,9 +7,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from densessm.cache import RecurrentCache
+
+
+def frozen_linear(parts: list[nn.Linear], block_diagonal: bool = False) -> nn.Linear:
+    """One inference-only linear layer computing several: their weights stacked (the same input) or
+    block-diagonal (inputs side by side). Used to fuse a decode step's small products into fewer calls."""
+    weights = [p.weight.detach() for p in parts]
+    weight = torch.block_diag(*weights) if block_diagonal else torch.cat(weights)
+    has_bias = any(p.bias is not None for p in parts)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        biases = [p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features) for p in parts]
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+    return fused
 
 
 def check_inputs(

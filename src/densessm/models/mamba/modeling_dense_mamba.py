@@ -63,7 +63,7 @@ from densessm.cache import RecurrentCache
 from densessm.models.dense import SelectiveTransitionGate
 from densessm.models.mamba.configuration_dense_mamba import MAMBA_MODES, DenseMambaConfig
 from densessm.models.norm import RMSNorm
-from densessm.models.recurrent import RecurrentGenerationMixin, check_inputs, prepare_step
+from densessm.models.recurrent import RecurrentGenerationMixin, check_inputs, frozen_linear, prepare_step
 from densessm.modes import check_mode
 from densessm.ops.conv import causal_conv, causal_conv_step
 from densessm.ops.scan import read_out_sum, selective_scan
@@ -111,15 +111,7 @@ class DenseMambaMixer(nn.Module):
         one product, which saves a call per decode step; the separate layers are removed."""
         if self.fused_projection is not None or self.dense_gate is None:
             return
-        parts = [self.in_proj, self.dense_gate.fc1]
-        weight = torch.cat([p.weight.detach() for p in parts])
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=self.in_proj.bias is not None)
-        fused = fused.to(device=weight.device, dtype=weight.dtype)
-        fused.weight = nn.Parameter(weight, requires_grad=False)
-        if self.in_proj.bias is not None:
-            gate_bias = torch.zeros(parts[1].out_features, device=weight.device, dtype=weight.dtype)
-            fused.bias = nn.Parameter(torch.cat([self.in_proj.bias.detach(), gate_bias]), requires_grad=False)
-        self.fused_projection = fused
+        self.fused_projection = frozen_linear([self.in_proj, self.dense_gate.fc1])
         self.in_proj = self.dense_gate.fc1 = None
 
     def ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

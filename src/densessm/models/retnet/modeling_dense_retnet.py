@@ -25,7 +25,7 @@ from transformers.modeling_outputs import (
 from densessm.cache import RecurrentCache
 from densessm.models.dense import SelectiveTransitionGate, fuse_hidden
 from densessm.models.norm import RMSNorm
-from densessm.models.recurrent import RecurrentGenerationMixin, check_inputs, prepare_step
+from densessm.models.recurrent import RecurrentGenerationMixin, check_inputs, frozen_linear, prepare_step
 from densessm.models.retnet.configuration_dense_retnet import DenseRetNetConfig
 from densessm.ops.retention import (
     head_log_decays,
@@ -51,12 +51,7 @@ class DenseKVFusion(nn.Module):
     def fuse_gates(self) -> tuple[nn.Linear, nn.Linear]:
         """Inference only: one block-diagonal product for both gates' second layers; hands back their first
         layers (for the caller to merge with its own projections of ``x``) and removes them here."""
-        fc2_k, fc2_v = self.k_gate.fc2.weight.detach(), self.v_gate.fc2.weight.detach()
-        weight = torch.block_diag(fc2_k, fc2_v)
-        self.fused_gate = nn.Linear(
-            weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype
-        )
-        self.fused_gate.weight = nn.Parameter(weight, requires_grad=False)
+        self.fused_gate = frozen_linear([self.k_gate.fc2, self.v_gate.fc2], block_diagonal=True)
         first = self.k_gate.fc1, self.v_gate.fc1
         self.k_gate.fc1 = self.k_gate.fc2 = self.v_gate.fc1 = self.v_gate.fc2 = None
         return first
@@ -105,11 +100,9 @@ class DenseRetNetRetention(nn.Module):
         parts = [self.q_proj, self.k_proj, self.vg_proj]
         if self.dense is not None:
             parts += self.dense.fuse_gates()
-        weight = torch.cat([p.weight.detach() for p in parts])
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-        fused.weight = nn.Parameter(weight, requires_grad=False)
-        sizes = [p.weight.shape[0] for p in parts]
-        self.fused_projection, self.fused_sizes = fused, sizes[:3] + ([sum(sizes[3:])] if self.dense else [])
+        sizes = [p.out_features for p in parts]
+        self.fused_projection = frozen_linear(parts)
+        self.fused_sizes = sizes[:3] + ([sum(sizes[3:])] if self.dense else [])
         self.q_proj = self.k_proj = self.vg_proj = None
 
     def forward(self, x, k_shallow, v_shallow, rotation, log_decay, mask, mode, chunk_size, state, output_state):
