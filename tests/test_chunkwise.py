@@ -20,14 +20,17 @@ from densessm.ops.retention import AUTO_PARALLEL_MAX_LENGTH, select_mode
     heads=st.sampled_from([1, 2]),
 )
 def test_chunkwise_equals_recurrent(length, chunk, m, heads):
-    model = DenseRetNetForCausalLM(
-        tiny_config(dense_block_layers=m, num_attention_heads=heads, query_key_dim=8 * heads)
-    ).eval()
+    # float64: the fp32 recurrent form drifts by ~1e-5 over 32 steps on some draws (flaky at this bound)
+    model = (
+        DenseRetNetForCausalLM(tiny_config(dense_block_layers=m, num_attention_heads=heads, query_key_dim=8 * heads))
+        .eval()
+        .double()
+    )
     tokens = torch.randint(0, 97, (2, length))
     with torch.no_grad():
         chunked = model(tokens, mode="chunkwise", chunk_size=chunk).logits
         recurrent = model(tokens, mode="recurrent").logits
-    assert (chunked - recurrent).abs().max() <= 1e-5
+    assert (chunked - recurrent).abs().max() <= 1e-10
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 64, 100])
