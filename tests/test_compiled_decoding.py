@@ -94,6 +94,7 @@ def test_only_single_token_steps_from_a_state_are_compiled():
         assert not decoder.is_decode_step(tokens, cache, {})  # a prompt: eager
         assert decoder.is_decode_step(tokens[:, :1], cache, {"use_cache": True})
         assert not decoder.is_decode_step(tokens[:, :1], cache, {"output_hidden_states": True})
+        assert not decoder.is_decode_step(tokens[:, :1], cache, {"position_ids": torch.zeros(2, 1)})
     assert not decoder.is_decode_step(tokens[:, :1], cache, {})  # gradients on: eager
 
 

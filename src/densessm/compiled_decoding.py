@@ -30,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from densessm.cache import RecurrentCache
 
 # keyword arguments a decode step from generate() may carry that do not change what the step computes
-_BENIGN = {"return_dict", "use_cache", "logits_to_keep", "output_attentions", "position_ids"}
+_BENIGN = {"return_dict", "use_cache", "logits_to_keep", "output_attentions"}
 
 
 class CompiledDecoder:
@@ -70,7 +70,6 @@ class CompiledDecoder:
             and input_ids is not None
             and input_ids.dim() == 2
             and input_ids.shape[1] == 1
-            and kwargs.get("position_ids") is None
             and not torch.is_grad_enabled()
             and not extra
         )
