@@ -198,3 +198,23 @@ def test_inplace_decode_step_equals_reference(masked):
     assert got[1].data_ptr() == target.data_ptr()  # really in place
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_rotation_turns_each_pair_by_position_times_its_angle():
+    """Against complex multiplication: pair ``(a, b)`` is ``a + ib``, turned by ``e^{i·position·θ}``."""
+    from densessm.ops.retention import rotate, rotation_angles, rotation_tables
+
+    torch.manual_seed(0)
+    key_dim, positions = 8, torch.tensor([[0, 3, 17], [5, 6, 2048]])
+    x = torch.randn(2, 3, 3, key_dim, dtype=torch.float64)  # [B, H, L, D]
+    angles = rotation_angles(key_dim)
+    turned = rotate(x, *rotation_tables(positions, angles, torch.float64))
+    theta = positions[:, None, :, None].double() * angles[0::2].double()
+    expected = torch.view_as_real(
+        torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous()) * torch.polar(torch.ones_like(theta), theta)
+    ).flatten(-2)
+    torch.testing.assert_close(turned, expected, atol=1e-5, rtol=1e-5)  # the tables are fp32, as the model's
+    # and it is a rotation, so scores depend on relative positions only
+    q, k = turned[:, :, 1], turned[:, :, 2]
+    shifted = rotate(x, *rotation_tables(positions + 1000, angles, torch.float64))
+    torch.testing.assert_close((q * k).sum(-1), (shifted[:, :, 1] * shifted[:, :, 2]).sum(-1), atol=1e-3, rtol=1e-4)

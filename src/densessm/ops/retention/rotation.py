@@ -24,14 +24,16 @@ def head_log_decays(num_heads: int) -> torch.Tensor:
 def rotation_tables(
     positions: torch.Tensor, angles: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sin, cos)`` of ``positions [B|1, L]`` (any integer origin), shaped ``[B|1, 1, L, D]``; computed in
-    fp32 once per forward and shared by every layer."""
+    """``(signed_sin, cos)`` of ``positions [B|1, L]`` (any integer origin), shaped ``[B|1, 1, L, D]``;
+    computed in fp32 once per forward and shared by every layer. ``signed_sin`` is ``(-sin, sin)`` on each
+    pair: the sign :func:`rotate` needs, folded in here once instead of negating ``x`` in every call."""
     theta = positions.to(torch.float32)[:, None, :, None] * angles.float()
-    return theta.sin().to(dtype), theta.cos().to(dtype)
+    sign = torch.tensor([-1.0, 1.0], device=theta.device).repeat(angles.shape[-1] // 2)
+    return (theta.sin() * sign).to(dtype), theta.cos().to(dtype)
 
 
-def rotate(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Turn each channel pair of ``x [B, H, L, D]``: ``(a, b) -> (a cos - b sin, b cos + a sin)``."""
-    pairs = x.unflatten(-1, (-1, 2))
-    swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return x * cos + swapped * sin
+def rotate(x: torch.Tensor, signed_sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Turn each channel pair of ``x [B, H, L, D]``: ``(a, b) -> (a cos - b sin, b cos + a sin)``, with the
+    tables of :func:`rotation_tables`: ``x ⊙ cos + swap(x) ⊙ signed_sin`` (three passes)."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(x * cos, swapped, signed_sin)
