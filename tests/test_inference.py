@@ -7,11 +7,26 @@ import torch
 from conftest import tiny_config, tiny_mamba_config
 
 from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
-from densessm.inference import fuse_projections
+from densessm.inference import PrepackedLinear, fuse_projections, prepack_for_cpu, prepacking_available
+from densessm.models.recurrent import SiLULinear, frozen_linear
+
+needs_onednn = pytest.mark.skipif(not prepacking_available(), reason="this PyTorch build has no oneDNN linear kernels")
 
 
+def _transform(name: str):
+    """The inference transform under test, and the tolerance it is held to against the untransformed model
+    (oneDNN's products sum in another order than PyTorch's default kernel)."""
+    if name == "fuse":
+        return fuse_projections, 1e-5
+    if not prepacking_available():
+        pytest.skip("this PyTorch build has no oneDNN linear kernels")
+    return (lambda model: prepack_for_cpu(model, min_weight=0)), 1e-4
+
+
+@pytest.mark.parametrize("transform", ["fuse", "prepack"])
 @pytest.mark.parametrize("dense_block_layers", [0, 1, 2])
-def test_fused_projections_match_the_separate_ones(dense_block_layers):
+def test_fused_projections_match_the_separate_ones(dense_block_layers, transform):
+    apply, tolerance = _transform(transform)
     torch.manual_seed(0)
     model = DenseRetNetForCausalLM(tiny_config(dense_block_layers=dense_block_layers)).eval()
     tokens = torch.randint(3, 97, (2, 9))
@@ -19,16 +34,20 @@ def test_fused_projections_match_the_separate_ones(dense_block_layers):
         reference = model(tokens).logits
         cache = model(tokens[:, :5], use_cache=True).cache
         reference_step = model(tokens[:, 5:6], cache=cache).logits
-        fuse_projections(model)
+        apply(model)
         fused = model(tokens).logits
         cache = model(tokens[:, :5], use_cache=True).cache
         fused_step = model(tokens[:, 5:6], cache=cache).logits
-    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fused_step, reference_step, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, reference, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(fused_step, reference_step, atol=tolerance, rtol=tolerance)
     retention = model.model.layers[1].retention
     assert retention.q_proj is None and retention.fused_projection is not None
     if dense_block_layers:
         assert retention.dense.k_gate.fc1 is None and retention.dense.fused_gate is not None
+    if transform == "prepack":  # the silu after each fused product runs inside it
+        assert retention.fused_projection.activation == "swish"
+        assert not dense_block_layers or retention.dense.fused_gate.activation == "swish"
+        return
     # every weight is kept once; the only extra numbers are the zeros of the block-diagonal gate product
     config = model.config
     fresh = DenseRetNetForCausalLM(config)
@@ -49,8 +68,10 @@ def test_fusing_twice_is_harmless():
     )
 
 
+@pytest.mark.parametrize("transform", ["fuse", "prepack"])
 @pytest.mark.parametrize("dense_block_layers, use_bias", [(0, False), (2, False), (2, True)])
-def test_fused_mamba_projection_matches_the_separate_ones(dense_block_layers, use_bias):
+def test_fused_mamba_projection_matches_the_separate_ones(dense_block_layers, use_bias, transform):
+    apply, tolerance = _transform(transform)
     torch.manual_seed(0)
     config = tiny_mamba_config(dense_block_layers=dense_block_layers, use_bias=use_bias)
     model = DenseMambaForCausalLM(config).eval()
@@ -66,17 +87,21 @@ def test_fused_mamba_projection_matches_the_separate_ones(dense_block_layers, us
         reference_steps = model.generate(
             tokens, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True
         )
-        fuse_projections(model)
+        apply(model)
         fused = model(tokens).logits
         fused_steps = model.generate(
             tokens, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True
         )
-    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, reference, atol=tolerance, rtol=tolerance)
     assert torch.equal(fused_steps.sequences, reference_steps.sequences)
     for a, b in zip(fused_steps.scores, reference_steps.scores, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=tolerance, rtol=tolerance)
     mixer = model.backbone.layers[1].mixer
     assert (mixer.in_proj is None) == bool(dense_block_layers)
+    if dense_block_layers:
+        assert mixer.dense_gate.output_silu_fused
+        if transform == "prepack":
+            assert mixer.dense_gate.fc2.activation == "swish"
 
 
 @pytest.mark.parametrize("transform", ["fuse", "prepack"])
@@ -91,3 +116,22 @@ def test_a_transformed_model_refuses_to_be_saved_or_trained(tmp_path, transform)
     with pytest.raises(RuntimeError, match="train the original model"):
         model.train()
     assert model.eval() is model and not model.training
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_prepacked_silu_linear_computes_silu_of_the_product(dtype, bias):
+    torch.manual_seed(0)
+    parts = [torch.nn.Linear(24, n, bias=bias, dtype=dtype) for n in (40, 8)]
+    x = torch.randn(3, 2, 24, dtype=dtype)
+    fused = frozen_linear(parts, silu=True)
+    assert type(fused) is SiLULinear
+    reference = torch.cat([torch.nn.functional.silu(p(x)) for p in parts], dim=-1)
+    packed = PrepackedLinear(fused)
+    assert packed.activation == "swish" and "silu" in repr(packed)
+    # the kernel applies silu in fp32 before rounding; one bf16 rounding step apart at most
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(packed(x), reference, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(fused(x), reference, atol=tolerance, rtol=tolerance)
+    assert PrepackedLinear(parts[0]).activation == "none"

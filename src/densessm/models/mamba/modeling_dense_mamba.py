@@ -108,11 +108,13 @@ class DenseMambaMixer(nn.Module):
 
     def fuse_projections(self) -> None:
         """Inference only, irreversible: ``in_proj`` and the dense gate's first layer (both read ``x``) become
-        one product, which saves a call per decode step; the separate layers are removed."""
+        one product, which saves a call per decode step, and the gate's final silu joins its second layer;
+        the separate layers are removed."""
         if self.fused_projection is not None or self.dense_gate is None:
             return
         self.fused_projection = frozen_linear([self.in_proj, self.dense_gate.fc1])
         self.in_proj = self.dense_gate.fc1 = None
+        self.dense_gate.fuse_output_activation()
 
     def ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``Δ`` (fp32, after softplus), ``B`` and ``C`` of the conv output ``u [b, L, D]``."""

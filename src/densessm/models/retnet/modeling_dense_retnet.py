@@ -51,7 +51,7 @@ class DenseKVFusion(nn.Module):
     def fuse_gates(self) -> tuple[nn.Linear, nn.Linear]:
         """Inference only: one block-diagonal product for both gates' second layers; hands back their first
         layers (for the caller to merge with its own projections of ``x``) and removes them here."""
-        self.fused_gate = frozen_linear([self.k_gate.fc2, self.v_gate.fc2], block_diagonal=True)
+        self.fused_gate = frozen_linear([self.k_gate.fc2, self.v_gate.fc2], block_diagonal=True, silu=True)
         first = self.k_gate.fc1, self.v_gate.fc1
         self.k_gate.fc1 = self.k_gate.fc2 = self.v_gate.fc1 = self.v_gate.fc2 = None
         return first
@@ -60,7 +60,7 @@ class DenseKVFusion(nn.Module):
         """``gate_hidden``: both gates' ``silu(fc1(x))``, side by side, computed by the caller's fused
         projection (after :meth:`fuse_gates`)."""
         if self.fused_gate is not None:
-            k_gate, v_gate = F.silu(self.fused_gate(gate_hidden)).split((k.shape[-1], v.shape[-1]), dim=-1)
+            k_gate, v_gate = self.fused_gate(gate_hidden).split((k.shape[-1], v.shape[-1]), dim=-1)
         else:
             k_gate, v_gate = self.k_gate(x), self.v_gate(x)
         k = self.k_norm(fuse_hidden(k, k_shallow, k_gate))
@@ -89,7 +89,8 @@ class DenseRetNetRetention(nn.Module):
 
     def fuse_projections(self) -> None:
         """Inference only, irreversible: one product for every projection of ``x`` (q, k, [v, g] and the
-        dense gates' first layers, all followed by silu) and one for both gates' second layers.
+        dense gates' first layers, all followed by silu, which becomes part of the product) and one for both
+        gates' second layers.
 
         A decode step multiplies a few rows by each weight, so every separate product pays a call of its
         own; concatenated weights stream the same bytes in fewer calls. The separate layers are removed
@@ -101,7 +102,7 @@ class DenseRetNetRetention(nn.Module):
         if self.dense is not None:
             parts += self.dense.fuse_gates()
         sizes = [p.out_features for p in parts]
-        self.fused_projection = frozen_linear(parts)
+        self.fused_projection = frozen_linear(parts, silu=True)
         self.fused_sizes = sizes[:3] + ([sum(sizes[3:])] if self.dense else [])
         self.q_proj = self.k_proj = self.vg_proj = None
 
@@ -109,7 +110,7 @@ class DenseRetNetRetention(nn.Module):
         batch, length, _ = x.shape
         gate_hidden = None
         if self.fused_projection is not None:
-            q, k, vg, *gates = F.silu(self.fused_projection(x)).split(self.fused_sizes, dim=-1)
+            q, k, vg, *gates = self.fused_projection(x).split(self.fused_sizes, dim=-1)
             k, gate_hidden = k * self.scaling, (gates[0] if gates else None)
         else:
             q = F.silu(self.q_proj(x))
