@@ -141,6 +141,10 @@ def test_read_out_sum_shares_one_gradient():
     torch.testing.assert_close(read_out_sum(C, *states), sum(read_out(h, C) for h in states))
     assert torch.autograd.gradcheck(read_out_sum, (C, *states))
     torch.testing.assert_close(read_out(states[0], C), (states[0] * C[:, :, None, :]).sum(-1))
+    explicit = sum((h * C[:, :, None, :]).sum(-1) for h in states)
+    with torch.no_grad():  # the decode path: accumulated in place, one pass per state
+        torch.testing.assert_close(read_out_sum(C, *states), explicit)
+        torch.testing.assert_close(read_out_sum(C[:, :1], *(h[:, :1] for h in states)), explicit[:, :1])
 
 
 def _conv_reference(x, weight, bias, state, mask):

@@ -10,9 +10,21 @@ from __future__ import annotations
 import torch
 
 
+def _rows_and_states(states: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C`` as ``[b·L, 1, N]`` rows and the states as ``[b·L, N, D]`` (a transposed view): the operands of
+    a batched product that reads each state once, in its memory order."""
+    batch, length, channels, size = states.shape
+    return C.reshape(batch * length, 1, size), states.reshape(batch * length, channels, size).transpose(1, 2)
+
+
 def read_out(states: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """``C_t · h_t`` for every position: ``states [b, L, D, N]``, ``C [b, L, N]`` -> ``[b, L, D]``."""
-    return torch.einsum("bldn,bln->bld", states, C)  # on CPU ~3x faster than the batched matmul form
+    """``C_t · h_t`` for every position: ``states [b, L, D, N]``, ``C [b, L, N]`` -> ``[b, L, D]``.
+
+    ``C`` as row vectors times the transposed states; on CPU this is ~1.2x faster than ``einsum`` for one
+    decode step (which spends more time dispatching) and ~4x faster over 64 positions than the
+    ``states @ C`` column form."""
+    rows, states_t = _rows_and_states(states, C)
+    return torch.bmm(rows, states_t).view(states.shape[:3])
 
 
 class _SharedReadOut(torch.autograd.Function):
@@ -39,7 +51,10 @@ def read_out_sum(C: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
     """``C_t · Σ_i h^i_t`` for state sequences ``h^i [b, L, D, N]`` and ``C [b, L, N]`` -> ``[b, L, D]``."""
     if torch.is_grad_enabled() and (C.requires_grad or any(h.requires_grad for h in states)):
         return _SharedReadOut.apply(C, *states)
-    out = read_out(states[0], C)  # without autograd: one read pass per state; summing the states first would
-    for h in states[1:]:  # read them too and write a state-sized sum
-        out += read_out(h, C)
-    return out
+    # without autograd: one read pass per state, accumulated in place (summing the states first would read
+    # them too, and write a state-sized sum)
+    rows, first = _rows_and_states(states[0], C)
+    out = torch.bmm(rows, first)
+    for h in states[1:]:
+        out.baddbmm_(rows, _rows_and_states(h, C)[1])
+    return out.view(states[0].shape[:3])
