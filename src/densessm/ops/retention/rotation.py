@@ -28,7 +28,7 @@ def rotation_tables(
     computed in fp32 once per forward and shared by every layer. ``signed_sin`` is ``(-sin, sin)`` on each
     pair: the sign :func:`rotate` needs, folded in here once instead of negating ``x`` in every call."""
     theta = positions.to(torch.float32)[:, None, :, None] * angles.float()
-    sign = torch.tensor([-1.0, 1.0], device=theta.device).repeat(angles.shape[-1] // 2)
+    sign = torch.arange(angles.shape[-1], device=theta.device) % 2 * 2 - 1  # -1, +1, -1, ... (no host copy)
     return (theta.sin() * sign).to(dtype), theta.cos().to(dtype)
 
 
