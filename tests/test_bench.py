@@ -229,3 +229,30 @@ def test_a_compilation_inside_a_timed_generate_is_flagged(tmp_path, capsys, monk
     assert "WARNING: compilation inside a timed region (not a steady state): retnet_tiny (generate 3)" in (
         capsys.readouterr().out
     )
+
+
+def test_dense_overhead_benchmark_script_writes_its_report(tmp_path, monkeypatch):
+    """benchmarks/dense_overhead.py on tiny pairs: every block reported, the median of the blocks, a plot."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "dense_overhead.py"
+    out = tmp_path / "overhead"
+    argv = [str(script), "--blocks", "3", "--rounds", "2", "--gap", "0", "--batch", "2", "--context", "8"]
+    argv += ["--pair", "dense_retnet_tiny", "retnet_tiny", "--pair", "dense_mamba_tiny", "mamba_tiny"]
+    monkeypatch.setattr("sys.argv", argv + ["--out", str(out)])
+    monkeypatch.setattr("densessm.bench.WARMUP_ROUNDS", 1)
+    runpy.run_path(str(script), run_name="__main__")
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert [(p["dense"], p["plain"]) for p in results["pairs"]] == [
+        ("dense_retnet_tiny", "retnet_tiny"),
+        ("dense_mamba_tiny", "mamba_tiny"),
+    ]
+    for pair in results["pairs"]:
+        assert len(pair["blocks"]) == 3
+        assert all(b["dense_step_s"] > 0 and b["plain_step_s"] > 0 and b["copy_gb_s"] > 0 for b in pair["blocks"])
+        overheads = sorted(b["overhead"] for b in pair["blocks"])
+        assert pair["median_overhead"] == overheads[1]
+    assert "--pair dense_retnet_tiny retnet_tiny" in results["command"]
+    assert "| block | copy bandwidth" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
