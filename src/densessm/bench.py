@@ -598,7 +598,9 @@ def write_report(results: dict, out: Path) -> None:
             "",
             f"Dense overhead: single decode steps alternated between the two models after a context of "
             f"{o['context']:,}, {o['rounds']} rounds (+{o.get('warmup_rounds', WARMUP_ROUNDS)} warm-up), "
-            f"batch {o['batch']}{', compiled decode steps' if o.get('compiled') else ''}.",
+            f"batch {o['batch']}{', compiled decode steps' if o.get('compiled') else ''}. One block measures one "
+            "moment of the machine: on a shared CPU it moves by several points from run to run "
+            "(`benchmarks/dense_overhead.py` repeats it in blocks and gives the median).",
             "",
             "| dense | plain | dense step (ms) | plain step (ms) | overhead | median per-round overhead |",
             "|---|---|---:|---:|---:|---:|",
