@@ -1,10 +1,12 @@
-"""RMSNorm as LLaMA and the reference DenseRetNet compute it: statistics in fp32, result cast back."""
+"""RMSNorm as LLaMA and the reference DenseRetNet compute it: statistics in (at least) fp32, result cast back."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from densessm.models.precision import at_least_fp32
 
 
 class RMSNorm(nn.Module):
@@ -16,9 +18,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's kernel does the same fp32 arithmetic (bit-identical here) in fewer operator calls
-        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
-        return F.rms_norm(x.float(), self.weight.shape, weight, self.eps).to(x.dtype)
+        # statistics in at least fp32 (float64 stays float64: a float64 model is a precision reference);
+        # torch's kernel does the same arithmetic (bit-identical here) in fewer operator calls
+        wide = at_least_fp32(x)
+        weight = self.weight if self.weight.dtype == wide.dtype else self.weight.to(wide.dtype)
+        return F.rms_norm(wide, self.weight.shape, weight, self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -63,6 +63,7 @@ from densessm.cache import RecurrentCache
 from densessm.models.dense import SelectiveTransitionGate
 from densessm.models.mamba.configuration_dense_mamba import MAMBA_MODES, DenseMambaConfig
 from densessm.models.norm import RMSNorm
+from densessm.models.precision import at_least_fp32
 from densessm.models.recurrent import RecurrentGenerationMixin, check_inputs, frozen_linear, prepare_step
 from densessm.modes import check_mode
 from densessm.ops.conv import causal_conv, causal_conv_step
@@ -96,14 +97,14 @@ class DenseMambaMixer(nn.Module):
         self._transition: tuple[tuple, torch.Tensor] | None = None  # see transition()
 
     def transition(self) -> torch.Tensor:
-        """``A = -exp(A_log)`` in fp32. Without autograd it is kept between calls, since decoding would
+        """``A = -exp(A_log)`` in at least fp32. Without autograd it is kept between calls, since decoding would
         recompute it (an exp over ``[D, N]``) at every token; a change of ``A_log`` (training, loading,
         moving) changes its version or address and recomputes it."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return -torch.exp(self.A_log.float())
+            return -torch.exp(at_least_fp32(self.A_log))
         key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device, self.A_log.dtype)
         if self._transition is None or self._transition[0] != key:
-            self._transition = (key, -torch.exp(self.A_log.float()))
+            self._transition = (key, -torch.exp(at_least_fp32(self.A_log)))
         return self._transition[1]
 
     def fuse_projections(self) -> None:
@@ -117,9 +118,9 @@ class DenseMambaMixer(nn.Module):
         self.dense_gate.fuse_output_activation()
 
     def ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``Δ`` (fp32, after softplus), ``B`` and ``C`` of the conv output ``u [b, L, D]``."""
+        """``Δ`` (at least fp32, after softplus), ``B`` and ``C`` of the conv output ``u [b, L, D]``."""
         time_step, B, C = self.x_proj(u).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
-        delta = F.softplus(self.dt_proj(time_step).float())
+        delta = F.softplus(at_least_fp32(self.dt_proj(time_step)))
         return delta, B, C
 
     def _conv_steps(self, x, state, mask):
@@ -167,13 +168,13 @@ class DenseMambaMixer(nn.Module):
         delta, B, C = self.ssm_inputs(u)
         if mask is not None:
             delta = delta * mask[..., None]  # Δ = 0: the identity step, padding never touches the state
-        u32, C = u.float(), C.float()
+        u32, C = at_least_fp32(u), at_least_fp32(C)
         scan_mode = "recurrent" if mode == "recurrent" else "parallel"
-        y, states, ssm_state = selective_scan(u32, delta, A, B.float(), C, scan_mode, ssm_state, readers)
+        y, states, ssm_state = selective_scan(u32, delta, A, at_least_fp32(B), C, scan_mode, ssm_state, readers)
         if shallow:  # C·(h + g ⊙ Σ_i h^{l-i}) = C·h + g ⊙ C·Σ_i h^{l-i}: g acts on channels, C on the state
             gate = self.dense_gate(x) if gate_hidden is None else self.dense_gate.from_hidden(F.silu(gate_hidden))
-            y = torch.addcmul(y, gate.float(), read_out_sum(C, *shallow))
-        y = (y + u32 * self.D.float()) * F.silu(z.float())
+            y = torch.addcmul(y, at_least_fp32(gate), read_out_sum(C, *shallow))
+        y = (y + u32 * at_least_fp32(self.D)) * F.silu(at_least_fp32(z))
         return self.out_proj(y.to(dtype)), states, conv_state, ssm_state
 
 
@@ -199,7 +200,7 @@ class DenseMambaBlock(GradientCheckpointingLayer):
         readers: int = 0,
     ):
         # shallow = (h_{l-n}, …, h_{l-1}), positional so that checkpointing sees every tensor
-        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        residual = at_least_fp32(hidden_states) if self.residual_in_fp32 else hidden_states
         out, states, conv_state, ssm_state = self.mixer(
             self.norm(hidden_states.to(self.norm.weight.dtype)),
             shallow,
