@@ -179,8 +179,14 @@ def test_prepacked_weights_give_the_same_generation(family, dtype):
         assert torch.equal(plain.sequences, packed.sequences)
 
 
-def test_generation_under_bf16_autocast():
-    model = _model()
+@pytest.mark.parametrize("family", ["retnet", "mamba"])
+def test_generation_under_bf16_autocast(family):
+    from conftest import tiny_mamba_config
+
+    from densessm import DenseMambaForCausalLM
+
+    # DenseMamba with m = 2: the decode step sums two shallow read-outs, whose operands autocast casts
+    model = _model() if family == "retnet" else DenseMambaForCausalLM(tiny_mamba_config(dense_block_layers=2)).eval()
     prompt = torch.randint(3, 97, (2, 9))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
