@@ -22,33 +22,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from densessm.bench import DTYPES, WARMUP_ROUNDS, _decoder, build
+from densessm.bench import DTYPES, WARMUP_ROUNDS, _decoder, alternate, build, copy_bandwidth
 from densessm.inference import prepack_for_cpu
 
 PAIRS = (("dense_retnet_350m", "retnet_350m"), ("dense_mamba_360m", "mamba_360m"))
 
 
-def copy_bandwidth() -> float:
-    """GB/s of a 256 MiB copy (read + write), best of 5: the phase of the machine at this moment."""
-    source = torch.ones(2**26)
-    target = torch.empty_like(source)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        target.copy_(source)
-        best = min(best, time.perf_counter() - start)
-    return 2 * source.numel() * 4 / best / 1e9
-
-
 def block(steppers, rounds: int) -> tuple[float, float, float]:
-    """One alternating block (which model goes first alternates): median dense and plain step seconds,
-    and the median of the per-round ratios minus one."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for round_ in range(rounds):
-        for i in (0, 1) if round_ % 2 == 0 else (1, 0):
-            times[i].append(steppers[i]())
-    ratios = [d / p for d, p in zip(*times, strict=True)]
-    return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios) - 1
+    """One alternating block: median dense and plain step seconds, and the median of the per-round ratios
+    minus one."""
+    dense, plain = alternate(steppers, rounds)
+    ratios = [d / p for d, p in zip(dense, plain, strict=True)]
+    return statistics.median(dense), statistics.median(plain), statistics.median(ratios) - 1
 
 
 def main() -> None:
@@ -70,7 +55,7 @@ def main() -> None:
     for names in tqdm(chosen, desc="build"):
         models = [prepack_for_cpu(build(name, dtype)) for name in names]
         steppers = [_decoder(model, args.batch, args.context, calls)[1] for model in models]
-        block(steppers, WARMUP_ROUNDS)
+        alternate(steppers, WARMUP_ROUNDS)
         pairs.append({"dense": names[0], "plain": names[1], "steppers": steppers, "blocks": []})
     for index in tqdm(range(args.blocks), desc="blocks"):
         if index:

@@ -17,7 +17,7 @@ import time
 import torch
 from torch.profiler import profile
 
-from densessm.bench import DTYPES, _synthetic_cache, build
+from densessm.bench import DTYPES, _synthetic_cache, build, copy_bandwidth
 from densessm.inference import prepack_for_cpu
 
 GEMMS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
@@ -75,11 +75,9 @@ def main() -> None:
         f"memory traffic per step: weights {weights / 1e9:.3f} GB + {STATE_PASSES} x state {state_bytes / 1e9:.3f} GB "
         f"= {traffic / 1e9:.2f} GB"
     )
-    source = torch.ones(
-        2**26
-    )  # 256 MiB of fp32 (bandwidth does not depend on the dtype; an fp32 sum is not compute-bound)
-    target = torch.empty_like(source)
-    copy = 2 * nbytes(source) / _best_seconds(lambda: target.copy_(source), 10) / 1e9
+    copy = copy_bandwidth(10)
+    # 256 MiB of fp32 (bandwidth does not depend on the dtype; an fp32 sum is not compute-bound)
+    source = torch.ones(2**26)
     read = nbytes(source) / _best_seconds(source.sum, 10) / 1e9
     for name, bandwidth in (("copy (read + write)", copy), ("read (sum)", read)):
         bound = traffic / (bandwidth * 1e9)

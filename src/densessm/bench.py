@@ -332,6 +332,30 @@ def generation_throughput(model, batch: int, new_tokens: int, prompt_length: int
     }
 
 
+def alternate(steppers, rounds: int) -> tuple[list[float], list[float]]:
+    """``rounds`` rounds of one step of each of two models (steppers from :func:`_decoder`), the first model
+    going first in even rounds: the seconds of each model's steps. Alternating single steps lets the
+    machine's drift hit both models alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for round_ in range(rounds):
+        for i in (0, 1) if round_ % 2 == 0 else (1, 0):
+            times[i].append(steppers[i]())
+    return times
+
+
+def copy_bandwidth(repeats: int = 5) -> float:
+    """GB/s of a 256 MiB fp32 copy (read + write), best of ``repeats``: this machine's memory speed now (on a
+    shared machine it drifts by 2x within the hour, so a bound from another moment means little)."""
+    source = torch.ones(2**26)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * source.element_size() / best / 1e9
+
+
 def dense_overhead(
     dense_name: str,
     plain_name: str,
@@ -357,13 +381,8 @@ def dense_overhead(
             prepack_for_cpu(model)
     warmup = WARMUP_ROUNDS if compile_config is None else max(WARMUP_ROUNDS, COMPILED_WARMUP_STEPS)
     steppers = [_decoder(model, batch, context, warmup + steps, compile_config=compile_config)[1] for model in models]
-    times: tuple[list[float], list[float]] = ([], [])
-    for round_ in range(warmup + steps):
-        order = (0, 1) if round_ % 2 == 0 else (1, 0)
-        for i in order:
-            seconds = steppers[i]()
-            if round_ >= warmup:
-                times[i].append(seconds)
+    alternate(steppers, warmup)
+    times = alternate(steppers, steps)
     del steppers, models
     gc.collect()
     dense, plain = _median(times[0]), _median(times[1])
