@@ -25,8 +25,8 @@ def rotation_tables(
     positions: torch.Tensor, angles: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(signed_sin, cos)`` of ``positions [B|1, L]`` (any integer origin), shaped ``[B|1, 1, L, D]``;
-    computed in at least fp32 once per forward and shared by every layer. ``signed_sin`` is ``(-sin, sin)`` on each
-    pair: the sign :func:`rotate` needs, folded in here once instead of negating ``x`` in every call."""
+    computed in at least fp32 once per forward and shared by every layer. ``signed_sin`` is ``(-sin, sin)``
+    on each pair: the sign :func:`rotate` needs, folded in here once instead of negating ``x`` in every call."""
     wide = torch.promote_types(dtype, torch.float32)  # float64 models get float64 tables
     theta = positions.to(wide)[:, None, :, None] * angles.to(wide)
     sign = torch.arange(angles.shape[-1], device=theta.device) % 2 * 2 - 1  # -1, +1, -1, ... (no host copy)
