@@ -208,5 +208,5 @@ def test_nonstandard_decay_is_refused(tmp_path):
 def test_cli_reports_errors(tmp_path, capsys):
     from densessm.cli import main
 
-    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 1
     assert "does not exist" in capsys.readouterr().err

@@ -113,9 +113,18 @@ def test_smoke_grid_end_to_end_and_restart(tmp_path):
     assert (report.parent / "result-curves.png").stat().st_size > 10_000
     assert not list(out.glob("runs/*/seed0/checkpoint-*"))  # finished runs keep only their final weights
 
+    written = {path: path.read_bytes() for path in report.parent.iterdir()}
+    refused = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+    assert refused.returncode == 1 and "already exist(s); nothing was run" in refused.stderr
+    assert {path: path.read_bytes() for path in report.parent.iterdir()} == written
+
+    other = [*argv, "--max-steps", "7", "--report", str(tmp_path / "other.md")]
+    mixed = subprocess.run(other, capture_output=True, text=True, env=env, timeout=900)
+    assert mixed.returncode == 1 and "holds a grid started with other settings (max_steps: 6 -> 7)" in mixed.stderr
+
     result = out / "runs" / "dense_retnet" / "seed0" / "result.json"
     before = result.stat().st_mtime_ns
-    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+    again = subprocess.run([*argv, "--overwrite"], capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 of 4 runs already done; running 0" in again.stdout
     assert result.stat().st_mtime_ns == before  # nothing was trained again

@@ -48,11 +48,11 @@ def test_sampling_with_seed_is_reproducible(model_dir, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--temperature", "0"], "--temperature must be > 0"),
-        (["--top-p", "1.5"], "--top-p must be in"),
-        (["--top-k", "-1"], "--top-k must be >= 0"),
-        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-        (["--num-beams", "0"], "--num-beams must be >= 1"),
+        (["--temperature", "0"], "argument --temperature: must be greater than 0, got 0"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["--top-k", "-1"], "argument --top-k: must be 0 or more, got -1"),
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: must be a positive integer, got 0"),
+        (["--num-beams", "0"], "argument --num-beams: must be a positive integer, got 0"),
     ],
 )
 def test_bad_sampling_values(model_dir, capsys, extra, message):
@@ -67,13 +67,13 @@ def test_prompt_longer_than_allowed(model_dir, capsys):
 
 
 def test_missing_model_dir(tmp_path, capsys):
-    assert main(["generate", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
-    assert "is not a model directory" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "nothing"), "--prompt", "hi"]) == 1
+    assert f"model directory {tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
 
 
 def test_missing_tokenizer(tmp_path, capsys):
     DenseRetNetForCausalLM(tiny_config()).save_pretrained(tmp_path / "bare")
-    assert main(["generate", str(tmp_path / "bare"), "--prompt", "hi"]) == 2
+    assert main(["generate", str(tmp_path / "bare"), "--prompt", "hi"]) == 1
     assert "no usable tokenizer" in capsys.readouterr().err
 
 
@@ -89,11 +89,11 @@ def test_bf16_runs(model_dir, capsys):
 
 
 def test_cpu_weights_are_prepacked_unless_asked_not_to(model_dir, capsys, monkeypatch):
-    import densessm.inference
+    import densessm.generation
 
     calls = []
-    real = densessm.inference.prepack_for_cpu
-    monkeypatch.setattr(densessm.inference, "prepack_for_cpu", lambda model: calls.append(model) or real(model))
+    real = densessm.generation.prepack_for_cpu
+    monkeypatch.setattr(densessm.generation, "prepack_for_cpu", lambda model: calls.append(model) or real(model))
     args = ["generate", str(model_dir), "--prompt", "w1 w2", "--max-new-tokens", "4", "--no-stream"]
     assert main(args) == 0
     packed = capsys.readouterr().out

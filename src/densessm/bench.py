@@ -45,9 +45,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from densessm.argtypes import nonnegative_int, positive_int
 from densessm.cache import RecurrentCache
+from densessm.errors import UsageError
+from densessm.files import atomic_output_file, atomic_write_text
 from densessm.inference import prepack_for_cpu
 from densessm.presets import list_presets, load_preset
+from densessm.runtime import resolve_device
 
 # a LLaMA with about the parameters of the 350m presets (hidden 1024, 24 layers, SwiGLU 2816)
 LLAMA_350M = dict(
@@ -435,7 +439,7 @@ def write_json(results: dict, out: Path) -> None:
     """The results as ``out.json``: at the end, and after each model (``meta.complete`` false until done), so a
     run cut short (a GPU session's time limit) leaves what it measured."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n", overwrite=True)
 
 
 def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = None) -> dict:
@@ -629,7 +633,7 @@ def write_report(results: dict, out: Path) -> None:
             f"{o['overhead']:+.1%} | {o['median_round_overhead']:+.1%} |"
             for o in overhead
         ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n", overwrite=True)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, entry in models.items():
@@ -658,7 +662,8 @@ def write_report(results: dict, out: Path) -> None:
         fig.tight_layout(rect=(0, 0.05, 1, 1))
     else:
         fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
+    with atomic_output_file(out.with_suffix(".png"), overwrite=True) as png:
+        fig.savefig(png, dpi=110, format="png")
 
 
 def add_bench_parser(sub) -> None:
@@ -669,10 +674,10 @@ def add_bench_parser(sub) -> None:
         m for m in ("dense_retnet_350m", "retnet_350m", "dense_mamba_360m", "mamba_360m") if m in list_presets()
     ] + ["llama_350m", "llama_350m" + STOCK]
     gen.add_argument("--models", nargs="+", default=default_models)
-    gen.add_argument("--batch", type=int, default=6)
-    gen.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512, 1024], help="GPU: 2048 ... 10240")
-    gen.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 8192])
-    gen.add_argument("--steps", type=int, default=6, help="decode steps timed per context")
+    gen.add_argument("--batch", type=positive_int, default=6)
+    gen.add_argument("--new-tokens", type=positive_int, nargs="+", default=[128, 512, 1024], help="GPU: 2048 ... 10240")
+    gen.add_argument("--contexts", type=positive_int, nargs="+", default=[128, 1024, 4096, 8192])
+    gen.add_argument("--steps", type=positive_int, default=6, help="decode steps timed per context")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--no-prepack", action="store_true", help="keep PyTorch's default linear layers")
     gen.add_argument("--device", default="cpu", help="cpu or cuda[:N]; prepacking is CPU-only")
@@ -682,9 +687,14 @@ def add_bench_parser(sub) -> None:
         help="recurrent models decode through the compiled step (CUDA graphs on a GPU); the LLaMAs stay eager",
     )
     gen.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
-    gen.add_argument("--overhead-steps", type=int, default=40, help="alternating rounds per dense/plain pair (0: skip)")
-    gen.add_argument("--overhead-context", type=int, default=1024, help="context of the dense-overhead measurement")
+    gen.add_argument(
+        "--overhead-steps", type=nonnegative_int, default=40, help="alternating rounds per dense/plain pair (0: skip)"
+    )
+    gen.add_argument(
+        "--overhead-context", type=positive_int, default=1024, help="context of the dense-overhead measurement"
+    )
     gen.add_argument("--out", type=Path, default=Path("docs/benchmarks/generation"))
+    gen.add_argument("--overwrite", action="store_true", help="replace OUT.json/.md/.png if they exist")
     gen.set_defaults(func=_bench_generate)
 
 
@@ -692,17 +702,17 @@ def _bench_generate(args: argparse.Namespace) -> None:
     import sys
 
     args.argv = sys.argv[3:]
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        raise ValueError(f"--device {args.device!r}: {err}") from err
+    device = resolve_device(args.device)
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA GPU (a CPU-only torch build, or no driver)")
+        raise UsageError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    existing = [out for out in (args.out.with_suffix(s) for s in (".json", ".md", ".png")) if out.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(
+            f"{', '.join(map(str, existing))} already exist(s); nothing was measured (pass --overwrite to replace)"
+        )
     for name in args.models:
         if name not in LLAMAS and name not in list_presets():
-            raise ValueError(f"unknown model {name!r}: use a preset name or one of {', '.join(LLAMAS)}")
+            raise UsageError(f"unknown model {name!r}: use a preset name or one of {', '.join(LLAMAS)}")
     results = run(args, checkpoint=lambda partial: write_json(partial, args.out))
     write_report(results, args.out)
     print(args.out.with_suffix(".md").read_text())

@@ -4,33 +4,34 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoModelForCausalLM
 
+from densessm.argtypes import nonnegative_int, positive_int
 from densessm.bench import add_bench_parser
+from densessm.convert import convert_reference_checkpoint
+from densessm.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 from densessm.evaluation.cli import add_eval_parser
 from densessm.experiments.cli import add_experiment_parser
+from densessm.files import atomic_output_dir, check_destination
 from densessm.generation import add_generate_parser
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from densessm.loading import load_causal_lm
+from densessm.presets import list_presets, load_preset
+from densessm.runtime import DTYPES
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from densessm.convert import convert_reference_checkpoint
-
-    dst = convert_reference_checkpoint(args.src, args.dst, dtype=DTYPES.get(args.dtype))
+    dst = convert_reference_checkpoint(args.src, args.dst, dtype=DTYPES.get(args.dtype), overwrite=args.overwrite)
     print(f"converted {args.src} -> {dst}")
 
 
 def _presets(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM
-
-    from densessm.presets import list_presets, load_preset
-
     for name in list_presets():
         config = load_preset(name)
         with torch.device("meta"):
@@ -40,17 +41,17 @@ def _presets(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     """Build a small model, save and reload it, check its modes agree, and generate from it."""
-    from transformers import AutoModelForCausalLM
-
-    from densessm.presets import load_preset
-
+    if args.preset not in list_presets():
+        raise UsageError(f"unknown preset {args.preset!r}: use one of {', '.join(list_presets())}")
+    out = Path(args.output_dir)
+    check_destination(out, args.overwrite, "output directory")
     torch.manual_seed(args.seed)
     config = load_preset(args.preset)
     model = AutoModelForCausalLM.from_config(config).eval()
-    out = Path(args.output_dir)
-    model.save_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    print(f"{args.preset}: {model.num_parameters():,d} parameters, saved to {out}/")
+    with atomic_output_dir(out, overwrite=args.overwrite, what="output directory") as staging:
+        model.save_pretrained(staging)
+    model = load_causal_lm(out)
+    print(f"{args.preset}: {model.num_parameters():,d} parameters (untrained), saved to {out}/")
 
     tokens = torch.randint(3, config.vocab_size, (2, 64))
     with torch.no_grad():
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="reference directory (config.json + model.safetensors or pytorch_model.bin)")
     convert.add_argument("dst", help="output directory for AutoModelForCausalLM.from_pretrained")
     convert.add_argument("--dtype", choices=sorted(DTYPES), help="convert weights to this dtype (default: keep)")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST if it already holds files")
     convert.set_defaults(func=_convert)
 
     presets = sub.add_parser("presets", help="list the bundled model presets with their parameter counts")
@@ -94,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build a tiny model, check its modes agree, generate from it")
     demo.add_argument("--preset", default="dense_retnet_tiny")
-    demo.add_argument("--output-dir", default="outputs/demo")
-    demo.add_argument("--new-tokens", type=int, default=32)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--output-dir", default="outputs/untrained-demo", help="where the untrained model is saved")
+    demo.add_argument("--overwrite", action="store_true", help="replace --output-dir if it already holds files")
+    demo.add_argument("--new-tokens", type=positive_int, default=32)
+    demo.add_argument("--seed", type=nonnegative_int, default=0)
     demo.set_defaults(func=_demo)
     add_generate_parser(sub)
     add_bench_parser(sub)
@@ -110,18 +113,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; errors come back as one line and an exit code (see :mod:`densessm.errors`)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "train":
-        args.train_argv = rest
-    elif rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:  # argparse reports a usage error (and --help) by exiting: return its code like every other outcome
+        args, rest = parser.parse_known_args(argv)
+        if args.command == "train":
+            args.train_argv = rest
+        elif rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
+    name = f"densessm {args.command}"
     try:
         args.func(args)
-    except (ValueError, OSError, StrictDataclassError, FloatingPointError) as err:
-        print(f"densessm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as err:
+        print(f"{name}: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UsageError as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, OSError, StrictDataclassError, FloatingPointError, ImportError) as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as err:
+        if os.environ.get("DENSESSM_TRACEBACK"):
+            raise
+        print(
+            f"{name}: internal error ({type(err).__name__}): {err}\n"
+            "(this is a bug: rerun with DENSESSM_TRACEBACK=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     return 0
 
 

@@ -7,6 +7,11 @@ never a full unpickle.
 
 The reference allocates k/v gates and k/v norms in layer 0 that it never uses; they are dropped with a
 notice. Any other missing, unexpected or mis-shaped tensor is an error that names it.
+
+Only regular files inside the source directory are read (a shard named ``../x`` or ``/etc/x`` in an index,
+or a symlink leading out, is refused with its name), and the destination is written as a whole through a
+temporary sibling: it is refused if it holds anything (unless ``overwrite``), or if it is, contains or lies
+inside the source.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from densessm.files import atomic_output_dir, check_destination, check_separate, confined_file
 from densessm.models.retnet import DenseRetNetConfig, DenseRetNetForCausalLM
 from densessm.ops.retention import head_log_decays, rotation_angles
 
@@ -59,9 +65,12 @@ class CheckpointError(ValueError):
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -91,20 +100,20 @@ def load_reference_weights(src: str | Path) -> dict[str, torch.Tensor]:
         ("pytorch_model.bin.index.json", _load_bin),
     )
     for name, loader in layouts:
-        path = src / name
-        if not path.is_file():
+        if not (src / name).exists() and not (src / name).is_symlink():
             continue
+        path = confined_file(src, name)
         if not name.endswith(".index.json"):
             return loader(path)
-        index = _read_json(path)
-        weight_map = index.get("weight_map")
+        weight_map = _read_json(path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{path} has no weight_map")
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (src / shard).is_file():
-                raise CheckpointError(f"shard {shard} listed in {path} is missing")
-            state.update(loader(src / shard))
+        for shard in sorted(set(map(str, weight_map.values()))):
+            try:
+                state.update(loader(confined_file(src, shard)))
+            except FileNotFoundError:
+                raise CheckpointError(f"shard {shard} listed in {path} is missing") from None
         missing = sorted(set(weight_map) - set(state))
         if missing:
             raise CheckpointError(f"tensors listed in {path} but absent from its shards: {', '.join(missing)}")
@@ -131,9 +140,10 @@ def _gate_reduction(state: dict[str, torch.Tensor], which: str, hidden: int, lay
 
 def reference_config(src: str | Path, state: dict[str, torch.Tensor]) -> DenseRetNetConfig:
     """Our configuration for a reference directory (gate widths are read from the weights)."""
-    path = Path(src) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"no config.json in reference directory {src}")
+    try:
+        path = confined_file(src, "config.json")
+    except FileNotFoundError:
+        raise CheckpointError(f"no config.json in reference directory {src}") from None
     ref = _read_json(path)
     absent = [name for name in (*_REQUIRED_FIELDS, "v_factor", "dense_block_layers") if name not in ref]
     if absent:
@@ -246,13 +256,22 @@ def load_reference_model(src: str | Path, dtype: torch.dtype | None = None) -> D
     return model.eval()
 
 
-def convert_reference_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``src`` (reference layout) to ``dst`` as a densessm directory ``from_pretrained`` can load."""
+def convert_reference_checkpoint(
+    src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
+    """Write ``src`` (reference layout) to ``dst`` as a densessm directory ``from_pretrained`` can load.
+
+    ``dst`` must be empty or absent (or ``overwrite``) and apart from ``src``; it appears complete or not at all."""
     src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"reference directory {src} does not exist")
+    check_separate(src, dst)
+    check_destination(dst, overwrite)
     model = load_reference_model(src, dtype=dtype)
-    dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dst)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+    present = [name for name in TOKENIZER_FILES if (src / name).exists() or (src / name).is_symlink()]
+    tokenizer_files = {name: confined_file(src, name) for name in present}
+    with atomic_output_dir(dst, overwrite=overwrite) as staging:
+        model.save_pretrained(staging)
+        for name, path in tokenizer_files.items():
+            shutil.copyfile(path, staging / name)
     return dst

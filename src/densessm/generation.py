@@ -1,8 +1,10 @@
 """Text generation from a saved model directory: the ``densessm generate`` command.
 
-Everything a person types is checked before any model work starts (a missing directory, a missing
-tokenizer, a sampling value out of range, a prompt longer than the model's context), so mistakes come back
-as one clear sentence, not a stack trace halfway through a batch.
+Everything a person types is checked before any model work starts (a missing directory, a damaged
+checkpoint, a missing tokenizer, a device this machine lacks, a sampling value out of range, a prompt
+longer than the model's context), so mistakes come back as one clear sentence, not a stack trace halfway
+through a batch. While decoding, logits that turn NaN or infinite stop the command with the parameter to
+blame, instead of printing nothing (greedy decoding of NaN logits picks token 0 forever).
 """
 
 from __future__ import annotations
@@ -12,8 +14,31 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, CompileConfig, LogitsProcessor, LogitsProcessorList, TextStreamer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from densessm.argtypes import nonnegative_int, positive_float, positive_int
+from densessm.errors import UsageError
+from densessm.inference import prepack_for_cpu
+from densessm.loading import load_causal_lm, raise_nonfinite, read_config
+from densessm.runtime import DTYPES, resolve_device
+
+
+class FiniteLogitsGuard(LogitsProcessor):
+    """Stop generation when the model's logits are NaN, +inf, or -inf everywhere in a row.
+
+    It runs after the sampling processors, which only ever lower logits to -inf (top-k, top-p, ...), so a
+    NaN or +inf here came from the model, and so did a row where no token is left."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.step = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.step += 1
+        broken = torch.isnan(scores).any() | torch.isposinf(scores).any() | torch.isneginf(scores).all(-1).any()
+        if bool(broken):
+            raise_nonfinite(self.model, f"the logits of generation step {self.step}")
+        return scores
 
 
 def add_generate_parser(sub) -> None:
@@ -22,16 +47,16 @@ def add_generate_parser(sub) -> None:
     parser.add_argument("model_dir", help="directory written by save_pretrained (with tokenizer files)")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
-    prompts.add_argument("--prompt-file", type=Path, help="a text file with one prompt per line")
+    prompts.add_argument("--prompt-file", type=Path, help="a UTF-8 text file with one prompt per line")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: MODEL_DIR)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--top-k", type=nonnegative_int, default=50)
+    parser.add_argument("--top-p", type=positive_float, default=1.0, help="in (0, 1]")
+    parser.add_argument("--repetition-penalty", type=positive_float, default=1.0)
+    parser.add_argument("--num-beams", type=positive_int, default=1)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-stream", action="store_true", help="print only when done (single prompt)")
@@ -47,57 +72,63 @@ def add_generate_parser(sub) -> None:
 
 
 def check_sampling(args: argparse.Namespace) -> None:
-    """Reject out-of-range generation settings with a message that names the flag."""
-    checks = [
-        (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
-        (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
-        (args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}"),
-        (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (args.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {args.repetition_penalty}"),
-        (args.num_beams >= 1, f"--num-beams must be >= 1, got {args.num_beams}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    """What the flag types cannot say alone: ``--top-p`` is a probability mass, at most 1."""
+    if args.top_p > 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt_file is not None:
         if not args.prompt_file.is_file():
             raise FileNotFoundError(f"prompt file {args.prompt_file} does not exist")
-        prompts = [line for line in args.prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = args.prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            where = f"{err.reason} at byte {err.start}"
+            raise ValueError(f"prompt file {args.prompt_file} is not UTF-8 text: {where}") from None
+        prompts = [line for line in text.splitlines() if line.strip()]
     else:
         prompts = args.prompt
     if not prompts or not all(p.strip() for p in prompts):
-        raise ValueError("empty prompt: give at least one non-empty prompt")
+        raise UsageError("empty prompt: give at least one non-empty prompt")
     return prompts
 
 
-def run_generate(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig, TextStreamer
-
-    from densessm.inference import prepack_for_cpu
-
-    check_sampling(args)
-    model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
-    prompts = _read_prompts(args)
-    tokenizer_dir = Path(args.tokenizer or model_dir)
+def _load_tokenizer(directory: Path):
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"no usable tokenizer in {tokenizer_dir} (pass --tokenizer DIR): {err}") from err
+        tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left")
+    except Exception as err:  # tokenizers raise OSError, ValueError, TypeError or their own exceptions
+        raise ValueError(f"no usable tokenizer in {directory} (pass --tokenizer DIR): {err}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype]).to(args.device).eval()
+    if tokenizer.pad_token is None:
+        raise ValueError(f"the tokenizer in {directory} has neither a pad nor an end-of-text token to pad prompts with")
+    return tokenizer
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    check_sampling(args)
+    device = resolve_device(args.device)
+    prompts = _read_prompts(args)
+    config = read_config(args.model_dir)  # before the tokenizer, which would blame itself for a bad config.json
+    tokenizer = _load_tokenizer(Path(args.tokenizer or args.model_dir))
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    real = batch["input_ids"][batch["attention_mask"].bool()]
+    if real.numel() and int(real.max()) >= config.vocab_size:
+        raise ValueError(
+            f"the tokenizer gives token id {int(real.max())}, beyond the model's vocab_size {config.vocab_size}: "
+            "pass the tokenizer the model was trained with (--tokenizer DIR)"
+        )
+    limit = getattr(config, "max_position_embeddings", None)
+    longest = int(batch["attention_mask"].sum(-1).max())
+    if limit is not None and longest > limit:
+        raise UsageError(f"a prompt has {longest} tokens; the model allows at most {limit} (max_position_embeddings)")
+    model = load_causal_lm(args.model_dir, dtype=DTYPES[args.dtype], device=device, config=config)
     if model.device.type == "cpu" and not args.no_prepack and not args.compile:
         prepack_for_cpu(model)  # several times faster decoding on CPU; inductor packs weights itself
-    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(args.device)
-    limit = model.config.max_position_embeddings
-    longest = int(batch["attention_mask"].sum(-1).max())
-    if longest > limit:
-        raise ValueError(f"a prompt has {longest} tokens; the model allows at most {limit} (max_position_embeddings)")
+    batch = batch.to(device)
 
     torch.manual_seed(args.seed)
     stream = len(prompts) == 1 and args.num_beams == 1 and not args.no_stream
@@ -114,6 +145,7 @@ def run_generate(args: argparse.Namespace) -> None:
             num_beams=args.num_beams,
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,
+            logits_processor=LogitsProcessorList([FiniteLogitsGuard(model)]),
             compile_config=CompileConfig(fullgraph=True, dynamic=False) if args.compile else None,
         )
     if stream:

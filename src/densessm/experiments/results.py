@@ -16,6 +16,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from densessm.experiments.dense_vs_plain import FAMILIES
+from densessm.files import atomic_output_file, atomic_write_text
 
 LABELS = {
     "dense_retnet": "DenseRetNet",
@@ -184,7 +185,7 @@ def plot_curves(results: dict, path: Path) -> Path:
         if finals:
             ax.set_ylim(min(finals) - 0.1, min(finals) + 1.5)
     fig.suptitle("Validation loss during training (line: mean over seeds; band: min to max)")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     return path
 
 
@@ -363,14 +364,16 @@ def render_markdown(results: dict, command: str, png_name: str) -> str:
 
 
 def write_report(results: dict, path: Path, command: str) -> tuple[Path, Path, Path]:
-    """Write the markdown page, its JSON data and the curves PNG next to each other."""
+    """Write the markdown page, its JSON data and the curves PNG next to each other (each atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    png = plot_curves(results, path.with_name(path.stem + "-curves.png"))
+    png = path.with_name(path.stem + "-curves.png")
+    with atomic_output_file(png, overwrite=True) as tmp:
+        plot_curves(results, tmp)
     data = path.with_suffix(".json")
     slim = json.loads(json.dumps(results))
     for model in slim["models"].values():
         for run in model["runs"]:
             run.pop("tasks", None)
-    data.write_text(json.dumps(slim | {"command": command}, indent=1) + "\n")
-    path.write_text(render_markdown(results, command, png.name))
+    atomic_write_text(data, json.dumps(slim | {"command": command}, indent=1) + "\n", overwrite=True)
+    atomic_write_text(path, render_markdown(results, command, png.name), overwrite=True)
     return path, data, png

@@ -1,0 +1,49 @@
+"""``argparse`` value types that refuse impossible values when the command line is parsed.
+
+A ``--batch-size 0`` found by argparse is a usage error (exit 2) with the flag's name, before any model
+is loaded; found later it would be a traceback from deep inside a loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _number(text: str, kind: type) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        wanted = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float)
+
+
+__all__ = ["finite_float", "nonnegative_int", "positive_float", "positive_int"]

@@ -1,0 +1,176 @@
+"""Writing and reading files so that nothing is lost and nothing leaks.
+
+Every writer in densessm goes through here, so one set of rules holds everywhere:
+
+- **no overwrite unasked**: a destination that already holds something is refused unless the caller
+  passes ``overwrite=True`` (which the command lines expose as ``--overwrite``);
+- **atomic**: a file or a whole directory is written under a temporary sibling name and renamed into
+  place, so a crash leaves either the old content or the new one, never half of either;
+- **confinement**: a reader given a directory reads only regular files inside it (paths resolved, so
+  neither ``../`` nor a symlink leads out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from densessm.errors import UsageError
+
+
+class DestinationExistsError(FileExistsError):
+    """The destination holds data and the caller did not ask to replace it."""
+
+
+class OutsideDirectoryError(PermissionError):
+    """A path named by a file inside a directory points outside that directory (or is not a regular file)."""
+
+
+def _is_nonempty(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def check_destination(path: str | os.PathLike, overwrite: bool, what: str = "destination", flag: str = "--overwrite"):
+    """Refuse ``path`` if it holds data (unless ``overwrite``) or is a file where a directory is wanted."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a directory")
+    if _is_nonempty(path) and not overwrite:
+        raise DestinationExistsError(
+            f"{what} {path} already holds files; nothing was written. Choose another, or pass {flag} to replace it"
+        )
+
+
+def check_separate(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Refuse a destination equal to, inside, or containing its source: writing it would destroy what is read."""
+    src_r, dst_r = Path(src).resolve(), Path(dst).resolve()
+    if src_r == dst_r:
+        raise UsageError(f"the destination {dst} is the source itself: choose another directory")
+    if src_r in dst_r.parents:
+        raise UsageError(f"the destination {dst} lies inside the source {src}: choose a directory outside it")
+    if dst_r in src_r.parents:
+        raise UsageError(f"the destination {dst} contains the source {src}: choose a directory that does not")
+
+
+def _temp_sibling(path: Path, kind: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "dir":
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for syncing
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename; refuse an existing file unless
+    ``overwrite``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a file")
+    if path.exists() and not overwrite:
+        raise DestinationExistsError(f"{path} already exists; nothing was written (pass --overwrite to replace it)")
+    tmp = _temp_sibling(path, "file")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary path to write ``path``'s content to (by a library that wants a file name); renamed into
+    place when the block ends without an error, removed otherwise."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DestinationExistsError(f"{path} already exists; nothing was written (pass --overwrite to replace it)")
+    tmp = _temp_sibling(path, "file")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, what: str = "destination") -> Iterator[Path]:
+    """A fresh temporary directory beside ``path`` to write into; when the block ends without an error it
+    replaces ``path`` (whose old content is removed only after the new one is in place), else it is removed
+    and ``path`` is untouched."""
+    path = Path(path)
+    check_destination(path, overwrite, what)
+    tmp = _temp_sibling(path, "dir")
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if path.exists():
+            old = _temp_sibling(path, "dir")
+            os.rmdir(old)
+            os.replace(path, old)  # rename, not delete: the old content survives until the new one is in place
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def confined_file(root: str | os.PathLike, name: str) -> Path:
+    """``root / name`` as a regular file that truly lies inside ``root`` (after resolving ``..`` and symlinks).
+
+    Raises :class:`OutsideDirectoryError` naming ``name`` otherwise, and FileNotFoundError if it is absent."""
+    root_r = Path(root).resolve()
+    candidate = Path(root) / name
+    if Path(name).is_absolute():
+        raise OutsideDirectoryError(
+            f"{name!r} (named in {root}) is an absolute path: refused, only files inside {root} are read"
+        )
+    resolved = candidate.resolve()
+    if root_r not in resolved.parents:
+        raise OutsideDirectoryError(f"{name!r} (in {root}) leads outside it, to {resolved}: refused")
+    if not resolved.exists():
+        raise FileNotFoundError(f"{candidate} does not exist")
+    if not resolved.is_file():
+        raise OutsideDirectoryError(f"{candidate} is not a regular file: refused")
+    return resolved
+
+
+__all__ = [
+    "DestinationExistsError",
+    "OutsideDirectoryError",
+    "atomic_output_dir",
+    "atomic_output_file",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_destination",
+    "check_separate",
+    "confined_file",
+]

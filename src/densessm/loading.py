@@ -1,0 +1,209 @@
+"""Strict loading of a saved model for the command line: exactly the model its directory describes, or an error.
+
+``from_pretrained`` follows transformers' conventions: a missing or unexpected tensor is a warning table,
+and the missing ones are filled with fresh random values. That is right for fine-tuning a different head,
+and wrong for ``densessm generate``/``eval``/``train``, where a damaged directory would print garbage or a
+perplexity with exit code 0. Here the checkpoint's tensor names and shapes are read from the file headers
+(nothing is allocated) and compared with what the configuration builds; any difference is a
+:class:`~densessm.errors.ModelLoadError` naming the tensors. The Python API keeps transformers' behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+
+import torch
+import transformers
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from densessm.errors import ModelLoadError, NonFiniteError
+from densessm.models.mamba import DenseMambaConfig
+from densessm.models.retnet import DenseRetNetConfig
+
+MODEL_TYPES = (DenseRetNetConfig.model_type, DenseMambaConfig.model_type)
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+_SHOWN = 8  # tensor names listed in an error before "and N more"
+
+
+def _names(keys) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+    return ", ".join(keys[:_SHOWN]) + more
+
+
+def read_config(model_dir: str | Path) -> PretrainedConfig:
+    """The configuration in ``model_dir/config.json``, which must describe a densessm model."""
+    path = Path(model_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a model directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a model saved with save_pretrained()")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{config_file} holds a JSON {type(raw).__name__}, not an object of settings")
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ModelLoadError(
+            f"{config_file} describes model_type {model_type!r}, not a densessm model ({', '.join(MODEL_TYPES)}); "
+            "a public-reference DenseRetNet checkpoint is imported with `densessm convert`"
+        )
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as err:  # the config classes raise ValueError, TypeError or a strict-dataclass error
+        raise ModelLoadError(f"{config_file} is not a valid {model_type} configuration: {err}") from None
+
+
+def _shard_files(path: Path, index_name: str) -> list[Path]:
+    index_file = path / index_name
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ModelLoadError(f"{index_file} is not a valid weight index: {err!r}") from None
+    files = []
+    for shard in shards:
+        name = PurePosixPath(str(shard))
+        if name.is_absolute() or ".." in name.parts or len(name.parts) != 1:
+            raise ModelLoadError(f"{index_file} names the shard {shard!r} outside {path}: refused")
+        if not (path / name).is_file():
+            raise ModelLoadError(f"shard {shard} listed in {index_file} is missing")
+        files.append(path / name)
+    return files
+
+
+def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a saved model's weight files, read from their headers only."""
+    path = Path(model_dir)
+    if (path / SAFETENSORS).is_file():
+        files = [path / SAFETENSORS]
+    elif (path / SAFETENSORS_INDEX).is_file():
+        files = _shard_files(path, SAFETENSORS_INDEX)
+    elif (path / BIN).is_file() or (path / BIN_INDEX).is_file():
+        files = [path / BIN] if (path / BIN).is_file() else _shard_files(path, BIN_INDEX)
+        shapes = {}
+        for file in files:
+            try:  # weights_only: no code from the file runs; meta: no memory for the values
+                state = torch.load(file, map_location="meta", weights_only=True)
+            except Exception as err:  # torch raises several types for unreadable or unsafe pickles
+                raise ModelLoadError(f"cannot read {file} safely (weights_only=True): {err}") from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ModelLoadError(f"{file} does not hold a flat dict of tensors")
+            shapes.update({k: tuple(v.shape) for k, v in state.items()})
+        return shapes
+    else:
+        raise FileNotFoundError(f"no weights in {path}: expected {SAFETENSORS} (or {SAFETENSORS_INDEX})")
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is no dict)
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ModelLoadError(f"corrupt or truncated weights file {file}: {err}") from None
+    return shapes
+
+
+def expected_shapes(config: PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:
+    """What ``config`` builds: name -> shape, and the groups of names that share one tensor (tied weights)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    groups: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), set()).add(name)
+    return shapes, [g for g in groups.values() if len(g) > 1]
+
+
+def check_weights(model_dir: str | Path, config: PretrainedConfig) -> None:
+    """Raise :class:`ModelLoadError` unless the weight files hold exactly the tensors ``config`` builds."""
+    found = checkpoint_shapes(model_dir)
+    expected, tied = expected_shapes(config)
+    missing = set(expected) - set(found)
+    for group in tied:  # a tied tensor is saved once, under any one of its names
+        if group & set(found):
+            missing -= group
+    unexpected = set(found) - set(expected)
+    mismatched = [
+        f"{k} {found[k]} (config.json gives {expected[k]})"
+        for k in sorted(set(found) & set(expected))
+        if found[k] != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_names(unexpected)}")
+    if mismatched:
+        problems.append(f"tensors of another shape: {_names(mismatched)}")
+    if problems:
+        raise ModelLoadError(
+            f"{model_dir} does not hold the model its config.json describes ({config.model_type}): "
+            + "; ".join(problems)
+        )
+
+
+def load_causal_lm(
+    model_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    config: PretrainedConfig | None = None,
+) -> PreTrainedModel:
+    """The causal LM saved in ``model_dir``, checked strictly first (see the module docstring), in eval mode."""
+    config = config if config is not None else read_config(model_dir)
+    check_weights(model_dir, config)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the checks above replace transformers' load report
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
+    except (SafetensorError, RuntimeError) as err:
+        raise ModelLoadError(f"cannot load the weights in {model_dir}: {err}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def first_nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding a NaN or infinity, or None."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def raise_nonfinite(model: torch.nn.Module, what: str, inputs: torch.Tensor | None = None) -> None:
+    """Raise :class:`NonFiniteError` for non-finite ``what`` (e.g. "the logits at step 3"), blaming the first
+    non-finite parameter, else a non-finite input, else the arithmetic (an overflow in a low precision)."""
+    name = first_nonfinite_parameter(model)
+    if name is not None:
+        raise NonFiniteError(f"{what} are not finite: the model's parameter {name} holds NaN or inf values")
+    if inputs is not None and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        raise NonFiniteError(f"{what} are not finite: the input holds NaN or inf values")
+    dtype = next(model.parameters()).dtype
+    hint = "; try --dtype float32" if dtype != torch.float32 else ""
+    raise NonFiniteError(
+        f"{what} are not finite, though every parameter is: the computation overflowed in {dtype}{hint}"
+    )
+
+
+__all__ = [
+    "MODEL_TYPES",
+    "check_weights",
+    "checkpoint_shapes",
+    "expected_shapes",
+    "first_nonfinite_parameter",
+    "load_causal_lm",
+    "raise_nonfinite",
+    "read_config",
+]

@@ -1,0 +1,571 @@
+"""Bad input and faults at the command line: one clear line, the conventional exit code, nothing lost.
+
+Every refused write is checked to have left the files already on disk byte for byte as they were.
+Exit codes: 2 usage, 1 failure, 130 interrupted (see densessm.errors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_mamba_config
+from safetensors.torch import load_file, save_file
+from test_convert import _write_reference
+
+import densessm.cli
+from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
+from densessm.cli import main
+from densessm.errors import Interrupted
+
+
+def snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every file under ``root`` (symlinks as their target), to compare before and after."""
+    files: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            files[key] = f"-> {os.readlink(path)}"
+        elif path.is_file():
+            files[key] = path.read_bytes()
+        else:
+            files[key] = "<dir>"
+    return files
+
+
+def run(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def model_dir(tmp_path, word_tokenizer) -> Path:
+    directory = tmp_path / "model"
+    DenseRetNetForCausalLM(tiny_config(max_position_embeddings=32)).save_pretrained(directory)
+    word_tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(f"w{i % 90}" for i in range(200)) + "\n")
+    return path
+
+
+def _edit_weights(directory: Path, edit) -> None:
+    state = load_file(directory / "model.safetensors")
+    edit(state)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def _first_key(directory: Path, part: str) -> str:
+    return next(k for k in sorted(load_file(directory / "model.safetensors")) if part in k)
+
+
+# --- the exit-code conventions --------------------------------------------------------------------------
+
+
+def test_usage_errors_exit_2(capsys):
+    assert run(["no-such-command"], capsys)[0] == 2
+    code, err = run(["presets", "--bogus"], capsys)
+    assert code == 2 and "unrecognized arguments: --bogus" in err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(densessm.cli, "list_presets", lambda: interrupted(None))
+    code, err = run(["presets"], capsys)
+    assert code == 130 and err.strip() == "densessm presets: interrupted"
+
+
+def test_interrupted_carries_what_to_do_next(monkeypatch, capsys):
+    def interrupted():
+        raise Interrupted("resume from out/checkpoint-4")
+
+    monkeypatch.setattr(densessm.cli, "list_presets", interrupted)
+    code, err = run(["presets"], capsys)
+    assert code == 130 and err.strip() == "densessm presets: interrupted: resume from out/checkpoint-4"
+
+
+def test_unexpected_exception_is_one_line_unless_asked_for_the_traceback(monkeypatch, capsys):
+    def broken():
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(densessm.cli, "list_presets", broken)
+    code, err = run(["presets"], capsys)
+    assert code == 1 and "internal error (ZeroDivisionError): boom" in err and "DENSESSM_TRACEBACK=1" in err
+    monkeypatch.setenv("DENSESSM_TRACEBACK", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(["presets"])
+
+
+# --- demo ------------------------------------------------------------------------------------------------
+
+
+def test_demo_does_not_default_to_the_folder_the_demo_script_trains_into():
+    args = densessm.cli.build_parser().parse_args(["demo"])
+    assert Path(args.output_dir) != Path("outputs/demo")
+    assert "outputs/demo" in (Path(__file__).parents[1] / "scripts" / "demo.sh").read_text()
+
+
+def test_demo_refuses_a_folder_that_holds_files(tmp_path, capsys):
+    out = tmp_path / "trained"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"precious weights")
+    before = snapshot(out)
+    code, err = run(["demo", "--output-dir", str(out), "--new-tokens", "2"], capsys)
+    assert code == 1 and "already holds files" in err and "--overwrite" in err
+    assert snapshot(out) == before
+
+
+def test_demo_overwrites_only_when_asked(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert main(["demo", "--output-dir", str(out), "--new-tokens", "2", "--overwrite"]) == 0
+    assert not (out / "old.txt").exists() and (out / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary sibling left
+
+
+def test_demo_output_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("keep")
+    code, err = run(["demo", "--output-dir", str(tmp_path / "file")], capsys)
+    assert code == 2 and "is a file, not a directory" in err
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_demo_unknown_preset_is_a_usage_error(tmp_path, capsys):
+    code, err = run(["demo", "--preset", "nope", "--output-dir", str(tmp_path / "x")], capsys)
+    assert code == 2 and "unknown preset 'nope'" in err and "dense_retnet_tiny" in err
+    assert not (tmp_path / "x").exists()
+
+
+# --- convert ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reference(tmp_path) -> Path:
+    return _write_reference(tmp_path, DenseRetNetForCausalLM(tiny_config()))
+
+
+def test_convert_refuses_a_destination_that_holds_files(reference, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "model.safetensors").write_bytes(b"another model")
+    before = snapshot(dst)
+    code, err = run(["convert", str(reference), str(dst)], capsys)
+    assert code == 1 and "already holds files" in err
+    assert snapshot(dst) == before
+
+
+def test_convert_overwrites_when_asked(reference, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "stale.bin").write_bytes(b"x")
+    assert main(["convert", str(reference), str(dst), "--overwrite"]) == 0
+    assert not (dst / "stale.bin").exists() and (dst / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("dst", "message"),
+    [(".", "is the source itself"), ("sub", "lies inside the source"), ("..", "contains the source")],
+)
+def test_convert_refuses_a_destination_overlapping_the_source(reference, capsys, dst, message):
+    before = snapshot(reference)
+    code, err = run(["convert", str(reference), str(reference / dst), "--overwrite"], capsys)
+    assert code == 2 and message in err
+    assert snapshot(reference) == before
+
+
+def test_convert_into_an_empty_existing_directory(reference, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(reference), str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def _sharded_reference(tmp_path) -> Path:
+    return _write_reference(tmp_path, DenseRetNetForCausalLM(tiny_config()), layout="sharded-safetensors")
+
+
+@pytest.mark.parametrize("escape", ["absolute", "parent", "nested"])
+def test_convert_reads_no_shard_outside_the_source(tmp_path, capsys, escape):
+    src = _sharded_reference(tmp_path)
+    outside = tmp_path / "secret.safetensors"
+    (src / "model-a.safetensors").rename(outside)
+    index_file = src / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name = {"absolute": str(outside), "parent": "../secret.safetensors", "nested": "sub/../../secret.safetensors"}
+    index["weight_map"] = {
+        k: (name[escape] if v == "model-a.safetensors" else v) for k, v in index["weight_map"].items()
+    }
+    index_file.write_text(json.dumps(index))
+    code, err = run(["convert", str(src), str(tmp_path / "out")], capsys)
+    assert code == 1 and repr(name[escape]) in err and "refused" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_a_tokenizer_symlink_leading_out(reference, tmp_path, capsys):
+    (tmp_path / "private.json").write_text('{"secret": 1}')
+    (reference / "tokenizer.json").symlink_to(tmp_path / "private.json")
+    code, err = run(["convert", str(reference), str(tmp_path / "out")], capsys)
+    assert code == 1 and "'tokenizer.json'" in err and "leads outside" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_follows_a_symlink_that_stays_inside(reference, tmp_path):
+    (reference / "real_tokenizer.json").write_text('{"inside": true}')
+    (reference / "tokenizer.json").symlink_to("real_tokenizer.json")
+    assert main(["convert", str(reference), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"inside": true}'
+    assert not (tmp_path / "out" / "tokenizer.json").is_symlink()
+
+
+def test_convert_refuses_weights_symlinked_from_outside(reference, tmp_path, capsys):
+    (reference / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (reference / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    code, err = run(["convert", str(reference), str(tmp_path / "out")], capsys)
+    assert code == 1 and "'model.safetensors'" in err and "leads outside" in err
+
+
+def test_convert_refuses_a_shard_that_is_a_directory(tmp_path, capsys):
+    src = _sharded_reference(tmp_path)
+    (src / "model-a.safetensors").unlink()
+    (src / "model-a.safetensors").mkdir()
+    code, err = run(["convert", str(src), str(tmp_path / "out")], capsys)
+    assert code == 1 and "is not a regular file" in err
+
+
+def test_convert_config_that_is_not_an_object(reference, tmp_path, capsys):
+    (reference / "config.json").write_text("[1, 2]")
+    code, err = run(["convert", str(reference), str(tmp_path / "out")], capsys)
+    assert code == 1 and "holds a JSON list, not an object" in err
+
+
+def test_a_crash_while_converting_leaves_no_destination(reference, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.save_pretrained
+
+    def crash(self, directory, *args, **kwargs):
+        real(self, directory, *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash)
+    assert main(["convert", str(reference), str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ref"]  # no temporary sibling left
+
+
+def test_a_crash_while_overwriting_keeps_the_old_destination(reference, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    dst = tmp_path / "out"
+    assert main(["convert", str(reference), str(dst)]) == 0
+    before = snapshot(dst)
+
+    def crash(self, directory, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash)
+    assert main(["convert", str(reference), str(dst), "--overwrite"]) == 1
+    assert snapshot(dst) == before
+
+
+# --- strict loading: generate and eval refuse a model that is not what its config.json describes ----------
+
+DAMAGE = {
+    "missing": (lambda d: _edit_weights(d, lambda s: s.pop(_first_key(d, "q_proj"))), "missing tensors: model."),
+    "unexpected": (
+        lambda d: _edit_weights(d, lambda s: s.__setitem__("model.extra.weight", torch.zeros(2))),
+        "unexpected tensors: model.extra.weight",
+    ),
+    "mis-shaped": (
+        lambda d: _edit_weights(d, lambda s: s.__setitem__(_first_key(d, "q_proj"), torch.zeros(3, 3))),
+        "tensors of another shape",
+    ),
+    "foreign model_type": (
+        lambda d: (d / "config.json").write_text(
+            json.dumps(json.loads((d / "config.json").read_text()) | {"model_type": "llama"})
+        ),
+        "describes model_type 'llama', not a densessm model",
+    ),
+    "invalid config.json": (lambda d: (d / "config.json").write_text("{oops"), "config.json is not valid JSON"),
+    "truncated weights": (
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+        "corrupt or truncated weights file",
+    ),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), "no weights in"),
+    "bad config value": (
+        lambda d: (d / "config.json").write_text(
+            json.dumps(json.loads((d / "config.json").read_text()) | {"num_hidden_layers": "three"})
+        ),
+        "not a valid dense_retnet configuration",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_generate_refuses_a_damaged_model(model_dir, capsys, damage):
+    spoil, message = DAMAGE[damage]
+    spoil(model_dir)
+    code, err = run(["generate", str(model_dir), "--prompt", "w1 w2", "--max-new-tokens", "2"], capsys)
+    assert code == 1 and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", ["missing", "foreign model_type", "truncated weights"])
+def test_eval_refuses_a_damaged_model(model_dir, corpus, capsys, damage):
+    spoil, message = DAMAGE[damage]
+    spoil(model_dir)
+    code, err = run(["eval", "ppl", str(model_dir), "--data", str(corpus), "--window", "16"], capsys)
+    assert code == 1 and message in err
+
+
+def test_eval_tasks_checks_the_weights_before_the_harness_loads_them(model_dir, capsys):
+    DAMAGE["missing"][0](model_dir)
+    code, err = run(["eval", "tasks", str(model_dir), "--tasks", "piqa"], capsys)
+    assert code == 1 and "missing tensors" in err
+
+
+def test_the_python_api_keeps_transformers_conventions(model_dir):
+    """from_pretrained itself still loads a checkpoint with a missing tensor (and reports it), as transformers does."""
+    DAMAGE["missing"][0](model_dir)
+    model, info = DenseRetNetForCausalLM.from_pretrained(model_dir, output_loading_info=True)
+    assert len(info["missing_keys"]) == 1
+
+
+# --- non-finite values are reported, not hidden ----------------------------------------------------------
+
+
+def _poison(directory: Path, part: str) -> str:
+    name = _first_key(directory, part)
+    _edit_weights(directory, lambda s: s[name].view(-1).__setitem__(0, float("nan")))
+    return name
+
+
+def test_generate_names_the_nan_parameter(model_dir, capsys):
+    name = _poison(model_dir, "o_proj")
+    code, err = run(["generate", str(model_dir), "--prompt", "w1 w2", "--max-new-tokens", "3"], capsys)
+    assert code == 1 and f"parameter {name} holds NaN" in err and "generation step 1" in err
+
+
+@pytest.mark.parametrize("sampling", [[], ["--do-sample", "--top-k", "5"], ["--num-beams", "2"]])
+def test_generate_stops_on_nan_in_every_strategy(model_dir, capsys, sampling):
+    _poison(model_dir, "lm_head")
+    code, err = run(["generate", str(model_dir), "--prompt", "w1", "--max-new-tokens", "2", *sampling], capsys)
+    assert code == 1 and "lm_head.weight holds NaN" in err
+
+
+def test_eval_names_the_nan_parameter(model_dir, corpus, capsys):
+    name = _poison(model_dir, "model.norm")
+    code, err = run(["eval", "ppl", str(model_dir), "--data", str(corpus), "--window", "16"], capsys)
+    assert code == 1 and f"parameter {name} holds NaN" in err
+
+
+def test_overflow_without_a_bad_parameter_is_named_as_such():
+    from densessm.errors import NonFiniteError
+    from densessm.loading import raise_nonfinite
+
+    model = DenseRetNetForCausalLM(tiny_config()).to(torch.bfloat16)
+    with pytest.raises(NonFiniteError, match="overflowed in torch.bfloat16; try --dtype float32"):
+        raise_nonfinite(model, "the logits")
+    with pytest.raises(NonFiniteError, match="the input holds NaN"):
+        raise_nonfinite(model, "the logits", inputs=torch.tensor([float("nan")]))
+
+
+# --- generate: inputs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "gpu"], "unknown device 'gpu'"),
+        (["--device", "cuda:x"], "unknown device 'cuda:x'"),
+        (["--device", "meta"], "densessm runs on cpu, cuda or mps, not meta"),
+        (["--max-new-tokens", "ten"], "argument --max-new-tokens: expected an integer, got 'ten'"),
+        (["--top-p", "nan"], "argument --top-p: expected a finite number, got 'nan'"),
+        (["--temperature", "-1"], "argument --temperature: must be greater than 0"),
+        (["--seed", "-3"], "argument --seed: must be 0 or more"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    ],
+)
+def test_generate_usage_errors(model_dir, capsys, flags, message):
+    code, err = run(["generate", str(model_dir), "--prompt", "w1", *flags], capsys)
+    assert code == 2 and message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_generate_on_a_missing_gpu(model_dir, capsys):
+    code, err = run(["generate", str(model_dir), "--prompt", "w1", "--device", "cuda"], capsys)
+    assert code == 2 and "no CUDA GPU is available on this machine" in err
+
+
+def test_generate_prompt_file_problems(model_dir, tmp_path, capsys):
+    code, err = run(["generate", str(model_dir), "--prompt-file", str(tmp_path / "none.txt")], capsys)
+    assert code == 1 and "does not exist" in err
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    code, err = run(["generate", str(model_dir), "--prompt-file", str(tmp_path / "latin1.txt")], capsys)
+    assert code == 1 and "is not UTF-8 text" in err and "byte 3" in err
+
+
+def test_generate_with_a_tokenizer_larger_than_the_vocabulary(tmp_path, word_tokenizer, capsys):
+    DenseRetNetForCausalLM(tiny_config(vocab_size=50)).save_pretrained(tmp_path / "small")
+    word_tokenizer.save_pretrained(tmp_path / "small")
+    code, err = run(["generate", str(tmp_path / "small"), "--prompt", "w90 w1"], capsys)
+    assert code == 1 and "beyond the model's vocab_size 50" in err and "--tokenizer" in err
+
+
+def test_generate_tokenizer_dir_missing(model_dir, tmp_path, capsys):
+    code, err = run(["generate", str(model_dir), "--prompt", "w1", "--tokenizer", str(tmp_path / "nope")], capsys)
+    assert code == 1 and "tokenizer directory" in err and "does not exist" in err
+
+
+def test_generate_runs_on_dense_mamba(tmp_path, word_tokenizer, capsys):
+    directory = tmp_path / "mamba"
+    DenseMambaForCausalLM(tiny_mamba_config()).save_pretrained(directory)
+    word_tokenizer.save_pretrained(directory)
+    code = main(["generate", str(directory), "--prompt", "w1 w2", "--max-new-tokens", "3", "--no-stream"])
+    assert code == 0 and capsys.readouterr().out.startswith("w1 w2")
+
+
+def test_model_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, err = run(["generate", str(tmp_path / "file"), "--prompt", "w1"], capsys)
+    assert code == 1 and "is a file, not a model directory" in err
+
+
+# --- eval: inputs and reports ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
+        (["--batch-size", "-1"], "argument --batch-size: must be a positive integer, got -1"),
+        (["--window", "0"], "argument --window: must be a positive integer"),
+        (["--window", "8", "--stride", "8"], "--stride must be smaller than --window (8), got 8"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_eval_ppl_usage_errors(model_dir, corpus, capsys, flags, message):
+    code, err = run(["eval", "ppl", str(model_dir), "--data", str(corpus), *flags], capsys)
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("limit", ["inf", "0", "-2", "many"])
+def test_eval_tasks_limit_must_be_positive_and_finite(model_dir, capsys, limit):
+    assert run(["eval", "tasks", str(model_dir), "--limit", limit], capsys)[0] == 2
+
+
+def test_eval_names_a_file_that_is_not_utf8(model_dir, tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("na\xefve text\n".encode("latin-1"))
+    code, err = run(["eval", "ppl", str(model_dir), "--data", str(tmp_path / "latin1.txt")], capsys)
+    assert code == 1 and "latin1.txt is not UTF-8 text" in err and "at byte 2" in err
+
+
+def test_eval_refuses_to_replace_a_report_before_evaluating(model_dir, corpus, tmp_path, capsys, monkeypatch):
+    import densessm.evaluation.perplexity as perplexity
+
+    (tmp_path / "report.json").write_text("{}")
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(perplexity, "load_model", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    argv = [
+        "eval",
+        "ppl",
+        str(model_dir),
+        "--data",
+        str(corpus),
+        "--window",
+        "16",
+        "--output",
+        str(tmp_path / "report"),
+    ]
+    code, err = run(argv, capsys)
+    assert code == 1 and "report.json already exists" in err and "--overwrite" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_eval_replaces_a_report_when_asked(model_dir, corpus, tmp_path, capsys):
+    (tmp_path / "report.json").write_text("{}")
+    argv = [
+        "eval",
+        "ppl",
+        str(model_dir),
+        "--data",
+        str(corpus),
+        "--window",
+        "16",
+        "--output",
+        str(tmp_path / "report"),
+    ]
+    assert main([*argv, "--overwrite", "--method", "sliding"]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["kind"] == "perplexity"
+
+
+# --- bench -------------------------------------------------------------------------------------------------
+
+
+def test_bench_refuses_to_replace_results(tmp_path, capsys):
+    (tmp_path / "gen.md").write_text("earlier results")
+    code, err = run(["bench", "generate", "--models", "retnet_tiny", "--out", str(tmp_path / "gen")], capsys)
+    assert code == 1 and "gen.md already exist" in err
+    assert (tmp_path / "gen.md").read_text() == "earlier results"
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--steps", "--overhead-context"])
+def test_bench_numbers_must_be_positive(tmp_path, capsys, flag):
+    code, err = run(["bench", "generate", flag, "0", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and f"argument {flag}: must be a positive integer" in err
+
+
+# --- the file primitives every writer uses -----------------------------------------------------------------
+
+
+def test_atomic_write_refuses_and_replaces_only_when_asked(tmp_path):
+    from densessm.files import DestinationExistsError, atomic_write_text
+
+    path = tmp_path / "a.json"
+    atomic_write_text(path, "one")
+    with pytest.raises(DestinationExistsError, match="already exists"):
+        atomic_write_text(path, "two")
+    assert path.read_text() == "one"
+    atomic_write_text(path, "two", overwrite=True)
+    assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_output_dir_leaves_the_old_content_when_the_writer_fails(tmp_path):
+    from densessm.files import atomic_output_dir
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_output_dir(tmp_path / "out", overwrite=True) as staging:
+        (staging / "half.txt").write_text("new")
+        raise RuntimeError("killed halfway")
+    assert snapshot(tmp_path) == {"out": "<dir>", "out/keep.txt": b"old"}
+
+
+def test_confined_file_refuses_every_way_out(tmp_path):
+    from densessm.files import OutsideDirectoryError, confined_file
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "ok.txt").write_text("ok")
+    (tmp_path / "outside.txt").write_text("secret")
+    (root / "link").symlink_to(tmp_path / "outside.txt")
+    assert confined_file(root, "sub/../ok.txt").read_text() == "ok"
+    for name, message in [
+        ("../outside.txt", "leads outside"),
+        (str(tmp_path / "outside.txt"), "absolute path"),
+        ("link", "leads outside"),
+        ("sub", "not a regular file"),
+    ]:
+        with pytest.raises(OutsideDirectoryError, match=message):
+            confined_file(root, name)
+    with pytest.raises(FileNotFoundError):
+        confined_file(root, "absent.txt")
