@@ -16,7 +16,7 @@ from densessm.ops.retention import AUTO_PARALLEL_MAX_LENGTH, select_mode
 @given(
     length=st.integers(1, 40),
     chunk=st.sampled_from([1, 7, 16, 64]),
-    m=st.integers(0, 3),
+    m=st.integers(0, 2),  # up to the 2 layers below the top of the 3-layer tiny model
     heads=st.sampled_from([1, 2]),
 )
 def test_chunkwise_equals_recurrent(length, chunk, m, heads):

@@ -114,7 +114,7 @@ def test_modes_agree_forward_and_backward(m, layers, length, chunk, batch):
     # float64 all through: the scan, the norms and the residual stream widen narrow dtypes to fp32 but keep
     # float64 (they once cast it down to fp32, and the modes then agreed only to ~1e-7), so a random draw
     # cannot fail on rounding
-    model = tiny_model(dense_block_layers=m, num_hidden_layers=layers).double().train()
+    model = tiny_model(dense_block_layers=min(m, layers - 1), num_hidden_layers=layers).double().train()
     for layer in model.backbone.layers[1:]:  # open the dense gates (they start closed)
         if layer.mixer.dense_gate is not None:
             torch.nn.init.normal_(layer.mixer.dense_gate.fc2.weight, std=0.5)
@@ -338,7 +338,7 @@ def test_config_default_mode_and_chunk_size_are_used(monkeypatch):
     calls = []
     original = modeling.selective_scan
     monkeypatch.setattr(modeling, "selective_scan", lambda *a: calls.append((a[5], a[0].shape[1])) or original(*a))
-    model = tiny_model(forward_mode="chunkwise", chunk_size=3, num_hidden_layers=1)
+    model = tiny_model(forward_mode="chunkwise", chunk_size=3, num_hidden_layers=1, dense_block_layers=0)
     model(torch.randint(0, VOCAB, (1, 7)))
     assert calls == [("parallel", 3), ("parallel", 3), ("parallel", 1)]
     calls.clear()

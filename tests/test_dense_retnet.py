@@ -33,7 +33,7 @@ def test_parallel_and_recurrent_agree_forward_and_backward(heads, layers, m, voc
         num_attention_heads=heads,
         query_key_dim=8 * heads,
         num_hidden_layers=layers,
-        dense_block_layers=m,
+        dense_block_layers=min(m, layers - 1),  # a layer receives at most the layers below it
         vocab_size=vocab,
         v_factor=v_factor,
     )
@@ -162,7 +162,7 @@ def test_bad_input_is_named(kwargs, message):
     ("overrides", "message"),
     [
         ({"dense_block_layers": -1}, "dense_block_layers must be >= 0"),
-        ({"hidden_size": 0}, "hidden_size must be positive"),
+        ({"hidden_size": 0}, "hidden_size must be a positive integer"),
         ({"query_key_dim": 15}, "query_key_dim"),
         ({"forward_mode": "fast"}, "unknown forward_mode 'fast'"),
         ({"dropout": 1.5}, "dropout must be in"),

@@ -135,7 +135,7 @@ def test_cache_file_errors(tmp_path):
 
 
 def test_cache_of_another_model_is_refused():
-    small, large = _model(num_hidden_layers=2), _model(num_hidden_layers=3)
+    small, large = _model(num_hidden_layers=2, dense_block_layers=1), _model(num_hidden_layers=3)
     tokens = torch.randint(3, 97, (1, 4))
     with torch.no_grad():
         cache = small(tokens, use_cache=True).cache

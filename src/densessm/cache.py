@@ -5,37 +5,93 @@ the sequence. This class holds them explicitly (named tensors per layer, plus th
 tokens already consumed, which gives the next positions), and offers what ``GenerationMixin`` asks of a
 cache: reorder for beam search, repeat/select along the batch, the number of steps seen. Nothing is
 hidden in module attributes, so a state can be copied, reordered, saved and restored.
+
+A state means something only to the model that computed it: the same tensors read by another model (or
+by another family, whose layers expect other tensors) give fluent nonsense. So a cache made by a model
+carries that model's :class:`CacheIdentity`, a saved cache keeps it in the file, and a model given a
+cache checks it (see :meth:`densessm.models.recurrent.RecurrentBackbone.check_cache`). Experts who know
+better can drop the identity (``cache.identity = None``, or ``RecurrentCache.load(..., check_model=False)``):
+the model then checks only the structure of the state.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-_FORMAT = "densessm.RecurrentCache/1"
+from densessm.files import DestinationExistsError, atomic_write_bytes
+
+_FORMAT = "densessm.RecurrentCache/2"
+_UNCHECKED_FORMATS = ("densessm.RecurrentCache/1",)  # no identity recorded: readable with check_model=False
+_KEY = re.compile(r"layers\.(0|[1-9][0-9]{0,8})\.([A-Za-z_][A-Za-z0-9_]{0,63})")
+_COUNT = re.compile(r"0|[1-9][0-9]{0,17}")
+_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+Layout = list[dict[str, tuple[tuple[int, ...], torch.dtype]]]
+"""Per layer: tensor name -> (shape without the batch dimension, dtype)."""
+
+
+@dataclass(frozen=True)
+class CacheIdentity:
+    """What a state belongs to: the model family, the configuration fields that shape and give meaning to
+    the state (canonical JSON), and a fingerprint of the weights the state depends on."""
+
+    model_type: str
+    config: str
+    weights: str
+
+    def __copy__(self) -> CacheIdentity:
+        return self  # immutable: copies of a cache share it, so a model recognises it without comparing
+
+    def __deepcopy__(self, memo: dict) -> CacheIdentity:
+        return self
+
+    def mismatch(self, model: CacheIdentity) -> str | None:
+        """How this (a cache's) identity differs from ``model``'s, as a phrase; None if they agree."""
+        if self.model_type != model.model_type:
+            return f"it was made by a {self.model_type} model and this is a {model.model_type} model"
+        mine, theirs = json.loads(self.config), json.loads(model.config)
+        if mine != theirs:
+            fields = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            shown = ", ".join(f"{k}={mine.get(k)!r} (this model: {theirs.get(k)!r})" for k in fields[:4])
+            return f"it was made by a {self.model_type} model of another configuration: {shown}"
+        if self.weights != model.weights:
+            return (
+                f"it was made by a {self.model_type} model with other weights (fingerprint {self.weights[:12]}, "
+                f"this model's {model.weights[:12]})"
+            )
+        return None
 
 
 class RecurrentCache:
-    """Per-layer recurrent state ``{name: tensor [B, ...]}`` of a stack of ``num_layers`` layers."""
+    """Per-layer recurrent state ``{name: tensor [B, ...]}`` of a stack of ``num_layers`` layers.
+
+    ``identity`` names the model the state belongs to (None: unchecked, see the module docstring).
+    """
 
     is_compileable = True  # a decode step can be captured: see densessm.compiled_decoding
     is_croppable = False
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, identity: CacheIdentity | None = None):
         self.layers: list[dict[str, torch.Tensor] | None] = [None] * num_layers
         self.positions: torch.Tensor | None = None  # [B] real tokens consumed per row
         self.steps = 0  # tokens consumed per row, padding included
+        self.identity = identity
 
     def __len__(self) -> int:
         return len(self.layers)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(layers={len(self.layers)}, steps={self.steps})"
+        made_by = "" if self.identity is None else f", model_type={self.identity.model_type}"
+        return f"{type(self).__name__}(layers={len(self.layers)}, steps={self.steps}{made_by})"
 
     @property
     def is_linear(self) -> list[bool]:
@@ -52,6 +108,10 @@ class RecurrentCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.steps
+
+    def layout(self) -> Layout:
+        """Per layer: name -> (shape without the batch dimension, dtype) of each state tensor."""
+        return [{name: (tuple(t.shape[1:]), t.dtype) for name, t in (layer or {}).items()} for layer in self.layers]
 
     def _tensors(self) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
         for layer in self.layers:
@@ -81,6 +141,11 @@ class RecurrentCache:
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
+    def to(self, device: str | torch.device) -> RecurrentCache:
+        """Move the state to ``device``, in place; returns the cache."""
+        self._map_batch(lambda t: t.to(device))
+        return self
+
     def reset(self) -> None:
         self.layers = [None] * len(self.layers)
         self.positions = None
@@ -99,39 +164,205 @@ class RecurrentCache:
     def activate_past_recording(self) -> None:
         self.crop(0)
 
-    def save(self, path: str | Path) -> None:
-        """Write the state to a safetensors file (a prompt cache that can be restored later)."""
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the state and the identity of its model to a safetensors file, atomically (a prompt cache
+        to restore later); an existing file is replaced only with ``overwrite``. Returns the path."""
+        path = Path(path)
         if self.is_empty:
             raise ValueError("nothing to save: the cache holds no state yet")
-        tensors = {
-            f"layers.{i}.{name}": layer[name].contiguous() for i, layer in enumerate(self.layers) for name in layer
+        if any(layer is None for layer in self.layers):
+            raise ValueError("cannot save a partial state: some layers hold no state")
+        if self.identity is None:
+            raise ValueError(
+                "this cache records no model identity (it was built by hand, or loaded or marked unchecked): "
+                "set cache.identity = model.state_identity() for the model it belongs to, then save"
+            )
+        if path.exists() and not overwrite:
+            raise DestinationExistsError(f"{path} already exists; nothing was written (pass overwrite=True)")
+        # contiguous copies: a state tensor may be a strided view sharing memory with another (safetensors refuses)
+        tensors = {f"layers.{i}.{name}": _copy(t) for i, layer in enumerate(self.layers) for name, t in layer.items()}
+        tensors["positions"] = _copy(self.positions)
+        layout = [
+            {name: [list(shape), _dtype_name(dtype)] for name, (shape, dtype) in layer.items()}
+            for layer in self.layout()
+        ]
+        metadata = {
+            "format": _FORMAT,
+            "num_layers": str(len(self.layers)),
+            "steps": str(self.steps),
+            "layout": json.dumps(layout, separators=(",", ":")),
+            "model_type": self.identity.model_type,
+            "config": self.identity.config,
+            "weights": self.identity.weights,
         }
-        tensors["positions"] = self.positions
-        metadata = {"format": _FORMAT, "num_layers": str(len(self.layers)), "steps": str(self.steps)}
-        save_file(tensors, str(path), metadata=metadata)
+        return atomic_write_bytes(path, save(tensors, metadata=metadata), overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> RecurrentCache:
-        """Read a state written by :meth:`save`."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", check_model: bool = True) -> RecurrentCache:
+        """Read a state written by :meth:`save`.
+
+        The file's header is checked against its metadata before any tensor is read (names, shapes, dtypes,
+        one batch size throughout), so a crafted or damaged file is a ValueError naming the problem and
+        never allocates more than the file holds. ``check_model=False`` drops the recorded identity (and
+        reads files of the first format, which had none): any model whose state has this layout will then
+        accept the cache.
+        """
         path = Path(path)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"unknown device {device!r}: use e.g. 'cpu', 'cuda' or 'cuda:1'") from err
         if not path.is_file():
             raise FileNotFoundError(f"no cache file at {path}")
         try:
-            with safe_open(str(path), "pt", device=str(device)) as f:
+            with safe_open(str(path), "pt", device="cpu") as f:
                 metadata = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-        except (SafetensorError, OSError, ValueError) as err:
+                header = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+                shapes = {key: (tuple(s.get_shape()), s.get_dtype()) for key, s in header.items()}
+                identity, num_layers, steps, layout = _check_header(path, metadata, shapes, check_model)
+                tensors = {key: f.get_tensor(key) for key in shapes}
+        except (SafetensorError, OSError) as err:
             raise ValueError(f"corrupt or truncated cache file {path}: {err}") from err
-        if metadata.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a densessm recurrent-state file (format {metadata.get('format')!r})")
-        cache = cls(int(metadata["num_layers"]))
-        cache.steps = int(metadata["steps"])
-        cache.positions = tensors.pop("positions")
-        for key, tensor in tensors.items():
-            _, index, name = key.split(".", 2)
-            if cache.layers[int(index)] is None:
-                cache.layers[int(index)] = {}
-            cache.layers[int(index)][name] = tensor
-        if any(layer is None for layer in cache.layers):
-            raise ValueError(f"{path} lacks the state of some layers")
+        positions = tensors.pop("positions")
+        if bool((positions < 0).any()) or int(positions.max()) > steps:
+            raise ValueError(
+                f"{path}: positions {positions.tolist()[:8]} must lie in [0, steps={steps}] (real tokens consumed "
+                "per row, at most the tokens consumed)"
+            )
+        cache = cls(num_layers, identity)
+        cache.steps = steps
+        cache.positions = positions
+        cache.layers = [{name: tensors[f"layers.{i}.{name}"] for name in layer} for i, layer in enumerate(layout)]
+        if device.type != "cpu":
+            try:
+                cache.to(device)
+            except (RuntimeError, AssertionError) as err:  # torch's ways of saying the device is not there
+                raise ValueError(f"cannot place the cache on {device}: {err}") from None
         return cache
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_FLOAT_NAMES = {code: _dtype_name(dtype) for code, dtype in _FLOATS.items()}  # safetensors code -> torch name
+
+
+def _count(path: Path, metadata: dict[str, str], field: str) -> int:
+    value = metadata.get(field)
+    if not isinstance(value, str) or not _COUNT.fullmatch(value):
+        raise ValueError(f"{path}: metadata field {field!r} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _check_header(
+    path: Path, metadata: dict[str, str], shapes: dict[str, tuple[tuple[int, ...], str]], check_model: bool
+) -> tuple[CacheIdentity | None, int, int, list[dict[str, tuple[int, ...]]]]:
+    """Validate a cache file's metadata against its tensor header; returns (identity, layers, steps, layout)."""
+    found = metadata.get("format")
+    if found not in (_FORMAT, *_UNCHECKED_FORMATS):
+        raise ValueError(f"{path} is not a densessm recurrent-state file (format {found!r})")
+    if found != _FORMAT and check_model:
+        raise ValueError(
+            f"{path} was saved in the older format {found}, which does not record the model that made it: "
+            "compute the state again and save it, or pass check_model=False if you know which model it belongs to"
+        )
+    num_layers, steps = _count(path, metadata, "num_layers"), _count(path, metadata, "steps")
+    if "positions" not in shapes:
+        raise ValueError(f"{path} lacks the positions tensor")
+    positions_shape, positions_dtype = shapes["positions"]
+    if len(positions_shape) != 1 or positions_dtype != "I64" or positions_shape[0] < 1:
+        raise ValueError(
+            f"{path}: positions must be a non-empty int64 vector [batch], got {positions_dtype} {list(positions_shape)}"
+        )
+    batch = positions_shape[0]
+    by_layer: dict[int, dict[str, tuple[int, ...]]] = {}
+    for key, (shape, dtype) in shapes.items():
+        if key == "positions":
+            continue
+        match = _KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"{path}: unexpected tensor {key!r} (a state tensor is named layers.<index>.<name>)")
+        index = int(match[1])
+        if index >= num_layers:
+            raise ValueError(f"{path}: tensor {key} names layer {index}, but the file declares {num_layers} layers")
+        if dtype not in _FLOATS:
+            raise ValueError(f"{path}: tensor {key} has dtype {dtype}; a state is floating point")
+        if len(shape) < 1 or shape[0] != batch:
+            raise ValueError(f"{path}: tensor {key} has shape {list(shape)}, not [batch={batch}, ...] as positions")
+        by_layer.setdefault(index, {})[match[2]] = (shape[1:], dtype)
+    if num_layers == 0 or len(by_layer) != num_layers:
+        missing = sorted(set(range(min(num_layers, len(by_layer) + 8))) - by_layer.keys())[:8]
+        raise ValueError(
+            f"{path} declares {num_layers} layers but holds the state of {len(by_layer)}"
+            + (f" (no tensor for layers {missing})" if missing else "")
+        )
+    layout = _declared_layout(path, metadata, num_layers, found == _FORMAT)
+    if layout is not None:
+        for index in range(num_layers):
+            declared = layout[index]
+            stored = {name: [list(shape), _FLOAT_NAMES[dtype]] for name, (shape, dtype) in by_layer[index].items()}
+            if declared != stored:
+                raise ValueError(
+                    f"{path}: layer {index} holds {_describe(stored)} but its metadata declares {_describe(declared)}"
+                )
+    names = {frozenset(layer) for layer in by_layer.values()}
+    if len(names) != 1:
+        raise ValueError(f"{path}: the layers hold different sets of tensors: {sorted(sorted(n) for n in names)}")
+    identity = None
+    if check_model:
+        identity = _identity(path, metadata)
+    return identity, num_layers, steps, [by_layer[i] for i in range(num_layers)]
+
+
+def _describe(layer: dict[str, list]) -> str:
+    return ", ".join(f"{name} {shape} {dtype}" for name, (shape, dtype) in sorted(layer.items())) or "nothing"
+
+
+def _declared_layout(path: Path, metadata: dict[str, str], num_layers: int, required: bool) -> list[dict] | None:
+    raw = metadata.get("layout")
+    if raw is None and not required:
+        return None
+    try:
+        layout = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        layout = None
+    valid = isinstance(layout, list) and all(
+        isinstance(layer, dict)
+        and all(
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], list)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in entry[0])
+            and entry[1] in _FLOAT_NAMES.values()
+            for entry in layer.values()
+        )
+        for layer in layout
+    )
+    if not valid:
+        raise ValueError(f"{path}: metadata field 'layout' is missing or not a list of per-layer tensor shapes")
+    if len(layout) != num_layers:
+        raise ValueError(f"{path}: metadata declares {num_layers} layers but its layout describes {len(layout)}")
+    return [{name: [shape, dtype] for name, (shape, dtype) in layer.items()} for layer in layout]
+
+
+def _identity(path: Path, metadata: dict[str, str]) -> CacheIdentity:
+    model_type, config, weights = (metadata.get(k) for k in ("model_type", "config", "weights"))
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"{path}: metadata lacks the model_type that made the state")
+    try:
+        fields = json.loads(config) if isinstance(config, str) else None
+    except json.JSONDecodeError:
+        fields = None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path}: metadata field 'config' is missing or not a JSON object")
+    if not isinstance(weights, str) or not re.fullmatch(r"[0-9a-f]{16,128}", weights):
+        raise ValueError(f"{path}: metadata field 'weights' is missing or not a hexadecimal fingerprint")
+    return CacheIdentity(model_type, config, weights)
+
+
+__all__ = ["CacheIdentity", "Layout", "RecurrentCache"]

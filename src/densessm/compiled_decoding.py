@@ -23,6 +23,8 @@ the copies that functionalising the in-place state update adds).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import CompileConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -55,6 +57,7 @@ class CompiledDecoder:
         if options.get("mode") == "reduce-overhead" and model.device.type != "cuda":
             options["mode"] = None  # CUDA graphs need a GPU; elsewhere inductor's default
         self._step = torch.compile(self._decode, **options)
+        self._checked: weakref.ref[RecurrentCache] | None = None  # the cache last checked (see _check)
 
     def _decode(self, input_ids: torch.Tensor, mask: torch.Tensor | None, cache: RecurrentCache) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True, return_dict=True)
@@ -78,6 +81,7 @@ class CompiledDecoder:
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         if not self.is_decode_step(input_ids, cache, kwargs):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
+        self._check(cache, input_ids.shape[0])
         if self.model.device.type == "cuda":
             _mark_static(cache)
         # fixed shapes and strides, or every token would recompile: generate() passes views of growing tensors,
@@ -86,6 +90,16 @@ class CompiledDecoder:
         logits = self._step(_fresh(input_ids), mask, cache)
         cache.steps += 1
         return CausalLMOutputWithPast(logits=logits, cache=cache)
+
+    def _check(self, cache: RecurrentCache, batch: int) -> None:
+        """Check a cache the first time a compiled step meets it (the step itself cannot: it reads no Python
+        state); generate()'s later steps reuse the same cache, so they pay nothing."""
+        if self._checked is not None and self._checked() is cache:
+            return
+        backbone = self.model.base_model
+        weight = backbone.get_input_embeddings().weight
+        backbone.check_cache(cache, batch, weight.dtype, weight.device)
+        self._checked = weakref.ref(cache)
 
 
 def _fresh(tensor: torch.Tensor) -> torch.Tensor:

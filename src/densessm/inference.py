@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from densessm.models.recurrent import SiLULinear
+from densessm.models.recurrent import RecurrentBackbone, SiLULinear
 
 
 def prepacking_available() -> bool:
@@ -76,6 +76,9 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     Every module with a ``fuse_projections()`` method takes part (DenseRetNet's retention block merges q,
     k, [v, g] and the dense gates' first layers). Irreversible and inference only, like prepacking.
     """
+    for module in model.modules():
+        if isinstance(module, RecurrentBackbone):
+            module.pin_state_identity()  # the weights' storage changes, not the function: caches still fit
     for module in list(model.modules()):
         fuse = getattr(module, "fuse_projections", None)
         if callable(fuse) and module is not model:

@@ -59,7 +59,8 @@ def read_config(model_dir: str | Path) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as err:  # the config classes raise ValueError, TypeError or a strict-dataclass error
-        raise ModelLoadError(f"{config_file} is not a valid {model_type} configuration: {err}") from None
+        cause = err.__cause__ or err  # a strict-dataclass error wraps the one-line ValueError of the validator
+        raise ModelLoadError(f"{config_file} is not a valid {model_type} configuration: {cause}") from None
 
 
 def _shard_files(path: Path, index_name: str) -> list[Path]:

@@ -9,6 +9,8 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from densessm.models.validation import check_dense_block_layers, check_positive_float, check_positive_int, is_number
+
 MAMBA_MODES = ("parallel", "chunkwise", "recurrent")
 
 
@@ -42,6 +44,24 @@ class DenseMambaConfig(PreTrainedConfig):
     """
 
     model_type = "dense_mamba"
+    # the fields that shape a recurrent state and give it its meaning (recorded by a saved cache)
+    state_fields = (
+        "vocab_size",
+        "hidden_size",
+        "state_size",
+        "num_hidden_layers",
+        "layer_norm_epsilon",
+        "expand",
+        "intermediate_size",
+        "conv_kernel",
+        "use_bias",
+        "use_conv_bias",
+        "hidden_act",
+        "residual_in_fp32",
+        "time_step_rank",
+        "dense_block_layers",
+        "dense_gate_reduction",
+    )
 
     vocab_size: int = 50280
     hidden_size: int = 768
@@ -95,19 +115,21 @@ class DenseMambaConfig(PreTrainedConfig):
             "chunk_size",
         )
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.dense_block_layers < 0:
-            raise ValueError(f"dense_block_layers must be >= 0, got {self.dense_block_layers}")
-        if self.layer_norm_epsilon <= 0:
-            raise ValueError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+            check_positive_int(self, name)
+        check_dense_block_layers(self)
+        check_positive_float(self, "layer_norm_epsilon")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (the Mamba-1 block), got {self.hidden_act!r}")
-        if not 0 < self.time_step_min <= self.time_step_max:
+        for name in ("time_step_min", "time_step_max"):
+            check_positive_float(self, name)
+        if not self.time_step_min <= self.time_step_max:
             raise ValueError(
                 f"need 0 < time_step_min <= time_step_max, got {self.time_step_min} and {self.time_step_max}"
             )
+        for name in ("time_step_scale", "time_step_floor", "initializer_range"):
+            value = getattr(self, name)
+            if not is_number(value) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.time_step_init_scheme not in ("random", "constant"):
             raise ValueError(
                 f"time_step_init_scheme must be 'random' or 'constant', got {self.time_step_init_scheme!r}"

@@ -45,6 +45,8 @@ a carried cache. With gradient checkpointing, a layer's checkpoint keeps its ``m
 
 **Masks.** A padded position contributes nothing to any state: it is left out of every convolution window
 (and of the conv state) and its ``Δ`` is 0, which makes its scan step the identity (no decay, no input).
+Padding is removed by selection (``torch.where``), never by multiplying with 0, so whatever a padded
+position holds (even NaN) cannot reach a real token.
 """
 
 from __future__ import annotations
@@ -64,7 +66,15 @@ from densessm.models.dense import SelectiveTransitionGate
 from densessm.models.mamba.configuration_dense_mamba import MAMBA_MODES, DenseMambaConfig
 from densessm.models.norm import RMSNorm
 from densessm.models.precision import at_least_fp32
-from densessm.models.recurrent import RecurrentGenerationMixin, check_inputs, frozen_linear, prepare_step
+from densessm.models.recurrent import (
+    RecurrentBackbone,
+    RecurrentGenerationMixin,
+    check_chunk_size,
+    check_embeds,
+    check_inputs,
+    frozen_linear,
+    prepare_step,
+)
 from densessm.modes import check_mode
 from densessm.ops.conv import causal_conv, causal_conv_step
 from densessm.ops.scan import read_out_sum, selective_scan
@@ -165,9 +175,11 @@ class DenseMambaMixer(nn.Module):
         else:
             xs, conv_state = causal_conv(xs, self.conv1d.weight, self.conv1d.bias, conv_state, mask)
         u = F.silu(xs)
+        if mask is not None:  # selections, not products: a padded u may be NaN, and 0 * NaN is NaN
+            u = torch.where(mask[..., None], u, 0)
         delta, B, C = self.ssm_inputs(u)
         if mask is not None:
-            delta = delta * mask[..., None]  # Δ = 0: the identity step, padding never touches the state
+            delta = torch.where(mask[..., None], delta, 0)  # Δ = 0: the identity step, padding never touches the state
         u32, C = at_least_fp32(u), at_least_fp32(C)
         scan_mode = "recurrent" if mode == "recurrent" else "parallel"
         y, states, ssm_state = selective_scan(u32, delta, A, at_least_fp32(B), C, scan_mode, ssm_state, readers)
@@ -254,7 +266,7 @@ class DenseMambaPreTrainedModel(PreTrainedModel):
                 init.copy_(module.out_proj.weight, module.out_proj.weight / math.sqrt(config.num_hidden_layers))
 
 
-class DenseMambaModel(DenseMambaPreTrainedModel):
+class DenseMambaModel(RecurrentBackbone, DenseMambaPreTrainedModel):
     """Embeddings, the mixer stack and the final norm."""
 
     def __init__(self, config: DenseMambaConfig):
@@ -267,6 +279,13 @@ class DenseMambaModel(DenseMambaPreTrainedModel):
 
     def get_input_embeddings(self):
         return self.embeddings
+
+    def state_layout(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per layer: the conv window ``[K-1, D]`` (the last inputs) and the SSM state ``[D, N]`` (at least fp32)."""
+        config = self.config
+        stat = torch.promote_types(dtype, torch.float32)
+        inner = config.intermediate_size
+        return {"conv": ((config.conv_kernel - 1, inner), dtype), "ssm": ((inner, config.state_size), stat)}
 
     def set_input_embeddings(self, value):
         self.embeddings = value
@@ -307,9 +326,7 @@ class DenseMambaModel(DenseMambaPreTrainedModel):
 
     def _chunkwise(self, hidden, mask, states, chunk_size, output_hidden_states):
         """``_stack`` over ``chunk_size`` tokens at a time, each piece starting from the states the last left."""
-        size = self.config.chunk_size if chunk_size is None else chunk_size
-        if not isinstance(size, int) or size <= 0:
-            raise ValueError(f"chunk_size must be a positive integer, got {size!r}")
+        size = self.config.chunk_size if chunk_size is None else int(chunk_size)
         pieces, piece_inputs = [], []
         for start in range(0, hidden.shape[1], size):
             piece_mask = None if mask is None else mask[:, start : start + size]
@@ -348,13 +365,17 @@ class DenseMambaModel(DenseMambaPreTrainedModel):
         """
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         config = self.config
-        batch, length = check_inputs(input_ids, inputs_embeds, attention_mask, config.vocab_size, config.hidden_size)
+        input_ids, batch, length = check_inputs(
+            input_ids, inputs_embeds, attention_mask, config.vocab_size, config.hidden_size
+        )
+        check_chunk_size(chunk_size)
         if use_cache is None:
             use_cache = config.use_cache and not self.training
         hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        step = prepare_step(
-            config.num_hidden_layers, batch, length, hidden.device, cache, use_cache, attention_mask, None
-        )
+        step = prepare_step(self, batch, length, hidden, cache, use_cache, attention_mask, None)
+        if inputs_embeds is not None:
+            check_embeds(inputs_embeds, self.embeddings.weight.dtype, step.mask)
+        hidden = step.hide_padding(hidden)
         cache = step.cache
         mode = check_mode(mode or ("recurrent" if step.carried else config.forward_mode), MAMBA_MODES)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from densessm.models.validation import (
+    check_dense_block_layers,
+    check_positive_float,
+    check_positive_int,
+    is_number,
+)
 from densessm.ops.retention import MODEL_MODES
 
 
@@ -33,6 +41,19 @@ class DenseRetNetConfig(PreTrainedConfig):
     """
 
     model_type = "dense_retnet"
+    # the fields that shape a recurrent state and give it its meaning (recorded by a saved cache)
+    state_fields = (
+        "vocab_size",
+        "hidden_size",
+        "query_key_dim",
+        "num_attention_heads",
+        "num_hidden_layers",
+        "v_factor",
+        "dense_block_layers",
+        "k_gate_reduction",
+        "v_gate_reduction",
+        "rms_norm_eps",
+    )
 
     vocab_size: int = 32000
     hidden_size: int = 1536
@@ -61,12 +82,26 @@ class DenseRetNetConfig(PreTrainedConfig):
         return int(self.hidden_size * self.v_factor)
 
     def validate_dense_retnet(self):
-        positive = ("vocab_size", "hidden_size", "query_key_dim", "num_attention_heads", "num_hidden_layers")
-        for name in (*positive, "k_gate_reduction", "v_gate_reduction"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.v_factor <= 0 or self.value_dim <= 0:
-            raise ValueError(f"v_factor must be positive, got {self.v_factor}")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "query_key_dim",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "k_gate_reduction",
+            "v_gate_reduction",
+            "max_position_embeddings",
+            "chunk_size",
+        )
+        for name in positive:
+            check_positive_int(self, name)
+        if not is_number(self.v_factor) or not 0 < self.v_factor < math.inf:
+            raise ValueError(f"v_factor must be a positive number, got {self.v_factor!r}")
+        if self.hidden_size * self.v_factor != self.value_dim:
+            raise ValueError(
+                f"hidden_size * v_factor ({self.hidden_size} * {self.v_factor}) must be a whole number: it is the "
+                "width of v and of the output gate"
+            )
         heads = self.num_attention_heads
         if self.query_key_dim % heads or (self.query_key_dim // heads) % 2:
             raise ValueError(
@@ -75,17 +110,21 @@ class DenseRetNetConfig(PreTrainedConfig):
             )
         if self.value_dim % heads:
             raise ValueError(f"hidden_size * v_factor ({self.value_dim}) must be divisible by {heads} heads")
-        if self.dense_block_layers < 0:
-            raise ValueError(f"dense_block_layers must be >= 0, got {self.dense_block_layers}")
+        check_dense_block_layers(self)
         for name, ratio in (("k_gate_reduction", self.k_gate_reduction), ("v_gate_reduction", self.v_gate_reduction)):
             if self.dense_block_layers and self.hidden_size // ratio < 1:
                 raise ValueError(f"{name}={ratio} leaves no gate width for hidden_size={self.hidden_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_positive_float(self, "rms_norm_eps")
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not is_number(self.initializer_range) or not 0 <= self.initializer_range < math.inf:
+            raise ValueError(f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"pad_token_id {self.pad_token_id} is not a token id of the vocabulary [0, {self.vocab_size})"
+            )
         if self.forward_mode not in MODEL_MODES:
             raise ValueError(f"unknown forward_mode {self.forward_mode!r}: expected one of {', '.join(MODEL_MODES)}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
     @property
     def layer_types(self) -> list[str]:

@@ -25,7 +25,15 @@ from transformers.modeling_outputs import (
 from densessm.cache import RecurrentCache
 from densessm.models.dense import SelectiveTransitionGate, fuse_hidden
 from densessm.models.norm import RMSNorm
-from densessm.models.recurrent import RecurrentGenerationMixin, check_inputs, frozen_linear, prepare_step
+from densessm.models.recurrent import (
+    RecurrentBackbone,
+    RecurrentGenerationMixin,
+    check_chunk_size,
+    check_embeds,
+    check_inputs,
+    frozen_linear,
+    prepare_step,
+)
 from densessm.models.retnet.configuration_dense_retnet import DenseRetNetConfig
 from densessm.ops.retention import (
     head_log_decays,
@@ -188,7 +196,7 @@ class DenseRetNetPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DenseRetNetDecoderLayer"]
 
 
-class DenseRetNetModel(DenseRetNetPreTrainedModel):
+class DenseRetNetModel(RecurrentBackbone, DenseRetNetPreTrainedModel):
     """Embeddings, the retention stack and the final norm."""
 
     def __init__(self, config: DenseRetNetConfig):
@@ -205,6 +213,13 @@ class DenseRetNetModel(DenseRetNetPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+    def state_layout(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per layer: the retention memory ``[H, Dk, Dv]`` (per head) and its decay-sum ``[H]`` (at least fp32)."""
+        heads = self.config.num_attention_heads
+        key_dim, value_dim = self.config.query_key_dim // heads, self.config.value_dim // heads
+        stat = torch.promote_types(dtype, torch.float32)
+        return {"state": ((heads, key_dim, value_dim), dtype), "scale": ((heads,), stat)}
 
     def retention_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotation angles ``[Dk]`` and per-head ``log γ`` ``[H]``: fixed by the shape, computed once per device."""
@@ -238,13 +253,17 @@ class DenseRetNetModel(DenseRetNetPreTrainedModel):
         """
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         config = self.config
-        batch, length = check_inputs(input_ids, inputs_embeds, attention_mask, config.vocab_size, config.hidden_size)
+        input_ids, batch, length = check_inputs(
+            input_ids, inputs_embeds, attention_mask, config.vocab_size, config.hidden_size
+        )
+        check_chunk_size(chunk_size)
         if use_cache is None:
             use_cache = config.use_cache and not self.training
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        step = prepare_step(
-            config.num_hidden_layers, batch, length, hidden.device, cache, use_cache, attention_mask, position_ids
-        )
+        step = prepare_step(self, batch, length, hidden, cache, use_cache, attention_mask, position_ids)
+        if inputs_embeds is not None:
+            check_embeds(inputs_embeds, self.embed_tokens.weight.dtype, step.mask)
+        hidden = step.hide_padding(hidden)
         cache = step.cache
         if mode is None:
             mode = "auto" if step.carried and config.forward_mode == "parallel" else config.forward_mode

@@ -62,6 +62,11 @@ def retention(
     final state or None)``.
     """
     check_mode(mode, RETENTION_MODES)
+    if mask is not None:
+        # a padded k or v is weighted by 0 in every form, but 0 * NaN is NaN: select instead, so that whatever a
+        # padded position holds never reaches a real one
+        real = mask.bool()[:, None, :, None]
+        k, v = torch.where(real, k, 0), torch.where(real, v, 0)
     if mode == "parallel":
         if state is not None:
             raise ValueError(

@@ -71,7 +71,7 @@ def parallel_retention(
     state = None
     if output_state:
         last = weights[:, :, -1]  # [B|1, H, L]: γ^{n(s, L-1)} for the final position
-        scale = last.sum(-1).expand(q.shape[0], -1)
+        scale = last.sum(-1).expand(q.shape[0], -1).contiguous()  # its own memory: decoding updates it in place
         kw = k * last[..., None].to(k.dtype)
         kv = kw.transpose(-1, -2) @ v
         state = (kv / scale.sqrt().clamp_min(_TINY)[..., None, None].to(kv.dtype), scale)

@@ -1,0 +1,43 @@
+"""Checks shared by the configuration classes: each raises a ValueError naming the field and the fix.
+
+They run as the configs' ``validate_*`` methods, i.e. when a configuration is built, when
+``from_pretrained`` reads a ``config.json``, and again when a model is built from it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from transformers import PreTrainedConfig
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_positive_int(config: PreTrainedConfig, name: str) -> None:
+    """``config.<name>`` is an integer >= 1 (``True`` is not a size)."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_positive_float(config: PreTrainedConfig, name: str) -> None:
+    """``config.<name>`` is a finite number > 0 (an epsilon of 0 divides by zero on an all-zero input)."""
+    value = getattr(config, name)
+    if not is_number(value) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_dense_block_layers(config: PreTrainedConfig) -> None:
+    """``m = dense_block_layers`` is in ``[0, num_hidden_layers - 1]``: layer ``l`` receives the states of the
+    ``min(m, l)`` layers below it, so the top layer, with ``L - 1`` below it, is the most any layer can take."""
+    m, layers = config.dense_block_layers, config.num_hidden_layers
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0:
+        raise ValueError(f"dense_block_layers must be >= 0, got {m!r}")
+    if m > layers - 1:
+        raise ValueError(
+            f"dense_block_layers={m} exceeds the {layers - 1} layer(s) below the top of a {layers}-layer model: "
+            f"use at most {layers - 1} (0 for a plain model)"
+        )

@@ -1,0 +1,386 @@
+"""A saved RecurrentCache knows its model: crafted or damaged files, and caches of other models, are refused.
+
+Every refusal is a ValueError (TypeError for a wrong type) whose message names the problem; a refused save
+leaves the file already on disk byte for byte as it was; loading never allocates more than the file holds.
+"""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_mamba_config
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CompileConfig
+
+from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM, RecurrentCache
+from densessm.cache import CacheIdentity
+from densessm.compiled_decoding import CompiledDecoder
+from densessm.files import DestinationExistsError
+from densessm.inference import fuse_projections
+
+PROMPT = torch.arange(3, 15).reshape(2, 6) % 97
+
+
+def _model(family: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    if family == "retnet":
+        return DenseRetNetForCausalLM(tiny_config(**overrides)).eval()
+    model = DenseMambaForCausalLM(tiny_mamba_config(**overrides)).eval()
+    for layer in model.backbone.layers[1:]:  # open the dense gates (they start closed): the state then matters
+        if layer.mixer.dense_gate is not None:
+            torch.nn.init.normal_(layer.mixer.dense_gate.fc2.weight, std=0.5)
+    return model
+
+
+def _cache(model, tokens: torch.Tensor = PROMPT) -> RecurrentCache:
+    with torch.no_grad():
+        return model(tokens, use_cache=True).cache
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
+    """A genuine cache file of a tiny DenseRetNet, with its tensors and metadata to tamper with."""
+    path = tmp_path_factory.mktemp("cache") / "prompt.safetensors"
+    _cache(_model("retnet")).save(path)
+    with safe_open(str(path), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        metadata = f.metadata()
+    return path, tensors, metadata
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+# --- saving and restoring -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["retnet", "mamba"])
+def test_saved_state_records_its_model_and_continues_identically(family, tmp_path):
+    model = _model(family)
+    cache = _cache(model)
+    cache.save(tmp_path / "c.safetensors")
+    restored = RecurrentCache.load(tmp_path / "c.safetensors")
+    assert restored.identity == cache.identity == model.state_identity()
+    assert restored.identity.model_type == model.config.model_type
+    full = torch.cat([PROMPT, PROMPT[:, :3]], dim=1)
+    reference = model.generate(full, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(full, cache=restored, max_new_tokens=5, do_sample=False), reference)
+
+
+def test_the_same_weights_loaded_again_accept_the_cache(tmp_path):
+    model = _model("retnet")
+    model.save_pretrained(tmp_path / "model")
+    _cache(model).save(tmp_path / "c.safetensors")
+    again = DenseRetNetForCausalLM.from_pretrained(tmp_path / "model").eval()
+    restored = RecurrentCache.load(tmp_path / "c.safetensors")
+    with torch.no_grad():
+        assert torch.equal(
+            again(PROMPT[:, :1], cache=restored).logits, model(PROMPT[:, :1], cache=_cache(model)).logits
+        )
+
+
+def test_the_fingerprint_ignores_precision_and_inference_fusion_but_follows_training():
+    model = _model("retnet")
+    identity = model.state_identity()
+    assert model.base_model.state_identity() is identity  # kept while no weight changes
+    assert _model("retnet").to(torch.bfloat16).state_identity() == identity  # the same weights, rounded
+    fused = fuse_projections(_model("retnet"))
+    assert fused.state_identity() == identity  # fused weights store the same function
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # the head does not shape the state
+        assert model.state_identity() is identity
+        model.model.layers[0].retention.q_proj.weight.add_(1.0)
+    assert model.state_identity().weights != identity.weights
+
+
+def test_a_fused_model_continues_the_state_of_the_original():
+    model = _model("mamba")
+    cache = _cache(model)
+    reference = model(PROMPT[:, :1], cache=cache.clone()).logits
+    fused = fuse_projections(_model("mamba"))
+    torch.testing.assert_close(fused(PROMPT[:, :1], cache=cache).logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_clones_share_the_identity_object():
+    cache = _cache(_model("retnet"))
+    assert cache.clone().identity is cache.identity
+
+
+def test_save_refuses_an_existing_file_unless_asked(tmp_path):
+    cache = _cache(_model("retnet"))
+    target = tmp_path / "c.safetensors"
+    target.write_bytes(b"precious")
+    with pytest.raises(DestinationExistsError, match="already exists; nothing was written"):
+        cache.save(target)
+    assert target.read_bytes() == b"precious"
+    cache.save(target, overwrite=True)
+    assert RecurrentCache.load(target).steps == PROMPT.shape[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]  # no temporary file left behind
+
+
+def test_save_refuses_a_cache_without_identity_or_state(tmp_path):
+    cache = _cache(_model("retnet"))
+    cache.identity = None
+    with pytest.raises(ValueError, match="records no model identity"):
+        cache.save(tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match="nothing to save"):
+        RecurrentCache(3).save(tmp_path / "c.safetensors")
+    cache.layers[1] = None
+    with pytest.raises(ValueError, match="partial state"):
+        cache.save(tmp_path / "c.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+# --- crafted and damaged files ----------------------------------------------------------------------------------
+
+
+def test_a_tiny_file_claiming_300m_layers_is_refused_without_allocating(tmp_path):
+    tensors = {"layers.0.state": torch.zeros(1, 1), "positions": torch.zeros(1, dtype=torch.long)}
+    old = _write(
+        tmp_path / "old.safetensors",
+        tensors,
+        {"format": "densessm.RecurrentCache/1", "num_layers": "300000000", "steps": "0"},
+    )
+    assert old.stat().st_size < 300
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="declares 300000000 layers but holds the state of 1"):
+            RecurrentCache.load(old, check_model=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20  # a list of 300M layer slots alone would take 2.4 GB
+
+
+def test_an_old_format_file_is_refused_unless_unchecked(tmp_path, saved):
+    _, tensors, metadata = saved
+    legacy = {"format": "densessm.RecurrentCache/1", "num_layers": metadata["num_layers"], "steps": metadata["steps"]}
+    path = _write(tmp_path / "v1.safetensors", tensors, legacy)
+    with pytest.raises(ValueError, match="older format densessm.RecurrentCache/1, which does not record the model"):
+        RecurrentCache.load(path)
+    cache = RecurrentCache.load(path, check_model=False)
+    assert cache.identity is None and cache.steps == int(metadata["steps"])
+
+
+def _tampered(tmp_path, saved, tensors=None, **metadata_changes) -> Path:
+    _, original_tensors, metadata = saved
+    tensors = dict(original_tensors) if tensors is None else tensors
+    metadata = {**metadata, **metadata_changes}
+    return _write(tmp_path / "crafted.safetensors", tensors, {k: v for k, v in metadata.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    ("rename", "message"),
+    [
+        ({"layers.0.state": "layers.0"}, r"unexpected tensor 'layers.0'"),
+        ({"layers.0.state": "weights.0.state"}, r"unexpected tensor 'weights.0.state'"),
+        ({"layers.0.state": "layers.01.state"}, r"unexpected tensor 'layers.01.state'"),
+        ({"layers.0.state": "layers.-1.state"}, r"unexpected tensor 'layers.-1.state'"),
+        (
+            {"layers.2.state": "layers.7.state", "layers.2.scale": "layers.7.scale"},
+            "names layer 7, but the file declares 3",
+        ),
+        (
+            {"layers.0.state": "layers.0.memory"},
+            r"layer 0 holds memory \[2, 8, 32\] float32, scale .* but its metadata",
+        ),
+    ],
+)
+def test_crafted_tensor_names_are_refused(tmp_path, saved, rename, message):
+    tensors = {rename.get(k, k): v for k, v in saved[1].items()}
+    with pytest.raises(ValueError, match=message):
+        RecurrentCache.load(_tampered(tmp_path, saved, tensors))
+
+
+def test_layers_of_different_tensors_are_refused_without_a_layout(tmp_path, saved):
+    tensors = {k.replace("layers.1.state", "layers.1.memory"): v for k, v in saved[1].items()}
+    metadata = {"format": "densessm.RecurrentCache/1", "num_layers": "3", "steps": "6"}
+    path = _write(tmp_path / "v1.safetensors", tensors, metadata)
+    with pytest.raises(ValueError, match=r"the layers hold different sets of tensors: \[\['memory', 'scale'\]"):
+        RecurrentCache.load(path, check_model=False)
+
+
+def test_a_missing_layer_is_refused(tmp_path, saved):
+    tensors = {k: v for k, v in saved[1].items() if not k.startswith("layers.1.")}
+    with pytest.raises(ValueError, match=r"declares 3 layers but holds the state of 2 \(no tensor for layers \[1\]\)"):
+        RecurrentCache.load(_tampered(tmp_path, saved, tensors))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.update({"layers.1.state": t["layers.1.state"][:1]}), r"has shape \[1, .*not \[batch=2"),
+        (lambda t: t.update({"positions": t["positions"].float()}), "positions must be a non-empty int64 vector"),
+        (lambda t: t.update({"positions": t["positions"][None]}), "positions must be a non-empty int64 vector"),
+        (lambda t: t.pop("positions"), "lacks the positions tensor"),
+        (lambda t: t.update({"layers.0.scale": t["layers.0.scale"].long()}), "has dtype I64; a state is floating"),
+        (lambda t: t.update({"layers.0.state": t["layers.0.state"].double()}), r"layer 0 holds .* but its metadata"),
+        (
+            lambda t: t.update({"layers.2.state": t["layers.2.state"][..., :4].contiguous()}),
+            r"layer 2 holds .* but its metadata",
+        ),
+        (lambda t: t.update({"positions": torch.tensor([6, -1])}), r"positions \[6, -1\] must lie in \[0, steps=6\]"),
+        (lambda t: t.update({"positions": torch.tensor([6, 7])}), r"positions \[6, 7\] must lie in \[0, steps=6\]"),
+    ],
+)
+def test_crafted_shapes_dtypes_and_positions_are_refused(tmp_path, saved, change, message):
+    tensors = dict(saved[1])
+    change(tensors)
+    with pytest.raises(ValueError, match=message):
+        RecurrentCache.load(_tampered(tmp_path, saved, tensors))
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"format": "something/else"}, "is not a densessm recurrent-state file"),
+        ({"format": None}, "is not a densessm recurrent-state file"),
+        ({"steps": "-1"}, "'steps' must be a non-negative integer, got '-1'"),
+        ({"steps": "1e3"}, "'steps' must be a non-negative integer"),
+        ({"steps": "2"}, r"must lie in \[0, steps=2\]"),  # steps below positions would re-feed the prompt
+        ({"num_layers": "2"}, "names layer 2, but the file declares 2 layers"),
+        ({"num_layers": "0"}, "declares 0 layers"),
+        ({"num_layers": None}, "'num_layers' must be a non-negative integer, got None"),
+        ({"layout": "[1, 2"}, "'layout' is missing or not a list"),
+        ({"layout": None}, "'layout' is missing or not a list"),
+        ({"layout": json.dumps([{}] * 3)}, r"layer 0 holds .* but its metadata declares nothing"),
+        ({"layout": json.dumps([{"state": [[2], "float32"]}] * 2)}, "declares 3 layers but its layout describes 2"),
+        ({"model_type": None}, "lacks the model_type"),
+        ({"config": "{not json"}, "'config' is missing or not a JSON object"),
+        ({"config": "[1]"}, "'config' is missing or not a JSON object"),
+        ({"weights": "not-a-fingerprint"}, "'weights' is missing or not a hexadecimal fingerprint"),
+    ],
+)
+def test_crafted_metadata_is_refused(tmp_path, saved, metadata, message):
+    with pytest.raises(ValueError, match=message):
+        RecurrentCache.load(_tampered(tmp_path, saved, **metadata))
+
+
+def test_corrupt_and_truncated_files_are_refused(tmp_path, saved):
+    data = saved[0].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 20])
+    with pytest.raises(ValueError, match="corrupt or truncated cache file"):
+        RecurrentCache.load(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="corrupt or truncated cache file"):
+        RecurrentCache.load(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError, match="no cache file"):
+        RecurrentCache.load(tmp_path / "absent.safetensors")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        RecurrentCache.load(saved[0], device="gpu")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS (any Linux one)")
+def test_a_device_that_is_not_there_is_named(saved):
+    with pytest.raises(ValueError, match="cannot place the cache on mps"):
+        RecurrentCache.load(saved[0], device="mps")
+
+
+# --- a model checks the cache it is given ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("maker", "user"), [("retnet", "mamba"), ("mamba", "retnet")])
+def test_a_cache_of_another_family_is_refused(maker, user, tmp_path):
+    cache = _cache(_model(maker))
+    cache.save(tmp_path / "c.safetensors")
+    other = f"dense_{maker}"
+    for given in (cache, RecurrentCache.load(tmp_path / "c.safetensors")):
+        with pytest.raises(ValueError, match=f"made by a {other} model and this is a dense_{user} model"):
+            _model(user)(PROMPT[:, :1], cache=given)
+    # without the identity the layout still tells: never read as an empty state
+    unchecked = RecurrentCache.load(tmp_path / "c.safetensors", check_model=False)
+    with pytest.raises(ValueError, match="a state of another model family"):
+        _model(user)(PROMPT[:, :1], cache=unchecked)
+
+
+def test_a_same_shaped_cache_of_other_weights_is_refused_in_forward_and_generate(tmp_path):
+    cache = _cache(_model("retnet", seed=0))
+    other = _model("retnet", seed=1)
+    with pytest.raises(ValueError, match="does not belong to this model: .* with other weights"):
+        other(PROMPT[:, :1], cache=cache.clone())
+    full = torch.cat([PROMPT, PROMPT[:, :2]], dim=1)
+    with pytest.raises(ValueError, match="with other weights"):
+        other.generate(full, cache=cache.clone(), max_new_tokens=2)
+    cache.identity = None  # the expert's override: the layout fits, so the state is used
+    assert other(PROMPT[:, :1], cache=cache).logits.shape == (2, 1, 97)
+
+
+def test_a_cache_of_another_configuration_is_refused():
+    cache = _cache(_model("retnet"))
+    with pytest.raises(ValueError, match=r"another configuration: rms_norm_eps=1e-06 \(this model: 0.001\)"):
+        _model("retnet", rms_norm_eps=1e-3)(PROMPT[:, :1], cache=cache)
+
+
+def test_an_empty_cache_takes_the_identity_of_the_model_that_fills_it():
+    cache = _cache(_model("retnet", seed=1))
+    cache.reset()
+    model = _model("retnet")
+    model(PROMPT, cache=cache)
+    assert cache.identity is model.state_identity()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda c: c.layers[1].update(state=c.layers[1]["state"][..., :4]), r"layers.1.state has shape \(2, 2, 8, 4\)"),
+        (lambda c: c.layers[0].update(state=c.layers[0]["state"].double()), "is torch.float64, but this model"),
+        (lambda c: c.layers[2].pop("scale"), "layer 2 of the cache holds state, but this model's layers keep"),
+        (lambda c: setattr(c, "positions", c.positions.float()), "cache.positions must be an int64 tensor"),
+        (lambda c: c.to("meta"), "the cache is on meta but the model computes on cpu: cache.to"),
+        (lambda c: c.layers[0].update(scale=c.layers[0]["scale"].to("meta")), "layers.0.scale is on meta"),
+        (lambda c: setattr(c, "identity", "dense_retnet"), "cache.identity must be a CacheIdentity or None"),
+        (lambda c: c.layers.append(None), "cache holds the state of 4 layers but the model has 3"),
+    ],
+)
+def test_a_damaged_cache_is_refused(damage, message):
+    model = _model("retnet")
+    cache = _cache(model)
+    damage(cache)
+    with pytest.raises(ValueError, match=message):
+        model(PROMPT[:, :1], cache=cache)
+
+
+def test_a_cache_of_another_dtype_or_batch_is_refused(tmp_path):
+    model = _model("mamba")
+    cache = _cache(model)
+    with pytest.raises(ValueError, match="cache holds 2 rows but the input has 1"):
+        model(PROMPT[:1, :1], cache=cache.clone())
+    with pytest.raises(
+        ValueError, match=r"layers.0.conv is torch.float32, but this model, computing in torch.bfloat16"
+    ):
+        _model("mamba").to(torch.bfloat16)(PROMPT[:, :1], cache=cache.clone())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts every operand: the fp32 state is usable
+        assert torch.isfinite(model(PROMPT[:, :1], cache=cache.clone()).logits).all()
+    with pytest.raises(TypeError, match="cache must be a densessm RecurrentCache, got dict"):
+        model(PROMPT[:, :1], cache={})
+
+
+def test_a_compiled_decode_step_checks_the_cache_before_stepping():
+    decoder = CompiledDecoder(_model("retnet"), CompileConfig(fullgraph=True, dynamic=False, backend="eager"))
+    foreign = _cache(_model("retnet", seed=1))
+    with torch.no_grad(), pytest.raises(ValueError, match="with other weights"):
+        decoder(input_ids=PROMPT[:, :1], cache=foreign, use_cache=True, return_dict=True)
+    assert foreign.steps == PROMPT.shape[1]  # refused before the step: the state is untouched
+
+
+def test_an_identity_names_the_differing_fields():
+    a = CacheIdentity("dense_mamba", json.dumps({"expand": 2, "state_size": 4}), "0" * 64)
+    b = CacheIdentity("dense_mamba", json.dumps({"expand": 2.0, "state_size": 8}), "0" * 64)
+    assert a.mismatch(b) == "it was made by a dense_mamba model of another configuration: state_size=4 (this model: 8)"
+    assert a.mismatch(a) is None
+
+
+def test_a_state_computed_in_parallel_mode_can_be_continued():
+    model = _model("retnet")
+    with torch.no_grad():
+        cache = model(PROMPT, use_cache=True, mode="parallel").cache
+        continued = model(PROMPT[:, :1], cache=cache).logits
+        reference = model(torch.cat([PROMPT, PROMPT[:, :1]], 1), mode="recurrent").logits[:, -1:]
+    torch.testing.assert_close(continued, reference, atol=1e-5, rtol=1e-4)

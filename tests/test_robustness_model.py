@@ -1,0 +1,356 @@
+"""Bad input to the models' Python API is one clear ValueError naming the problem; padding never leaks.
+
+Covers forward arguments (chunk sizes, positions, id and label dtypes and ranges, masks, embeddings, modes),
+configuration validation (also through ``from_pretrained`` of a bad ``config.json``), and non-finite values
+at masked positions, which must change nothing for the real tokens in any mode of either family.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_mamba_config
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import AutoModelForCausalLM
+
+from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
+from densessm.errors import ModelLoadError
+from densessm.loading import read_config
+from densessm.ops.retention import head_log_decays, retention
+
+FAMILIES = ["retnet", "mamba"]
+MODES = ["parallel", "chunkwise", "recurrent"]
+TOKENS = (torch.arange(14).reshape(2, 7) * 7 + 3) % 97
+
+
+def _model(family: str, **overrides):
+    torch.manual_seed(0)
+    if family == "retnet":
+        return DenseRetNetForCausalLM(tiny_config(**overrides)).eval()
+    model = DenseMambaForCausalLM(tiny_mamba_config(**overrides)).eval()
+    for layer in model.backbone.layers[1:]:  # open the dense gates (they start closed), so every path is used
+        if layer.mixer.dense_gate is not None:
+            torch.nn.init.normal_(layer.mixer.dense_gate.fc2.weight, std=0.5)
+    return model
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    return _model(request.param)
+
+
+# --- forward arguments ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, "8", True])
+def test_chunk_size_must_be_a_positive_int(model, chunk_size):
+    with pytest.raises(ValueError, match=rf"chunk_size must be >= 1 \(a positive integer\), got {chunk_size!r}"):
+        model(TOKENS, mode="chunkwise", chunk_size=chunk_size)
+
+
+def test_chunk_size_is_checked_whatever_the_mode_and_ignored_where_unused(model):
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        model(TOKENS, mode="recurrent", chunk_size=0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(TOKENS, mode="recurrent", chunk_size=3).logits, model(TOKENS, mode="chunkwise", chunk_size=3).logits
+        )
+
+
+@pytest.mark.parametrize(
+    ("position_ids", "message"),
+    [
+        (torch.arange(7), r"position_ids must have shape \[2, 7\] \(or \[1, 7\]\), one per input token, got \(7,\)"),
+        (torch.zeros(2, 6, dtype=torch.long), r"got \(2, 6\)"),
+        (torch.zeros(3, 7, dtype=torch.long), r"got \(3, 7\)"),
+        (torch.zeros(2, 7), "position_ids must be integers, got dtype torch.float32"),
+        ([list(range(7))] * 2, "position_ids must be a tensor, got list"),
+    ],
+)
+def test_position_ids_of_the_wrong_shape_or_type(position_ids, message):
+    with pytest.raises(ValueError, match=message):
+        _model("retnet")(TOKENS, position_ids=position_ids)
+
+
+def test_position_ids_broadcast_over_the_batch():
+    model = _model("retnet")
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS, position_ids=torch.arange(7)[None] + 5).logits, model(TOKENS).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])
+def test_narrow_integer_ids_are_widened(model, dtype):
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS.to(dtype)).logits, model(TOKENS).logits)
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (TOKENS.float(), "input_ids must be integer token ids, got dtype torch.float32"),
+        (TOKENS.bool(), "input_ids must be integer token ids, got dtype torch.bool"),
+        (TOKENS[0], r"input_ids must have shape \[batch, length\], got \(7,\)"),
+        (TOKENS[:, :0], r"empty input: input_ids has shape \(2, 0\)"),
+        (
+            TOKENS.index_put((torch.tensor(1), torch.tensor(2)), torch.tensor(181)),
+            "token id 181 is out of range for vocab_size 97",
+        ),
+        (
+            TOKENS.to(torch.int8).index_put((torch.tensor(0), torch.tensor(5)), torch.tensor(-100, dtype=torch.int8)),
+            "token id -100 is out of range",
+        ),
+        (TOKENS.tolist(), "input_ids must be a tensor of token ids, got list"),
+    ],
+)
+def test_bad_input_ids(model, ids, message):
+    with pytest.raises(ValueError, match=message):
+        model(ids)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (
+            TOKENS.index_put((torch.tensor(1), torch.tensor(2)), torch.tensor(181)),
+            r"label 181 is out of range: labels are token ids in \[0, 97\) or -100",
+        ),
+        (TOKENS.index_put((torch.tensor(0), torch.tensor(5)), torch.tensor(-5)), "label -5 is out of range"),
+        (TOKENS.float(), "labels must be integer token ids .*got torch.float32"),
+        (TOKENS.bool(), "labels must be integer token ids .*got torch.bool"),
+        (TOKENS[:, :6], r"labels must have shape \(2, 7\), got \(2, 6\)"),
+        (TOKENS.tolist(), "labels must be a tensor of token ids, got list"),
+    ],
+)
+def test_bad_labels(model, labels, message):
+    with pytest.raises(ValueError, match=message):
+        model(TOKENS, labels=labels)
+
+
+def test_labels_may_be_ignored_positions_and_narrow_integers(model):
+    labels = TOKENS.clone()
+    labels[:, :3] = -100
+    loss = model(TOKENS, labels=labels).loss
+    assert torch.equal(model(TOKENS, labels=labels.to(torch.int8)).loss, loss)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="label -100 is out of range.* or -1 "):
+        model(TOKENS, labels=labels, ignore_index=-1)
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (torch.full((2, 7), 2), "attention_mask must hold 1 for real tokens and 0 for padding, found 2"),
+        (torch.zeros(2, 7).masked_fill(torch.eye(2, 7, dtype=torch.bool), float("-inf")), "found -inf"),
+        (torch.full((2, 7), 0.5), "found 0.5"),
+        (torch.ones(2, 7, dtype=torch.complex64), "got dtype torch.complex64"),
+        (torch.ones(2, 6), r"attention_mask must have shape \[2, >= 7\] \(one entry per token\), got \(2, 6\)"),
+        (torch.ones(1, 7), r"got \(1, 7\)"),
+        (torch.ones(2, 1, 7, 7), r"got \(2, 1, 7, 7\)"),
+        ([[1] * 7] * 2, "got list"),
+    ],
+)
+def test_bad_attention_masks(model, mask, message):
+    with pytest.raises(ValueError, match=message):
+        model(TOKENS, attention_mask=mask)
+
+
+def test_attention_masks_of_any_real_dtype_agree(model):
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        reference = model(TOKENS, attention_mask=mask).logits
+        for dtype in (torch.bool, torch.int8, torch.float32):
+            assert torch.equal(model(TOKENS, attention_mask=mask.to(dtype)).logits, reference)
+
+
+def test_unknown_modes_name_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown mode 'fast': expected one of auto, parallel, chunkwise, recurrent"):
+        _model("retnet")(TOKENS, mode="fast")
+    with pytest.raises(ValueError, match="unknown mode 'auto': expected one of parallel, chunkwise, recurrent"):
+        _model("mamba")(TOKENS, mode="auto")
+
+
+def test_bad_inputs_embeds(model):
+    hidden = model.config.hidden_size
+    embeds = model.get_input_embeddings()(TOKENS).detach()
+    with pytest.raises(ValueError, match="inputs_embeds is torch.float64 but the model's weights are torch.float32"):
+        model(inputs_embeds=embeds.double())
+    nan = embeds.clone()
+    nan[1, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"inputs_embeds holds NaN or infinite values at real \(unmasked\) positions"):
+        model(inputs_embeds=nan)
+    with pytest.raises(ValueError, match="inputs_embeds must be a floating-point tensor, got torch.int64"):
+        model(inputs_embeds=TOKENS[..., None].expand(-1, -1, hidden))
+    with pytest.raises(ValueError, match=rf"inputs_embeds must have shape \[batch, length, {hidden}\]"):
+        model(inputs_embeds=embeds[..., :-1])
+    with pytest.raises(ValueError, match="pass exactly one of input_ids or inputs_embeds"):
+        model(TOKENS, inputs_embeds=embeds)
+
+
+# --- configurations ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"rms_norm_eps": 0.0}, "rms_norm_eps must be a finite number > 0, got 0.0"),
+        ({"rms_norm_eps": -1e-6}, "rms_norm_eps must be a finite number > 0"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number > 0, got nan"),
+        ({"dense_block_layers": 3}, r"dense_block_layers=3 exceeds the 2 layer\(s\) below the top of a 3-layer model"),
+        ({"dense_block_layers": 9}, "use at most 2 "),
+        ({"num_hidden_layers": 1}, r"dense_block_layers=2 exceeds the 0 layer\(s\) .*\(0 for a plain model\)"),
+        ({"num_attention_heads": 3}, "must split into 3 heads of even width"),
+        ({"hidden_size": -32}, "hidden_size must be a positive integer, got -32"),
+        ({"vocab_size": True}, "vocab_size must be a positive integer, got True"),
+        ({"chunk_size": 2.5}, "chunk_size must be a positive integer, got 2.5"),
+        ({"chunk_size": True}, "chunk_size must be a positive integer, got True"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer"),
+        ({"v_factor": 1.01}, r"hidden_size \* v_factor \(32 \* 1.01\) must be a whole number"),
+        ({"v_factor": float("inf")}, "v_factor must be a positive number, got inf"),
+        ({"pad_token_id": 97}, r"pad_token_id 97 is not a token id of the vocabulary \[0, 97\)"),
+        ({"pad_token_id": -1}, "pad_token_id -1 is not a token id"),
+        ({"initializer_range": -0.02}, "initializer_range must be a finite number >= 0"),
+        ({"dropout": float("nan")}, r"dropout must be in \[0, 1\), got nan"),
+    ],
+)
+def test_bad_retnet_configs_are_named(overrides, message):
+    with pytest.raises(StrictDataclassClassValidationError, match=message) as error:
+        tiny_config(**overrides)
+    assert isinstance(error.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"layer_norm_epsilon": 0.0}, "layer_norm_epsilon must be a finite number > 0, got 0.0"),
+        ({"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon must be a finite number > 0, got nan"),
+        ({"dense_block_layers": 3}, r"dense_block_layers=3 exceeds the 2 layer\(s\) below the top"),
+        ({"expand": 1.5}, "expand must be a positive integer, got 1.5"),
+        ({"chunk_size": True}, "chunk_size must be a positive integer, got True"),
+        ({"time_step_min": 0.0}, "time_step_min must be a finite number > 0"),
+        ({"time_step_max": float("inf")}, "time_step_max must be a finite number > 0"),
+        ({"time_step_floor": -1.0}, "time_step_floor must be a finite number >= 0"),
+        ({"time_step_scale": float("nan")}, "time_step_scale must be a finite number >= 0"),
+        ({"initializer_range": -0.1}, "initializer_range must be a finite number >= 0"),
+    ],
+)
+def test_bad_mamba_configs_are_named(overrides, message):
+    with pytest.raises(StrictDataclassClassValidationError, match=message) as error:
+        tiny_mamba_config(**overrides)
+    assert isinstance(error.value.__cause__, ValueError)
+
+
+def test_the_deepest_dense_connection_is_accepted():
+    assert tiny_config(num_hidden_layers=3, dense_block_layers=2).dense_block_layers == 2
+    assert tiny_mamba_config(num_hidden_layers=1, dense_block_layers=0).num_hidden_layers == 1
+
+
+@pytest.mark.parametrize(
+    ("family", "field", "value", "message"),
+    [
+        ("retnet", "rms_norm_eps", 0, "rms_norm_eps must be a finite number > 0"),
+        ("retnet", "dense_block_layers", 5, "dense_block_layers=5 exceeds"),
+        ("mamba", "layer_norm_epsilon", -1, "layer_norm_epsilon must be a finite number > 0"),
+        ("mamba", "dense_block_layers", 3, "dense_block_layers=3 exceeds"),
+    ],
+)
+def test_a_bad_config_json_is_refused_when_loading(tmp_path, family, field, value, message):
+    _model(family).save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    config = json.loads(config_file.read_text())
+    config[field] = value
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=f"is not a valid dense_{family} configuration: {message}") as error:
+        read_config(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_keyword_overrides_of_from_pretrained_are_validated(tmp_path):
+    _model("retnet").save_pretrained(tmp_path)
+    with pytest.raises(StrictDataclassClassValidationError, match="rms_norm_eps must be a finite number > 0"):
+        DenseRetNetForCausalLM.from_pretrained(tmp_path, rms_norm_eps=0.0)
+
+
+# --- non-finite values at masked positions ----------------------------------------------------------------------
+
+
+def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[1, 4] = 0  # a hole in the middle
+    return TOKENS, mask
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nan_in_padded_embeddings_never_reaches_real_tokens(family, mode):
+    model = _model(family).train()  # dropout is 0: train mode only so that no state is kept
+    tokens, mask = _padded_batch()
+    real = mask.bool()
+    clean = model.get_input_embeddings()(tokens).detach()
+    dirty = clean.clone()
+    dirty[~real] = float("nan")
+    dirty.requires_grad_(True)
+    kwargs = dict(attention_mask=mask, mode=mode, chunk_size=3)
+    reference = model(inputs_embeds=clean, **kwargs).logits
+    out = model(inputs_embeds=dirty, **kwargs).logits
+    assert torch.equal(out[real], reference[real])
+    out[real].sum().backward()
+    assert torch.isfinite(dirty.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_nan_pad_token_row_never_reaches_real_tokens(family, mode):
+    model = _model(family)
+    tokens, mask = _padded_batch()
+    padded = tokens.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        reference = model(padded, attention_mask=mask, mode=mode, chunk_size=3).logits
+        model.get_input_embeddings().weight[0] = float("nan")  # the pad token's row
+        out = model(padded, attention_mask=mask, mode=mode, chunk_size=3, use_cache=True)
+    real = mask.bool()
+    # column 0 is the pad token's own logit: DenseMamba ties its head to the embeddings, so that one is NaN
+    assert torch.equal(out.logits[real][:, 1:], reference[real][:, 1:])
+    assert all(torch.isfinite(t).all() for layer in out.cache.layers for t in layer.values())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_retention_op_selects_rather_than_multiplies_by_the_mask(mode):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    v = torch.randn(2, 2, 6, 4)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :2] = False
+    mask[1, 3] = False
+    clean, _ = retention(q, k, v, head_log_decays(2), mode, mask=mask, chunk_size=4)
+    dirty = [x.clone() for x in (q, k, v)]
+    for x in dirty:
+        x.masked_fill_(~mask[:, None, :, None], float("nan"))
+    out, state = retention(*dirty, head_log_decays(2), mode, mask=mask, chunk_size=4, output_state=True)
+    real = mask[:, None, :].expand(-1, 2, -1)
+    assert torch.equal(out[real], clean[real])
+    assert all(torch.isfinite(s).all() for s in state)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_mamba_mixer_keeps_a_nan_padded_input_out_of_conv_and_scan(mode):
+    mixer = _model("mamba").backbone.layers[1].mixer
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :2] = False
+    mask[1, 3] = False
+    scan_mode = "parallel" if mode == "chunkwise" else mode
+    shallow = (torch.randn(2, 6, 32, 4),)
+    with torch.no_grad():
+        clean, _, conv, ssm = mixer(x, shallow, mask, scan_mode, None, None, 0)
+        dirty_x = x.masked_fill(~mask[..., None], float("nan"))
+        out, _, dirty_conv, dirty_ssm = mixer(dirty_x, shallow, mask, scan_mode, None, None, 0)
+    assert torch.equal(out[mask], clean[mask])
+    assert torch.equal(dirty_conv, conv) and torch.equal(dirty_ssm, ssm)
