@@ -17,6 +17,7 @@ import pytest
 from densessm.data import (
     BUNDLED_CORPUS,
     DataArguments,
+    _file_documents,
     build_blocks,
     check_utf8,
     find_data_files,
@@ -67,7 +68,7 @@ def test_jsonl_blocks_are_the_documents_with_eos_cut_in_blocks(tmp_path, tokeniz
     assert blocks["input_ids"] == cut(stream_of(tokenizer, DOCS), 8)
 
 
-def test_txt_keeps_line_breaks_and_formats_mix(tmp_path, tokenizer):
+def test_txt_keeps_line_breaks_ends_with_eos_and_formats_mix(tmp_path, tokenizer):
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)
     (corpus / "a.txt").write_text(DOCS[0] + "\n" + DOCS[1] + "\n")
@@ -82,19 +83,59 @@ def test_txt_keeps_line_breaks_and_formats_mix(tmp_path, tokenizer):
         "parquet": ["c.parquet"],
     }
     blocks = build_blocks(groups, tokenizer, 8, tmp_path / "cache", num_proc=1)
-    lines = stream_of(tokenizer, [DOCS[0] + "\n", DOCS[1] + "\n"], eos=False)
+    lines = stream_of(tokenizer, [DOCS[0] + "\n", DOCS[1] + "\n"], eos=False) + [tokenizer.eos_token_id]
     # one group per format, in the order their first files come (a.txt, c.parquet, sub/b.jsonl.gz)
     expected = cut(lines + stream_of(tokenizer, DOCS[3:]) + stream_of(tokenizer, DOCS[2:3]), 8)
     assert blocks["input_ids"] == expected
     assert "\n" in tokenizer.decode(list(chain.from_iterable(expected[:3])))
 
 
-def test_multiprocess_tokenizing_gives_the_same_blocks(tmp_path, tokenizer):
+def test_each_txt_file_is_one_document_ending_in_one_eos(tmp_path, tokenizer):
+    """Files never run into each other: exactly one EOS between two .txt files (plain and compressed), none
+    between the lines of a file, in cached and in streaming mode alike."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(DOCS[0] + "\n" + DOCS[1] + "\n")
+    with gzip.open(corpus / "b.txt.gz", "wt") as f:
+        f.write(DOCS[2] + "\n" + DOCS[3])  # no final line break: the document still ends
+    groups = find_data_files([corpus])
+    eos = tokenizer.eos_token_id
+    a = stream_of(tokenizer, [DOCS[0] + "\n", DOCS[1] + "\n"], eos=False) + [eos]
+    b = stream_of(tokenizer, [DOCS[2] + "\n", DOCS[3]], eos=False) + [eos]
+    cached = build_blocks(groups, tokenizer, 4, tmp_path / "cache", num_proc=1)["input_ids"]
+    train, _ = stream_blocks(groups, tokenizer, 4, n_val=0, seed=0, shuffle_buffer_size=1)
+    streamed = [block["input_ids"] for block in train]
+    for blocks in (list(cached), streamed):
+        tokens = list(chain.from_iterable(blocks))
+        assert tokens == (a + b)[: len(tokens)] and len(a + b) - len(tokens) < 4
+        assert tokens.count(eos) == 1 + (len(tokens) == len(a + b))  # one EOS between the files
+        assert tokens.index(eos) == len(a) - 1
+
+
+def test_long_lines_are_read_in_pieces_and_a_json_array_is_read(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr("densessm.data.TEXT_LINE_LIMIT", 16)
+    long = tmp_path / "long.txt"
+    long.write_text(DOCS[0] + DOCS[1])  # one line, longer than the limit: never held whole
+    rows = list(_file_documents(str(long)))
+    assert "".join(r["text"] for r in rows) == DOCS[0] + DOCS[1] and max(len(r["text"]) for r in rows) == 16
+    assert [r["end"] for r in rows] == [False] * (len(rows) - 1) + [True]
+    (tmp_path / "records.json").write_text(json.dumps([{"text": DOCS[2]}, {"text": DOCS[3]}], indent=1))
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + json.dumps({"text": DOCS[0]}) + "\n", encoding="utf-8")
+    blocks = build_blocks(find_data_files([tmp_path]), tokenizer, 2, tmp_path / "cache", num_proc=1)["input_ids"]
+    eos = tokenizer.eos_token
+    expected = DOCS[0] + eos + DOCS[2] + eos + DOCS[3] + eos + DOCS[0] + DOCS[1]  # JSON files, then the text file
+    assert tokenizer.decode(list(chain.from_iterable(blocks))).startswith(expected)
+
+
+def test_multiprocess_reading_and_tokenizing_give_the_same_blocks(tmp_path, tokenizer):
     write_jsonl(tmp_path / "a.jsonl", DOCS * 50)
-    groups = find_data_files([tmp_path / "a.jsonl"])
+    for i in range(3):
+        (tmp_path / f"t{i}.txt").write_text("\n".join(DOCS[i:] * 5))
+    groups = find_data_files([tmp_path])
     one = build_blocks(groups, tokenizer, 16, tmp_path / "one", num_proc=1)
     two = build_blocks(groups, tokenizer, 16, tmp_path / "two", num_proc=2)
     assert one["input_ids"] == two["input_ids"]
+    assert list(chain.from_iterable(one["input_ids"])).count(tokenizer.eos_token_id) >= 3 + 200 - 1
 
 
 def test_cache_is_reused_and_says_so_and_rebuilt_when_inputs_change(tmp_path, tokenizer, caplog):
@@ -210,7 +251,7 @@ def test_errors_name_the_problem(tmp_path, tokenizer):
 
     no_text = tmp_path / "no_text.jsonl"
     no_text.write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"no 'text' field in .*no_text\.jsonl \(columns found: body\)"):
+    with pytest.raises(ValueError, match=r"no 'text' field in .*no_text\.jsonl line 1 \(fields found: body\)"):
         build_blocks(find_data_files([no_text]), tokenizer, 4, tmp_path / "cache", num_proc=1)
 
     short = write_jsonl(tmp_path / "short.jsonl", ["too short"])
