@@ -7,18 +7,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import subprocess
 
 import pytest
 import torch
-from tiny_training import PYTHON, SUBPROCESS_ENV, TINY, losses, train_argv, weights
+from tiny_training import TINY, losses, run_driver, train_argv, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import SchedulerType
 from transformers.utils import get_current_accelerator
 
 from densessm.cli import main as cli_main
 from densessm.presets import load_preset
-from densessm.train import NonFiniteLossError, last_complete_checkpoint, main, parse_args
+from densessm.run_state import last_complete_checkpoint
+from densessm.train import NonFiniteLossError, main, parse_args
 
 
 @pytest.fixture(autouse=True)
@@ -196,45 +196,13 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert last_complete_checkpoint(out) == str(out / "checkpoint-2")
 
 
-def test_an_incomplete_checkpoint_is_skipped(tmp_path):
-    for step, complete in ((2, True), (4, True), (6, False)):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text('{"cut sho')
-    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
-
-
-KILLED_RUN = """
-import os, signal, sys
-import torch
-from transformers import TrainerCallback
-from densessm.train import main
-
-class KillAt(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 5:
-            os.kill(os.getpid(), signal.SIGKILL)  # mid-run, one step after checkpoint-4
-
-torch.set_num_threads(1)
-main(sys.argv[1:], callbacks=[KillAt()])
-"""
-
-
 def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     # dropout > 0 so that the restored RNG state matters, too
     flags = dict(max_steps=8, save_strategy="steps", save_steps=2, config_overrides=TINY + ",dropout=0.1")
     main(train_argv(tmp_path, output="straight", **flags))
 
-    script = tmp_path / "killed_run.py"
-    script.write_text(KILLED_RUN)
-    killed = subprocess.run(
-        [PYTHON, str(script), *train_argv(tmp_path, output="killed", **flags)],
-        env=SUBPROCESS_ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # killed mid-run, one step after checkpoint-4
+    killed = run_driver(tmp_path, train_argv(tmp_path, output="killed", **flags), KILL_AT="5")
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert last_complete_checkpoint(tmp_path / "killed") == str(tmp_path / "killed" / "checkpoint-4")
 

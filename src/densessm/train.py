@@ -6,30 +6,37 @@ transformers 5 dropped), so every Trainer flag works and multi-process launchers
 ``accelerate launch``, FSDP/DeepSpeed configs) apply unchanged. With no arguments it trains the
 ``dense_retnet_tiny`` preset on the bundled corpus with the bundled tokenizer.
 
-What the Trainer does not do by itself, and is added here: a model from a preset or a config directory,
-the token-block pipeline of :mod:`densessm.data`, a stop with a clear message on a NaN/inf loss, perplexity
-next to every loss, tokens/s, and at the end a validation score, a loss-curve PNG and a generated sample.
+What the Trainer does not do by itself, and is added here: a model from a preset or a config directory
+(a saved model is loaded strictly), the token-block pipeline of :mod:`densessm.data`, a stop with a clear
+message on a NaN/inf loss, perplexity next to every loss, tokens/s, and at the end a validation score, a
+loss-curve PNG and a generated sample. And what makes a run safe to kill, interrupt and resume
+(:mod:`densessm.run_state`): one run per ``--output_dir`` (a lock), checkpoints marked complete after their last
+file and resumed only when complete, the run's arguments stored and compared on resume, a final model that
+is whole or absent, Ctrl-C as one line naming the checkpoint to resume from, and a refusal where a requested
+engine (FSDP, DeepSpeed) would silently become another.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import datasets
 import torch
 import transformers
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     HfArgumentParser,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -41,19 +48,30 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import get_current_accelerator
 
-from densessm.data import DataArguments, collate_blocks, load_blocks
+from densessm import run_state
+from densessm.data import DataArguments, collate_blocks, find_data_files, load_blocks, tokenizer_fingerprint
+from densessm.errors import Interrupted, ModelLoadError, UsageError
+from densessm.loading import check_weights, load_causal_lm, read_config
 from densessm.presets import list_presets, load_preset
+from densessm.run_state import WEIGHT_FILES, last_complete_checkpoint
 from densessm.tokenizer import has_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 DEFAULT_BLOCK_SIZE = 1024  # for models without a max_position_embeddings
+# Configuration entries that say where a model came from or how it is used, not what it computes.
+_CONFIG_BOOKKEEPING = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache")
+_T = TypeVar("_T")
+_FIXED_ON_RESUME = ("optim", "optim_args")  # a checkpoint's optimizer state loads only into the same optimizer
+
+
+def _require(ok: bool, flag: str, wanted: str, value) -> None:
+    if not ok:
+        raise UsageError(f"--{flag} must be {wanted}, got {value}")
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 @dataclass
@@ -81,6 +99,12 @@ class ModelArguments:
     model_max_length: int | None = field(
         default=None, metadata={"help": "Reference-script flag: sets the tokenizer's model_max_length."}
     )
+
+    def __post_init__(self):
+        if self.model_max_length is not None:
+            _require(
+                self.model_max_length >= 1, "model_max_length", "a positive number of tokens", self.model_max_length
+            )
 
 
 @dataclass
@@ -114,17 +138,70 @@ class DenseTrainingArguments(TrainingArguments):
         default="The state of the Union", metadata={"help": "Prompt of the sample generated after training."}
     )
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Length of that sample (0: no sample)."})
+    allow_changed_args: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume even when arguments that change the result (model, data, batch sizes, optimizer, "
+            "schedule, ...) differ from the ones the run was started with; the differences are listed."
+        },
+    )
+
+    def _check_numbers(self) -> None:
+        """Refuse flag values that cannot work, before anything is loaded (transformers accepts most of them)."""
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            _require(getattr(self, flag) >= 1, flag, "a positive integer", getattr(self, flag))
+        _require(
+            self.max_steps == -1 or self.max_steps >= 1,
+            "max_steps",
+            "1 or more (-1: train --num_train_epochs)",
+            self.max_steps,
+        )
+        _require(
+            _finite(self.num_train_epochs) and self.num_train_epochs > 0,
+            "num_train_epochs",
+            "a positive number",
+            self.num_train_epochs,
+        )
+        for flag in ("learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, flag)
+            _require(_finite(value) and value >= 0, flag, "a finite number, 0 or more", value)
+        for flag in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, flag)
+            _require(_finite(value) and 0 <= value < 1, flag, "in [0, 1)", value)
+        _require(
+            _finite(self.adam_epsilon) and self.adam_epsilon > 0, "adam_epsilon", "a positive number", self.adam_epsilon
+        )
+        for flag in ("save_steps", "logging_steps", "eval_steps"):
+            value = getattr(self, flag)
+            if value is not None:
+                _require(
+                    _finite(value) and value > 0, flag, "a positive number (below 1: a fraction of the run)", value
+                )
+        if self.save_total_limit is not None:
+            _require(
+                self.save_total_limit >= 1,
+                "save_total_limit",
+                "1 or more (unset: keep every checkpoint)",
+                self.save_total_limit,
+            )
+        _require(0 <= self.seed < 2**32, "seed", "in [0, 2**32)", self.seed)
+        _require(self.sample_max_new_tokens >= 0, "sample_max_new_tokens", "0 or more", self.sample_max_new_tokens)
 
     def __post_init__(self):
+        self._check_numbers()
         if self.lr_scheduler_type == "polynominal":  # the reference README's spelling
             self.lr_scheduler_type = "polynomial"
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
         if self.warmup_ratio is not None:
-            if not 0 <= self.warmup_ratio < 1:
-                raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            _require(
+                _finite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
+                "warmup_ratio",
+                "in [0, 1)",
+                self.warmup_ratio,
+            )
             if self.warmup_steps:
-                raise ValueError("pass --warmup_ratio or --warmup_steps, not both")
+                raise UsageError("pass --warmup_ratio or --warmup_steps, not both")
             self.warmup_steps = self.warmup_ratio
         if get_current_accelerator() is None:
             # Say so explicitly: transformers then uses gloo for torchrun on CPUs (else each process trains alone),
@@ -146,8 +223,49 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+def fsdp_requested(args: TrainingArguments) -> bool:
+    """Whether FSDP was asked for, by ``--fsdp``/``--fsdp_config`` or by an ``accelerate launch`` FSDP config."""
+    return args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def deepspeed_requested(args: TrainingArguments) -> bool:
+    return bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def check_engine(args: TrainingArguments) -> None:
+    """Refuse FSDP where accelerate cannot run it, before any work (``DenseTrainer`` checks the engine that
+    accelerate actually set up later, whatever the reason).
+
+    accelerate (1.x) turns a run into FSDP only for GPU-like process groups (CUDA, XPU, NPU, ...); for CPU
+    processes (gloo) it ignores the FSDP plugin, and the run would train as plain DDP, every process holding the
+    whole model. Forced on by hand, FSDP2 does train on CPU, but saving the gathered full state dict then fails
+    in safetensors (docs/training.md).
+    """
+    if fsdp_requested(args) and get_current_accelerator() is None:
+        raise UsageError(
+            "FSDP was requested (--fsdp or an accelerate FSDP config), but accelerate runs FSDP only on GPUs: on "
+            "CPU processes it would silently train as plain DDP without sharding. Use configs/accelerate/ddp.yaml "
+            "(or torchrun) on CPUs, or run FSDP on GPUs"
+        )
+
+
 class DenseTrainer(Trainer):
-    """``Trainer`` that stops on a non-finite loss and logs perplexity next to each loss."""
+    """``Trainer`` that stops on a non-finite loss, logs perplexity next to each loss, marks each checkpoint
+    complete before older ones are rotated away, saves the final model whole or not at all, and refuses to run
+    on another engine than the one requested."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        for engine, requested, enabled in (
+            ("FSDP", fsdp_requested(self.args), self.is_fsdp_enabled),
+            ("DeepSpeed", deepspeed_requested(self.args), self.is_deepspeed_enabled),
+        ):
+            if requested and not enabled:
+                raise UsageError(
+                    f"{engine} was requested, but accelerate set up the distributed type "
+                    f"{self.accelerator.distributed_type.value} on {self.accelerator.device.type}: the run would "
+                    f"not use {engine}. Check the launcher and its config"
+                )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -167,48 +285,232 @@ class DenseTrainer(Trainer):
                 logs[key.replace("loss", "perplexity")] = perplexity(logs[key])
         super().log(logs, start_time)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The checkpoint's optimizer and scheduler state; under ``--allow_changed_args`` this run's hyperparameters
+        (learning rate, betas, epsilon, weight decay) then replace the stored ones, which loading the state would
+        otherwise silently keep, and the learning rate is the new schedule's at the checkpoint's step."""
+        fresh = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        base_lrs = list(getattr(self.lr_scheduler, "base_lrs", []))
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self.args.allow_changed_args or self.is_deepspeed_enabled:
+            return
+        for group, settings in zip(self.optimizer.param_groups, fresh, strict=True):
+            group.update(settings)
+        lambdas = getattr(self.lr_scheduler, "lr_lambdas", None)  # the transformers schedules are LambdaLR
+        if lambdas is not None:
+            self.lr_scheduler.base_lrs = base_lrs
+            for group, base, schedule in zip(self.optimizer.param_groups, base_lrs, lambdas, strict=True):
+                group["lr"] = base * schedule(self.lr_scheduler.last_epoch)
+            self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (written last) is complete, skipping one cut short."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for path in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        if path.is_dir() and path.name.split("-")[-1].isdigit():
-            found.append((int(path.name.split("-")[-1]), path))
-    for _, path in sorted(found, reverse=True):
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then its completeness marker, and only then the rotation of older ones
+        (:func:`densessm.run_state.rotate_checkpoints`).
+
+        A folder of the same step (a save cut short, or a later branch abandoned by an explicit resume) is
+        removed first, so no stale file or marker mixes into the new checkpoint."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and folder.exists():
+            logger.info(f"replacing {folder}, left by an earlier attempt")
+            run_state.discard_checkpoint(folder)
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # no rotation inside: it comes below
         try:
-            json.loads((path / TRAINER_STATE_NAME).read_text())
-        except (OSError, ValueError):
-            logger.warning(f"skipping {path}: it was not saved completely")
-            continue
-        return str(path)
-    return None
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every process's files (its RNG state, engine shards) are written
+        if self.args.should_save:
+            stored = run_state.read_arguments(self.args.output_dir)
+            if stored is not None:
+                run_state.write_arguments(folder, stored)
+            run_state.write_marker(folder, self.args.world_size)
+            run_state.rotate_checkpoints(run_dir, limit, folder, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """A checkpoint's weights as the Trainer saves them; the final model through a staging folder
+        (:func:`densessm.run_state.publish_model`), so a kill never leaves half of it beside a ``config.json``."""
+        if _internal_call:
+            super().save_model(output_dir, _internal_call=True)
+            return
+        target = Path(output_dir or self.args.output_dir)
+        staging = target / run_state.STAGING_NAME
+        if self.args.should_save:
+            target.mkdir(parents=True, exist_ok=True)
+            staging = run_state.fresh_staging_dir(target)
+        self.accelerator.wait_for_everyone()
+        super().save_model(str(staging), _internal_call=True)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            run_state.publish_model(staging, target)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
 
-def resolve_checkpoint(args: DenseTrainingArguments) -> str | None:
-    """The checkpoint to resume from: the one given, else the last in ``output_dir`` (unless overwriting)."""
+class RunFinished(Exception):  # noqa: N818 (a signal, not an error)
+    """The checkpoint to resume from is the run's last step: nothing is left to train.
+
+    The Trainer would train one step past ``--max_steps`` (it checks the limit only after a step), or nothing
+    at all and report a loss of 0.0; instead :func:`finish_run` completes the final save if it was cut short."""
+
+
+class _ResumeState(TrainerCallback):
+    """On resume: this run's logging, evaluation and saving frequencies (the Trainer keeps the checkpoint's,
+    though they are harmless to change), and a stop at or past the run's last step, where that step is known
+    only now (``--num_train_epochs``)."""
+
+    def __init__(self, checkpoint: Path | None):
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.checkpoint is None:
+            return
+        state.compute_steps(args, state.max_steps)
+        if state.global_step > state.max_steps:
+            raise UsageError(past_the_end(self.checkpoint, state.global_step, state.max_steps))
+        if state.global_step == state.max_steps:
+            raise RunFinished
+
+
+def past_the_end(checkpoint: Path, step: int, last_step: int) -> str:
+    return (
+        f"{checkpoint} is at step {step}, past this run's last step {last_step}: raise --max_steps or "
+        "--num_train_epochs to continue the run, or pass --overwrite_output_dir to start afresh"
+    )
+
+
+_TRAINING_STATE_FILES = (run_state.MARKER_NAME, run_state.ARGUMENTS_NAME, TRAINER_STATE_NAME)
+
+
+def finish_run(checkpoint: Path, output_dir: Path, use_cache: bool) -> None:
+    """A rerun of a run whose newest checkpoint is its last step: nothing is trained. If the final save was cut
+    short (no ``config.json`` in ``output_dir``), the checkpoint's model (weights, configuration, tokenizer)
+    becomes the final model; otherwise there is nothing to do, and the log says so."""
+    step = run_state.checkpoint_global_step(checkpoint)
+    if (output_dir / "config.json").is_file():
+        logger.warning(
+            f"nothing to do: the run in {output_dir} has already finished ({checkpoint} is its last step, {step}), "
+            "and its final model is saved there. Raise --max_steps or --num_train_epochs (with "
+            "--allow_changed_args) to train on, or pass --overwrite_output_dir to start afresh"
+        )
+        return
+    model_files = [
+        p
+        for p in checkpoint.iterdir()
+        if p.is_file()
+        and p.name not in _TRAINING_STATE_FILES
+        and not p.name.startswith(("rng_state", "scheduler", "scaler", "optimizer"))
+    ]
+    if not any(p.name in WEIGHT_FILES for p in model_files):
+        raise UsageError(
+            f"the run in {output_dir} had finished at step {step}, but its final save was cut short, and {checkpoint} "
+            "holds its weights only in the engine's format (FSDP/DeepSpeed): convert them from there"
+        )
+    staging = run_state.fresh_staging_dir(output_dir)
+    for path in model_files:
+        shutil.copy2(path, staging / path.name)
+    config = read_config(checkpoint)
+    config.use_cache = use_cache  # as the final save writes it (the Trainer turns it off for training)
+    config.save_pretrained(staging)
+    run_state.publish_model(staging, output_dir)
+    logger.warning(
+        f"the run had finished at step {step}, but its final save was cut short: the model of {checkpoint} is now "
+        f"saved in {output_dir}/ (nothing was trained)"
+    )
+
+
+def _distributed() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def _picklable(err: Exception) -> Exception:
+    try:
+        pickle.dumps(err)
+    except Exception:  # noqa: BLE001 (any pickling failure: send the message instead)
+        return RuntimeError(f"{type(err).__name__}: {err}")
+    return err
+
+
+def agree(fn: Callable[[], _T], here: bool = True) -> _T | None:
+    """``fn()`` on the processes where ``here``; if it raised on any process, every process raises that error.
+
+    Work that only the writing process does (take the lock, clean up) must fail on all processes alike, or the
+    others would wait in the next collective until the timeout."""
+    result, error = None, None
+    if here:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 (shared with the other processes, then raised)
+            error = err
+    if _distributed():
+        errors = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(errors, None if error is None else _picklable(error))
+        error = error or next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+    return result
+
+
+def prepare_output_dir(args: DenseTrainingArguments) -> None:
+    """On the writing process, with the lock held: remove a crashed final save's staging folder and, for
+    ``--overwrite_output_dir``, the old checkpoints (never the one an explicit --resume_from_checkpoint names)."""
+    out = Path(args.output_dir)
+    shutil.rmtree(out / run_state.STAGING_NAME, ignore_errors=True)
+    if not args.overwrite_output_dir:
+        return
+    explicit = Path(args.resume_from_checkpoint).resolve() if args.resume_from_checkpoint else None
+    for checkpoint in run_state.list_checkpoints(out):
+        if explicit is not None and checkpoint.resolve() == explicit:
+            raise UsageError(
+                f"--overwrite_output_dir would delete {checkpoint}, the checkpoint --resume_from_checkpoint names: "
+                "pass one of the two"
+            )
+    old = run_state.list_checkpoints(out)
+    if old or (out / "config.json").is_file():
+        logger.warning(
+            f"--overwrite_output_dir: starting afresh in {out}; removing its {len(old)} checkpoint(s), and its saved "
+            "model is replaced when this run ends"
+        )
+    for checkpoint in old:
+        run_state.discard_checkpoint(checkpoint)
+
+
+def resolve_checkpoint(args: DenseTrainingArguments) -> Path | None:
+    """The checkpoint to resume from: the one given (it must be complete), else the newest complete one in
+    ``output_dir`` (unless overwriting); incomplete newer ones are skipped with the reason."""
     if args.resume_from_checkpoint:
         path = Path(args.resume_from_checkpoint)
-        if not (path / TRAINER_STATE_NAME).is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint: it has no {TRAINER_STATE_NAME}")
-        return str(path)
+        problems = run_state.checkpoint_problems(path)
+        if problems:
+            raise UsageError(f"--resume_from_checkpoint {path} is not a complete checkpoint: {'; '.join(problems)}")
+        return path
     out = Path(args.output_dir)
-    if not out.is_dir() or not any(out.iterdir()):
+    if args.overwrite_output_dir or not run_state.holds_work(out):
         return None
-    if args.overwrite_output_dir:
-        if args.should_save:
-            for stale in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-                shutil.rmtree(stale)
-        return None
-    last = last_complete_checkpoint(out)
+    last, skipped = run_state.newest_complete_checkpoint(out)
+    for path, problems in skipped:
+        logger.warning(f"skipping {path}: incomplete ({'; '.join(problems)})")
     if last is None:
-        raise ValueError(
-            f"output directory {out} exists and holds no checkpoint: pass --overwrite_output_dir to train there, "
-            "or another --output_dir"
+        held = f"only incomplete checkpoints ({', '.join(p.name for p, _ in skipped)})" if skipped else "no checkpoint"
+        raise UsageError(
+            f"output directory {out} exists and holds {held}: pass --overwrite_output_dir to train there afresh "
+            "(its checkpoints are deleted), or choose another --output_dir"
         )
-    logger.info(f"resuming from {last}, the last checkpoint in {out} (--overwrite_output_dir starts afresh)")
+    logger.info(f"resuming from {last}, the last complete checkpoint in {out} (--overwrite_output_dir starts afresh)")
+    newer = [
+        p.name
+        for p in run_state.list_checkpoints(out)
+        if run_state.checkpoint_step(p) > run_state.checkpoint_step(last)
+    ]
+    if newer:
+        logger.warning(f"{', '.join(newer)} will be replaced as training reaches their steps")
     return last
 
 
@@ -222,25 +524,31 @@ def build_tokenizer(args: ModelArguments) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_model(args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A model in fp32 (the master weights under mixed precision): fresh from a preset or config, or loaded."""
+def model_source(args: ModelArguments) -> tuple[PretrainedConfig, Path | None]:
+    """The configuration ``--model_name_or_path`` names (a preset, or a directory's ``config.json`` read strictly:
+    a foreign ``model_type`` or invalid JSON is an error naming it) and the directory of its weights, if any."""
     name = args.model_name_or_path
     if name in list_presets():
-        config, weights = load_preset(name), None
-    else:
-        path = Path(name)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{name!r} is neither a preset ({', '.join(list_presets())}) nor a directory with a config.json"
-            )
-        config = AutoConfig.from_pretrained(path)
-        weights = path if any((path / f).is_file() for f in WEIGHT_FILES) else None
+        return load_preset(name), None
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise UsageError(
+            f"--model_name_or_path {name!r} is neither a preset ({', '.join(list_presets())}) nor a directory "
+            "with a config.json"
+        )
+    return read_config(path), (path if any((path / f).is_file() for f in WEIGHT_FILES) else None)
+
+
+def build_model(args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A model in fp32 (the master weights under mixed precision): fresh from a preset or config, or loaded
+    strictly (:func:`densessm.loading.load_causal_lm`: a missing, unexpected or mis-shaped tensor is an error)."""
+    config, weights = model_source(args)
     if weights is not None:
         if args.config_overrides:
-            raise ValueError(
+            raise UsageError(
                 f"--config_overrides only applies to a model trained from scratch; {weights} holds weights"
             )
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
+        model = load_causal_lm(weights, dtype=torch.float32, config=config)
         if len(tokenizer) > model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(tokenizer)} tokens but {weights} was trained with vocab_size "
@@ -248,7 +556,10 @@ def build_model(args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> Pre
             )
         return model
     if args.config_overrides:
-        config.update_from_string(args.config_overrides)
+        try:
+            config.update_from_string(args.config_overrides)
+        except ValueError as err:
+            raise UsageError(f"--config_overrides {args.config_overrides!r}: {err}") from None
     config.vocab_size = len(tokenizer)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if getattr(tokenizer, key) is not None:
@@ -285,7 +596,7 @@ def choose_block_size(requested: int | None, config) -> int:
     if requested is None:
         return limit or DEFAULT_BLOCK_SIZE
     if limit is not None and requested > limit:
-        raise ValueError(
+        raise UsageError(
             f"--block_size {requested} is larger than the model supports (max_position_embeddings = {limit}): "
             f"pass --block_size {limit} or less, or raise it with --config_overrides max_position_embeddings=..."
         )
@@ -344,23 +655,149 @@ def _setup_logging(args: TrainingArguments) -> None:
         datasets.disable_progress_bars()
 
 
+def run_arguments(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DenseTrainingArguments,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+) -> dict:
+    """Everything that defines the run, as stored in ``run_arguments.json``: the flags, and what they resolve to
+    (the block size, the world size, the model's configuration, the tokenizer, the corpus files and sizes)."""
+    arguments = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **training_args.to_dict()}
+    config = {f"config.{k}": v for k, v in model.config.to_dict().items() if k not in _CONFIG_BOOKKEEPING}
+    files = {}
+    for paths in (data_args.dataset_dir, data_args.validation_files):  # one call each: a file in both is load_blocks'
+        for group in find_data_files(paths).values() if paths else ():
+            files.update({name: Path(name).stat().st_size for name in group})
+    arguments.update(
+        {
+            "world_size": training_args.world_size,
+            "resolved_block_size": block_size,
+            **config,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "data_files": files,
+        }
+    )
+    return run_state.normalized(arguments)
+
+
+def check_resume(checkpoint: Path, arguments: dict, model: PreTrainedModel, allow_changed: bool) -> None:
+    """Refuse a resume that cannot continue the run in ``checkpoint``: a step past ``max_steps``, arguments that
+    change the result (unless ``allow_changed``), or a model the checkpoint's weights do not fit; raise
+    :class:`RunFinished` if the checkpoint is the run's last step."""
+    step, max_steps = run_state.checkpoint_global_step(checkpoint), arguments["max_steps"]
+    if 0 < max_steps < step:
+        raise UsageError(past_the_end(checkpoint, step, max_steps))
+    stored = run_state.read_arguments(checkpoint)
+    if stored is None:
+        logger.warning(f"{checkpoint} has no stored arguments ({run_state.ARGUMENTS_NAME}): they cannot be compared")
+    else:
+        changed, harmless = run_state.compare_arguments(stored, arguments)
+        if harmless:
+            logger.info(
+                f"resuming with other values that do not change the result:\n{run_state.format_table(harmless)}"
+            )
+        fixed = [row for row in changed if row[0] in _FIXED_ON_RESUME]
+        if fixed:
+            raise UsageError(
+                f"cannot resume from {checkpoint} with another optimizer: its state loads only into the one that "
+                f"saved it (stored -> now):\n{run_state.format_table(fixed)}"
+            )
+        if changed and not allow_changed:
+            names = run_state.list_names(name for name, _, _ in changed)
+            raise UsageError(
+                f"cannot resume from {checkpoint}: {len(changed)} argument(s) that change the result differ from "
+                f"the run's ({names}); pass the same values, --allow_changed_args to resume anyway, or "
+                f"--overwrite_output_dir to start afresh (stored -> now):\n{run_state.format_table(changed)}"
+            )
+        if changed:
+            logger.warning(
+                f"resuming with changed arguments (--allow_changed_args):\n{run_state.format_table(changed)}"
+            )
+    saved_type = read_config(checkpoint).model_type
+    if saved_type != model.config.model_type:
+        raise UsageError(
+            f"{checkpoint} holds a {saved_type} model, and this run builds a {model.config.model_type}: a resume "
+            "continues the same model (--overwrite_output_dir starts afresh)"
+        )
+    try:
+        check_weights(checkpoint, model.config)
+    except ModelLoadError as err:
+        raise UsageError(f"cannot resume: {err}") from None
+    if step == max_steps:
+        raise RunFinished
+
+
+def _interrupted(output_dir: str) -> Interrupted:
+    last = last_complete_checkpoint(output_dir)
+    if last is None:
+        return Interrupted(
+            f"training stopped; no checkpoint saved yet in {output_dir}: the same command starts it again"
+        )
+    return Interrupted(f"training stopped; run the same command again to resume from {last}")
+
+
 def train(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: DenseTrainingArguments,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> dict:
-    """Run one training job; returns its metrics and the paths it wrote (on every process)."""
+    """Run one training job; returns its metrics and the paths it wrote (on every process).
+
+    The run holds the lock on ``--output_dir`` from before it looks at the directory until it returns; Ctrl-C
+    ends it with :class:`~densessm.errors.Interrupted` naming the checkpoint to resume from."""
     _setup_logging(training_args)
+    run_state.check_output_dir(training_args.output_dir)
+    out = Path(training_args.output_dir).resolve()
+    for corpus in [*(data_args.dataset_dir or []), *(data_args.validation_files or [])]:
+        if Path(corpus).is_dir() and Path(corpus).resolve() in (out, *out.parents):
+            raise UsageError(
+                f"--output_dir {training_args.output_dir} lies inside the corpus directory {corpus}: a later run "
+                "would read its checkpoints and logs as training text; choose an --output_dir outside it"
+            )
+    check_engine(training_args)
     if data_args.streaming and training_args.max_steps <= 0:
-        raise ValueError("--streaming needs --max_steps: the length of a streamed corpus is not known in advance")
-    with training_args.main_process_first(desc="looking for checkpoints"):
-        checkpoint = resolve_checkpoint(training_args)
+        raise UsageError("--streaming needs --max_steps: the length of a streamed corpus is not known in advance")
+    lock = run_state.RunLock(training_args.output_dir)
+    try:
+        agree(lock.acquire, here=training_args.should_save)
+        return _train_locked(model_args, data_args, training_args, callbacks)
+    except KeyboardInterrupt as err:
+        if isinstance(err, Interrupted):
+            raise
+        raise _interrupted(training_args.output_dir) from None
+    finally:
+        lock.release()
+
+
+def _train_locked(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DenseTrainingArguments,
+    callbacks: Sequence[TrainerCallback],
+) -> dict:
+    out = Path(training_args.output_dir)
+    agree(lambda: prepare_output_dir(training_args), here=training_args.should_save)
+    checkpoint = agree(lambda: resolve_checkpoint(training_args))
     set_seed(training_args.seed)
+    model_source(model_args)  # its config.json checked before the tokenizer reads it, so it gets the blame
     tokenizer = build_tokenizer(model_args)
     init_deepspeed_comm(training_args)
     model = build_model(model_args, tokenizer)
     block_size = choose_block_size(data_args.block_size, model.config)
+    arguments = run_arguments(model_args, data_args, training_args, model, tokenizer, block_size)
+    if checkpoint is not None:
+        try:
+            agree(lambda: check_resume(checkpoint, arguments, model, training_args.allow_changed_args))
+        except RunFinished:
+            agree(lambda: finish_run(checkpoint, out, model.config.use_cache), here=training_args.should_save)
+            return {"output_dir": str(out), "finished_from": str(checkpoint)}
+    agree(lambda: run_state.write_arguments(out, arguments), here=training_args.should_save)
+    if training_args.local_process_index != 0:  # --overwrite_cache: the node's first process rebuilt them just now
+        data_args = dataclasses.replace(data_args, overwrite_cache=False)
     with training_args.main_process_first(desc="tokenizing the corpus"):
         train_set, eval_set = load_blocks(data_args, tokenizer, block_size, training_args.seed)
 
@@ -386,9 +823,13 @@ def train(
         eval_dataset=eval_set,
         processing_class=tokenizer,
         data_collator=collate_blocks,
-        callbacks=list(callbacks),
+        callbacks=[_ResumeState(checkpoint), *callbacks],
     )
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
+    except RunFinished:
+        agree(lambda: finish_run(checkpoint, out, use_cache), here=training_args.should_save)
+        return {"output_dir": str(out), "finished_from": str(checkpoint)}
     trainer.model.config.use_cache = use_cache
     trainer.save_model()
     metrics = dict(result.metrics)
@@ -410,7 +851,6 @@ def train(
         summary["eval"] = eval_metrics
 
     if trainer.is_world_process_zero():
-        out = Path(training_args.output_dir)
         title = f"{model_args.model_name_or_path} ({model.config.model_type}, {n_params:,d} parameters)"
         summary["plot"] = str(plot_curves(trainer.state.log_history, out / "loss_curve.png", title))
         sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
@@ -467,8 +907,14 @@ def _finish_distributed(settle_seconds: float = 1.0) -> None:
 def parse_args(
     argv: Sequence[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, DenseTrainingArguments]:
+    """The three argument dataclasses; a value they refuse (theirs or transformers') is a :class:`UsageError`."""
     parser = HfArgumentParser((ModelArguments, DataArguments, DenseTrainingArguments), prog="densessm train")
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except UsageError:
+        raise
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> dict:
@@ -485,7 +931,9 @@ __all__ = [
     "ModelArguments",
     "NonFiniteLossError",
     "build_model",
+    "last_complete_checkpoint",
     "main",
+    "model_source",
     "parse_args",
     "train",
 ]

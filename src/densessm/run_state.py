@@ -1,0 +1,467 @@
+"""A training run's bookkeeping in its ``--output_dir``: one writer at a time, checkpoints that are complete or
+ignored, the arguments the run was started with, and a final model that is whole or absent.
+
+- **Lock.** A run holds ``.densessm-train.lock`` (``filelock``: an OS lock, released when the process dies, also
+  by SIGKILL) for its lifetime; who holds it (pid, host, start time, command) is written next to it, so a second
+  run on the same directory fails at once and names the holder.
+- **Completeness marker.** ``checkpoint-N/checkpoint_complete.json`` is written after every other file of the
+  checkpoint (on every process) is on disk and synced; it lists each file with its size. A checkpoint without
+  it, with a listed file missing or of another size (truncated), or without one of the files a resume needs
+  (weights, optimizer, scheduler, RNG state of every process, trainer state) is incomplete: resuming skips it
+  and says why.
+- **Arguments.** ``run_arguments.json`` holds the resolved arguments (also copied into each checkpoint); a
+  resume compares them and refuses differences that change the result (see :data:`HARMLESS_ARGUMENTS`).
+- **Final model.** The model is saved into ``.final-model.partial`` inside the output directory, then its
+  files are renamed into place with ``config.json`` last, after the old ``config.json`` was removed: a crash
+  leaves the old model, or a directory without ``config.json`` (not loadable; rerun to finish), never a
+  ``config.json`` beside half of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import shlex
+import shutil
+import socket
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from densessm.errors import UsageError
+from densessm.files import atomic_write_text
+
+LOCK_NAME = ".densessm-train.lock"
+HOLDER_NAME = ".densessm-train.lock.json"
+ARGUMENTS_NAME = "run_arguments.json"
+MARKER_NAME = "checkpoint_complete.json"
+STAGING_NAME = ".final-model.partial"
+BOOKKEEPING = frozenset({LOCK_NAME, HOLDER_NAME, ARGUMENTS_NAME, STAGING_NAME})
+"""What a run writes into ``--output_dir`` before any result: a directory holding only these holds no work."""
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_ENGINE_WEIGHTS = ("pytorch_model_fsdp", "global_step")  # FSDP's own files; a DeepSpeed checkpoint's folder
+_MARKER_FORMAT = 1
+
+
+# ---- one writer per run ---------------------------------------------------------------------------------------
+
+
+class RunLockedError(OSError):
+    """Another training run holds the output directory."""
+
+
+def _describe_holder(holder_file: Path) -> str:
+    try:
+        info = json.loads(holder_file.read_text(encoding="utf-8"))
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}, command: {info['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its pid and command are not recorded yet"
+
+
+class RunLock:
+    """The lock on a run's output directory; :meth:`acquire` fails at once (no waiting) if another run holds it."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.output_dir = Path(output_dir)
+        self._lock: FileLock | None = None
+
+    def acquire(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.output_dir / LOCK_NAME), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            holder = _describe_holder(self.output_dir / HOLDER_NAME)
+            raise RunLockedError(
+                f"{self.output_dir} is in use by another training run ({holder}); nothing was changed. Wait for it "
+                "to finish, or choose another --output_dir"
+            ) from None
+        self._lock = lock
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": shlex.join(sys.argv),
+        }
+        atomic_write_text(self.output_dir / HOLDER_NAME, json.dumps(holder, indent=1) + "\n", overwrite=True)
+
+    def release(self) -> None:
+        """Give the directory back (a no-op unless held); the OS does the same if the process dies."""
+        if self._lock is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.output_dir / HOLDER_NAME).unlink()
+        self._lock.release()
+        self._lock = None
+
+
+# ---- checkpoints: complete or ignored --------------------------------------------------------------------------
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N for a folder named ``checkpoint-N``, else None."""
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    if path.name.startswith(prefix) and path.name[len(prefix) :].isdigit():
+        return int(path.name[len(prefix) :])
+    return None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-N`` folders of ``output_dir``, newest (highest N) first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_marker(checkpoint: str | os.PathLike, world_size: int) -> Path:
+    """Mark ``checkpoint`` complete: every file in it (synced to disk first) with its size, written atomically."""
+    root = Path(checkpoint)
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MARKER_NAME:
+            _fsync(path)
+            files[path.relative_to(root).as_posix()] = path.stat().st_size
+    marker = {"format": _MARKER_FORMAT, "step": checkpoint_step(root), "world_size": world_size, "files": files}
+    return atomic_write_text(root / MARKER_NAME, json.dumps(marker, indent=1) + "\n", overwrite=True)
+
+
+def discard_checkpoint(checkpoint: str | os.PathLike) -> None:
+    """Remove a checkpoint folder, its marker first: a removal cut short leaves an incomplete checkpoint."""
+    root = Path(checkpoint)
+    (root / MARKER_NAME).unlink(missing_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _missing_parts(files: set[str], world_size: int) -> list[str]:
+    """The parts a resume needs that ``files`` (relative names) lacks."""
+    deepspeed = any(f.startswith("global_step") for f in files)
+    missing = []
+    if TRAINER_STATE_NAME not in files:
+        missing.append(TRAINER_STATE_NAME)
+    if not any(name in files for name in WEIGHT_FILES) and not any(f.startswith(_ENGINE_WEIGHTS) for f in files):
+        missing.append("the model weights (model.safetensors)")
+    # optimizer.pt; FSDP writes optimizer.bin or an optimizer_0/ folder, DeepSpeed *_optim_states.pt
+    if not any(f.split("/")[0].startswith("optimizer") or f.endswith("optim_states.pt") for f in files):
+        missing.append(f"{OPTIMIZER_NAME} (saved with --save_only_model? such a checkpoint holds only weights)")
+    if SCHEDULER_NAME not in files and not deepspeed:
+        missing.append(SCHEDULER_NAME)
+    rng = ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{i}.pth" for i in range(world_size)]
+    missing += [name for name in rng if name not in files]
+    return missing
+
+
+def rotate_checkpoints(run_dir: str | os.PathLike, limit: int | None, current: Path, best: str | None) -> None:
+    """Keep at most ``limit`` checkpoints: always ``current`` (just marked complete) and ``best``, then the most
+    recently completed others; folders without a marker (cut short, unusable) go first.
+
+    transformers' own rotation orders by folder mtime and falls back to step numbers when the checkpoints are
+    less than a second apart; after a resume that left a cut-short folder of a later step, that kept the
+    useless folder and deleted the checkpoint just written."""
+    if not limit:
+        return
+    keep = {current.resolve()} | ({Path(best).resolve()} if best else set())
+    others = [p for p in list_checkpoints(run_dir) if p.resolve() not in keep]
+
+    def completed(path: Path) -> tuple[int, int]:
+        marker = path / MARKER_NAME
+        return (marker.stat().st_mtime_ns if marker.is_file() else -1, checkpoint_step(path))
+
+    others.sort(key=completed, reverse=True)
+    room = max(0, limit - len([p for p in keep if p.is_dir()]))
+    for path in others[room:]:
+        discard_checkpoint(path)
+
+
+def checkpoint_problems(checkpoint: str | os.PathLike) -> list[str]:
+    """Why ``checkpoint`` cannot be resumed from (empty if it is complete)."""
+    root = Path(checkpoint)
+    if not root.is_dir():
+        return [f"{root} is not a directory"]
+    try:
+        marker = json.loads((root / MARKER_NAME).read_text(encoding="utf-8"))
+        files, world_size = dict(marker["files"]), int(marker["world_size"])
+    except FileNotFoundError:
+        return [f"it has no {MARKER_NAME} (its save was cut short, or it was not written by densessm train)"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"its {MARKER_NAME} is damaged"]
+    problems = []
+    for name, size in files.items():
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{name} is truncated or changed ({path.stat().st_size} bytes, {size} when saved)")
+    problems += [f"{part} is missing" for part in _missing_parts(set(files), world_size)]
+    return problems
+
+
+def newest_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+    """The newest complete checkpoint in ``output_dir`` (or None), and the newer ones skipped with their problems."""
+    skipped = []
+    for path in list_checkpoints(output_dir):
+        problems = checkpoint_problems(path)
+        if not problems:
+            return path, skipped
+        skipped.append((path, problems))
+    return None, skipped
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete ``checkpoint-N`` in ``output_dir`` as a string, or None."""
+    path, _ = newest_complete_checkpoint(output_dir)
+    return None if path is None else str(path)
+
+
+def checkpoint_global_step(checkpoint: str | os.PathLike) -> int:
+    """The optimizer step a complete checkpoint was saved at (from its trainer state)."""
+    return int(json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))["global_step"])
+
+
+# ---- the run's arguments ---------------------------------------------------------------------------------------
+
+HARMLESS_ARGUMENTS = frozenset(
+    {
+        # where the run is and how it reports
+        "output_dir",
+        "overwrite_output_dir",
+        "resume_from_checkpoint",
+        "allow_changed_args",
+        "logging_dir",
+        "logging_strategy",
+        "logging_steps",
+        "logging_first_step",
+        "logging_nan_inf_filter",
+        "log_level",
+        "log_level_replica",
+        "log_on_each_node",
+        "report_to",
+        "run_name",
+        "project",
+        "disable_tqdm",
+        "include_num_input_tokens_seen",
+        "skip_memory_metrics",
+        "debug",
+        "trackio_space_id",
+        "trackio_bucket_id",
+        "trackio_static_space_id",
+        # when and where it saves
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "save_on_each_node",
+        "save_only_model",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_strategy",
+        "hub_token",
+        "hub_private_repo",
+        "hub_always_push",
+        "hub_revision",
+        # evaluation (it scores the weights; it does not change them)
+        "eval_strategy",
+        "evaluation_strategy",
+        "eval_steps",
+        "eval_delay",
+        "eval_on_start",
+        "eval_accumulation_steps",
+        "eval_do_concat_batches",
+        "eval_use_gather_object",
+        "per_device_eval_batch_size",
+        "prediction_loss_only",
+        "include_for_metrics",
+        "batch_eval_metrics",
+        "bf16_full_eval",
+        "fp16_full_eval",
+        "do_train",
+        "do_eval",
+        "do_predict",
+        # the sample printed at the end
+        "sample_prompt",
+        "sample_max_new_tokens",
+        # how the blocks are built and fed, not which blocks in which order
+        "data_cache_dir",
+        "preprocessing_num_workers",
+        "overwrite_cache",
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "dataloader_persistent_workers",
+        "dataloader_prefetch_factor",
+        "dataloader_multiprocessing_context",
+        # process-group plumbing
+        "local_rank",
+        "ddp_timeout",
+        "ddp_backend",
+        "ddp_find_unused_parameters",
+        "torch_empty_cache_steps",
+    }
+)
+"""Arguments that may differ on resume (with a note). Every other one changes the result and is refused unless
+``--allow_changed_args``: a new argument counts as result-changing until it is listed here."""
+
+
+def normalized(arguments: dict) -> dict:
+    """``arguments`` as they read back from JSON (tuples become lists, objects their ``str``)."""
+    return json.loads(json.dumps(arguments, default=str, sort_keys=True))
+
+
+def write_arguments(directory: str | os.PathLike, arguments: dict) -> Path:
+    return atomic_write_text(
+        Path(directory) / ARGUMENTS_NAME, json.dumps(normalized(arguments), indent=1, sort_keys=True) + "\n", True
+    )
+
+
+def read_arguments(directory: str | os.PathLike) -> dict | None:
+    """The arguments stored in ``directory``, or None if it has none (or they are unreadable)."""
+    try:
+        stored = json.loads((Path(directory) / ARGUMENTS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+_MISSING = object()
+
+
+def _shown(value) -> str:
+    return "(not recorded)" if value is _MISSING else json.dumps(value)
+
+
+def compare_arguments(stored: dict, current: dict) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """The differences ``(name, stored, now)`` that change the result, and the harmless ones."""
+    current = normalized(current)
+    changed, harmless = [], []
+    # The flags first, then what they resolve to (the model's configuration, the corpus files).
+    for name in sorted(set(stored) | set(current), key=lambda n: (n.startswith("config."), n)):
+        old, new = stored.get(name, _MISSING), current.get(name, _MISSING)
+        if old == new:
+            continue
+        row = (name, _shown(old), _shown(new))
+        # An argument one side did not record (another densessm version) cannot be compared: noted only.
+        is_harmless = name in HARMLESS_ARGUMENTS or old is _MISSING or new is _MISSING
+        (harmless if is_harmless else changed).append(row)
+    return changed, harmless
+
+
+def list_names(names: Iterable[str], shown: int = 8) -> str:
+    """``a, b, c`` with at most ``shown`` names, then "and N more"."""
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def format_table(rows: Iterable[tuple[str, str, str]], limit: int = 60, max_rows: int = 40) -> str:
+    """``rows`` as aligned lines ``name  stored -> now``, each value cut to ``limit`` characters, at most
+    ``max_rows`` lines."""
+
+    def cut(text: str) -> str:
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    rows = [(name, cut(old), cut(new)) for name, old, new in rows]
+    shown = rows[:max_rows]
+    width = max(len(name) for name, _, _ in shown)
+    old_width = max(len(old) for _, old, _ in shown)
+    lines = [f"  {name:<{width}}  {old:<{old_width}} -> {new}" for name, old, new in shown]
+    if len(rows) > max_rows:
+        lines.append(f"  ... and {len(rows) - max_rows} more")
+    return "\n".join(lines)
+
+
+# ---- the final model: whole or absent --------------------------------------------------------------------------
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin", ".index.json"))
+
+
+def publish_model(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the files of a model saved in ``staging`` into ``target``, ``config.json`` last (see the module doc).
+
+    The old ``config.json`` goes first, so from then until the new one arrives the directory is not a loadable
+    model; weight files of the old model that the new one lacks (other shards) are removed before the move.
+    """
+    staging, target = Path(staging), Path(target)
+    names = sorted(p.name for p in staging.iterdir())
+    (target / "config.json").unlink(missing_ok=True)
+    for stale in target.iterdir():
+        if stale.is_file() and _is_weight_file(stale.name) and stale.name not in names:
+            stale.unlink()
+    for name in sorted(names, key=lambda n: n == "config.json"):
+        destination = target / name
+        if destination.is_dir() and not destination.is_symlink():
+            shutil.rmtree(destination)
+        os.replace(staging / name, destination)
+    staging.rmdir()
+    with contextlib.suppress(OSError):
+        _fsync(target)
+
+
+def fresh_staging_dir(target: str | os.PathLike) -> Path:
+    """An empty :data:`STAGING_NAME` folder in ``target`` (a leftover of a crashed save is removed first)."""
+    staging = Path(target) / STAGING_NAME
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def holds_work(output_dir: str | os.PathLike) -> bool:
+    """Whether ``output_dir`` holds anything besides a run's bookkeeping (which a refused start may leave)."""
+    root = Path(output_dir)
+    return root.is_dir() and any(p.name not in BOOKKEEPING for p in root.iterdir())
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """``output_dir`` as a path; refused at once if it exists and is not a directory."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output_dir {path} is a file, not a directory: choose a directory (it is created)")
+    return path
+
+
+__all__ = [
+    "ARGUMENTS_NAME",
+    "HARMLESS_ARGUMENTS",
+    "LOCK_NAME",
+    "MARKER_NAME",
+    "STAGING_NAME",
+    "RunLock",
+    "RunLockedError",
+    "check_output_dir",
+    "checkpoint_global_step",
+    "checkpoint_problems",
+    "compare_arguments",
+    "discard_checkpoint",
+    "format_table",
+    "fresh_staging_dir",
+    "holds_work",
+    "last_complete_checkpoint",
+    "list_names",
+    "list_checkpoints",
+    "newest_complete_checkpoint",
+    "publish_model",
+    "read_arguments",
+    "rotate_checkpoints",
+    "write_arguments",
+    "write_marker",
+]

@@ -1,0 +1,739 @@
+"""`densessm train` against bad input, faults and misuse.
+
+Every refusal is one line (or a line and a table of differences) with exit code 2 for a usage error, 1 for a
+failure, 130 for Ctrl-C, and leaves what is on disk byte for byte as it was. Killed at each phase of a
+checkpoint write or of the final save, a run resumed with the same command ends with bitwise the weights of an
+uninterrupted run; a second run on the same --output_dir fails at once naming the holder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_training import (
+    PYTHON,
+    SUBPROCESS_ENV,
+    TINY,
+    driver_command,
+    losses,
+    run_driver,
+    snapshot,
+    train_argv,
+    weights,
+    write_corpus,
+)
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from densessm.cli import main as cli_main
+from densessm.errors import Interrupted, UsageError
+from densessm.loading import load_causal_lm
+from densessm.presets import load_preset
+from densessm.run_state import (
+    ARGUMENTS_NAME,
+    MARKER_NAME,
+    STAGING_NAME,
+    RunLock,
+    RunLockedError,
+    checkpoint_problems,
+    last_complete_checkpoint,
+    rotate_checkpoints,
+    write_marker,
+)
+from densessm.train import DenseTrainer, DenseTrainingArguments, main
+
+ROOT = Path(__file__).resolve().parents[1]
+# dropout > 0: a resume that restored the wrong RNG state would not end at the same weights
+FLAGS = dict(
+    max_steps=6,
+    save_strategy="steps",
+    save_steps=2,
+    config_overrides=TINY + ",dropout=0.1",
+    sample_max_new_tokens=0,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """An uninterrupted run (checkpoints 2, 4, 6 and the final model): where every interrupted run must end."""
+    root = tmp_path_factory.mktemp("straight")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(train_argv(root, **FLAGS))
+    finally:
+        torch.set_num_threads(before)
+    return root / "out"
+
+
+def straight_argv(straight: Path, output_dir: Path, **flags) -> list[str]:
+    """The straight run's flags (its corpus and cache) with another --output_dir."""
+    return train_argv(straight.parent, **{**FLAGS, "output_dir": str(output_dir), **flags})
+
+
+def resumable(straight: Path, dest: Path) -> Path:
+    """The straight run as if killed after step 4: checkpoints 2 and 4 and the stored arguments."""
+    dest.mkdir(parents=True)
+    for step in (2, 4):
+        shutil.copytree(straight / f"checkpoint-{step}", dest / f"checkpoint-{step}")
+    shutil.copy2(straight / ARGUMENTS_NAME, dest / ARGUMENTS_NAME)
+    return dest
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str]:
+    """``densessm train ARGV`` in this process: the exit code and the last line of stderr."""
+    code = cli_main(["train", *argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    return code, "\n".join(lines[-1:])
+
+
+def cli_full(argv: list[str], capsys) -> tuple[int, str]:
+    code = cli_main(["train", *argv])
+    return code, capsys.readouterr().err
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = weights(a), weights(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+# ---- flag values that cannot work: exit 2, one line, nothing created ------------------------------------------
+
+BAD_FLAGS = [
+    ("per_device_train_batch_size", "0", "--per_device_train_batch_size must be a positive integer, got 0"),
+    ("per_device_train_batch_size", "-1", "--per_device_train_batch_size must be a positive integer, got -1"),
+    ("per_device_eval_batch_size", "0", "--per_device_eval_batch_size must be a positive integer, got 0"),
+    ("gradient_accumulation_steps", "0", "--gradient_accumulation_steps must be a positive integer, got 0"),
+    ("learning_rate", "-1", "--learning_rate must be a finite number, 0 or more, got -1.0"),
+    ("learning_rate", "nan", "--learning_rate must be a finite number, 0 or more, got nan"),
+    ("learning_rate", "inf", "--learning_rate must be a finite number, 0 or more, got inf"),
+    ("weight_decay", "-0.1", "--weight_decay must be a finite number, 0 or more, got -0.1"),
+    ("max_grad_norm", "-1", "--max_grad_norm must be a finite number, 0 or more, got -1.0"),
+    ("adam_beta1", "1.5", "--adam_beta1 must be in [0, 1), got 1.5"),
+    ("adam_beta2", "-0.1", "--adam_beta2 must be in [0, 1), got -0.1"),
+    ("adam_epsilon", "0", "--adam_epsilon must be a positive number, got 0.0"),
+    ("max_steps", "0", "--max_steps must be 1 or more (-1: train --num_train_epochs), got 0"),
+    ("max_steps", "-5", "--max_steps must be 1 or more (-1: train --num_train_epochs), got -5"),
+    ("num_train_epochs", "0", "--num_train_epochs must be a positive number, got 0.0"),
+    ("num_train_epochs", "nan", "--num_train_epochs must be a positive number, got nan"),
+    ("save_steps", "0", "--save_steps must be a positive number (below 1: a fraction of the run), got 0.0"),
+    ("save_steps", "-2", "--save_steps must be a positive number (below 1: a fraction of the run), got -2.0"),
+    ("logging_steps", "-1", "--logging_steps must be a positive number (below 1: a fraction of the run), got -1.0"),
+    ("eval_steps", "0", "--eval_steps must be a positive number (below 1: a fraction of the run), got 0.0"),
+    ("save_total_limit", "0", "--save_total_limit must be 1 or more (unset: keep every checkpoint), got 0"),
+    ("save_total_limit", "-1", "--save_total_limit must be 1 or more (unset: keep every checkpoint), got -1"),
+    ("seed", "-1", "--seed must be in [0, 2**32), got -1"),
+    ("seed", str(2**32), f"--seed must be in [0, 2**32), got {2**32}"),
+    ("sample_max_new_tokens", "-1", "--sample_max_new_tokens must be 0 or more, got -1"),
+    ("model_max_length", "0", "--model_max_length must be a positive number of tokens, got 0"),
+    ("warmup_ratio", "1.5", "--warmup_ratio must be in [0, 1), got 1.5"),
+    ("warmup_steps", "-1", "warmup_steps >= 0"),
+    ("block_size", "1", "block_size must be at least 2"),
+    ("validation_split_percentage", "100", "validation_split_percentage must be in [0, 100)"),
+]
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), BAD_FLAGS, ids=[f"{f}={v}" for f, v, _ in BAD_FLAGS])
+def test_a_bad_flag_value_is_a_usage_error_before_anything_is_written(tmp_path, capsys, flag, value, message):
+    unset = {"warmup_ratio": None} if flag == "warmup_steps" else {}  # train_argv passes --warmup_ratio 0
+    code, err = cli(train_argv(tmp_path, **{flag: value, **unset}), capsys)
+    assert code == 2
+    assert err.startswith("densessm train: error: ") and message in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_warmup_ratio_and_steps_together_are_refused(tmp_path, capsys):
+    code, err = cli(train_argv(tmp_path, warmup_ratio=0.1, warmup_steps=5), capsys)
+    assert (code, err) == (2, "densessm train: error: pass --warmup_ratio or --warmup_steps, not both")
+
+
+def test_a_flag_of_the_wrong_type_is_argparses_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", *train_argv(tmp_path, max_steps="ten")])
+    assert exit_info.value.code == 2
+    assert "argument --max_steps/--max-steps: invalid int value: 'ten'" in capsys.readouterr().err
+
+
+def test_bad_config_overrides_name_the_flag(tmp_path, capsys):
+    code, err = cli(train_argv(tmp_path, config_overrides="hidden_size=16,no_such_key=3"), capsys)
+    assert code == 2 and "--config_overrides 'hidden_size=16,no_such_key=3'" in err and "no_such_key" in err
+
+
+# ---- the output directory: never overwritten unasked ------------------------------------------------------------
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, capsys):
+    taken = tmp_path / "taken.txt"
+    taken.write_bytes(b"my notes\n")
+    code, err = cli(train_argv(tmp_path, output_dir=str(taken)), capsys)
+    assert code == 2
+    assert f"--output_dir {taken} is a file, not a directory" in err
+    assert taken.read_bytes() == b"my notes\n"
+    assert not (tmp_path / "cache").exists()  # refused before any data loading
+
+
+def test_an_output_dir_inside_the_corpus_directory_is_refused(tmp_path, capsys):
+    corpus = Path(train_argv(tmp_path)[1])
+    before = snapshot(corpus)
+    code, err = cli(train_argv(tmp_path, output_dir=str(corpus / "run")), capsys)
+    assert code == 2 and "lies inside the corpus directory" in err
+    assert snapshot(corpus) == before
+
+
+def test_a_directory_with_other_files_is_left_byte_identical(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "model.safetensors").write_bytes(b"not yours")
+    before = snapshot(out)
+    code, err = cli(train_argv(tmp_path, output="mine"), capsys)
+    assert code == 2 and "exists and holds no checkpoint: pass --overwrite_output_dir" in err
+    assert snapshot(out) == before
+
+
+def test_a_directory_with_only_incomplete_checkpoints_is_refused_with_the_reasons(straight, tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(straight / "checkpoint-2", out / "checkpoint-2")
+    (out / "checkpoint-2" / MARKER_NAME).unlink()
+    before = snapshot(out)
+    with caplog.at_level(logging.WARNING, logger="densessm.train"):
+        code, err = cli(straight_argv(straight, out), capsys)
+    assert code == 2 and "holds only incomplete checkpoints (checkpoint-2): pass --overwrite_output_dir" in err
+    assert f"skipping {out / 'checkpoint-2'}: incomplete (it has no {MARKER_NAME}" in caplog.text
+    assert snapshot(out) == before
+
+
+def test_overwrite_refuses_to_delete_the_checkpoint_it_is_told_to_resume_from(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path / "out")
+    before = snapshot(out)
+    argv = straight_argv(straight, out, resume_from_checkpoint=str(out / "checkpoint-4"), overwrite_output_dir=True)
+    code, err = cli(argv, capsys)
+    assert code == 2 and f"--overwrite_output_dir would delete {out / 'checkpoint-2'}" not in err
+    assert f"--overwrite_output_dir would delete {out / 'checkpoint-4'}, the checkpoint --resume_from_checkpoint" in err
+    assert snapshot(out) == before
+
+
+def test_overwrite_starts_afresh_and_removes_only_the_checkpoints(straight, tmp_path):
+    out = resumable(straight, tmp_path / "out")
+    (out / "notes.txt").write_text("keep me")
+    main(straight_argv(straight, out, overwrite_output_dir=True, max_steps=2, save_strategy="no"))
+    assert not list(out.glob("checkpoint-*")) and (out / "notes.txt").read_text() == "keep me"
+    assert sorted(losses(out)) == [1, 2]
+
+
+# ---- checkpoints: complete or ignored -----------------------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _save_only_model(checkpoint: Path) -> None:
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (checkpoint / name).unlink()
+    write_marker(checkpoint, world_size=1)
+
+
+DAMAGE = {
+    "optimizer.pt missing": (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt is missing"),
+    "scheduler.pt missing": (lambda c: (c / "scheduler.pt").unlink(), "scheduler.pt is missing"),
+    "rng state missing": (lambda c: (c / "rng_state.pth").unlink(), "rng_state.pth is missing"),
+    "marker missing": (lambda c: (c / MARKER_NAME).unlink(), f"it has no {MARKER_NAME} (its save was cut short"),
+    "marker damaged": (lambda c: (c / MARKER_NAME).write_text('{"files": '), f"its {MARKER_NAME} is damaged"),
+    "weights truncated": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors is truncated or changed ("),
+    "trainer state truncated": (lambda c: _truncate(c / "trainer_state.json"), "trainer_state.json is truncated"),
+    "saved with --save_only_model": (_save_only_model, "optimizer.pt (saved with --save_only_model?"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_an_explicit_incomplete_checkpoint_is_an_error_naming_what_is_missing(straight, tmp_path, capsys, damage):
+    checkpoint = tmp_path / "checkpoint-4"
+    shutil.copytree(straight / "checkpoint-4", checkpoint)
+    harm, message = DAMAGE[damage]
+    harm(checkpoint)
+    assert any(message in problem for problem in checkpoint_problems(checkpoint))
+    before = snapshot(checkpoint)
+    code, err = cli(straight_argv(straight, tmp_path / "new", resume_from_checkpoint=str(checkpoint)), capsys)
+    assert code == 2
+    assert f"--resume_from_checkpoint {checkpoint} is not a complete checkpoint: " in err and message in err
+    assert snapshot(checkpoint) == before
+
+
+def test_an_explicit_checkpoint_that_does_not_exist_is_an_error(straight, tmp_path, capsys):
+    code, err = cli(straight_argv(straight, tmp_path / "new", resume_from_checkpoint=str(tmp_path / "nope")), capsys)
+    assert code == 2 and f"{tmp_path / 'nope'} is not a directory" in err
+
+
+def test_an_explicit_checkpoint_of_another_directory_is_resumed_exactly(straight, tmp_path):
+    main(straight_argv(straight, tmp_path / "new", resume_from_checkpoint=str(straight / "checkpoint-4")))
+    assert_same_weights(straight, tmp_path / "new")
+
+
+def test_a_truncated_file_in_the_newest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, caplog):
+    out = resumable(straight, tmp_path / "out")
+    _truncate(out / "checkpoint-4" / "optimizer.pt")
+    with caplog.at_level(logging.INFO, logger="densessm.train"):
+        main(straight_argv(straight, out))
+    assert f"skipping {out / 'checkpoint-4'}: incomplete (optimizer.pt is truncated or changed" in caplog.text
+    assert f"resuming from {out / 'checkpoint-2'}" in caplog.text
+    assert_same_weights(straight, out)
+    assert [losses(out)[s] for s in range(3, 7)] == [losses(straight)[s] for s in range(3, 7)]
+
+
+class _CheckpointsAfterSave(TrainerCallback):
+    def __init__(self):
+        self.seen = {}
+
+    def on_save(self, args, state, control, **kwargs):
+        self.seen[state.global_step] = sorted(p.name for p in Path(args.output_dir).glob("checkpoint-*"))
+
+
+def test_rotation_keeps_the_checkpoint_just_written_over_a_cut_short_later_one(straight, tmp_path):
+    # checkpoint-4 cut short, so the run resumes from 2 and saves 3 while 4 is still there: rotating by step
+    # number (transformers' fallback when checkpoints are less than a second apart) would keep the useless 4
+    # and delete the 3 just written
+    out = resumable(straight, tmp_path / "out")
+    (out / "checkpoint-4" / MARKER_NAME).unlink()
+    seen = _CheckpointsAfterSave()
+    main(straight_argv(straight, out, save_steps=1, save_total_limit=1), callbacks=[seen])
+    assert seen.seen.get(3) == ["checkpoint-3"] and seen.seen.get(4) == ["checkpoint-4"], seen.seen
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"] and checkpoint_problems(
+        out / "checkpoint-6"
+    ) == []
+    assert_same_weights(straight, out)
+
+
+def test_rotation_protects_the_best_checkpoint_and_drops_cut_short_ones_first(straight, tmp_path):
+    for step in (2, 4, 6):
+        shutil.copytree(straight / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
+    (tmp_path / "checkpoint-8").mkdir()  # cut short: no marker
+    rotate_checkpoints(tmp_path, 2, tmp_path / "checkpoint-6", best=str(tmp_path / "checkpoint-2"))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-6"]
+
+
+# ---- resume checks its arguments ------------------------------------------------------------------------------------
+
+CHANGED = {
+    "learning_rate": ({"learning_rate": 0.02}, "learning_rate", "0.01", "0.02"),
+    "block_size": ({"block_size": 8}, "resolved_block_size", "16", "8"),
+    "batch size": ({"per_device_train_batch_size": 2}, "per_device_train_batch_size", "4", "2"),
+    "accumulation": ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps", "1", "2"),
+    "seed": ({"seed": 8}, "seed", "7", "8"),
+    "schedule": ({"lr_scheduler_type": "cosine"}, "lr_scheduler_type", '"linear"', '"cosine"'),
+    "warm-up": ({"warmup_ratio": 0.25}, "warmup_ratio", "0.0", "0.25"),
+    "weight decay": ({"weight_decay": 0.1}, "weight_decay", "0.0", "0.1"),
+    "precision": ({"bf16": "true"}, "bf16", "false", "true"),
+    "max_steps": ({"max_steps": 8}, "max_steps", "6", "8"),
+    "model size": ({"config_overrides": TINY + ",dropout=0.1,hidden_size=32"}, "config.hidden_size", "16", "32"),
+    "model": (
+        {"model_name_or_path": "dense_mamba_tiny", "config_overrides": None},
+        "model_name_or_path",
+        '"dense_retnet_tiny"',
+        '"dense_mamba_tiny"',
+    ),
+    "tokenizer length": ({"model_max_length": 64}, "model_max_length", "null", "64"),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGED))
+def test_a_resume_with_result_changing_arguments_is_refused_with_a_table(straight, tmp_path, capsys, change):
+    flags, name, old, new = CHANGED[change]
+    out = resumable(straight, tmp_path / "out")
+    before = snapshot(out)
+    code, err = cli_full(straight_argv(straight, out, **flags), capsys)
+    assert code == 2
+    first = next(line for line in err.splitlines() if line.startswith("densessm train: error:"))
+    assert f"cannot resume from {out / 'checkpoint-4'}: " in first and name in first
+    assert "--allow_changed_args" in first
+    row = next(line for line in err.splitlines() if line.strip().startswith(name + " "))
+    assert f"{old}" in row and f"-> {new}" in row
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("allow", [[], ["--allow_changed_args"]])
+def test_a_resume_with_another_optimizer_is_refused_even_when_changes_are_allowed(straight, tmp_path, capsys, allow):
+    out = resumable(straight, tmp_path / "out")
+    before = snapshot(out)
+    code, err = cli_full([*straight_argv(straight, out, optim="sgd"), *allow], capsys)
+    assert code == 2 and f"cannot resume from {out / 'checkpoint-4'} with another optimizer" in err
+    assert '  optim  "adamw_torch_fused" -> "sgd"' in err
+    assert snapshot(out) == before
+
+
+def test_a_resume_on_other_data_files_is_refused(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path / "out")
+    before = snapshot(out)
+    other = write_corpus(tmp_path, copies=31)
+    code, err = cli_full(straight_argv(straight, out, dataset_dir=str(other)), capsys)
+    assert code == 2 and "data_files" in err and "dataset_dir" in err
+    assert snapshot(out) == before
+
+
+def test_harmless_changes_resume_with_a_note_and_end_where_the_run_ends(straight, tmp_path, caplog):
+    out = resumable(straight, tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="densessm.train"):
+        main(straight_argv(straight, out, logging_steps=2, save_steps=3, per_device_eval_batch_size=2))
+    assert "resuming with other values that do not change the result:" in caplog.text
+    for name in ("logging_steps", "save_steps", "per_device_eval_batch_size"):
+        assert name in caplog.text
+    assert 5 not in losses(out) and 6 in losses(out)  # the new logging frequency applies (not the checkpoint's)
+    assert_same_weights(straight, out)
+
+
+def test_allow_changed_args_resumes_with_the_differences_listed(straight, tmp_path, caplog):
+    out = resumable(straight, tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="densessm.train"):
+        main(straight_argv(straight, out, learning_rate=0.02, allow_changed_args=True))
+    assert "resuming with changed arguments (--allow_changed_args):" in caplog.text
+    assert "learning_rate" in caplog.text and "0.01" in caplog.text and "-> 0.02" in caplog.text
+    assert json.loads((out / ARGUMENTS_NAME).read_text())["learning_rate"] == 0.02
+    # The new rate applies from step 5 on (loading the optimizer state would otherwise keep 0.01): the linear
+    # schedule of 6 steps gives 0.02 * 2/6 at step 5, as logged before that step's update.
+    logged = {
+        e["step"]: e["learning_rate"]
+        for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
+        if "learning_rate" in e
+    }
+    assert logged[4] == pytest.approx(0.01 * 3 / 6) and logged[5] == pytest.approx(0.02 * 2 / 6)
+    assert not torch.equal(weights(out)["lm_head.weight"], weights(straight)["lm_head.weight"])
+
+
+def test_another_model_type_is_refused_clearly_even_when_changes_are_allowed(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path / "out")
+    before = snapshot(out)
+    argv = straight_argv(
+        straight, out, model_name_or_path="dense_mamba_tiny", config_overrides=None, allow_changed_args=True
+    )
+    code, err = cli(argv, capsys)
+    assert code == 2
+    assert f"{out / 'checkpoint-4'} holds a dense_retnet model, and this run builds a dense_mamba" in err
+    assert snapshot(out) == before
+
+
+def test_a_model_of_another_shape_is_refused_naming_the_tensors(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path / "out")
+    before = snapshot(out)
+    argv = straight_argv(straight, out, config_overrides=TINY + ",dropout=0.1,hidden_size=32", allow_changed_args=True)
+    code, err = cli(argv, capsys)
+    assert code == 2 and "cannot resume: " in err and "tensors of another shape: " in err
+    assert "model.embed_tokens.weight (4096, 16) (config.json gives (4096, 32))" in err
+    assert snapshot(out) == before
+
+
+def test_max_steps_below_the_checkpoint_is_refused_even_when_changes_are_allowed(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path / "out")
+    before = snapshot(out)
+    code, err = cli(straight_argv(straight, out, max_steps=3, allow_changed_args=True), capsys)
+    assert code == 2
+    assert f"{out / 'checkpoint-4'} is at step 4, past this run's last step 3: raise --max_steps" in err
+    assert snapshot(out) == before
+
+
+def test_fewer_epochs_than_the_checkpoint_are_refused_once_the_step_count_is_known(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path / "out")
+    before = snapshot(out)
+    argv = straight_argv(straight, out, max_steps=-1, num_train_epochs=0.1, allow_changed_args=True)
+    code, err = cli(argv, capsys)
+    assert code == 2 and f"{out / 'checkpoint-4'} is at step 4, past this run's last step 3" in err
+    assert {k: v for k, v in snapshot(out).items() if k != ARGUMENTS_NAME} == {
+        k: v for k, v in before.items() if k != ARGUMENTS_NAME
+    }
+
+
+def test_rerunning_a_finished_run_trains_nothing_says_so_and_changes_nothing(straight, tmp_path, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(straight, out)
+    before = snapshot(out)
+    with caplog.at_level(logging.WARNING, logger="densessm.train"):
+        summary = main(straight_argv(straight, out))
+    assert summary == {"output_dir": str(out), "finished_from": str(out / "checkpoint-6")}
+    assert (
+        f"nothing to do: the run in {out} has already finished ({out / 'checkpoint-6'} is its last step" in caplog.text
+    )
+    assert snapshot(out) == before
+
+
+# ---- one writer per run ---------------------------------------------------------------------------------------------
+
+
+def test_a_second_lock_on_the_same_directory_names_the_holder(tmp_path):
+    first, second = RunLock(tmp_path), RunLock(tmp_path)
+    first.acquire()
+    try:
+        with pytest.raises(RunLockedError, match=rf"in use by another training run \(pid {os.getpid()} on "):
+            second.acquire()
+    finally:
+        first.release()
+    second.acquire()  # free again
+    second.release()
+
+
+def test_a_holder_without_its_details_is_still_refused(tmp_path):
+    first = RunLock(tmp_path)
+    first.acquire()
+    try:
+        (tmp_path / ".densessm-train.lock.json").unlink()
+        with pytest.raises(RunLockedError, match="its pid and command are not recorded yet"):
+            RunLock(tmp_path).acquire()
+    finally:
+        first.release()
+
+
+def test_two_concurrent_runs_on_one_directory_the_second_fails_at_once(tmp_path, capsys):
+    argv = train_argv(tmp_path, **FLAGS)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    with open(tmp_path / "first.err", "w") as err_file:
+        first = subprocess.Popen(
+            driver_command(tmp_path, argv),
+            env={**SUBPROCESS_ENV, "HOLD_AT": f"3@{hold}"},
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not (hold / "ready").exists():
+            assert first.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        out = tmp_path / "out"
+        before = snapshot(out)
+        assert "checkpoint-2/model.safetensors" in before
+        for extra in ([], ["--overwrite_output_dir"]):  # the lock comes before any deletion
+            code, err = cli([*argv, *extra, "--data_cache_dir", str(tmp_path / "cache2")], capsys)
+            assert code == 1
+            assert f"{out} is in use by another training run (pid {first.pid} on {socket.gethostname()}, " in err
+            assert "driver.py" in err and "nothing was changed" in err
+            assert snapshot(out) == before
+            assert not (tmp_path / "cache2").exists()  # refused before the data was read
+    finally:
+        (hold / "release").touch()
+        assert first.wait(timeout=240) == 0, (tmp_path / "first.err").read_text()[-3000:]
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-6")
+
+
+# ---- kill at each phase of a checkpoint write, resume, compare bit for bit ----------------------------------------
+
+PHASES = [
+    pytest.param("model.safetensors", 2, marks=pytest.mark.slow),
+    pytest.param("optimizer.pt", 2),
+    pytest.param("scheduler.pt", 2, marks=pytest.mark.slow),
+    pytest.param("rng_state.pth", 2, marks=pytest.mark.slow),
+    pytest.param("trainer_state.json", 2, marks=pytest.mark.slow),
+    pytest.param(MARKER_NAME, 4),
+]
+
+
+@pytest.mark.parametrize(("written", "resumed_from"), PHASES)
+def test_killed_right_after_a_file_of_a_checkpoint_resumes_to_the_same_weights(
+    straight, tmp_path, caplog, written, resumed_from
+):
+    argv = train_argv(tmp_path, **FLAGS, save_total_limit=1)
+    killed = run_driver(tmp_path, argv, CRASH_AFTER=f"{written}@checkpoint-4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    out = tmp_path / "out"
+    assert (out / "checkpoint-4" / written).is_file()
+    assert last_complete_checkpoint(out) == str(out / f"checkpoint-{resumed_from}")
+    assert (out / "checkpoint-2").is_dir()  # the rotation comes after the marker
+
+    with caplog.at_level(logging.INFO, logger="densessm.train"):
+        main(argv)  # the same command again
+    assert f"resuming from {out / f'checkpoint-{resumed_from}'}" in caplog.text
+    if resumed_from == 2:
+        assert f"skipping {out / 'checkpoint-4'}: incomplete" in caplog.text
+    assert_same_weights(straight, out)
+    assert [losses(out)[s] for s in range(5, 7)] == [losses(straight)[s] for s in range(5, 7)]
+
+
+FINAL_PHASES = [
+    # the weights written into the staging folder, nothing moved yet
+    pytest.param(f"model.safetensors@{STAGING_NAME}", marks=pytest.mark.slow),
+    # the old config.json removed and the new weights moved into place, the new config.json not yet
+    pytest.param("model.safetensors@out"),
+]
+
+
+@pytest.mark.parametrize("crash", FINAL_PHASES)
+def test_killed_during_the_final_save_leaves_no_half_model_and_a_rerun_finishes_it(straight, tmp_path, crash):
+    argv = train_argv(tmp_path, **FLAGS)
+    killed = run_driver(tmp_path, argv, CRASH_AFTER=crash)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    out = tmp_path / "out"
+    assert not (out / "config.json").exists()  # not loadable as a model, rather than half of one
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_causal_lm(out)
+
+    main(argv)  # the same command again: the run had finished; its last checkpoint becomes the final model
+    assert not (out / STAGING_NAME).exists()
+    assert_same_weights(straight, out)
+    assert (out / "config.json").read_bytes() == (straight / "config.json").read_bytes()
+
+
+# ---- Ctrl-C ---------------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_to_resume_from(tmp_path):
+    argv = train_argv(tmp_path, **{**FLAGS, "max_steps": 100_000, "save_total_limit": 2, "logging_steps": 50})
+    out = tmp_path / "out"
+    with open(tmp_path / "err", "w") as err_file:
+        run = subprocess.Popen(
+            [PYTHON, "-m", "densessm.cli", "train", *argv],
+            env=SUBPROCESS_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+        )
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint-4" / MARKER_NAME).exists():
+        assert run.poll() is None, (tmp_path / "err").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=120) == 130
+    last = (tmp_path / "err").read_text().strip().splitlines()[-1]
+    prefix = "densessm train: interrupted: training stopped; run the same command again to resume from "
+    assert last.startswith(prefix), last
+    named = Path(last[len(prefix) :])
+    assert named.parent == out and checkpoint_problems(named) == []
+    lock = RunLock(out)  # released
+    lock.acquire()
+    lock.release()
+
+
+class _CtrlCAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_so(tmp_path):
+    with pytest.raises(Interrupted, match="training stopped; no checkpoint saved yet"):
+        main(train_argv(tmp_path, **FLAGS), callbacks=[_CtrlCAt(1)])
+    lock = RunLock(tmp_path / "out")  # released
+    lock.acquire()
+    lock.release()
+
+
+# ---- strict loading of --model_name_or_path DIR ---------------------------------------------------------------------
+
+
+def _drop(model_dir: Path, name: str) -> None:
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def _add(model_dir: Path, name: str, shape: tuple[int, ...]) -> None:
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors[name] = torch.zeros(shape)
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def _retype(model_dir: Path) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config["model_type"] = "llama"
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
+BROKEN_MODELS = {
+    "missing tensor": (
+        lambda d: _drop(d, "model.layers.0.retention.q_proj.weight"),
+        "missing tensors: model.layers.0.retention.q_proj.weight",
+    ),
+    "unexpected tensor": (lambda d: _add(d, "model.extra.weight", (2, 2)), "unexpected tensors: model.extra.weight"),
+    "mis-shaped tensor": (
+        lambda d: _add(d, "model.norm.weight", (17,)),
+        "tensors of another shape: model.norm.weight (17,) (config.json gives (16,))",
+    ),
+    "foreign model_type": (_retype, "describes model_type 'llama', not a densessm model"),
+    "config not JSON": (lambda d: (d / "config.json").write_text("{nope"), "config.json is not valid JSON"),
+    "truncated weights": (lambda d: _truncate(d / "model.safetensors"), "corrupt or truncated weights file"),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_MODELS))
+def test_a_damaged_model_directory_is_an_error_naming_the_problem(straight, tmp_path, capsys, broken):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(straight / name, model_dir / name)
+    harm, message = BROKEN_MODELS[broken]
+    harm(model_dir)
+    before = snapshot(model_dir)
+    code, err = cli(train_argv(tmp_path, model_name_or_path=str(model_dir), config_overrides=None), capsys)
+    assert code == 1 and message in err
+    assert snapshot(model_dir) == before
+
+
+def test_a_saved_model_directory_continues_from_its_weights(straight, tmp_path):
+    seen = {}
+
+    class _FirstWeights(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["lm_head"] = model.lm_head.weight.detach().clone()
+
+    main(train_argv(tmp_path, model_name_or_path=str(straight), config_overrides=None, max_steps=1), [_FirstWeights()])
+    assert torch.equal(seen["lm_head"], weights(straight)["lm_head.weight"])
+
+
+# ---- a requested engine never silently becomes another ------------------------------------------------------------
+
+
+def test_fsdp_flag_on_cpu_is_refused_with_the_reason(tmp_path, capsys):
+    code, err = cli([*train_argv(tmp_path), "--fsdp", "full_shard"], capsys)
+    assert code == 2
+    assert "FSDP was requested (--fsdp or an accelerate FSDP config), but accelerate runs FSDP only on GPUs" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_accelerate_fsdp_environment_on_cpu_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    code, err = cli(train_argv(tmp_path), capsys)
+    assert code == 2 and "silently train as plain DDP without sharding" in err
+
+
+def test_the_trainer_refuses_an_engine_accelerate_did_not_set_up(tmp_path, monkeypatch):
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"):  # accelerate sets them: restored after
+        monkeypatch.setenv(name, "false")
+    args = DenseTrainingArguments(output_dir=str(tmp_path), fsdp="full_shard", report_to="none")
+    model = AutoModelForCausalLM.from_config(load_preset("dense_retnet_tiny"))
+    with pytest.raises(UsageError, match="FSDP was requested, but accelerate set up the distributed type NO on cpu"):
+        DenseTrainer(model=model, args=args)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_fsdp_config_on_cpu_is_refused_by_every_process(tmp_path):
+    launched = subprocess.run(
+        [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp.yaml")]
+        + ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]
+        + ["-m", "densessm.cli", "train", *train_argv(tmp_path, max_steps=2)],
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert launched.returncode != 0
+    assert launched.stderr.count("accelerate runs FSDP only on GPUs") == 2, launched.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
