@@ -24,6 +24,7 @@ from densessm.generation import add_generate_parser
 from densessm.loading import load_causal_lm
 from densessm.presets import list_presets, load_preset
 from densessm.runtime import DTYPES
+from densessm.serving.cli import add_serve_parser
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=nonnegative_int, default=0)
     demo.set_defaults(func=_demo)
     add_generate_parser(sub)
+    add_serve_parser(sub)
     add_bench_parser(sub)
     add_eval_parser(sub)
     add_experiment_parser(sub)
