@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, MambaConfig, MambaForCausalLM
 
 from densessm import DenseMambaConfig, DenseMambaForCausalLM, DenseMambaModel, RecurrentCache
+from densessm.models.dense.mixer import MixerCall
 from densessm.presets import load_preset
 
 VOCAB = 61
@@ -161,8 +162,10 @@ def test_dense_read_out_is_the_formula():
     mixer = model.backbone.layers[2].mixer
     x = torch.randn(2, 5, 16)
     shallow = (torch.randn(2, 5, 32, 4), torch.randn(2, 5, 32, 4))
+    call = MixerCall(mask=None, position_ids=torch.arange(5)[None], mode="parallel", chunk_size=8, output_state=False)
+    mixer.readers = 1
     with torch.no_grad():
-        out, (states,), _, _ = mixer(x, shallow, None, "parallel", None, None, readers=1)
+        out, [(states,)], _ = mixer(x, [(h,) for h in shallow], call, None)
         xs, z = mixer.in_proj(x).chunk(2, dim=-1)
         u = torch.nn.functional.silu(mixer._conv_steps(xs, None, None)[0])
         _, _, C = mixer.ssm_inputs(u)

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
 from densessm.errors import ModelLoadError
 from densessm.loading import read_config
+from densessm.models.dense.mixer import MixerCall
 from densessm.ops.retention import head_log_decays, retention
 
 FAMILIES = ["retnet", "mamba"]
@@ -168,8 +169,8 @@ def test_attention_masks_of_any_real_dtype_agree(model):
 def test_unknown_modes_name_the_valid_ones():
     with pytest.raises(ValueError, match="unknown mode 'fast': expected one of auto, parallel, chunkwise, recurrent"):
         _model("retnet")(TOKENS, mode="fast")
-    with pytest.raises(ValueError, match="unknown mode 'auto': expected one of parallel, chunkwise, recurrent"):
-        _model("mamba")(TOKENS, mode="auto")
+    with pytest.raises(ValueError, match="unknown mode 'fast': expected one of auto, parallel, chunkwise, recurrent"):
+        _model("mamba")(TOKENS, mode="fast")
 
 
 def test_bad_inputs_embeds(model):
@@ -347,10 +348,13 @@ def test_the_mamba_mixer_keeps_a_nan_padded_input_out_of_conv_and_scan(mode):
     mask[0, :2] = False
     mask[1, 3] = False
     scan_mode = "parallel" if mode == "chunkwise" else mode
-    shallow = (torch.randn(2, 6, 32, 4),)
+    shallow = [(torch.randn(2, 6, 32, 4),)]
+    call = MixerCall(
+        mask=mask, position_ids=torch.zeros(2, 6, dtype=torch.long), mode=scan_mode, chunk_size=4, output_state=True
+    )
     with torch.no_grad():
-        clean, _, conv, ssm = mixer(x, shallow, mask, scan_mode, None, None, 0)
+        clean, _, state = mixer(x, shallow, call, None)
         dirty_x = x.masked_fill(~mask[..., None], float("nan"))
-        out, _, dirty_conv, dirty_ssm = mixer(dirty_x, shallow, mask, scan_mode, None, None, 0)
+        out, _, dirty = mixer(dirty_x, shallow, call, None)
     assert torch.equal(out[mask], clean[mask])
-    assert torch.equal(dirty_conv, conv) and torch.equal(dirty_ssm, ssm)
+    assert torch.equal(dirty["conv"], state["conv"]) and torch.equal(dirty["ssm"], state["ssm"])

@@ -1,7 +1,8 @@
 """densessm: DenseRetNet and DenseMamba language models, Hugging Face native.
 
-Importing the package registers our configurations and models with the ``transformers`` Auto classes,
-so ``AutoModelForCausalLM.from_pretrained(dir)`` works without ``trust_remote_code``.
+Importing the package registers every family's configuration and models (``densessm.models.FAMILIES``) with
+the ``transformers`` Auto classes, so ``AutoModelForCausalLM.from_pretrained(dir)`` works without
+``trust_remote_code``.
 """
 
 from transformers import (
@@ -12,7 +13,13 @@ from transformers import (
 )
 
 from densessm.cache import RecurrentCache
-from densessm.models.mamba import DenseMambaConfig, DenseMambaForCausalLM, DenseMambaModel
+from densessm.models import FAMILIES
+from densessm.models.mamba import (
+    DenseMambaConfig,
+    DenseMambaForCausalLM,
+    DenseMambaForSequenceClassification,
+    DenseMambaModel,
+)
 from densessm.models.retnet import (
     DenseRetNetConfig,
     DenseRetNetForCausalLM,
@@ -22,17 +29,16 @@ from densessm.models.retnet import (
 
 __version__ = "0.1.0"
 
-AutoConfig.register(DenseRetNetConfig.model_type, DenseRetNetConfig, exist_ok=True)
-AutoModel.register(DenseRetNetConfig, DenseRetNetModel, exist_ok=True)
-AutoModelForCausalLM.register(DenseRetNetConfig, DenseRetNetForCausalLM, exist_ok=True)
-AutoModelForSequenceClassification.register(DenseRetNetConfig, DenseRetNetForSequenceClassification, exist_ok=True)
-AutoConfig.register(DenseMambaConfig.model_type, DenseMambaConfig, exist_ok=True)
-AutoModel.register(DenseMambaConfig, DenseMambaModel, exist_ok=True)
-AutoModelForCausalLM.register(DenseMambaConfig, DenseMambaForCausalLM, exist_ok=True)
+for _family in FAMILIES:
+    AutoConfig.register(_family.config.model_type, _family.config, exist_ok=True)
+    AutoModel.register(_family.config, _family.model, exist_ok=True)
+    AutoModelForCausalLM.register(_family.config, _family.causal_lm, exist_ok=True)
+    AutoModelForSequenceClassification.register(_family.config, _family.sequence_classification, exist_ok=True)
 
 __all__ = [
     "DenseMambaConfig",
     "DenseMambaForCausalLM",
+    "DenseMambaForSequenceClassification",
     "DenseMambaModel",
     "DenseRetNetConfig",
     "DenseRetNetForCausalLM",

@@ -19,10 +19,8 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from densessm.errors import ModelLoadError, NonFiniteError
-from densessm.models.mamba import DenseMambaConfig
-from densessm.models.retnet import DenseRetNetConfig
+from densessm.models import MODEL_TYPES
 
-MODEL_TYPES = (DenseRetNetConfig.model_type, DenseMambaConfig.model_type)
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 _SHOWN = 8  # tensor names listed in an error before "and N more"

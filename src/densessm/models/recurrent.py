@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import numbers
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from densessm.cache import CacheIdentity, RecurrentCache
@@ -158,6 +158,13 @@ class StepInputs:
         not a product, and none at all without padding."""
         return hidden if self.mask is None else torch.where(self.mask[..., None], hidden, 0)
 
+    def piece(self, start: int, end: int) -> StepInputs:
+        """The view of tokens ``[start, end)`` of this call (the stack's chunk-by-chunk schedule)."""
+        mask = None if self.mask is None else self.mask[:, start:end]
+        if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
+            mask = None  # nothing to hide in this piece: the shared (cheaper) path
+        return dataclasses.replace(self, mask=mask, position_ids=self.position_ids[:, start:end])
+
     def finish(self, length: int) -> None:
         """Advance the cache's counters past this call's tokens.
 
@@ -273,7 +280,7 @@ class RecurrentBackbone:
     meaning.
     """
 
-    config: PreTrainedConfig
+    # `config`: the family configuration (a PreTrainedConfig with `state_fields`), set by PreTrainedModel
 
     def state_layout(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape without the batch dimension, dtype) of each layer's state when computing in ``dtype``."""

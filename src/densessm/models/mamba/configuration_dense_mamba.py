@@ -10,8 +10,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from densessm.models.validation import check_dense_block_layers, check_positive_float, check_positive_int, is_number
-
-MAMBA_MODES = ("parallel", "chunkwise", "recurrent")
+from densessm.modes import MODES
 
 
 @strict
@@ -39,7 +38,7 @@ class DenseMambaConfig(PreTrainedConfig):
         dense_block_layers: ``m``, how many layers below feed their SSM states to each layer (0: plain Mamba).
         dense_gate_reduction: Bottleneck ratio of the selective-transition gate (hidden width
             ``hidden_size // ratio``).
-        forward_mode: Default compute mode of a forward call (``parallel``, ``chunkwise`` or ``recurrent``).
+        forward_mode: Default compute mode of a forward call (``auto``, ``parallel``, ``chunkwise`` or ``recurrent``).
         chunk_size: Tokens per chunk in ``chunkwise`` mode.
     """
 
@@ -134,12 +133,12 @@ class DenseMambaConfig(PreTrainedConfig):
             raise ValueError(
                 f"time_step_init_scheme must be 'random' or 'constant', got {self.time_step_init_scheme!r}"
             )
-        if self.forward_mode not in MAMBA_MODES:
-            raise ValueError(f"unknown forward_mode {self.forward_mode!r}: expected one of {', '.join(MAMBA_MODES)}")
+        if self.forward_mode not in MODES:
+            raise ValueError(f"unknown forward_mode {self.forward_mode!r}: expected one of {', '.join(MODES)}")
 
     @property
     def layer_types(self) -> list[str]:
         return ["linear_attention"] * self.num_hidden_layers
 
 
-__all__ = ["MAMBA_MODES", "DenseMambaConfig"]
+__all__ = ["DenseMambaConfig"]

@@ -56,35 +56,24 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from densessm.cache import RecurrentCache
-from densessm.models.dense import SelectiveTransitionGate
-from densessm.models.mamba.configuration_dense_mamba import MAMBA_MODES, DenseMambaConfig
+from densessm.models.dense.gate import SelectiveTransitionGate
+from densessm.models.dense.heads import DenseSSMForCausalLM, DenseSSMForSequenceClassification
+from densessm.models.dense.mixer import Handoff, LayerState, Mixer, MixerCall
+from densessm.models.dense.stack import DenseSSMModel, DenseSSMPreTrainedModel, ModuleNames
+from densessm.models.mamba.configuration_dense_mamba import DenseMambaConfig
 from densessm.models.norm import RMSNorm
 from densessm.models.precision import at_least_fp32
-from densessm.models.recurrent import (
-    RecurrentBackbone,
-    RecurrentGenerationMixin,
-    check_chunk_size,
-    check_embeds,
-    check_inputs,
-    frozen_linear,
-    prepare_step,
-)
-from densessm.modes import check_mode
+from densessm.models.recurrent import frozen_linear
 from densessm.ops.conv import causal_conv, causal_conv_step
 from densessm.ops.scan import read_out_sum, selective_scan
 from densessm.ops.scan.kernels import kernel_conv_scan, kernels_usable
 
-LayerState = dict[str, torch.Tensor]
 
-
-class DenseMambaMixer(nn.Module):
-    """The Mamba-1 mixer, with the dense read-out of shallow states when ``dense`` is set."""
+class DenseMambaMixer(Mixer):
+    """The Mamba-1 mixer, with the dense read-out of shallow states when ``dense`` is set. It hands up its
+    state sequence ``[b, L, D, N]``, one handle per reader above (see :func:`~densessm.ops.scan.selective_scan`)."""
 
     def __init__(self, config: DenseMambaConfig, layer_idx: int, dense: bool):
         super().__init__()
@@ -144,19 +133,12 @@ class DenseMambaMixer(nn.Module):
         return torch.stack(out, dim=1), state
 
     def forward(
-        self,
-        x: torch.Tensor,
-        shallow: tuple[torch.Tensor, ...],
-        mask: torch.Tensor | None,
-        mode: str,
-        conv_state: torch.Tensor | None,
-        ssm_state: torch.Tensor | None,
-        readers: int,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, shallow: list[Handoff], call: MixerCall, state: LayerState | None
+    ) -> tuple[torch.Tensor, list[Handoff], LayerState | None]:
         """``x [b, L, H]`` (normed) -> ``(out [b, L, H], its state sequence [b, L, D, N] once per reader
-        above, conv state, SSM state)``. ``shallow`` holds the state sequences of the layers below (oldest
-        first)."""
-        dtype = x.dtype
+        above, {conv, ssm} state)``. ``shallow`` holds the state sequences of the layers below (oldest first)."""
+        dtype, mask, mode, readers = x.dtype, call.mask, call.mode, self.readers
+        conv_state, ssm_state = (None, None) if state is None else (state["conv"], state["ssm"])
         gate_hidden = None
         if self.fused_projection is not None:
             inner, total = self.D.shape[0], self.fused_projection.out_features
@@ -168,7 +150,7 @@ class DenseMambaMixer(nn.Module):
         if mode == "parallel" and fresh and mask is None and not readers and not shallow and kernels_usable(xs):
             y, ssm_state = kernel_conv_scan(xs, z, self.conv1d.weight, self.conv1d.bias, self.ssm_inputs, A, self.D)
             conv_state = torch.cat([xs.new_zeros(xs.shape[0], self.conv1d.kernel_size[0] - 1, xs.shape[2]), xs], 1)
-            return self.out_proj(y.to(dtype)), (), conv_state[:, xs.shape[1] :], ssm_state
+            return self.out_proj(y.to(dtype)), [], {"conv": conv_state[:, xs.shape[1] :], "ssm": ssm_state}
 
         if mode == "recurrent":
             xs, conv_state = self._conv_steps(xs, conv_state, mask)
@@ -181,57 +163,19 @@ class DenseMambaMixer(nn.Module):
         if mask is not None:
             delta = torch.where(mask[..., None], delta, 0)  # Δ = 0: the identity step, padding never touches the state
         u32, C = at_least_fp32(u), at_least_fp32(C)
-        scan_mode = "recurrent" if mode == "recurrent" else "parallel"
-        y, states, ssm_state = selective_scan(u32, delta, A, at_least_fp32(B), C, scan_mode, ssm_state, readers)
+        y, states, ssm_state = selective_scan(u32, delta, A, at_least_fp32(B), C, mode, ssm_state, readers)
         if shallow:  # C·(h + g ⊙ Σ_i h^{l-i}) = C·h + g ⊙ C·Σ_i h^{l-i}: g acts on channels, C on the state
             gate = self.dense_gate(x) if gate_hidden is None else self.dense_gate.from_hidden(F.silu(gate_hidden))
-            y = torch.addcmul(y, at_least_fp32(gate), read_out_sum(C, *shallow))
+            y = torch.addcmul(y, at_least_fp32(gate), read_out_sum(C, *(item[0] for item in shallow)))
         y = (y + u32 * at_least_fp32(self.D)) * F.silu(at_least_fp32(z))
-        return self.out_proj(y.to(dtype)), states, conv_state, ssm_state
+        new_state = {"conv": conv_state, "ssm": ssm_state} if call.output_state else None
+        return self.out_proj(y.to(dtype)), [(h,) for h in states], new_state
 
 
-class DenseMambaBlock(GradientCheckpointingLayer):
-    """Pre-norm residual mixer layer. Returns its un-fused state sequence for the layers above."""
-
-    def __init__(self, config: DenseMambaConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        dense = config.dense_block_layers > 0 and layer_idx > 0
-        self.mixer = DenseMambaMixer(config, layer_idx, dense=dense)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        *shallow: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        mode: str = "parallel",
-        conv_state: torch.Tensor | None = None,
-        ssm_state: torch.Tensor | None = None,
-        readers: int = 0,
-    ):
-        # shallow = (h_{l-n}, …, h_{l-1}), positional so that checkpointing sees every tensor
-        residual = at_least_fp32(hidden_states) if self.residual_in_fp32 else hidden_states
-        out, states, conv_state, ssm_state = self.mixer(
-            self.norm(hidden_states.to(self.norm.weight.dtype)),
-            shallow,
-            mask,
-            mode,
-            conv_state,
-            ssm_state,
-            readers,
-        )
-        return residual + out, states, conv_state, ssm_state
-
-
-class DenseMambaPreTrainedModel(PreTrainedModel):
+class DenseMambaPreTrainedModel(DenseSSMPreTrainedModel):
     config_class = DenseMambaConfig
     config: DenseMambaConfig
     base_model_prefix = "backbone"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["DenseMambaBlock"]
-
     @torch.no_grad()
     def _init_weights(self, module):
         """Mamba's initialisation; the dense gates start closed.
@@ -266,19 +210,18 @@ class DenseMambaPreTrainedModel(PreTrainedModel):
                 init.copy_(module.out_proj.weight, module.out_proj.weight / math.sqrt(config.num_hidden_layers))
 
 
-class DenseMambaModel(RecurrentBackbone, DenseMambaPreTrainedModel):
+class DenseMambaModel(DenseSSMModel, DenseMambaPreTrainedModel):
     """Embeddings, the mixer stack and the final norm."""
 
-    def __init__(self, config: DenseMambaConfig):
-        super().__init__(config)
-        config.validate()  # again: from_pretrained sets its keyword overrides after the config was validated
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([DenseMambaBlock(config, i) for i in range(config.num_hidden_layers)])
-        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.post_init()
+    module_names = ModuleNames(embeddings="embeddings", block_norm="norm", mixer="mixer", final_norm="norm_f")
+    mixer_modes = ("parallel", "recurrent")  # chunkwise: the stack, a chunk of tokens at a time
+    auto_carried_mode = "parallel"  # the blocked scan continues from a carried state
 
-    def get_input_embeddings(self):
-        return self.embeddings
+    def build_norm(self, config: DenseMambaConfig) -> RMSNorm:
+        return RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def build_mixer(self, config: DenseMambaConfig, layer_idx: int) -> DenseMambaMixer:
+        return DenseMambaMixer(config, layer_idx, dense=config.dense_block_layers > 0 and layer_idx > 0)
 
     def state_layout(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Per layer: the conv window ``[K-1, D]`` (the last inputs) and the SSM state ``[D, N]`` (at least fp32)."""
@@ -287,175 +230,24 @@ class DenseMambaModel(RecurrentBackbone, DenseMambaPreTrainedModel):
         inner = config.intermediate_size
         return {"conv": ((config.conv_kernel - 1, inner), dtype), "ssm": ((inner, config.state_size), stat)}
 
-    def set_input_embeddings(self, value):
-        self.embeddings = value
 
-    def _stack(
-        self,
-        hidden: torch.Tensor,
-        mask: torch.Tensor | None,
-        mode: str,
-        states: list[LayerState | None],
-        output_hidden_states: bool,
-    ) -> tuple[torch.Tensor, list[LayerState], list[torch.Tensor] | None]:
-        """Run every layer once over ``hidden`` from ``states``; returns the new states."""
-        m = self.config.dense_block_layers
-        last = len(self.layers) - 1
-        history: list[tuple[torch.Tensor, ...]] = []  # per layer below (oldest first): one handle per reader
-        new_states: list[LayerState] = []
-        inputs = [] if output_hidden_states else None
-        for idx, layer in enumerate(self.layers):
-            if output_hidden_states:
-                inputs.append(hidden)
-            state = states[idx] or {}
-            # this layer is the i-th reader of the layer i below it, so it takes that layer's handle i - 1
-            shallow = [handles[i - 1] for i, handles in zip(range(len(history), 0, -1), history, strict=True)]
-            hidden, handles, conv, ssm = layer(
-                hidden,
-                *shallow,
-                mask=mask,
-                mode=mode,
-                conv_state=state.get("conv"),
-                ssm_state=state.get("ssm"),
-                readers=min(m, last - idx),
-            )
-            new_states.append({"conv": conv, "ssm": ssm})
-            if m:
-                history = (history + [handles])[-m:]
-        return hidden, new_states, inputs
-
-    def _chunkwise(self, hidden, mask, states, chunk_size, output_hidden_states):
-        """``_stack`` over ``chunk_size`` tokens at a time, each piece starting from the states the last left."""
-        size = self.config.chunk_size if chunk_size is None else int(chunk_size)
-        pieces, piece_inputs = [], []
-        for start in range(0, hidden.shape[1], size):
-            piece_mask = None if mask is None else mask[:, start : start + size]
-            if piece_mask is not None and bool(piece_mask.all()):
-                piece_mask = None
-            piece, states, inputs = self._stack(
-                hidden[:, start : start + size], piece_mask, "parallel", states, output_hidden_states
-            )
-            pieces.append(piece)
-            piece_inputs.append(inputs)
-        inputs = None
-        if output_hidden_states:
-            inputs = [torch.cat(per_layer, dim=1) for per_layer in zip(*piece_inputs, strict=True)]
-        return torch.cat(pieces, dim=1), states, inputs
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        cache: RecurrentCache | None = None,
-        use_cache: bool | None = None,
-        mode: str | None = None,
-        chunk_size: int | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast | tuple:
-        """Run the stack.
-
-        ``mode`` picks the schedule (``parallel``, ``chunkwise`` or ``recurrent``; default:
-        ``config.forward_mode``, or ``recurrent`` when ``cache`` already holds a state); ``chunk_size``
-        overrides ``config.chunk_size`` for ``chunkwise``. ``cache`` carries each layer's conv and SSM
-        state across calls; it is created when ``use_cache`` is set. ``attention_mask`` may be longer than
-        the input (as ``generate()`` passes it): its last ``length`` columns belong to this input.
-        """
-        cache = kwargs.pop("past_key_values", None) if cache is None else cache
-        config = self.config
-        input_ids, batch, length = check_inputs(
-            input_ids, inputs_embeds, attention_mask, config.vocab_size, config.hidden_size
-        )
-        check_chunk_size(chunk_size)
-        if use_cache is None:
-            use_cache = config.use_cache and not self.training
-        hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        step = prepare_step(self, batch, length, hidden, cache, use_cache, attention_mask, None)
-        if inputs_embeds is not None:
-            check_embeds(inputs_embeds, self.embeddings.weight.dtype, step.mask)
-        hidden = step.hide_padding(hidden)
-        cache = step.cache
-        mode = check_mode(mode or ("recurrent" if step.carried else config.forward_mode), MAMBA_MODES)
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else config.return_dict
-
-        states = list(cache.layers) if step.carried else [None] * config.num_hidden_layers
-        if mode == "chunkwise":
-            hidden, states, inputs = self._chunkwise(hidden, step.mask, states, chunk_size, output_hidden_states)
-        else:
-            hidden, states, inputs = self._stack(hidden, step.mask, mode, states, output_hidden_states)
-        hidden = self.norm_f(hidden)
-        if cache is not None and step.carried and torch.compiler.is_compiling():
-            for kept, new in zip(cache.layers, states, strict=True):  # a captured step keeps the addresses
-                kept["conv"].copy_(new["conv"])
-                kept["ssm"].copy_(new["ssm"])
-        elif cache is not None:
-            cache.layers = states
-        step.finish(length)
-
-        all_hidden = (*inputs, hidden) if output_hidden_states else None
-        if not return_dict:
-            return tuple(x for x in (hidden, cache if use_cache else None, all_hidden) if x is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden, cache=cache if use_cache else None, hidden_states=all_hidden
-        )
-
-
-class DenseMambaForCausalLM(RecurrentGenerationMixin, DenseMambaPreTrainedModel, GenerationMixin):
+class DenseMambaForCausalLM(DenseSSMForCausalLM, DenseMambaPreTrainedModel):
     """DenseMamba with an LM head (tied to the embeddings unless ``tie_word_embeddings=False``);
     ``generate()`` decodes through the O(1) recurrent state."""
 
+    backbone_class = DenseMambaModel
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
 
-    def __init__(self, config: DenseMambaConfig):
-        super().__init__(config)
-        self.backbone = DenseMambaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
 
-    def get_input_embeddings(self):
-        return self.backbone.embeddings
+class DenseMambaForSequenceClassification(DenseSSMForSequenceClassification, DenseMambaPreTrainedModel):
+    """DenseMamba with a linear score head on the last real token of each row."""
 
-    def set_input_embeddings(self, value):
-        self.backbone.embeddings = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        cache: RecurrentCache | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        mode: str | None = None,
-        chunk_size: int | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
-        """Logits for every position (or the last ``logits_to_keep``); ``labels`` give the shifted LM loss."""
-        outputs = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            use_cache=use_cache,
-            mode=mode,
-            chunk_size=chunk_size,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            past_key_values=kwargs.pop("past_key_values", None),
-        )
-        return self.causal_lm_output(outputs, labels, logits_to_keep, return_dict, **kwargs)
+    backbone_class = DenseMambaModel
 
 
-__all__ = ["DenseMambaForCausalLM", "DenseMambaModel", "DenseMambaPreTrainedModel"]
+__all__ = [
+    "DenseMambaForCausalLM",
+    "DenseMambaForSequenceClassification",
+    "DenseMambaModel",
+    "DenseMambaPreTrainedModel",
+]

@@ -13,7 +13,7 @@ from densessm.models.validation import (
     check_positive_int,
     is_number,
 )
-from densessm.ops.retention import MODEL_MODES
+from densessm.modes import MODES
 
 
 @strict
@@ -123,8 +123,8 @@ class DenseRetNetConfig(PreTrainedConfig):
             raise ValueError(
                 f"pad_token_id {self.pad_token_id} is not a token id of the vocabulary [0, {self.vocab_size})"
             )
-        if self.forward_mode not in MODEL_MODES:
-            raise ValueError(f"unknown forward_mode {self.forward_mode!r}: expected one of {', '.join(MODEL_MODES)}")
+        if self.forward_mode not in MODES:
+            raise ValueError(f"unknown forward_mode {self.forward_mode!r}: expected one of {', '.join(MODES)}")
 
     @property
     def layer_types(self) -> list[str]:

@@ -1,0 +1,287 @@
+"""The dense stack: every DenseSSM family is this stack around its own mixer.
+
+``DenseSSMModel`` owns what the DenseSSM idea means for a stack of layers, once for all families:
+
+- the forward skeleton: input checks, the step bookkeeping (mask, positions, a carried cache), embeddings,
+  ``L`` pre-norm residual blocks, the final norm, the outputs;
+- the modes: ``auto`` (resolved here, for every family), and ``chunkwise`` for a mixer that has no
+  chunkwise form of its own (the whole stack then runs ``chunk_size`` tokens at a time, each chunk from the
+  states the previous one left);
+- the dense hidden connection's bookkeeping: the history of what the ``m`` layers below handed up, and
+  which item each layer reads;
+- the cache: its layout (through the family's ``state_layout``) and the one place where it advances.
+
+A family (one folder under ``models/``) supplies a :class:`~densessm.models.dense.mixer.Mixer`, its config,
+and a subclass that names its submodules (so its checkpoints keep their names) and builds them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from densessm.cache import RecurrentCache
+from densessm.models.dense.mixer import Handoff, LayerState, Mixer, MixerCall
+from densessm.models.precision import at_least_fp32
+from densessm.models.recurrent import (
+    RecurrentBackbone,
+    StepInputs,
+    check_chunk_size,
+    check_embeds,
+    check_inputs,
+    prepare_step,
+)
+from densessm.modes import MODES, check_mode
+
+
+class ModuleNames(NamedTuple):
+    """The attribute names of a family's submodules: its checkpoints' tensor names depend on them."""
+
+    embeddings: str  # e.g. "embed_tokens"
+    block_norm: str  # the norm before each mixer, e.g. "input_layernorm"
+    mixer: str  # e.g. "retention"
+    final_norm: str  # e.g. "norm"
+
+
+class DenseBlock(GradientCheckpointingLayer):
+    """One layer: ``x + mixer(norm(x), what the layers below hand up)``.
+
+    The handed-up tensors come in as positional arguments, so that gradient checkpointing sees every tensor
+    the layer depends on."""
+
+    def __init__(self, layer_idx: int, names: ModuleNames, norm: nn.Module, mixer: Mixer, residual_in_fp32: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.norm_name, self.mixer_name = names.block_norm, names.mixer
+        self.add_module(names.block_norm, norm)
+        self.add_module(names.mixer, mixer)
+        self.residual_in_fp32 = residual_in_fp32
+
+    def forward(
+        self, hidden: torch.Tensor, *shallow: torch.Tensor, call: MixerCall, state: LayerState | None
+    ) -> tuple[torch.Tensor, list[Handoff], LayerState | None]:
+        norm, mixer = self._modules[self.norm_name], self._modules[self.mixer_name]
+        arity = mixer.handoff_arity
+        items = [shallow[i : i + arity] for i in range(0, len(shallow), arity)]
+        residual = at_least_fp32(hidden) if self.residual_in_fp32 else hidden
+        out, handoff, new_state = mixer(norm(hidden.to(norm.weight.dtype)), items, call, state)
+        return residual + out, handoff, new_state
+
+
+class DenseSSMPreTrainedModel(PreTrainedModel):
+    """What every DenseSSM model shares as a ``PreTrainedModel``; a family's base class sets ``config_class``
+    and ``base_model_prefix``."""
+
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DenseBlock"]
+
+
+class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
+    """Embeddings, ``num_hidden_layers`` dense blocks and the final norm (see the module docstring).
+
+    A family sets ``module_names`` and ``mixer_modes`` (the modes its mixer runs itself; ``chunkwise``
+    outside them is run by the stack) and implements ``build_embeddings``, ``build_norm``, ``build_mixer``
+    and ``state_layout``; ``call_constants`` computes per-call tensors every layer shares.
+    """
+
+    module_names: ClassVar[ModuleNames]
+    mixer_modes: ClassVar[tuple[str, ...]]
+    # auto, with no state kept: the parallel form up to this length, chunkwise beyond it
+    auto_parallel_max_length: ClassVar[float] = math.inf
+    # auto, continuing a kept state over more than one token (one token: recurrent)
+    auto_carried_mode: ClassVar[str] = "chunkwise"
+
+    def __init__(self, config):
+        config.validate()  # again: from_pretrained applies its keyword overrides after the config was validated
+        super().__init__(config)
+        names = self.module_names
+        self.add_module(names.embeddings, self.build_embeddings(config))
+        residual_in_fp32 = getattr(config, "residual_in_fp32", False)
+        self.layers = nn.ModuleList(
+            DenseBlock(i, names, self.build_norm(config), self.build_mixer(config, i), residual_in_fp32)
+            for i in range(config.num_hidden_layers)
+        )
+        m, last = config.dense_block_layers, config.num_hidden_layers - 1
+        for i, block in enumerate(self.layers):
+            block.get_submodule(names.mixer).readers = min(m, last - i)
+        self.add_module(names.final_norm, self.build_norm(config))
+        self.post_init()
+
+    # ---- what a family provides ---------------------------------------------------------------------------
+
+    def build_embeddings(self, config) -> nn.Embedding:
+        return nn.Embedding(config.vocab_size, config.hidden_size)
+
+    def build_norm(self, config) -> nn.Module:
+        raise NotImplementedError
+
+    def build_mixer(self, config, layer_idx: int) -> Mixer:
+        raise NotImplementedError
+
+    def call_constants(self, step: StepInputs, dtype: torch.dtype, device: torch.device) -> Any:
+        """Tensors every layer's mixer uses in one call (``MixerCall.shared``); none by default."""
+        return None
+
+    # ---- the stack ------------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self._modules[self.module_names.embeddings]
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        setattr(self, self.module_names.embeddings, value)
+
+    def resolve_mode(self, mode: str | None, length: int, carried: bool, stateful: bool) -> str:
+        """The schedule of this call. ``None``: the config's ``forward_mode`` (``auto`` when that is
+        ``parallel`` but a state is carried: the parallel form starts from an empty state). ``auto``: with a
+        state kept, recurrent for one token, else the family's ``auto_carried_mode``; without one, parallel
+        up to ``auto_parallel_max_length`` tokens, chunkwise beyond."""
+        if mode is None:
+            mode = self.config.forward_mode
+            if carried and mode == "parallel":
+                mode = "auto"
+        check_mode(mode, MODES)
+        if mode != "auto":
+            return mode
+        if stateful:
+            return "recurrent" if length == 1 else self.auto_carried_mode
+        return "parallel" if length <= self.auto_parallel_max_length else "chunkwise"
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: RecurrentCache | None = None,
+        use_cache: bool | None = None,
+        mode: str | None = None,
+        chunk_size: int | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Run the stack.
+
+        ``mode`` picks the schedule (``auto``, ``parallel``, ``chunkwise`` or ``recurrent``: see
+        :meth:`resolve_mode`); ``chunk_size`` overrides ``config.chunk_size``. ``cache`` carries the recurrent
+        state across calls; it is created when ``use_cache`` is set. ``attention_mask`` may be longer than the
+        input (as ``generate()`` passes it): its last ``length`` columns belong to this input.
+        """
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        config = self.config
+        input_ids, batch, length = check_inputs(
+            input_ids, inputs_embeds, attention_mask, config.vocab_size, config.hidden_size
+        )
+        check_chunk_size(chunk_size)
+        if use_cache is None:
+            use_cache = config.use_cache and not self.training
+        embeddings = self.get_input_embeddings()
+        hidden = embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        step = prepare_step(self, batch, length, hidden, cache, use_cache, attention_mask, position_ids)
+        if inputs_embeds is not None:
+            check_embeds(inputs_embeds, embeddings.weight.dtype, step.mask)
+        hidden = step.hide_padding(hidden)
+        cache = step.cache
+        mode = self.resolve_mode(mode, length, step.carried, cache is not None)
+        chunk_size = config.chunk_size if chunk_size is None else chunk_size
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else config.return_dict
+
+        states = list(cache.layers) if step.carried else [None] * config.num_hidden_layers
+        if mode == "chunkwise" and "chunkwise" not in self.mixer_modes:
+            hidden, states, inputs = self._chunk_by_chunk(hidden, step, chunk_size, states, output_hidden_states)
+        else:
+            hidden, states, inputs = self._layers(hidden, step, mode, chunk_size, states, output_hidden_states)
+        hidden = self._modules[self.module_names.final_norm](hidden)
+        if cache is not None:
+            self._advance(cache, step, states)
+        step.finish(length)
+
+        all_hidden = (*inputs, hidden) if output_hidden_states else None
+        if not return_dict:
+            return tuple(x for x in (hidden, cache if use_cache else None, all_hidden) if x is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden, cache=cache if use_cache else None, hidden_states=all_hidden
+        )
+
+    def _layers(
+        self,
+        hidden: torch.Tensor,
+        step: StepInputs,
+        mode: str,
+        chunk_size: int,
+        states: list[LayerState | None],
+        output_hidden_states: bool,
+        keep_states: bool = False,
+    ) -> tuple[torch.Tensor, list[LayerState | None], list[torch.Tensor] | None]:
+        """Every layer once over ``hidden``, from ``states``; each reads what the ``m`` layers below handed up.
+        The new states are returned when a cache keeps them or ``keep_states`` (the next chunk starts there)."""
+        call = MixerCall(
+            mask=step.mask,
+            position_ids=step.position_ids,
+            mode=mode,
+            chunk_size=chunk_size,
+            output_state=step.cache is not None or keep_states,
+            shared=self.call_constants(step, hidden.dtype, hidden.device),
+        )
+        m = self.config.dense_block_layers
+        history: list[list[Handoff]] = []  # per layer below, oldest first: its item for each reader
+        new_states: list[LayerState | None] = []
+        inputs = [] if output_hidden_states else None
+        for block, state in zip(self.layers, states, strict=True):
+            if output_hidden_states:
+                inputs.append(hidden)
+            # the layer `distance` below hands this one its item `distance - 1` (this is its distance-th reader)
+            distances = range(len(history), 0, -1)
+            shallow = [t for d, items in zip(distances, history, strict=True) for t in items[d - 1]]
+            hidden, handoff, new_state = block(hidden, *shallow, call=call, state=state)
+            new_states.append(new_state)
+            if m:
+                history = (history + [handoff])[-m:]
+        return hidden, new_states, inputs
+
+    def _chunk_by_chunk(
+        self,
+        hidden: torch.Tensor,
+        step: StepInputs,
+        chunk_size: int,
+        states: list[LayerState | None],
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, list[LayerState | None], list[torch.Tensor] | None]:
+        """Chunkwise for a mixer without a chunkwise form: the whole stack over ``chunk_size`` tokens at a
+        time (parallel inside), each chunk starting from the states the previous one left. Exact, and the
+        activations of one chunk are all that is held at a time."""
+        pieces, piece_inputs = [], []
+        for start in range(0, hidden.shape[1], chunk_size):
+            piece = step.piece(start, start + chunk_size)
+            out, states, inputs = self._layers(
+                hidden[:, start : start + chunk_size], piece, "parallel", chunk_size, states, output_hidden_states, True
+            )
+            pieces.append(out)
+            piece_inputs.append(inputs)
+        inputs = None
+        if output_hidden_states:
+            inputs = [torch.cat(per_layer, dim=1) for per_layer in zip(*piece_inputs, strict=True)]
+        return torch.cat(pieces, dim=1), states, inputs
+
+    @staticmethod
+    def _advance(cache: RecurrentCache, step: StepInputs, states: list[LayerState | None]) -> None:
+        """The one place where a cache takes the new state. Inside a compiled decode step a carried state keeps
+        its addresses (a captured graph reads and writes it there): new values are copied in, unless the mixer
+        already updated the kept tensor in place."""
+        if step.carried and torch.compiler.is_compiling():
+            for kept, new in zip(cache.layers, states, strict=True):
+                for name, tensor in new.items():
+                    if tensor is not kept[name]:
+                        kept[name].copy_(tensor)
+        else:
+            cache.layers = states
+
+
+__all__ = ["DenseBlock", "DenseSSMModel", "DenseSSMPreTrainedModel", "ModuleNames"]
