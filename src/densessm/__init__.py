@@ -1,4 +1,4 @@
-"""densessm: DenseRetNet and DenseMamba language models, Hugging Face native.
+"""densessm: DenseRetNet, DenseMamba and DenseMamba2 language models, Hugging Face native.
 
 Importing the package registers every family's configuration and models (``densessm.models.FAMILIES``) with
 the ``transformers`` Auto classes, so ``AutoModelForCausalLM.from_pretrained(dir)`` works without
@@ -20,6 +20,12 @@ from densessm.models.mamba import (
     DenseMambaForSequenceClassification,
     DenseMambaModel,
 )
+from densessm.models.mamba2 import (
+    DenseMamba2Config,
+    DenseMamba2ForCausalLM,
+    DenseMamba2ForSequenceClassification,
+    DenseMamba2Model,
+)
 from densessm.models.retnet import (
     DenseRetNetConfig,
     DenseRetNetForCausalLM,
@@ -36,6 +42,10 @@ for _family in FAMILIES:
     AutoModelForSequenceClassification.register(_family.config, _family.sequence_classification, exist_ok=True)
 
 __all__ = [
+    "DenseMamba2Config",
+    "DenseMamba2ForCausalLM",
+    "DenseMamba2ForSequenceClassification",
+    "DenseMamba2Model",
     "DenseMambaConfig",
     "DenseMambaForCausalLM",
     "DenseMambaForSequenceClassification",

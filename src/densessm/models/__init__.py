@@ -17,6 +17,12 @@ from densessm.models.mamba import (
     DenseMambaForSequenceClassification,
     DenseMambaModel,
 )
+from densessm.models.mamba2 import (
+    DenseMamba2Config,
+    DenseMamba2ForCausalLM,
+    DenseMamba2ForSequenceClassification,
+    DenseMamba2Model,
+)
 from densessm.models.retnet import (
     DenseRetNetConfig,
     DenseRetNetForCausalLM,
@@ -49,6 +55,14 @@ FAMILIES = (
     ),
     Family(
         "mamba", "Mamba", DenseMambaConfig, DenseMambaModel, DenseMambaForCausalLM, DenseMambaForSequenceClassification
+    ),
+    Family(
+        "mamba2",
+        "Mamba-2",
+        DenseMamba2Config,
+        DenseMamba2Model,
+        DenseMamba2ForCausalLM,
+        DenseMamba2ForSequenceClassification,
     ),
 )
 
