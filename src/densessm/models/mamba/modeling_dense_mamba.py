@@ -176,6 +176,7 @@ class DenseMambaPreTrainedModel(DenseSSMPreTrainedModel):
     config_class = DenseMambaConfig
     config: DenseMambaConfig
     base_model_prefix = "backbone"
+
     @torch.no_grad()
     def _init_weights(self, module):
         """Mamba's initialisation; the dense gates start closed.
