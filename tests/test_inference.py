@@ -7,8 +7,16 @@ import torch
 from conftest import tiny_config, tiny_mamba_config
 
 from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
-from densessm.inference import PrepackedLinear, fuse_projections, prepack_for_cpu, prepacking_available
-from densessm.models.recurrent import SiLULinear, frozen_linear
+from densessm.inference import (
+    InferenceOnlyError,
+    PrepackedLinear,
+    SiLULinear,
+    frozen_linear,
+    fuse_projections,
+    prepack_for_cpu,
+    prepacking_available,
+)
+from densessm.inference.fusion import FusedMambaMixer, FusedRetention
 
 needs_onednn = pytest.mark.skipif(not prepacking_available(), reason="this PyTorch build has no oneDNN linear kernels")
 
@@ -41,12 +49,12 @@ def test_fused_projections_match_the_separate_ones(dense_block_layers, transform
     torch.testing.assert_close(fused, reference, atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(fused_step, reference_step, atol=tolerance, rtol=tolerance)
     retention = model.model.layers[1].retention
-    assert retention.q_proj is None and retention.fused_projection is not None
+    assert isinstance(retention, FusedRetention) and "q_proj" not in dict(retention.named_children())
     if dense_block_layers:
-        assert retention.dense.k_gate.fc1 is None and retention.dense.fused_gate is not None
+        assert retention.dense.k_gate is None and retention.gate_product is not None
     if transform == "prepack":  # the silu after each fused product runs inside it
-        assert retention.fused_projection.activation == "swish"
-        assert not dense_block_layers or retention.dense.fused_gate.activation == "swish"
+        assert retention.projection.activation == "swish"
+        assert not dense_block_layers or retention.gate_product.activation == "swish"
         return
     # every weight is kept once; the only extra numbers are the zeros of the block-diagonal gate product
     config = model.config
@@ -61,11 +69,9 @@ def test_fused_projections_match_the_separate_ones(dense_block_layers, transform
 def test_fusing_twice_is_harmless():
     model = DenseRetNetForCausalLM(tiny_config()).eval()
     fuse_projections(model)
-    weights = [layer.retention.fused_projection.weight for layer in model.model.layers]
+    weights = [layer.retention.projection.weight for layer in model.model.layers]
     fuse_projections(model)
-    assert all(
-        a is layer.retention.fused_projection.weight for a, layer in zip(weights, model.model.layers, strict=True)
-    )
+    assert all(a is layer.retention.projection.weight for a, layer in zip(weights, model.model.layers, strict=True))
 
 
 @pytest.mark.parametrize("transform", ["fuse", "prepack"])
@@ -97,11 +103,13 @@ def test_fused_mamba_projection_matches_the_separate_ones(dense_block_layers, us
     for a, b in zip(fused_steps.scores, reference_steps.scores, strict=True):
         torch.testing.assert_close(a, b, atol=tolerance, rtol=tolerance)
     mixer = model.backbone.layers[1].mixer
-    assert (mixer.in_proj is None) == bool(dense_block_layers)
+    assert isinstance(mixer, FusedMambaMixer) == bool(dense_block_layers)
     if dense_block_layers:
-        assert mixer.dense_gate.output_silu_fused
+        assert "in_proj" not in dict(mixer.named_children())
         if transform == "prepack":
-            assert mixer.dense_gate.fc2.activation == "swish"
+            assert mixer.gate_out.activation == "swish"
+        else:
+            assert isinstance(mixer.gate_out, SiLULinear)
 
 
 @pytest.mark.parametrize("transform", ["fuse", "prepack"])
@@ -110,12 +118,14 @@ def test_a_transformed_model_refuses_to_be_saved_or_trained(tmp_path, transform)
 
     model = DenseRetNetForCausalLM(tiny_config()).eval()
     (fuse_projections if transform == "fuse" else lambda m: prepack_for_cpu(m, min_weight=0))(model)
-    with pytest.raises(RuntimeError, match="save the original model"):
+    with pytest.raises(InferenceOnlyError, match="save the original model"):
         model.save_pretrained(tmp_path / "x")
     assert not (tmp_path / "x").exists()
-    with pytest.raises(RuntimeError, match="train the original model"):
+    with pytest.raises(InferenceOnlyError, match="train the original model"):
         model.train()
     assert model.eval() is model and not model.training
+    # the modules refuse by themselves: no method of the model was replaced
+    assert "save_pretrained" not in vars(model) and "train" not in vars(model)
 
 
 @needs_onednn
@@ -126,7 +136,7 @@ def test_a_prepacked_silu_linear_computes_silu_of_the_product(dtype, bias):
     parts = [torch.nn.Linear(24, n, bias=bias, dtype=dtype) for n in (40, 8)]
     x = torch.randn(3, 2, 24, dtype=dtype)
     fused = frozen_linear(parts, silu=True)
-    assert type(fused) is SiLULinear
+    assert isinstance(fused, SiLULinear)
     reference = torch.cat([torch.nn.functional.silu(p(x)) for p in parts], dim=-1)
     packed = PrepackedLinear(fused)
     assert packed.activation == "swish" and "silu" in repr(packed)

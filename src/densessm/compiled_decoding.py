@@ -40,13 +40,11 @@ class CompiledDecoder:
     :class:`~densessm.cache.RecurrentCache` run compiled; any other call runs the model eagerly."""
 
     def __init__(self, model: torch.nn.Module, compile_config: CompileConfig | None = None):
-        from densessm.inference import PrepackedLinear
-
         self.model = model
         self.compile_config = compile_config or CompileConfig(fullgraph=True, dynamic=False)
         options = self.compile_config.to_dict()
         if options.get("backend", "inductor") == "inductor" and any(
-            isinstance(m, PrepackedLinear) for m in model.modules()
+            getattr(m, "onednn_packed", False) for m in model.modules()
         ):
             raise ValueError(
                 "cannot compile a model with prepacked CPU weights (densessm.inference.prepack_for_cpu): inductor "

@@ -11,36 +11,10 @@ import numbers
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from densessm.cache import CacheIdentity, RecurrentCache
-
-
-class SiLULinear(nn.Linear):
-    """``silu(linear(x))`` as one module, so that inference can compute the activation inside the product
-    (:class:`~densessm.inference.PrepackedLinear` applies it in the kernel's epilogue) instead of in a pass
-    of its own over the output."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(super().forward(x))
-
-
-def frozen_linear(parts: list[nn.Linear], block_diagonal: bool = False, silu: bool = False) -> nn.Linear:
-    """One inference-only linear layer computing several: their weights stacked (the same input) or
-    block-diagonal (inputs side by side); a :class:`SiLULinear` with ``silu`` (every part is followed by
-    it). Used to fuse a decode step's small products into fewer calls."""
-    weights = [p.weight.detach() for p in parts]
-    weight = torch.block_diag(*weights) if block_diagonal else torch.cat(weights)
-    has_bias = any(p.bias is not None for p in parts)
-    kind = SiLULinear if silu else nn.Linear
-    fused = kind(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if has_bias:
-        biases = [p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features) for p in parts]
-        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
-    return fused
+from densessm.compiled_decoding import CompiledDecoder
 
 
 def check_inputs(
@@ -418,8 +392,6 @@ class RecurrentGenerationMixin:
     def get_compiled_call(self, compile_config):
         """The decode step for ``generate()``: a :class:`~densessm.compiled_decoding.CompiledDecoder`, built
         once per configuration (``reduce-overhead`` on CUDA: CUDA graphs)."""
-        from densessm.compiled_decoding import CompiledDecoder
-
         decoder = self.__dict__.get("_compiled_decoder")
         if decoder is None or decoder.compile_config != compile_config:
             decoder = CompiledDecoder(self, compile_config)

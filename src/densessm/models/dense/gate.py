@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densessm.models.recurrent import frozen_linear
-
 
 class SelectiveTransitionGate(nn.Module):
     """``silu(fc2(silu(fc1(x))))``: a cheap bottleneck MLP from the layer input to a gate over the state."""
@@ -27,22 +25,9 @@ class SelectiveTransitionGate(nn.Module):
             raise ValueError(f"gate bottleneck width {in_dim} // {reduction} is 0: use a reduction ratio <= {in_dim}")
         self.fc1 = nn.Linear(in_dim, bottleneck, bias=False)
         self.fc2 = nn.Linear(bottleneck, out_dim, bias=False)
-        self.output_silu_fused = False  # see fuse_output_activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.from_hidden(F.silu(self.fc1(x)))
-
-    def from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The gate from ``silu(fc1(x))`` computed elsewhere (fused with other projections of ``x``)."""
-        gate = self.fc2(hidden)
-        return gate if self.output_silu_fused else F.silu(gate)
-
-    def fuse_output_activation(self) -> None:
-        """Inference only: ``fc2`` becomes a :class:`~densessm.models.recurrent.SiLULinear`, which a prepacked
-        product computes in its epilogue (one pass less per decode step)."""
-        if not self.output_silu_fused:
-            self.fc2 = frozen_linear([self.fc2], silu=True)
-            self.output_silu_fused = True
+        return F.silu(self.fc2(F.silu(self.fc1(x))))
 
 
 def fuse_hidden(current: torch.Tensor, shallow: Sequence[torch.Tensor], gate: torch.Tensor) -> torch.Tensor:

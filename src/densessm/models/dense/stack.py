@@ -81,6 +81,13 @@ class DenseSSMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DenseBlock"]
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, after asking every module for its state first: a module that
+        cannot be saved (an inference transform's, see :mod:`densessm.inference`) refuses before anything is
+        written, not halfway through."""
+        self.state_dict()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
 
 class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
     """Embeddings, ``num_hidden_layers`` dense blocks and the final norm (see the module docstring).

@@ -65,7 +65,6 @@ from densessm.models.dense.stack import DenseSSMModel, DenseSSMPreTrainedModel, 
 from densessm.models.mamba.configuration_dense_mamba import DenseMambaConfig
 from densessm.models.norm import RMSNorm
 from densessm.models.precision import at_least_fp32
-from densessm.models.recurrent import frozen_linear
 from densessm.ops.conv import causal_conv, causal_conv_step
 from densessm.ops.scan import read_out_sum, selective_scan
 from densessm.ops.scan.kernels import kernel_conv_scan, kernels_usable
@@ -92,7 +91,6 @@ class DenseMambaMixer(Mixer):
         if dense:
             self.dense_gate = SelectiveTransitionGate(config.hidden_size, inner, config.dense_gate_reduction)
             self.dense_gate.fc2.zero_init = True  # the gate starts closed: see DenseMambaPreTrainedModel
-        self.fused_projection: nn.Linear | None = None  # see fuse_projections()
         self._transition: tuple[tuple, torch.Tensor] | None = None  # see transition()
 
     def transition(self) -> torch.Tensor:
@@ -106,15 +104,12 @@ class DenseMambaMixer(Mixer):
             self._transition = (key, -torch.exp(at_least_fp32(self.A_log)))
         return self._transition[1]
 
-    def fuse_projections(self) -> None:
-        """Inference only, irreversible: ``in_proj`` and the dense gate's first layer (both read ``x``) become
-        one product, which saves a call per decode step, and the gate's final silu joins its second layer;
-        the separate layers are removed."""
-        if self.fused_projection is not None or self.dense_gate is None:
-            return
-        self.fused_projection = frozen_linear([self.in_proj, self.dense_gate.fc1])
-        self.in_proj = self.dense_gate.fc1 = None
-        self.dense_gate.fuse_output_activation()
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every product of the layer input: ``x`` and ``z`` of ``in_proj``, and in a dense layer the gate over the
+        SSM channels (else None). One method, so that an inference transform can compute them in one product
+        (:mod:`densessm.inference.fusion`)."""
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        return xs, z, (self.dense_gate(x) if self.dense_gate is not None else None)
 
     def ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``Δ`` (at least fp32, after softplus), ``B`` and ``C`` of the conv output ``u [b, L, D]``."""
@@ -139,12 +134,7 @@ class DenseMambaMixer(Mixer):
         above, {conv, ssm} state)``. ``shallow`` holds the state sequences of the layers below (oldest first)."""
         dtype, mask, mode, readers = x.dtype, call.mask, call.mode, self.readers
         conv_state, ssm_state = (None, None) if state is None else (state["conv"], state["ssm"])
-        gate_hidden = None
-        if self.fused_projection is not None:
-            inner, total = self.D.shape[0], self.fused_projection.out_features
-            xs, z, gate_hidden = self.fused_projection(x).split([inner, inner, total - 2 * inner], dim=-1)
-        else:
-            xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xs, z, gate = self.project(x)
         A = self.transition()
         fresh = conv_state is None and ssm_state is None
         if mode == "parallel" and fresh and mask is None and not readers and not shallow and kernels_usable(xs):
@@ -165,7 +155,6 @@ class DenseMambaMixer(Mixer):
         u32, C = at_least_fp32(u), at_least_fp32(C)
         y, states, ssm_state = selective_scan(u32, delta, A, at_least_fp32(B), C, mode, ssm_state, readers)
         if shallow:  # C·(h + g ⊙ Σ_i h^{l-i}) = C·h + g ⊙ C·Σ_i h^{l-i}: g acts on channels, C on the state
-            gate = self.dense_gate(x) if gate_hidden is None else self.dense_gate.from_hidden(F.silu(gate_hidden))
             y = torch.addcmul(y, at_least_fp32(gate), read_out_sum(C, *(item[0] for item in shallow)))
         y = (y + u32 * at_least_fp32(self.D)) * F.silu(at_least_fp32(z))
         new_state = {"conv": conv_state, "ssm": ssm_state} if call.output_state else None

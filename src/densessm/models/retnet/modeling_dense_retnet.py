@@ -20,7 +20,7 @@ from densessm.models.dense.heads import DenseSSMForCausalLM, DenseSSMForSequence
 from densessm.models.dense.mixer import Handoff, LayerState, Mixer, MixerCall
 from densessm.models.dense.stack import DenseSSMModel, DenseSSMPreTrainedModel, ModuleNames
 from densessm.models.norm import RMSNorm
-from densessm.models.recurrent import StepInputs, frozen_linear
+from densessm.models.recurrent import StepInputs
 from densessm.models.retnet.configuration_dense_retnet import DenseRetNetConfig
 from densessm.ops.retention import (
     AUTO_PARALLEL_MAX_LENGTH,
@@ -42,23 +42,12 @@ class DenseKVFusion(nn.Module):
         self.v_gate = SelectiveTransitionGate(config.hidden_size, config.value_dim, config.v_gate_reduction)
         self.k_norm = RMSNorm(config.query_key_dim, eps=config.rms_norm_eps)
         self.v_norm = RMSNorm(config.value_dim, eps=config.rms_norm_eps)
-        self.fused_gate: nn.Linear | None = None  # both gates' second layers, block-diagonal (inference)
 
-    def fuse_gates(self) -> tuple[nn.Linear, nn.Linear]:
-        """Inference only: one block-diagonal product for both gates' second layers; hands back their first
-        layers (for the caller to merge with its own projections of ``x``) and removes them here."""
-        self.fused_gate = frozen_linear([self.k_gate.fc2, self.v_gate.fc2], block_diagonal=True, silu=True)
-        first = self.k_gate.fc1, self.v_gate.fc1
-        self.k_gate.fc1 = self.k_gate.fc2 = self.v_gate.fc1 = self.v_gate.fc2 = None
-        return first
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selective-transition gates over k and over v, from the layer input."""
+        return self.k_gate(x), self.v_gate(x)
 
-    def forward(self, x, k, v, k_shallow, v_shallow, gate_hidden=None):
-        """``gate_hidden``: both gates' ``silu(fc1(x))``, side by side, computed by the caller's fused
-        projection (after :meth:`fuse_gates`)."""
-        if self.fused_gate is not None:
-            k_gate, v_gate = self.fused_gate(gate_hidden).split((k.shape[-1], v.shape[-1]), dim=-1)
-        else:
-            k_gate, v_gate = self.k_gate(x), self.v_gate(x)
+    def forward(self, k, v, k_shallow, v_shallow, k_gate, v_gate):
         k = self.k_norm(fuse_hidden(k, k_shallow, k_gate))
         v = self.v_norm(fuse_hidden(v, v_shallow, v_gate))
         return k, v
@@ -83,45 +72,25 @@ class DenseRetNetRetention(Mixer):
         self.head_norm = RMSNorm(self.value_dim // self.num_heads, eps=config.rms_norm_eps)
         self.dense = DenseKVFusion(config) if dense else None
         self.dropout = nn.Dropout(config.dropout)
-        self.fused_projection: nn.Linear | None = None  # see fuse_projections()
-        self.fused_sizes: list[int] = []
 
-    def fuse_projections(self) -> None:
-        """Inference only, irreversible: one product for every projection of ``x`` (q, k, [v, g] and the
-        dense gates' first layers, all followed by silu, which becomes part of the product) and one for both
-        gates' second layers.
-
-        A decode step multiplies a few rows by each weight, so every separate product pays a call of its
-        own; concatenated weights stream the same bytes in fewer calls. The separate layers are removed
-        (no weight is kept twice), so the model cannot be trained or saved afterwards.
-        """
-        if self.fused_projection is not None:
-            return
-        parts = [self.q_proj, self.k_proj, self.vg_proj]
-        if self.dense is not None:
-            parts += self.dense.fuse_gates()
-        sizes = [p.out_features for p in parts]
-        self.fused_projection = frozen_linear(parts, silu=True)
-        self.fused_sizes = sizes[:3] + ([sum(sizes[3:])] if self.dense else [])
-        self.q_proj = self.k_proj = self.vg_proj = None
+    def project(self, x: torch.Tensor):
+        """Every product of the layer input: ``q``, ``k`` (scaled), ``v``, the output gate, and in a dense layer
+        the gates over k and v (else ``(None, None)``). One method, so that an inference transform can compute
+        them all in one product (:mod:`densessm.inference.fusion`)."""
+        q = F.silu(self.q_proj(x))
+        k = F.silu(self.k_proj(x)) * self.scaling
+        v, gate = F.silu(self.vg_proj(x)).chunk(2, dim=-1)
+        return q, k, v, gate, (self.dense.gates(x) if self.dense is not None else (None, None))
 
     def forward(
         self, x: torch.Tensor, shallow: list[Handoff], call: MixerCall, state: LayerState | None
     ) -> tuple[torch.Tensor, list[Handoff], LayerState | None]:
         batch, length, _ = x.shape
-        gate_hidden = None
-        if self.fused_projection is not None:
-            q, k, vg, *gates = self.fused_projection(x).split(self.fused_sizes, dim=-1)
-            k, gate_hidden = k * self.scaling, (gates[0] if gates else None)
-        else:
-            q = F.silu(self.q_proj(x))
-            k = F.silu(self.k_proj(x)) * self.scaling
-            vg = F.silu(self.vg_proj(x))
-        v, gate = vg.chunk(2, dim=-1)
+        q, k, v, gate, (k_gate, v_gate) = self.project(x)
         k_own, v_own = k, v
         if self.dense is not None and shallow:
             k_shallow, v_shallow = [item[0] for item in shallow], [item[1] for item in shallow]
-            k, v = self.dense(x, k, v, k_shallow, v_shallow, gate_hidden)
+            k, v = self.dense(k, v, k_shallow, v_shallow, k_gate, v_gate)
         rotation, log_decay = call.shared
         q = rotate(q.view(batch, length, self.num_heads, -1).transpose(1, 2), *rotation)
         k = rotate(k.view(batch, length, self.num_heads, -1).transpose(1, 2), *rotation)

@@ -1,0 +1,68 @@
+"""What every inference transform builds on: modules that refuse to train or be saved, and fused linears.
+
+A transformed module stores its weights in another form (concatenated, block-diagonal, prepacked): training
+it would update copies its original no longer shares, and a checkpoint of it would lack the original
+weights, which would then reload randomly initialised. So such a module refuses both itself, whatever
+model it sits in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class InferenceOnlyError(RuntimeError):
+    """Training or saving a module that an inference transform made."""
+
+
+_WHY = "its weights were fused or prepacked for inference (densessm.inference)"
+
+
+class InferenceOnly(nn.Module):
+    """Mixed into a module made by an inference transform: ``train()`` and ``state_dict()`` (so
+    ``save_pretrained``) raise :class:`InferenceOnlyError`; ``eval()`` works."""
+
+    def train(self, mode: bool = True) -> nn.Module:
+        if mode:
+            raise InferenceOnlyError(f"cannot train {type(self).__name__}: {_WHY}; train the original model instead")
+        return super().train(False)
+
+    def state_dict(self, *args, **kwargs):
+        raise InferenceOnlyError(f"cannot save {type(self).__name__}: {_WHY}; save the original model instead")
+
+
+class SiLULinear(nn.Linear):
+    """``silu(linear(x))`` as one module, so that a prepacked product can compute the activation in its
+    epilogue (:class:`~densessm.inference.prepack.PrepackedLinear`) instead of in a pass of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(super().forward(x))
+
+
+class FrozenLinear(InferenceOnly, nn.Linear):
+    """A linear layer computing several: their weights stacked (one input) or block-diagonal (inputs side by
+    side). A decode step multiplies a few rows by each weight, so every separate product pays a call of its
+    own; concatenated weights stream the same bytes in fewer calls."""
+
+
+class FrozenSiLULinear(InferenceOnly, SiLULinear):
+    """:class:`FrozenLinear` followed by silu (every part was followed by it)."""
+
+
+def frozen_linear(parts: list[nn.Linear], block_diagonal: bool = False, silu: bool = False) -> nn.Linear:
+    """One inference-only linear layer computing ``parts`` (stacked or block-diagonal; biases kept)."""
+    weights = [p.weight.detach() for p in parts]
+    weight = torch.block_diag(*weights) if block_diagonal else torch.cat(weights)
+    has_bias = any(p.bias is not None for p in parts)
+    kind = FrozenSiLULinear if silu else FrozenLinear
+    fused = kind(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        biases = [p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features) for p in parts]
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+    return fused.eval()
+
+
+__all__ = ["FrozenLinear", "FrozenSiLULinear", "InferenceOnly", "InferenceOnlyError", "SiLULinear", "frozen_linear"]
