@@ -74,7 +74,7 @@ def test_missing_model_dir(tmp_path, capsys):
 def test_missing_tokenizer(tmp_path, capsys):
     DenseRetNetForCausalLM(tiny_config()).save_pretrained(tmp_path / "bare")
     assert main(["generate", str(tmp_path / "bare"), "--prompt", "hi"]) == 1
-    assert "no usable tokenizer" in capsys.readouterr().err
+    assert "has no tokenizer" in capsys.readouterr().err
 
 
 def test_empty_prompt(model_dir, capsys):

@@ -391,7 +391,7 @@ def test_overflow_without_a_bad_parameter_is_named_as_such():
         (["--max-new-tokens", "ten"], "argument --max-new-tokens: expected an integer, got 'ten'"),
         (["--top-p", "nan"], "argument --top-p: expected a finite number, got 'nan'"),
         (["--temperature", "-1"], "argument --temperature: must be greater than 0"),
-        (["--seed", "-3"], "argument --seed: must be 0 or more"),
+        (["--seed", "-3"], "argument --seed: must be in [0, 2**32), got -3"),
         (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     ],
 )
@@ -474,7 +474,7 @@ def test_eval_refuses_to_replace_a_report_before_evaluating(model_dir, corpus, t
 
     (tmp_path / "report.json").write_text("{}")
     before = snapshot(tmp_path)
-    monkeypatch.setattr(perplexity, "load_model", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    monkeypatch.setattr(perplexity, "load_causal_lm", lambda *a, **k: pytest.fail("evaluated before refusing"))
     argv = [
         "eval",
         "ppl",
@@ -569,3 +569,252 @@ def test_confined_file_refuses_every_way_out(tmp_path):
             confined_file(root, name)
     with pytest.raises(FileNotFoundError):
         confined_file(root, "absent.txt")
+
+
+# --- cases found by an independent review ---------------------------------------------------------------------
+
+
+def test_a_destination_filled_by_another_writer_meanwhile_is_not_replaced(tmp_path):
+    from densessm.files import DestinationExistsError, atomic_output_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(DestinationExistsError, match="filled by another process"), atomic_output_dir(out) as staging:
+        (staging / "mine.txt").write_text("mine")
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")  # another writer finished first
+    assert snapshot(tmp_path) == {"out": "<dir>", "out/theirs.txt": b"theirs"}
+
+
+def test_two_converts_into_one_destination_keep_one_result_whole(reference, tmp_path, monkeypatch):
+    """The second convert to finish is refused: without --overwrite nothing is replaced, even in a race."""
+    from transformers import PreTrainedModel
+
+    dst = tmp_path / "dst"
+    real = PreTrainedModel.save_pretrained
+    raced = []
+
+    def race(self, directory, *args, **kwargs):
+        real(self, directory, *args, **kwargs)
+        if not raced:  # the other convert finishes while this one is still writing
+            raced.append(True)
+            assert main(["convert", str(reference), str(dst)]) == 0
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", race)
+    first = None
+    code = main(["convert", str(reference), str(dst)])
+    assert code == 1 and raced
+    first = snapshot(dst)
+    assert "model.safetensors" in first and first == snapshot(dst)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the refused result is not left behind
+
+
+def test_leftovers_of_a_killed_writer_are_removed_and_a_live_ones_kept(reference, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = tmp_path / f".out.tmp-{host}-{int(dead.stdout)}-abc"
+    live = tmp_path / f".out.tmp-{host}-{os.getppid()}-def"
+    for leftover in (stale, live):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"half a model")
+    assert main(["convert", str(reference), str(tmp_path / "out")]) == 0
+    assert not stale.exists() and live.is_dir()
+
+
+def test_overwriting_a_symlinked_destination_leaves_nothing_behind(reference, tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "old.txt").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    assert main(["convert", str(reference), str(tmp_path / "link"), "--overwrite"]) == 0
+    assert (tmp_path / "link" / "config.json").is_file() and not (tmp_path / "link").is_symlink()
+    assert (tmp_path / "target" / "old.txt").read_text() == "old"  # the link's target is not touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "ref", "target"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_size": "32"}, "hidden_size must be a positive integer, got '32'"),
+        ({"hidden_size": 0}, "hidden_size must be a positive integer, got 0"),
+        ({"hidden_size": 4}, "k_select.fc1 has width 8, which no gate of hidden_size 4 has"),
+        ({"num_hidden_layers": 1}, "num_hidden_layers = 1 but the weights hold 3 layers"),
+        ({"dense_block_layers": "2"}, "dense_block_layers must be an integer >= 0, got '2'"),
+        ({"v_factor": -1}, "is not a valid DenseRetNet configuration: v_factor"),
+    ],
+)
+def test_convert_names_a_bad_reference_config(reference, tmp_path, capsys, change, message):
+    config = json.loads((reference / "config.json").read_text())
+    (reference / "config.json").write_text(json.dumps(config | change))
+    code, err = run(["convert", str(reference), str(tmp_path / "out")], capsys)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_to_a_dtype_that_cannot_hold_the_weights_is_refused(tmp_path, capsys):
+    model = DenseRetNetForCausalLM(tiny_config())
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = 1e6
+    src = _write_reference(tmp_path, model)
+    code, err = run(["convert", str(src), str(tmp_path / "out"), "--dtype", "float16"], capsys)
+    assert code == 1 and "lm_head.weight holds values beyond the range of torch.float16" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--window", "1"], "argument --window: must be at least 2 tokens"),
+        (["--stride", "4", "--method", "carried"], "--stride applies to the sliding method"),
+        (["--data", ""], "argument --data: an empty path"),
+    ],
+)
+def test_eval_usage_errors_found_by_review(model_dir, corpus, capsys, flags, message):
+    code, err = run(["eval", "ppl", str(model_dir), "--data", str(corpus), *flags], capsys)
+    assert code == 2 and message in err
+
+
+def test_eval_report_problems_are_refused_before_evaluating(model_dir, corpus, tmp_path, capsys, monkeypatch):
+    import densessm.evaluation.perplexity as perplexity
+
+    monkeypatch.setattr(perplexity, "load_causal_lm", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    argv = ["eval", "ppl", str(model_dir), "--data", str(corpus), "--window", "16", "--overwrite", "--output"]
+    before = snapshot(tmp_path)
+    code, err = run([*argv, str(corpus / "report")], capsys)  # under a file
+    assert code == 2 and f"{corpus} is a file, not a directory" in err
+    (tmp_path / "rep.md").mkdir()
+    (tmp_path / "rep.json").write_text("{}")
+    code, err = run([*argv, str(tmp_path / "rep")], capsys)
+    assert code == 2 and "rep.md is a directory, not a file" in err
+    assert (tmp_path / "rep.json").read_text() == "{}"
+    code, err = run([*argv, str(model_dir / "config")], capsys)  # would replace the model's config.json
+    assert code == 2 and "inside the model directory" in err
+    assert snapshot(tmp_path) == before | {"rep.md": "<dir>", "rep.json": b"{}"}
+
+
+@pytest.mark.parametrize("limit", ["1.5", "2.99"])
+def test_eval_tasks_limit_above_one_must_be_whole(model_dir, capsys, limit):
+    code, err = run(["eval", "tasks", str(model_dir), "--limit", limit], capsys)
+    assert code == 2 and "must be whole" in err
+
+
+def test_eval_tasks_data_that_is_a_file(model_dir, corpus, capsys):
+    code, err = run(["eval", "tasks", str(model_dir), "--tasks", "piqa", "--task-data", str(corpus)], capsys)
+    assert code == 1 and "is a file, not a directory" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--seed", str(2**70)], "argument --seed: must be in [0, 2**32)"),
+        (["demo", "--output-dir", ""], "argument --output-dir: an empty path"),
+        (["bench", "generate", "--out", ""], "argument --out: an empty path"),
+        (["generate", "", "--prompt", "w1"], "argument model_dir: an empty path"),
+        (["convert", "", "x"], "argument src: an empty path"),
+    ],
+)
+def test_values_that_cannot_work_are_usage_errors(capsys, argv, message):
+    code, err = run(argv, capsys)
+    assert code == 2 and message in err
+
+
+def test_demo_under_a_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("keep")
+    code, err = run(["demo", "--output-dir", str(tmp_path / "file" / "sub")], capsys)
+    assert code == 2 and f"{tmp_path / 'file'} is a file, not a directory" in err
+
+
+@pytest.mark.parametrize("kind", ["directory", "device"])
+def test_generate_prompt_file_that_is_not_a_regular_file(model_dir, tmp_path, capsys, kind):
+    path = tmp_path if kind == "directory" else Path("/dev/null")
+    code, err = run(["generate", str(model_dir), "--prompt-file", str(path)], capsys)
+    assert code == 2 and "is not a regular file" in err
+
+
+def test_generate_tokenizer_path_that_is_a_file(model_dir, capsys):
+    code, err = run(
+        ["generate", str(model_dir), "--prompt", "w1", "--tokenizer", str(model_dir / "config.json")], capsys
+    )
+    assert code == 1 and "is a file, not a directory" in err
+
+
+def test_generate_refuses_a_broken_generation_config(model_dir, capsys):
+    (model_dir / "generation_config.json").write_text("{oops")
+    code, err = run(["generate", str(model_dir), "--prompt", "w1", "--max-new-tokens", "2"], capsys)
+    assert code == 1 and "generation_config.json is not valid JSON" in err
+
+
+def test_a_model_directory_without_tokenizer_files_is_one_line(tmp_path, corpus, capsys):
+    DenseRetNetForCausalLM(tiny_config()).save_pretrained(tmp_path / "bare")
+    (tmp_path / "bare" / "tokenizer_config.json").write_text('{"tokenizer_file": "/elsewhere/tokenizer.json"}')
+    capsys.readouterr()
+    for argv in (["generate", str(tmp_path / "bare"), "--prompt", "w1"], ["eval", "ppl", str(tmp_path / "bare")]):
+        code, err = run([*argv, "--data", str(corpus)] if argv[0] == "eval" else argv, capsys)
+        assert code == 1 and "has no tokenizer (tokenizer.json / tokenizer.model / vocab.json)" in err
+        assert len([line for line in err.splitlines() if "error" in line]) == 1
+
+
+def test_a_tokenizer_with_custom_code_is_refused_without_asking(model_dir, capsys, monkeypatch):
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["custom.MyTokenizer", None]}
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    (model_dir / "custom.py").write_text("raise SystemExit('custom code ran')\n")
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked on the terminal"))
+    code, err = run(["generate", str(model_dir), "--prompt", "w1"], capsys)
+    assert code == 1 and "never runs code from a model or tokenizer directory" in err
+
+
+def test_a_padding_token_beyond_the_vocabulary_is_named(tmp_path, capsys):
+    from transformers import PreTrainedTokenizerFast
+
+    from densessm.tokenizer import load_tokenizer
+
+    directory = tmp_path / "model"
+    DenseRetNetForCausalLM(tiny_config(vocab_size=4096)).save_pretrained(directory)
+    tokenizer: PreTrainedTokenizerFast = load_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token = "<added-pad>"  # a new token: id 4096
+    tokenizer.save_pretrained(directory)
+    code, err = run(["generate", str(directory), "--prompt", "a", "--prompt", "b c"], capsys)
+    assert code == 1 and "padding token '<added-pad>' has id 4096, beyond the model's vocab_size 4096" in err
+
+
+def test_a_shard_index_without_metadata_is_named(tmp_path, capsys, word_tokenizer):
+    directory = tmp_path / "model"
+    DenseRetNetForCausalLM(tiny_config()).save_pretrained(directory, max_shard_size="20KB")
+    word_tokenizer.save_pretrained(directory)
+    index_file = directory / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps({"weight_map": index["weight_map"]}))
+    code, err = run(["generate", str(directory), "--prompt", "w1"], capsys)
+    assert code == 1 and "has no 'metadata' object" in err
+
+
+def test_ctrl_c_while_the_command_is_still_importing_is_one_line(monkeypatch, capsys):
+    import sys
+
+    import densessm_entry
+
+    class Interrupting:
+        def find_spec(self, name, path=None, target=None):
+            if name == "densessm.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "densessm.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    assert densessm_entry.main() == 130
+    assert capsys.readouterr().err.strip() == "densessm: interrupted"
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "densessm.cli", "presets"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        process.stdout.readline()
+        process.stdout.close()  # as `| head -1` does
+        code, err = process.wait(timeout=120), process.stderr.read()
+    assert code == 141 and not err.strip()

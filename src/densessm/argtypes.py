@@ -46,4 +46,19 @@ def finite_float(text: str) -> float:
     return _number(text, float)
 
 
-__all__ = ["finite_float", "nonnegative_int", "positive_float", "positive_int"]
+def seed(text: str) -> int:
+    """A random seed: what ``torch.manual_seed`` and numpy take, ``[0, 2**32)``."""
+    value = _number(text, int)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
+    return value
+
+
+def path_name(text: str) -> str:
+    """A file or directory name; an empty one is refused (it would silently mean the current directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: name a file or directory")
+    return text
+
+
+__all__ = ["finite_float", "nonnegative_int", "path_name", "positive_float", "positive_int", "seed"]

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from densessm.argtypes import nonnegative_int, positive_int
+from densessm.argtypes import nonnegative_int, path_name, positive_int
 from densessm.cache import RecurrentCache
 from densessm.errors import UsageError
 from densessm.files import atomic_output_file, atomic_write_text
@@ -693,7 +693,7 @@ def add_bench_parser(sub) -> None:
     gen.add_argument(
         "--overhead-context", type=positive_int, default=1024, help="context of the dense-overhead measurement"
     )
-    gen.add_argument("--out", type=Path, default=Path("docs/benchmarks/generation"))
+    gen.add_argument("--out", type=lambda text: Path(path_name(text)), default=Path("docs/benchmarks/generation"))
     gen.add_argument("--overwrite", action="store_true", help="replace OUT.json/.md/.png if they exist")
     gen.set_defaults(func=_bench_generate)
 

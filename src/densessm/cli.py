@@ -13,10 +13,10 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 
-from densessm.argtypes import nonnegative_int, positive_int
+from densessm.argtypes import path_name, positive_int, seed
 from densessm.bench import add_bench_parser
 from densessm.convert import convert_reference_checkpoint
-from densessm.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
+from densessm.errors import EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 from densessm.evaluation.cli import add_eval_parser
 from densessm.experiments.cli import add_experiment_parser
 from densessm.files import atomic_output_dir, check_destination
@@ -86,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser("convert", help="import a public-reference DenseRetNet checkpoint")
-    convert.add_argument("src", help="reference directory (config.json + model.safetensors or pytorch_model.bin)")
-    convert.add_argument("dst", help="output directory for AutoModelForCausalLM.from_pretrained")
+    convert.add_argument(
+        "src", type=path_name, help="reference directory (config.json + model.safetensors or pytorch_model.bin)"
+    )
+    convert.add_argument("dst", type=path_name, help="output directory for AutoModelForCausalLM.from_pretrained")
     convert.add_argument("--dtype", choices=sorted(DTYPES), help="convert weights to this dtype (default: keep)")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it already holds files")
     convert.set_defaults(func=_convert)
@@ -97,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build a tiny model, check its modes agree, generate from it")
     demo.add_argument("--preset", default="dense_retnet_tiny")
-    demo.add_argument("--output-dir", default="outputs/untrained-demo", help="where the untrained model is saved")
+    demo.add_argument(
+        "--output-dir", type=path_name, default="outputs/untrained-demo", help="where the untrained model is saved"
+    )
     demo.add_argument("--overwrite", action="store_true", help="replace --output-dir if it already holds files")
     demo.add_argument("--new-tokens", type=positive_int, default=32)
-    demo.add_argument("--seed", type=nonnegative_int, default=0)
+    demo.add_argument("--seed", type=seed, default=0)
     demo.set_defaults(func=_demo)
     add_generate_parser(sub)
     add_serve_parser(sub)
@@ -132,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         print(f"{name}: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of our output left (`densessm presets | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except UsageError as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -123,14 +123,24 @@ def load_reference_weights(src: str | Path) -> dict[str, torch.Tensor]:
     )
 
 
+def _layers_in(state: dict[str, torch.Tensor]) -> int:
+    """How many layers the weights hold (one more than the highest layer index)."""
+    indices = [int(match[1]) for name in state if (match := _LAYER.match(name))]
+    return max(indices) + 1 if indices else 0
+
+
 def _gate_reduction(state: dict[str, torch.Tensor], which: str, hidden: int, layers: int) -> int:
     """The bottleneck ratio of the k or v gate, read off the first dense layer's fc1."""
     for layer in range(1, layers):
         weight = state.get(f"model.layers.{layer}.self_attn.{which}_select.fc1.weight")
         if weight is not None:
             width = weight.shape[0]
+            if width < 1 or width > hidden:
+                raise CheckpointError(
+                    f"{which}_select.fc1 has width {width}, which no gate of hidden_size {hidden} has"
+                )
             ratio = hidden // width
-            if width < 1 or hidden // ratio != width:
+            if hidden // ratio != width:
                 raise CheckpointError(
                     f"{which}_select.fc1 has width {width}, which no integer ratio of hidden_size {hidden} gives"
                 )
@@ -148,6 +158,16 @@ def reference_config(src: str | Path, state: dict[str, torch.Tensor]) -> DenseRe
     absent = [name for name in (*_REQUIRED_FIELDS, "v_factor", "dense_block_layers") if name not in ref]
     if absent:
         raise CheckpointError(f"{path} is not a DenseRetNet reference config: missing {', '.join(absent)}")
+    for name in (*_REQUIRED_FIELDS, "dense_block_layers"):
+        value = ref[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "dense_block_layers" else 1):
+            kind = "an integer >= 0" if name == "dense_block_layers" else "a positive integer"
+            raise CheckpointError(f"{path}: {name} must be {kind}, got {value!r}")
+    held = _layers_in(state)
+    if held != ref["num_hidden_layers"]:
+        raise CheckpointError(
+            f"{path} says num_hidden_layers = {ref['num_hidden_layers']} but the weights hold {held} layers"
+        )
     m = ref["dense_block_layers"]
     if m == 0:
         raise CheckpointError(
@@ -171,13 +191,18 @@ def reference_config(src: str | Path, state: dict[str, torch.Tensor]) -> DenseRe
         )
         if name in ref
     }
-    return DenseRetNetConfig(
-        **fields,
-        k_gate_reduction=_gate_reduction(state, "k", hidden, layers),
-        v_gate_reduction=_gate_reduction(state, "v", hidden, layers),
-        tie_word_embeddings=False,
-        architectures=["DenseRetNetForCausalLM"],
-    )
+    try:
+        return DenseRetNetConfig(
+            **fields,
+            k_gate_reduction=_gate_reduction(state, "k", hidden, layers),
+            v_gate_reduction=_gate_reduction(state, "v", hidden, layers),
+            tie_word_embeddings=False,
+            architectures=["DenseRetNetForCausalLM"],
+        )
+    except CheckpointError:
+        raise
+    except Exception as err:  # the config's validators raise ValueError, TypeError or a strict-dataclass error
+        raise CheckpointError(f"{path} is not a valid DenseRetNet configuration: {err.__cause__ or err}") from None
 
 
 def _check_constant(name: str, tensor: torch.Tensor, expected: torch.Tensor) -> None:
@@ -253,6 +278,13 @@ def load_reference_model(src: str | Path, dtype: torch.dtype | None = None) -> D
     model.load_state_dict(ours, strict=True, assign=True)
     if dtype is not None:
         model = model.to(dtype)
+        for name, tensor in model.state_dict().items():  # a value beyond the dtype's range becomes inf
+            if (
+                tensor.is_floating_point()
+                and not bool(torch.isfinite(tensor).all())
+                and bool(torch.isfinite(ours[name]).all())
+            ):
+                raise CheckpointError(f"{name} holds values beyond the range of {dtype}: convert without --dtype")
     return model.eval()
 
 

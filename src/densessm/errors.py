@@ -11,6 +11,7 @@ from __future__ import annotations
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command whose reader closed the pipe (128 + SIGPIPE)
 
 
 class UsageError(ValueError):
@@ -30,6 +31,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_USAGE",

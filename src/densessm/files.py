@@ -13,8 +13,11 @@ Every writer in densessm goes through here, so one set of rules holds everywhere
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,9 +37,23 @@ def _is_nonempty(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
+def check_path(path: str | os.PathLike, what: str = "destination") -> Path:
+    """``path`` as a ``Path``, refused if it is empty (which would mean the current directory) or cannot be
+    created because one of its parents is a file."""
+    if not str(path):
+        raise UsageError(f"{what} is an empty path: name a file or directory")
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{what} {path} cannot be created: {parent} is a file, not a directory")
+            break
+    return path
+
+
 def check_destination(path: str | os.PathLike, overwrite: bool, what: str = "destination", flag: str = "--overwrite"):
     """Refuse ``path`` if it holds data (unless ``overwrite``) or is a file where a directory is wanted."""
-    path = Path(path)
+    path = check_path(path, what)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} {path} is a file, not a directory")
     if _is_nonempty(path) and not overwrite:
@@ -56,11 +73,45 @@ def check_separate(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         raise UsageError(f"the destination {dst} contains the source {src}: choose a directory that does not")
 
 
+_HOST = socket.gethostname()
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{_HOST}-"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _clear_leftovers(path: Path) -> None:
+    """Remove the temporary siblings of ``path`` that a writer on this machine left when it was killed (its
+    process is gone); a live writer's are kept."""
+    prefix = _temp_prefix(path)
+    for sibling in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = sibling.name[len(prefix) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove(sibling)
+        except PermissionError:
+            continue  # alive, another user's
+
+
 def _temp_sibling(path: Path, kind: str) -> Path:
+    """A new temporary file or directory beside ``path``, named after it, this machine and this process (so a
+    later writer can tell a dead writer's leftovers from a live one's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(path)
+    prefix = f"{_temp_prefix(path)}{os.getpid()}-"
     if kind == "dir":
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.close(fd)
     return Path(name)
 
@@ -74,14 +125,38 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _exists_error(path: Path) -> DestinationExistsError:
+    return DestinationExistsError(f"{path} already exists; nothing was written (pass --overwrite to replace it)")
+
+
+def _place_file(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``path``: replacing it only with ``overwrite``; without, a link that fails
+    if ``path`` appeared meanwhile (another writer), so a check and the move cannot be raced."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _exists_error(path) from None
+    except OSError as err:  # a file system without hard links: check, then rename (a narrow race remains)
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists():
+            raise _exists_error(path) from None
+        os.rename(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
     """Write ``data`` to ``path`` through a temporary sibling and a rename; refuse an existing file unless
     ``overwrite``."""
-    path = Path(path)
+    path = check_path(path, "output file")
     if path.is_dir():
         raise UsageError(f"{path} is a directory, not a file")
     if path.exists() and not overwrite:
-        raise DestinationExistsError(f"{path} already exists; nothing was written (pass --overwrite to replace it)")
+        raise _exists_error(path)
     tmp = _temp_sibling(path, "file")
     try:
         with open(tmp, "wb") as f:
@@ -89,10 +164,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = F
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
+        _place_file(tmp, path, overwrite)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     _fsync_dir(path.parent)
     return path
 
@@ -104,15 +178,17 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = Fals
 
 @contextlib.contextmanager
 def atomic_output_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary path to write ``path``'s content to (by a library that wants a file name); renamed into
-    place when the block ends without an error, removed otherwise."""
-    path = Path(path)
+    """A temporary path to write ``path``'s content to (by a library that wants a file name); moved into place
+    when the block ends without an error, removed otherwise."""
+    path = check_path(path, "output file")
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a file")
     if path.exists() and not overwrite:
-        raise DestinationExistsError(f"{path} already exists; nothing was written (pass --overwrite to replace it)")
+        raise _exists_error(path)
     tmp = _temp_sibling(path, "file")
     try:
         yield tmp
-        os.replace(tmp, path)
+        _place_file(tmp, path, overwrite)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
@@ -121,26 +197,37 @@ def atomic_output_file(path: str | os.PathLike, overwrite: bool = False) -> Iter
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, what: str = "destination") -> Iterator[Path]:
     """A fresh temporary directory beside ``path`` to write into; when the block ends without an error it
-    replaces ``path`` (whose old content is removed only after the new one is in place), else it is removed
-    and ``path`` is untouched."""
+    becomes ``path``, else it is removed and ``path`` is untouched.
+
+    Without ``overwrite`` the final rename itself refuses a ``path`` that another writer filled meanwhile (a
+    rename onto a non-empty directory fails), so the check before the work cannot be raced. With it, the old
+    content is moved aside first and removed only after the new one is in place."""
     path = Path(path)
     check_destination(path, overwrite, what)
     tmp = _temp_sibling(path, "dir")
     try:
         yield tmp
         os.chmod(tmp, 0o755)
-        if path.exists():
+        if overwrite and (path.exists() or path.is_symlink()):
             old = _temp_sibling(path, "dir")
             os.rmdir(old)
             os.replace(path, old)  # rename, not delete: the old content survives until the new one is in place
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
-            os.replace(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+                raise DestinationExistsError(
+                    f"{what} {path} was filled by another process while this one worked; nothing was written "
+                    "(run again with another destination, or --overwrite)"
+                ) from None
         _fsync_dir(path.parent)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
 
 
 def confined_file(root: str | os.PathLike, name: str) -> Path:
@@ -165,6 +252,7 @@ def confined_file(root: str | os.PathLike, name: str) -> Path:
 
 __all__ = [
     "DestinationExistsError",
+    "check_path",
     "OutsideDirectoryError",
     "atomic_output_dir",
     "atomic_output_file",

@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, CompileConfig, LogitsProcessor, LogitsProcessorList, TextStreamer
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, TextStreamer
 
-from densessm.argtypes import nonnegative_int, positive_float, positive_int
+from densessm.argtypes import nonnegative_int, path_name, positive_float, positive_int, seed
 from densessm.errors import UsageError
 from densessm.inference import prepack_for_cpu
-from densessm.loading import load_causal_lm, raise_nonfinite, read_config
+from densessm.loading import load_causal_lm, load_tokenizer_dir, raise_nonfinite, read_config
 from densessm.runtime import DTYPES, resolve_device
 
 
@@ -44,11 +44,11 @@ class FiniteLogitsGuard(LogitsProcessor):
 def add_generate_parser(sub) -> None:
     """Register ``densessm generate``."""
     parser = sub.add_parser("generate", help="generate text from a saved DenseRetNet / DenseMamba directory")
-    parser.add_argument("model_dir", help="directory written by save_pretrained (with tokenizer files)")
+    parser.add_argument("model_dir", type=path_name, help="directory written by save_pretrained (with tokenizer files)")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     prompts.add_argument("--prompt-file", type=Path, help="a UTF-8 text file with one prompt per line")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: MODEL_DIR)")
+    parser.add_argument("--tokenizer", type=path_name, help="tokenizer directory (default: MODEL_DIR)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=positive_float, default=1.0)
@@ -56,7 +56,7 @@ def add_generate_parser(sub) -> None:
     parser.add_argument("--top-p", type=positive_float, default=1.0, help="in (0, 1]")
     parser.add_argument("--repetition-penalty", type=positive_float, default=1.0)
     parser.add_argument("--num-beams", type=positive_int, default=1)
-    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-stream", action="store_true", help="print only when done (single prompt)")
@@ -79,8 +79,10 @@ def check_sampling(args: argparse.Namespace) -> None:
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt_file is not None:
-        if not args.prompt_file.is_file():
+        if not args.prompt_file.exists():
             raise FileNotFoundError(f"prompt file {args.prompt_file} does not exist")
+        if not args.prompt_file.is_file():
+            raise UsageError(f"prompt file {args.prompt_file} is not a regular file (a directory, device or pipe)")
         try:
             text = args.prompt_file.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
@@ -94,17 +96,17 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _load_tokenizer(directory: Path):
-    if not directory.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left")
-    except Exception as err:  # tokenizers raise OSError, ValueError, TypeError or their own exceptions
-        raise ValueError(f"no usable tokenizer in {directory} (pass --tokenizer DIR): {err}") from None
+def _load_tokenizer(directory: Path, vocab_size: int):
+    tokenizer = load_tokenizer_dir(directory, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token is None:
         raise ValueError(f"the tokenizer in {directory} has neither a pad nor an end-of-text token to pad prompts with")
+    if tokenizer.pad_token_id >= vocab_size:
+        raise ValueError(
+            f"the tokenizer's padding token {tokenizer.pad_token!r} has id {tokenizer.pad_token_id}, beyond the "
+            f"model's vocab_size {vocab_size}: pass the tokenizer the model was trained with (--tokenizer DIR)"
+        )
     return tokenizer
 
 
@@ -113,7 +115,7 @@ def run_generate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     prompts = _read_prompts(args)
     config = read_config(args.model_dir)  # before the tokenizer, which would blame itself for a bad config.json
-    tokenizer = _load_tokenizer(Path(args.tokenizer or args.model_dir))
+    tokenizer = _load_tokenizer(Path(args.tokenizer or args.model_dir), config.vocab_size)
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     real = batch["input_ids"][batch["attention_mask"].bool()]
     if real.numel() and int(real.max()) >= config.vocab_size:

