@@ -23,6 +23,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -80,6 +81,15 @@ class DenseSSMPreTrainedModel(PreTrainedModel):
 
     supports_gradient_checkpointing = True
     _no_split_modules = ["DenseBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """``PreTrainedModel``'s initialisation, and zeros for a layer marked ``zero_init`` (the second layer of a
+        selective-transition gate that starts closed: a fresh dense model then computes its plain twin's
+        function, and a plain checkpoint loaded into it computes what it computed before)."""
+        super()._init_weights(module)
+        if isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
+            init.zeros_(module.weight)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, after asking every module for its state first: a module that

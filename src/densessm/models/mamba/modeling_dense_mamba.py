@@ -51,8 +51,6 @@ position holds (even NaN) cannot reach a real token.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,6 +63,7 @@ from densessm.models.dense.stack import DenseSSMModel, DenseSSMPreTrainedModel, 
 from densessm.models.mamba.configuration_dense_mamba import DenseMambaConfig
 from densessm.models.norm import RMSNorm
 from densessm.models.precision import at_least_fp32
+from densessm.models.ssm_init import init_selective_ssm
 from densessm.ops.conv import causal_conv, causal_conv_step
 from densessm.ops.scan import read_out_sum, selective_scan
 from densessm.ops.scan.kernels import kernel_conv_scan, kernels_usable
@@ -175,29 +174,14 @@ class DenseMambaPreTrainedModel(DenseSSMPreTrainedModel):
         pretraining starts from the checkpoint's loss, and ``fc2``'s gradient opens the gates from step one.
         """
         super()._init_weights(module)
-        config = self.config
-        if isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
-            init.zeros_(module.weight)
-        elif isinstance(module, DenseMambaMixer):
-            inner, size = module.A_log.shape
-            A = torch.arange(1, size + 1, dtype=torch.float32, device=module.A_log.device).expand(inner, size)
-            init.copy_(module.A_log, torch.log(A))
-            init.ones_(module.D)
+        if isinstance(module, DenseMambaMixer):
+            config = self.config
             std = config.time_step_rank**-0.5 * config.time_step_scale
             if config.time_step_init_scheme == "constant":
                 init.constant_(module.dt_proj.weight, std)
             else:
                 init.uniform_(module.dt_proj.weight, -std, std)
-            low, high = math.log(config.time_step_min), math.log(config.time_step_max)
-            dt = torch.exp(torch.rand(inner, device=module.dt_proj.bias.device) * (high - low) + low)
-            dt = dt.clamp(min=config.time_step_floor)
-            init.copy_(module.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
-            if module.conv1d.bias is not None:
-                init.zeros_(module.conv1d.bias)
-            init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
-            if config.rescale_prenorm_residual:
-                init.copy_(module.out_proj.weight, module.out_proj.weight / math.sqrt(config.num_hidden_layers))
+            init_selective_ssm(module, module.dt_proj.bias, config)
 
 
 class DenseMambaModel(DenseSSMModel, DenseMambaPreTrainedModel):

@@ -52,12 +52,9 @@ holds (even NaN) cannot reach a real token.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
 
 from densessm.models.dense.gate import SelectiveTransitionGate
 from densessm.models.dense.heads import DenseSSMForCausalLM, DenseSSMForSequenceClassification
@@ -66,6 +63,7 @@ from densessm.models.dense.stack import DenseSSMModel, DenseSSMPreTrainedModel, 
 from densessm.models.mamba2.configuration_dense_mamba2 import DenseMamba2Config
 from densessm.models.norm import RMSNorm
 from densessm.models.precision import at_least_fp32
+from densessm.models.ssm_init import init_selective_ssm
 from densessm.ops.conv import causal_conv, causal_conv_step
 from densessm.ops.ssd import ssd, time_step
 
@@ -193,22 +191,8 @@ class DenseMamba2PreTrainedModel(DenseSSMPreTrainedModel):
         pretraining starts from the checkpoint's loss, and ``fc2``'s gradient opens the gates from step one.
         """
         super()._init_weights(module)
-        config = self.config
-        if isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
-            init.zeros_(module.weight)
-        elif isinstance(module, DenseMamba2Mixer):
-            heads, device = module.A_log.shape[0], module.A_log.device
-            init.copy_(module.A_log, torch.log(torch.arange(1, heads + 1, dtype=torch.float32, device=device)))
-            init.ones_(module.D)
-            low, high = math.log(config.time_step_min), math.log(config.time_step_max)
-            dt = torch.exp(torch.rand(heads, device=device) * (high - low) + low).clamp(min=config.time_step_floor)
-            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
-            if module.conv1d.bias is not None:
-                init.zeros_(module.conv1d.bias)
-            init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
-            if config.rescale_prenorm_residual:
-                init.copy_(module.out_proj.weight, module.out_proj.weight / math.sqrt(config.num_hidden_layers))
+        if isinstance(module, DenseMamba2Mixer):
+            init_selective_ssm(module, module.dt_bias, self.config)
 
 
 class DenseMamba2Model(DenseSSMModel, DenseMamba2PreTrainedModel):
