@@ -24,6 +24,12 @@ class DenseSSMForCausalLM(RecurrentGenerationMixin, DenseSSMPreTrainedModel, Gen
 
     backbone_class: ClassVar[type[DenseSSMModel]]
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "backbone_class" in cls.__dict__:  # a family's head: its LM head may be tied to its embeddings
+            embeddings = cls.backbone_class.module_names.embeddings
+            cls._tied_weights_keys = {"lm_head.weight": f"{cls.base_model_prefix}.{embeddings}.weight"}
+
     def __init__(self, config):
         super().__init__(config)
         self.add_module(self.base_model_prefix, self.backbone_class(config))

@@ -29,6 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from densessm.cache import RecurrentCache
 from densessm.models.dense.mixer import Handoff, LayerState, Mixer, MixerCall
+from densessm.models.norm import RMSNorm
 from densessm.models.precision import at_least_fp32
 from densessm.models.recurrent import (
     RecurrentBackbone,
@@ -102,13 +103,15 @@ class DenseSSMPreTrainedModel(PreTrainedModel):
 class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
     """Embeddings, ``num_hidden_layers`` dense blocks and the final norm (see the module docstring).
 
-    A family sets ``module_names`` and ``mixer_modes`` (the modes its mixer runs itself; ``chunkwise``
-    outside them is run by the stack) and implements ``build_embeddings``, ``build_norm``, ``build_mixer``
-    and ``state_layout``; ``call_constants`` computes per-call tensors every layer shares.
+    A family sets ``module_names``, ``mixer_class`` and ``mixer_modes`` (the modes its mixer runs itself;
+    ``chunkwise`` outside them is run by the stack) and implements ``state_layout``; it may change how the
+    embeddings and norms are built, and ``call_constants`` computes per-call tensors every layer shares.
     """
 
     module_names: ClassVar[ModuleNames]
+    mixer_class: ClassVar[type[Mixer]]  # built as mixer_class(config, layer_idx, dense)
     mixer_modes: ClassVar[tuple[str, ...]]
+    norm_epsilon: ClassVar[str] = "rms_norm_eps"  # the config field holding the RMSNorms' epsilon
     # auto, with no state kept: the parallel form up to this length, chunkwise beyond it
     auto_parallel_max_length: ClassVar[float] = math.inf
     # auto, continuing a kept state over more than one token (one token: recurrent)
@@ -136,10 +139,12 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
         return nn.Embedding(config.vocab_size, config.hidden_size)
 
     def build_norm(self, config) -> nn.Module:
-        raise NotImplementedError
+        return RMSNorm(config.hidden_size, eps=getattr(config, self.norm_epsilon))
 
     def build_mixer(self, config, layer_idx: int) -> Mixer:
-        raise NotImplementedError
+        """The layer's mixer; dense (receiving what the layers below hand up) from the second layer on, when
+        ``m > 0``."""
+        return self.mixer_class(config, layer_idx, dense=config.dense_block_layers > 0 and layer_idx > 0)
 
     def call_constants(self, step: StepInputs, dtype: torch.dtype, device: torch.device) -> Any:
         """Tensors every layer's mixer uses in one call (``MixerCall.shared``); none by default."""

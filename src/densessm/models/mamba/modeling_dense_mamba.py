@@ -61,7 +61,6 @@ from densessm.models.dense.heads import DenseSSMForCausalLM, DenseSSMForSequence
 from densessm.models.dense.mixer import Handoff, LayerState, Mixer, MixerCall
 from densessm.models.dense.stack import DenseSSMModel, DenseSSMPreTrainedModel, ModuleNames
 from densessm.models.mamba.configuration_dense_mamba import DenseMambaConfig
-from densessm.models.norm import RMSNorm
 from densessm.models.precision import at_least_fp32
 from densessm.models.ssm_init import init_selective_ssm
 from densessm.ops.conv import causal_conv, causal_conv_step
@@ -188,14 +187,10 @@ class DenseMambaModel(DenseSSMModel, DenseMambaPreTrainedModel):
     """Embeddings, the mixer stack and the final norm."""
 
     module_names = ModuleNames(embeddings="embeddings", block_norm="norm", mixer="mixer", final_norm="norm_f")
+    mixer_class = DenseMambaMixer
     mixer_modes = ("parallel", "recurrent")  # chunkwise: the stack, a chunk of tokens at a time
     auto_carried_mode = "parallel"  # the blocked scan continues from a carried state
-
-    def build_norm(self, config: DenseMambaConfig) -> RMSNorm:
-        return RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-
-    def build_mixer(self, config: DenseMambaConfig, layer_idx: int) -> DenseMambaMixer:
-        return DenseMambaMixer(config, layer_idx, dense=config.dense_block_layers > 0 and layer_idx > 0)
+    norm_epsilon = "layer_norm_epsilon"
 
     def state_layout(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Per layer: the conv window ``[K-1, D]`` (the last inputs) and the SSM state ``[D, N]`` (at least fp32)."""
@@ -210,7 +205,6 @@ class DenseMambaForCausalLM(DenseSSMForCausalLM, DenseMambaPreTrainedModel):
     ``generate()`` decodes through the O(1) recurrent state."""
 
     backbone_class = DenseMambaModel
-    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
 
 
 class DenseMambaForSequenceClassification(DenseSSMForSequenceClassification, DenseMambaPreTrainedModel):

@@ -61,7 +61,6 @@ from densessm.models.dense.heads import DenseSSMForCausalLM, DenseSSMForSequence
 from densessm.models.dense.mixer import Handoff, LayerState, Mixer, MixerCall
 from densessm.models.dense.stack import DenseSSMModel, DenseSSMPreTrainedModel, ModuleNames
 from densessm.models.mamba2.configuration_dense_mamba2 import DenseMamba2Config
-from densessm.models.norm import RMSNorm
 from densessm.models.precision import at_least_fp32
 from densessm.models.ssm_init import init_selective_ssm
 from densessm.ops.conv import causal_conv, causal_conv_step
@@ -199,14 +198,10 @@ class DenseMamba2Model(DenseSSMModel, DenseMamba2PreTrainedModel):
     """Embeddings, the Mamba-2 mixer stack and the final norm."""
 
     module_names = ModuleNames(embeddings="embeddings", block_norm="norm", mixer="mixer", final_norm="norm_f")
+    mixer_class = DenseMamba2Mixer
     mixer_modes = ("parallel", "recurrent")  # chunkwise: the stack, a chunk of tokens at a time
     auto_carried_mode = "parallel"  # the chunked SSD continues from a carried state
-
-    def build_norm(self, config: DenseMamba2Config) -> RMSNorm:
-        return RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-
-    def build_mixer(self, config: DenseMamba2Config, layer_idx: int) -> DenseMamba2Mixer:
-        return DenseMamba2Mixer(config, layer_idx, dense=config.dense_block_layers > 0 and layer_idx > 0)
+    norm_epsilon = "layer_norm_epsilon"
 
     def state_layout(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Per layer: the conv window ``[K-1, conv_dim]`` (the last inputs of ``x, B, C``) and the SSM state
@@ -225,7 +220,6 @@ class DenseMamba2ForCausalLM(DenseSSMForCausalLM, DenseMamba2PreTrainedModel):
     through the O(1) recurrent state."""
 
     backbone_class = DenseMamba2Model
-    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
 
 
 class DenseMamba2ForSequenceClassification(DenseSSMForSequenceClassification, DenseMamba2PreTrainedModel):

@@ -59,8 +59,9 @@ class DenseRetNetRetention(Mixer):
 
     handoff_arity = 2
 
-    def __init__(self, config: DenseRetNetConfig, dense: bool):
+    def __init__(self, config: DenseRetNetConfig, layer_idx: int, dense: bool):
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.key_dim = config.query_key_dim // self.num_heads
         self.value_dim = config.value_dim
@@ -126,6 +127,7 @@ class DenseRetNetModel(DenseSSMModel, DenseRetNetPreTrainedModel):
     module_names = ModuleNames(
         embeddings="embed_tokens", block_norm="input_layernorm", mixer="retention", final_norm="norm"
     )
+    mixer_class = DenseRetNetRetention
     mixer_modes = RETENTION_MODES
     auto_parallel_max_length = AUTO_PARALLEL_MAX_LENGTH
 
@@ -135,12 +137,6 @@ class DenseRetNetModel(DenseSSMModel, DenseRetNetPreTrainedModel):
 
     def build_embeddings(self, config: DenseRetNetConfig) -> nn.Embedding:
         return nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-
-    def build_norm(self, config: DenseRetNetConfig) -> RMSNorm:
-        return RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def build_mixer(self, config: DenseRetNetConfig, layer_idx: int) -> DenseRetNetRetention:
-        return DenseRetNetRetention(config, dense=config.dense_block_layers > 0 and layer_idx > 0)
 
     def state_layout(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Per layer: the retention memory ``[H, Dk, Dv]`` (per head) and its decay-sum ``[H]`` (at least fp32)."""
