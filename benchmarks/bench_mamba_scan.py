@@ -2,8 +2,8 @@
 
 On the same weights of a small Mamba (m = 0):
 
-- ``ours``: DenseMamba's ``parallel`` mode (the blocked scan of ``densessm.ops.scan.chunked``);
-- ``sequential``: the same model with the step-by-step reference scan (``densessm.ops.scan.naive``);
+- ``ours``: DenseMamba's ``parallel`` mode (the blocked scan of ``densessm.ops.scan.blocked``);
+- ``sequential``: the same model with the step-by-step reference scan (``densessm.ops.scan.sequential``);
 - ``transformers``: ``transformers``' ``MambaForCausalLM`` slow path (no CUDA kernels);
 
 and ``dense``: the same model with ``m = 2`` dense connections (the shared weights copied over, gates
@@ -30,14 +30,14 @@ from transformers.utils import logging
 
 import densessm.models.mamba.modeling_dense_mamba as modeling
 from densessm import DenseMambaConfig, DenseMambaForCausalLM
-from densessm.ops.scan import naive_scan
+from densessm.ops.scan import sequential_scan
 
 VARIANTS = ("ours", "sequential", "transformers", "dense")
 
 
-def sequential_scan(u, delta, A, B, C, mode, state=None, readers=0):
-    """``selective_scan`` with the step-by-step reference whatever the mode."""
-    return naive_scan(u, delta, A, B, C, state, readers)
+def step_by_step_scan(u, delta, A, B, C, mode, state=None, readers=0):
+    """``selective_scan`` with the step-by-step form whatever the mode."""
+    return sequential_scan(u, delta, A, B, C, state, readers)
 
 
 def cpu_name() -> str:
@@ -74,7 +74,7 @@ def step(name: str, model: torch.nn.Module, tokens: torch.Tensor) -> float:
     model.zero_grad(set_to_none=True)
     original = modeling.selective_scan
     if name == "sequential":
-        modeling.selective_scan = sequential_scan
+        modeling.selective_scan = step_by_step_scan
     try:
         start = time.perf_counter()
         model(tokens, labels=tokens).loss.backward()
@@ -159,7 +159,7 @@ def write(args, results: dict, wall: float) -> None:
         f"Forward + backward of the LM loss, batch 1, median of {args.repeats} runs per point; a Mamba with hidden "
         f"size {args.hidden}, {args.layers} layers, state size {args.state}, vocabulary {args.vocab}, float32. "
         "*ours*: `parallel` mode (blocked scan with hand-written backward); *sequential reference*: the same "
-        "model with the step-by-step scan of `densessm.ops.scan.naive` (autograd through the loop); "
+        "model with the step-by-step scan of `densessm.ops.scan.sequential` (autograd through the loop); "
         f"*transformers slow path*: `MambaForCausalLM` without CUDA kernels, same weights ({reference_runs}); "
         "*dense m=2*: DenseMamba with `dense_block_layers=2` on the same shared weights, gates open. "
         "*dense overhead*: time of dense m=2 over time of ours, minus 1."

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from densessm.ops.retention import head_log_decays, retention
-from densessm.ops.retention.naive import parallel_retention, recurrent_retention
+from densessm.ops.retention.forms import parallel_retention, recurrent_retention
 
 
 def _inputs(batch, heads, length, key_dim, value_dim, dtype=torch.float64):
@@ -186,7 +186,7 @@ def test_fla_bridge_glue_matches_chunkwise(monkeypatch):
 @pytest.mark.parametrize("masked", [False, True])
 def test_inplace_decode_step_equals_reference(masked):
     from densessm.ops.retention import recurrent_step_
-    from densessm.ops.retention.naive import recurrent_step
+    from densessm.ops.retention.forms import recurrent_step
 
     q, k, v, log_decay = _inputs(3, 2, 6, 4, 5)
     _, (state, scale) = recurrent_retention(q, k, v, log_decay)

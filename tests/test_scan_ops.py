@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 from densessm.ops.conv import causal_conv, causal_conv_step
 from densessm.ops.scan import (
     block_length,
-    chunked_scan,
-    naive_scan,
+    blocked_scan,
     read_out,
     read_out_sum,
     scan_step,
     selective_scan,
+    sequential_scan,
 )
 from densessm.ops.scan.kernels import kernels_usable
 
@@ -47,7 +47,7 @@ def _definition(u, delta, A, B, C, state):
 
 def test_naive_scan_is_the_definition():
     inputs = _inputs(2, 4, 3, 2)
-    y, (states,), final = naive_scan(*inputs)
+    y, (states,), final = sequential_scan(*inputs)
     for ours, ref in zip((y, states, final), _definition(*inputs), strict=True):
         torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
 
@@ -64,8 +64,8 @@ def test_naive_scan_is_the_definition():
 def test_chunked_scan_equals_naive_forward_and_backward(batch, length, block, carried, readers, used):
     u, delta, A, B, C, state = _inputs(batch, length, 5, 3)
     state_in = state if carried else None
-    y, states, final = chunked_scan(u, delta, A, B, C, state_in, readers=readers, block_size=block)
-    ref_y, (ref_states,), ref_final = naive_scan(u, delta, A, B, C, state_in)
+    y, states, final = blocked_scan(u, delta, A, B, C, state_in, readers=readers, block_size=block)
+    ref_y, (ref_states,), ref_final = sequential_scan(u, delta, A, B, C, state_in)
     assert len(states) == readers
     for ours, expected in zip((y, *states, final), (ref_y, *[ref_states] * readers, ref_final), strict=True):
         torch.testing.assert_close(ours, expected, atol=1e-10, rtol=1e-9)
@@ -96,8 +96,8 @@ def test_chunked_scan_equals_naive_forward_and_backward(batch, length, block, ca
 
 def test_chunked_scan_without_readers_forms_no_states():
     u, delta, A, B, C, state = (t.detach() for t in _inputs(2, 9, 3, 2))
-    y, states, final = chunked_scan(u, delta, A, B, C, state, readers=0)
-    ref = naive_scan(u, delta, A, B, C, state)
+    y, states, final = blocked_scan(u, delta, A, B, C, state, readers=0)
+    ref = sequential_scan(u, delta, A, B, C, state)
     assert states == ()
     torch.testing.assert_close(y, ref[0])
     torch.testing.assert_close(final, ref[2])
@@ -107,7 +107,7 @@ def test_zero_step_is_identity():
     """Δ = 0 neither decays nor feeds the state: how padding stays out of it."""
     u, delta, A, B, C, state = (t.detach() for t in _inputs(1, 6, 4, 2))
     delta[:, 2:4] = 0
-    _, (states,), _ = chunked_scan(u, delta, A, B, C, state, block_size=4)
+    _, (states,), _ = blocked_scan(u, delta, A, B, C, state, block_size=4)
     torch.testing.assert_close(states[:, 2], states[:, 1])
     torch.testing.assert_close(states[:, 3], states[:, 1])
     torch.testing.assert_close(scan_step(state, u[:, 0], torch.zeros_like(delta[:, 0]), A, B[:, 0]), state)
@@ -116,8 +116,8 @@ def test_zero_step_is_identity():
 def test_chunked_scan_is_stable_for_fast_decay():
     u, delta, A, B, C, state = (t.detach().float() for t in _inputs(1, 300, 4, 3))
     delta = delta * 50  # exp(Δ A) underflows to 0 within a step
-    y, (states,), final = chunked_scan(u, delta, A, B, C, state)
-    ref_y, (ref_states,), ref_final = naive_scan(u, delta, A, B, C, state)
+    y, (states,), final = blocked_scan(u, delta, A, B, C, state)
+    ref_y, (ref_states,), ref_final = sequential_scan(u, delta, A, B, C, state)
     assert all(torch.isfinite(t).all() for t in (y, states, final))
     for ours, expected in zip((y, states, final), (ref_y, ref_states, ref_final), strict=True):
         torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from densessm.ops.ssd import segment_sums, ssd, ssd_chunked, ssd_reference, ssd_step, ssd_steps, time_step
+from densessm.ops.ssd import segment_sums, ssd, ssd_blocked, ssd_reference, ssd_step, ssd_steps, time_step
 
 
 def _inputs(batch, length, heads, width, groups, size, dtype=torch.float64):
@@ -81,7 +81,7 @@ def test_chunked_equals_reference_forward_and_backward(batch, length, chunk, sha
     real = torch.tensor(data.draw(st.lists(st.booleans(), min_size=batch * length, max_size=batch * length)))
     dt_used = torch.where(real.view(batch, length, 1), dt, 0)
     state_in = state if carried else None
-    y, final = ssd_chunked(x, dt_used, A, B, C, chunk, state_in)
+    y, final = ssd_blocked(x, dt_used, A, B, C, chunk, state_in)
     ref_y, ref_states, ref_final = ssd_reference(x, dt_used, A, B, C, state_in)
     torch.testing.assert_close(y, ref_y, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(final, ref_final, atol=1e-10, rtol=1e-9)
@@ -117,7 +117,7 @@ def test_zero_step_is_the_identity():
 def test_chunked_is_stable_for_fast_decay():
     x, dt, A, B, C, state = (t.detach().float() for t in _inputs(1, 300, 4, 2, 2, 3))
     dt = dt * 50  # exp(Δ A) underflows to 0 within a step, and the running sums reach ~-1e5
-    y, final = ssd_chunked(x, dt, A, B, C, 64, state)
+    y, final = ssd_blocked(x, dt, A, B, C, 64, state)
     ref_y, _, ref_final = ssd_reference(x, dt, A, B, C, state)
     assert torch.isfinite(y).all() and torch.isfinite(final).all()
     torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
@@ -152,7 +152,7 @@ def test_entry_point_modes_agree_and_add_the_skip():
 def test_heads_must_split_into_groups():
     x, dt, A, B, C, _ = (t.detach() for t in _inputs(1, 3, 4, 2, 3, 2))
     with pytest.raises(ValueError, match="4 heads do not split into 3 groups"):
-        ssd_chunked(x, dt, A, B, C, 2)
+        ssd_blocked(x, dt, A, B, C, 2)
 
 
 def test_time_step_is_mamba2s_and_selects_padding_away():

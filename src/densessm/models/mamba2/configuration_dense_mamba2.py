@@ -39,7 +39,7 @@ class DenseMamba2Config(PreTrainedConfig):
         time_step_min, time_step_max, time_step_floor: Initialisation of ``dt_bias`` (``Δ`` per head).
         time_step_limit: ``(min, max)`` that ``Δ`` is clamped to after its softplus.
         rescale_prenorm_residual: Scale ``out_proj`` by ``1/sqrt(num_hidden_layers)`` at initialisation.
-        chunk_size: Steps per chunk of the chunked SSD (the parallel form); also the tokens per chunk of the
+        chunk_size: Steps per chunk of the blocked SSD (the parallel form); also the tokens per chunk of the
             ``chunkwise`` schedule.
         dense_block_layers: ``m``, how many layers below feed their SSM states to each layer (0: plain Mamba-2).
         dense_gate_reduction: Bottleneck ratio of the selective-transition gate (hidden width

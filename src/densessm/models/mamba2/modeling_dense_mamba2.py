@@ -21,9 +21,9 @@ on the channels ``(H, P)`` and the read-out contracts the state dimension ``N``,
     y^l_t = C^l_t · h^l_t + g^l_t ⊙ Σ_i C^l_t · h^{l-i}_t + D ⊙ x^l_t
 
 *What a layer hands up.* ``C^l · h^{l-i}`` is the SSM of layer ``l-i`` -- its ``x, Δ, B, A`` and the state it
-started the call from -- read out with layer ``l``'s ``C``. The chunked SSD never forms the per-position states
+started the call from -- read out with layer ``l``'s ``C``. The blocked SSD never forms the per-position states
 (``[b, L, H, P, N]``: ``N`` times the size of ``x``, 128 for the reference models), so in ``parallel`` mode a
-layer hands up ``(x, Δ, B, A, start state)`` and the reader runs the chunked SSD once over the ``m`` layers
+layer hands up ``(x, Δ, B, A, start state)`` and the reader runs the blocked SSD once over the ``m`` layers
 below, stacked as ``m·H`` heads (``m·G`` groups, its own ``C`` repeated per layer), and sums the ``m`` head
 blocks. In ``recurrent`` mode the steps form every state anyway, so a layer hands up
 ``(x, Δ, B, A, states [b, L, H, P, N])`` and the reader reads them out with its ``C`` (one pass each): a decode
@@ -31,7 +31,7 @@ step recomputes nothing. Both are exact, so the modes agree in value and gradien
 layers through the re-run SSD or through the states).
 
 *Cost per dense layer* on top of a Mamba-2 layer: the gate MLP (``L·H_model·(H_model/r) + L·(H_model/r)·H·P``
-multiply-adds); in ``parallel`` mode one chunked SSD over ``m·H`` heads -- ``m`` times the layer's own SSD, i.e.
+multiply-adds); in ``parallel`` mode one blocked SSD over ``m·H`` heads -- ``m`` times the layer's own SSD, i.e.
 per token about ``m·(Q·(G·N + H·P) + 2·H·P·N)`` multiply-adds for chunk length ``Q`` -- and its activations
 under autograd (``m`` times the own SSD's ``[b, L, H, Q]`` chunk matrices); the handed-up tensors are what the
 lower layer computed anyway (``H·P + H + G·N`` numbers per token and a ``[H, P, N]`` state). In ``recurrent``
@@ -39,7 +39,7 @@ mode ``m`` read passes over ``[b, L, H, P, N]``, and the lower layers' states li
 read them (one state each when decoding a token; ``L`` of them for an ``L``-token recurrent call, which is
 why ``auto`` runs longer calls in parallel).
 
-**Modes** (``auto`` resolved by the stack): ``parallel`` runs the chunked SSD (chunks of ``chunk_size``) over
+**Modes** (``auto`` resolved by the stack): ``parallel`` runs the blocked SSD (chunks of ``chunk_size``) over
 the call from the carried state; ``recurrent`` steps the SSM one token at a time (the decode path; a one-token
 call also takes the conv's step form); ``chunkwise`` is the stack's, ``chunk_size`` tokens of the whole stack
 at a time.
@@ -200,7 +200,7 @@ class DenseMamba2Model(DenseSSMModel, DenseMamba2PreTrainedModel):
     module_names = ModuleNames(embeddings="embeddings", block_norm="norm", mixer="mixer", final_norm="norm_f")
     mixer_class = DenseMamba2Mixer
     mixer_modes = ("parallel", "recurrent")  # chunkwise: the stack, a chunk of tokens at a time
-    auto_carried_mode = "parallel"  # the chunked SSD continues from a carried state
+    auto_carried_mode = "parallel"  # the blocked SSD continues from a carried state
     norm_epsilon = "layer_norm_epsilon"
 
     def state_layout(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -1,7 +1,7 @@
 """Retention: one computation, several schedules (modes).
 
 ``retention(q, k, v, log_decay, mode=...)`` is the single entry point the models call. Every mode
-computes the same function (see :mod:`densessm.ops.retention.naive`); a mode only chooses how:
+computes the same function (see :mod:`densessm.ops.retention.forms`); a mode only chooses how:
 
 - ``parallel``: the quadratic matrix form of the reference, with its row normalisation (training);
 - ``chunkwise``: parallel inside chunks, recurrent across them; linear memory, exact hand-over of state
@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from densessm.modes import check_mode
-from densessm.ops.retention.chunk import chunk_retention
+from densessm.ops.retention.chunkwise import chunkwise_retention
 from densessm.ops.retention.fla_bridge import fla_chunk_retention, fla_usable
-from densessm.ops.retention.naive import empty_state, parallel_retention, recurrent_retention
+from densessm.ops.retention.forms import empty_state, parallel_retention, recurrent_retention
 from densessm.ops.retention.rotation import head_log_decays, rotate, rotation_angles, rotation_tables
 from densessm.ops.retention.step import recurrent_step_
 
@@ -77,7 +77,7 @@ def retention(
     if mode == "chunkwise" and fla_usable(q):
         out, final = fla_chunk_retention(q, k, v, log_decay, mask=mask, state=state)
     elif mode == "chunkwise":
-        out, final = chunk_retention(q, k, v, log_decay, chunk_size, mask=mask, state=state)
+        out, final = chunkwise_retention(q, k, v, log_decay, chunk_size, mask=mask, state=state)
     else:
         step = recurrent_step_ if inplace else None
         out, final = recurrent_retention(q, k, v, log_decay, mask=mask, state=state, step=step)
@@ -89,7 +89,7 @@ __all__ = [
     "MODEL_MODES",
     "RETENTION_MODES",
     "RetentionState",
-    "chunk_retention",
+    "chunkwise_retention",
     "empty_state",
     "recurrent_step_",
     "head_log_decays",

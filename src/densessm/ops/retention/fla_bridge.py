@@ -14,7 +14,7 @@ import importlib
 
 import torch
 
-from densessm.ops.retention.naive import _TINY, _stat_dtype
+from densessm.ops.retention.forms import _TINY, _stat_dtype
 
 
 @functools.cache
@@ -38,7 +38,7 @@ def fla_chunk_retention(
     mask: torch.Tensor | None = None,
     state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Same contract as :func:`densessm.ops.retention.chunk.chunk_retention`."""
+    """Same contract as :func:`densessm.ops.retention.chunkwise.chunkwise_retention`."""
     batch, heads, length, _ = q.shape
     stat = _stat_dtype(q.dtype)
     real = torch.ones(batch, length, dtype=stat, device=q.device) if mask is None else mask.to(stat)

@@ -1,7 +1,7 @@
 """The decode step, in place: one token through the recurrent state with as few passes over it as possible.
 
 The state is the big tensor of decoding (``H·Dk·Dv`` per layer and sequence). The reference step
-(:func:`densessm.ops.retention.naive.recurrent_step`) builds the outer product ``kᵀv`` and a new state:
+(:func:`densessm.ops.retention.forms.recurrent_step`) builds the outer product ``kᵀv`` and a new state:
 about six passes over state-sized memory. Here the state is scaled in place, the rank-1 update is a
 batched ``baddbmm_`` (no state-sized temporary) and the read-out a batched matrix-vector product: three
 passes. Only for inference: the old state is overwritten, so autograd cannot see through it.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from densessm.ops.retention.naive import step_coefficients
+from densessm.ops.retention.forms import step_coefficients
 
 
 def recurrent_step_(
@@ -23,7 +23,7 @@ def recurrent_step_(
     scale: torch.Tensor,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`~densessm.ops.retention.naive.recurrent_step`, but ``state`` and ``scale``
+    """Same contract as :func:`~densessm.ops.retention.forms.recurrent_step`, but ``state`` and ``scale``
     are updated in place (and returned): their addresses stay fixed, as a captured decode step needs."""
     batch, heads, key_dim, value_dim = state.shape
     if not state.is_contiguous():

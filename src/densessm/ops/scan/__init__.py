@@ -1,8 +1,8 @@
 """Selective scan (Mamba's SSM recurrence and its read-out): one computation, two schedules.
 
 ``selective_scan(u, delta, A, B, C, mode)`` is the entry point the models call: ``parallel`` runs the
-blocked scan of :mod:`~densessm.ops.scan.chunked` over the whole input, ``recurrent`` steps through it
-with :func:`~densessm.ops.scan.naive.scan_step` (the decode path). On request both also return every
+blocked scan of :mod:`~densessm.ops.scan.blocked` over the whole input, ``recurrent`` steps through it
+with :func:`~densessm.ops.scan.sequential.scan_step` (the decode path). On request both also return every
 state, so that the layers above can read them out too (DenseMamba, :mod:`~densessm.ops.scan.readout`).
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from densessm.modes import check_mode
-from densessm.ops.scan.chunked import block_length, chunked_scan
-from densessm.ops.scan.naive import naive_scan, scan_step
+from densessm.ops.scan.blocked import block_length, blocked_scan
 from densessm.ops.scan.readout import read_out, read_out_sum
+from densessm.ops.scan.sequential import scan_step, sequential_scan
 
 SCAN_MODES = ("parallel", "recurrent")
 
@@ -36,15 +36,15 @@ def selective_scan(
     """
     check_mode(mode, SCAN_MODES)
     if mode == "parallel":
-        return chunked_scan(u, delta, A, B, C, state=state, readers=readers)
-    return naive_scan(u, delta, A, B, C, state=state, readers=readers)
+        return blocked_scan(u, delta, A, B, C, state=state, readers=readers)
+    return sequential_scan(u, delta, A, B, C, state=state, readers=readers)
 
 
 __all__ = [
     "SCAN_MODES",
     "block_length",
-    "chunked_scan",
-    "naive_scan",
+    "blocked_scan",
+    "sequential_scan",
     "read_out",
     "read_out_sum",
     "scan_step",

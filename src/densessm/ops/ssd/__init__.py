@@ -1,7 +1,7 @@
 """Mamba-2's SSM (state space duality, SSD): one computation, two schedules.
 
-``ssd(x, dt, A, B, C, mode)`` is the entry point the models call: ``parallel`` runs the chunked form of
-:mod:`~densessm.ops.ssd.chunked` over the whole input (training, prefill), ``recurrent`` steps through it with
+``ssd(x, dt, A, B, C, mode)`` is the entry point the models call: ``parallel`` runs the blocked form of
+:mod:`~densessm.ops.ssd.blocked` over the whole input (training, prefill), ``recurrent`` steps through it with
 :func:`~densessm.ops.ssd.step.ssd_step` (decoding), which also yields every per-position state on request.
 :func:`time_step` turns the projected ``dt`` into the step ``Δ`` both use. The readable definition both are
 tested against is :mod:`~densessm.ops.ssd.reference`.
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from densessm.modes import check_mode
-from densessm.ops.ssd.chunked import segment_sums, ssd_chunked
+from densessm.ops.ssd.blocked import segment_sums, ssd_blocked
 from densessm.ops.ssd.reference import heads_per_group, ssd_reference
 from densessm.ops.ssd.step import ssd_step, ssd_steps
 
@@ -49,13 +49,13 @@ def ssd(
     ``x [b, L, H, P]``, ``dt [b, L, H]`` (the step Δ, see :func:`time_step`), ``A, D [H]``,
     ``B, C [b, L, G, N]``, ``state [b, H, P, N]`` (default zeros). Returns ``(y [b, L, H, P], states, final
     state [b, H, P, N])``: ``states [b, L, H, P, N]`` are the per-position states when ``keep_states`` (recurrent
-    mode only -- the chunked form never forms them), else None.
+    mode only -- the blocked form never forms them), else None.
     """
     check_mode(mode, SSD_MODES)
     if mode == "parallel":
         if keep_states:
-            raise ValueError("the chunked SSD forms no per-position states: use mode='recurrent' to keep them")
-        y, final = ssd_chunked(x, dt, A, B, C, chunk_size, state)
+            raise ValueError("the blocked SSD forms no per-position states: use mode='recurrent' to keep them")
+        y, final = ssd_blocked(x, dt, A, B, C, chunk_size, state)
         states = None
     else:
         y, states, final = ssd_steps(x, dt, A, B, C, state, keep_states)
@@ -69,7 +69,7 @@ __all__ = [
     "heads_per_group",
     "segment_sums",
     "ssd",
-    "ssd_chunked",
+    "ssd_blocked",
     "ssd_reference",
     "ssd_step",
     "ssd_steps",

@@ -8,7 +8,7 @@ each of ``G`` groups (grouped like grouped-query attention)::
     y_t = h_t C_t                                   C_t ∈ R^{G×N},  y_t ∈ R^{H×P}
 
 ``Δ_t = 0`` makes the step the identity (no decay, no input), which is how padded positions are kept out of the
-state. This module is the readable reference the chunked form (:mod:`densessm.ops.ssd.chunked`) and the decode
+state. This module is the readable reference the blocked form (:mod:`densessm.ops.ssd.blocked`) and the decode
 step (:mod:`densessm.ops.ssd.step`) are tested against; it is not on any model's path.
 """
 

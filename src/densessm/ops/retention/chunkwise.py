@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from densessm.ops.retention.naive import _TINY, _stat_dtype
+from densessm.ops.retention.forms import _TINY, _stat_dtype
 
 
-def chunk_retention(
+def chunkwise_retention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

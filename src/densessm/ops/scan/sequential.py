@@ -8,7 +8,7 @@ over ``N`` dimensions and reads it out with ``C``::
 
 (zero-order hold for ``A``, Euler for ``B``, as Mamba-1; the ``D ⊙ u`` skip and the gate are the block's).
 ``Δ_t = 0`` makes the step the identity, which is how padded positions are kept out of the state. This
-module is the readable reference the fast form (:mod:`densessm.ops.scan.chunked`) is tested against, and
+module is the readable reference the fast form (:mod:`densessm.ops.scan.blocked`) is tested against, and
 ``scan_step`` is the decode path.
 """
 
@@ -26,7 +26,7 @@ def scan_step(
     return torch.addcmul((delta * u)[..., None] * B[:, None, :], torch.exp(delta[..., None] * A), state)
 
 
-def naive_scan(
+def sequential_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,

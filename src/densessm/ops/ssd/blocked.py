@@ -1,4 +1,5 @@
-"""Mamba-2's state space duality (SSD): the SSM in chunks, the fast form for training and prefill.
+"""Mamba-2's state space duality (SSD): the SSM in blocks ("chunks" in the paper), the fast form for training and
+prefill.
 
 Because the transition is a scalar per head and step, the map from inputs to outputs within a chunk of ``Q``
 steps is a masked, attention-like matrix, and across chunks only the ``[H, P, N]`` state needs handing on.
@@ -37,7 +38,7 @@ def segment_sums(a: torch.Tensor) -> torch.Tensor:
     return spans.cumsum(-2)
 
 
-def ssd_chunked(
+def ssd_blocked(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,

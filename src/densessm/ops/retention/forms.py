@@ -1,4 +1,5 @@
-"""Reference retention: the formulas of the public DenseRetNet, written for clarity, not speed.
+"""The parallel and recurrent forms of retention: the formulas of the public DenseRetNet, written plainly. They are
+the reference the chunkwise form is tested against, and the paths the models run in those two modes.
 
 Shapes: ``q, k`` are ``[B, H, L, Dk]`` (already rotated), ``v`` is ``[B, H, L, Dv]``, ``log_decay`` is
 ``[H]`` (``log γ_h``) and ``mask`` is an optional ``[B, L]`` 0/1 tensor of real (1) and padded (0) tokens.

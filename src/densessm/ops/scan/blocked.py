@@ -164,7 +164,7 @@ class _ChunkedScan(torch.autograd.Function):
         return grad_du * delta, grad_dl + grad_du * u, grad_A, grad_B, grad_C, grad_state, None, None
 
 
-def chunked_scan(
+def blocked_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
@@ -174,7 +174,7 @@ def chunked_scan(
     readers: int = 1,
     block_size: int | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
-    """Same contract as :func:`densessm.ops.scan.naive.naive_scan`, except that the states come as
+    """Same contract as :func:`densessm.ops.scan.sequential.sequential_scan`, except that the states come as
     ``readers`` handles (the same values; without autograd and readers none are formed).
     ``block_size`` defaults to :func:`block_length`."""
     batch, length, channels = u.shape
