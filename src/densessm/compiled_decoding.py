@@ -15,10 +15,9 @@ What makes the step capturable:
 Use it through transformers' own switch: ``model.generate(..., compile_config=CompileConfig())``. The prompt
 runs eagerly; the first decode steps trace and compile (tens of seconds), later ones replay.
 
-It is meant for GPUs. On a CPU it compiles and computes the same tokens (the tests check that), but it is
-slower than the eager step with prepacked weights: measured on the 2-core test machine, DenseRetNet-350M
-fp32 at batch 6 took 191-266 ms per compiled step against 73-86 ms eager (inductor's small-batch GEMMs and
-the copies that functionalising the in-place state update adds).
+It is meant for GPUs. On a CPU it compiles and computes the same tokens (the tests check that), but the eager
+step with prepacked weights is faster there (docs/benchmarks/generation.md): inductor's small-batch GEMMs and the
+copies that functionalising the in-place state update adds cost more than the launches they save.
 """
 
 from __future__ import annotations

@@ -23,9 +23,8 @@ from densessm.ops.retention.step import recurrent_step_
 RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
 MODEL_MODES = ("auto", *RETENTION_MODES)
 
-# "auto" picks the parallel form up to this length when no state is kept, chunkwise beyond it. Measured in
-# docs/benchmarks/chunkwise.md: chunkwise trains as fast at 128-256 tokens (0.96-1.05x) and faster from 512 on
-# (1.10x at 512, 2.8x at 2,048); parallel keeps the reference's exact training function where it costs nothing.
+# "auto" picks the parallel form up to this length when no state is kept, chunkwise beyond it: where chunkwise
+# gains nothing, parallel keeps the reference's exact training function (docs/benchmarks/chunkwise.md).
 AUTO_PARALLEL_MAX_LENGTH = 256
 
 RetentionState = tuple[torch.Tensor, torch.Tensor]
