@@ -124,6 +124,47 @@ def test_branching_from_one_prefix():
         model.generate(prefix[:, :-1], cache=shared.clone(), max_new_tokens=2)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_beams=2, do_sample=False),
+        dict(num_beams=3, num_return_sequences=2, do_sample=False),
+        dict(num_return_sequences=2, do_sample=True),
+    ],
+)
+def test_beams_and_several_sequences_continue_a_prompt_cache(kwargs):
+    """A cache of the prompts (one row each) continues every beam or returned sequence of them, as generating
+    from the whole prompts does: generate() repeats its rows as it repeats the prompts'."""
+    model = _model()
+    prompts = torch.randint(3, 97, (2, 8))
+    with torch.no_grad():
+        cache = model(prompts[:, :-1], use_cache=True).cache
+    torch.manual_seed(5)
+    reference = model.generate(prompts, max_new_tokens=5, **kwargs)
+    torch.manual_seed(5)
+    assert torch.equal(model.generate(prompts, cache=cache, max_new_tokens=5, **kwargs), reference)
+    assert cache.batch_size == 2 * max(kwargs.get("num_beams", 1), kwargs.get("num_return_sequences", 1))
+
+
+def test_a_cache_continues_after_generate_with_the_sequence_it_returned():
+    """After generate() the cache has consumed the padded prompt and all but the last new token (pads after a
+    row's EOS included): the returned sequence plus more tokens continues it, as generating from scratch does."""
+    model = _model()
+    tokens, mask = _left_pad([torch.randint(3, 97, (n,)) for n in (4, 6)], 6)
+    with torch.no_grad():
+        cache = model(tokens[:, :-1], attention_mask=mask[:, :-1], use_cache=True).cache
+    eos = int(model.generate(tokens, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)[0, 7])
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    out = model.generate(tokens, attention_mask=mask, cache=cache, max_new_tokens=6, eos_token_id=eos, **kwargs)
+    assert out[0, 8:].eq(0).all()  # row 0 stopped at its EOS and was padded since
+    more = torch.cat([out, torch.randint(3, 97, (2, 2))], 1)
+    more_mask = torch.cat([mask, torch.ones(2, more.shape[1] - 6, dtype=torch.long)], 1)
+    reference = model.generate(more, attention_mask=more_mask, max_new_tokens=3, **kwargs)
+    assert torch.equal(
+        model.generate(more, attention_mask=more_mask, cache=cache, max_new_tokens=3, **kwargs), reference
+    )
+
+
 def test_cache_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no cache file"):
         RecurrentCache.load(tmp_path / "missing.safetensors")

@@ -2,6 +2,8 @@
 
 Every refusal is a ValueError (TypeError for a wrong type) whose message names the problem; a refused save
 leaves the file already on disk byte for byte as it was; loading never allocates more than the file holds.
+A model notices its own weights changing in place; ``generate()`` checks that the sequence it is given begins
+with the tokens a cache consumed.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from safetensors.torch import save_file
 from transformers import CompileConfig
 
 from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM, RecurrentCache
-from densessm.cache import CacheIdentity
+from densessm.cache import CacheIdentity, digest_tokens
 from densessm.compiled_decoding import CompiledDecoder
+from densessm.errors import UsageError
 from densessm.files import DestinationExistsError
 from densessm.inference import fuse_projections
 
@@ -123,6 +126,66 @@ def test_save_refuses_an_existing_file_unless_asked(tmp_path):
     cache.save(target, overwrite=True)
     assert RecurrentCache.load(target).steps == PROMPT.shape[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]  # no temporary file left behind
+
+
+def test_save_names_a_directory_or_a_parent_that_is_a_file(tmp_path):
+    cache = _cache(_model("retnet"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "kept.txt").write_bytes(b"kept")
+    (tmp_path / "plain").write_bytes(b"a file")
+    for overwrite in (False, True):  # overwrite=True cannot make a directory a file: the same message
+        with pytest.raises(UsageError, match=r"folder is a directory: name the cache file to write, e\.g\. .*folder"):
+            cache.save(tmp_path / "folder", overwrite=overwrite)
+        with pytest.raises(UsageError, match=r"cache file .*plain/c.safetensors cannot be created: .*plain is a file"):
+            cache.save(tmp_path / "plain" / "c.safetensors", overwrite=overwrite)
+    assert (tmp_path / "folder" / "kept.txt").read_bytes() == b"kept"
+    assert (tmp_path / "plain").read_bytes() == b"a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "plain"]
+    with pytest.raises(IsADirectoryError, match="folder is a directory: name the cache file to read"):
+        RecurrentCache.load(tmp_path / "folder")
+
+
+def test_save_refuses_a_link_unless_asked(tmp_path):
+    cache = _cache(_model("retnet"))
+    (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DestinationExistsError, match=r"already exists; nothing was written \(pass overwrite=True"):
+        cache.save(tmp_path / "dangling.safetensors")
+    assert not (tmp_path / "nowhere").exists()
+    cache.save(tmp_path / "dangling.safetensors", overwrite=True)
+    assert RecurrentCache.load(tmp_path / "dangling.safetensors").steps == PROMPT.shape[1]
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "error", "message"),
+    [
+        ("3", TypeError, "num_layers must be an int \\(the model's number of layers\\), got '3'"),
+        (2.0, TypeError, "num_layers must be an int .* got 2.0"),
+        (True, TypeError, "num_layers must be an int .* got True"),
+        (0, ValueError, "num_layers must be >= 1 .* got 0"),
+        (-1, ValueError, "num_layers must be >= 1 .* got -1"),
+    ],
+)
+def test_a_cache_needs_a_positive_number_of_layers(num_layers, error, message):
+    with pytest.raises(error, match=message):
+        RecurrentCache(num_layers)
+
+
+def test_a_clone_is_detached_from_the_graph_that_made_the_state():
+    """The README's recipe without torch.no_grad(): the cache of a forward with gradients clones and continues."""
+    model = _model("retnet")
+    cache = model(PROMPT[:, :-1], use_cache=True).cache  # gradients enabled: the state is part of a graph
+    assert cache.layers[0]["state"].requires_grad
+    twin = cache.clone()
+    assert not any(t.requires_grad for layer in twin.layers for t in layer.values())
+    assert all(
+        torch.equal(a, b)
+        for x, y in zip(cache.layers, twin.layers, strict=True)
+        for a, b in zip(x.values(), y.values(), strict=True)
+    )
+    twin.layers[0]["state"].add_(1)  # independent of the original
+    assert not torch.equal(twin.layers[0]["state"], cache.layers[0]["state"])
+    reference = model.generate(PROMPT, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(PROMPT, cache=cache.clone(), max_new_tokens=4, do_sample=False), reference)
 
 
 def test_save_refuses_a_cache_without_identity_or_state(tmp_path):
@@ -244,7 +307,8 @@ def test_crafted_shapes_dtypes_and_positions_are_refused(tmp_path, saved, change
         ({"format": None}, "is not a densessm recurrent-state file"),
         ({"steps": "-1"}, "'steps' must be a non-negative integer, got '-1'"),
         ({"steps": "1e3"}, "'steps' must be a non-negative integer"),
-        ({"steps": "2"}, r"must lie in \[0, steps=2\]"),  # steps below positions would re-feed the prompt
+        ({"steps": "2", "token_digest": None, "digest_steps": None}, r"must lie in \[0, steps=2\]"),
+        ({"steps": "2"}, r"'digest_steps' \(6\) exceeds steps \(2\)"),  # steps below what was consumed
         ({"num_layers": "2"}, "names layer 2, but the file declares 2 layers"),
         ({"num_layers": "0"}, "declares 0 layers"),
         ({"num_layers": None}, "'num_layers' must be a non-negative integer, got None"),
@@ -256,6 +320,15 @@ def test_crafted_shapes_dtypes_and_positions_are_refused(tmp_path, saved, change
         ({"config": "{not json"}, "'config' is missing or not a JSON object"),
         ({"config": "[1]"}, "'config' is missing or not a JSON object"),
         ({"weights": "not-a-fingerprint"}, "'weights' is missing or not a hexadecimal fingerprint"),
+        ({"layout": "[" * 200_000 + "]" * 200_000}, "metadata field 'layout' is nested too deeply to be read"),
+        ({"config": "[" * 200_000 + "]" * 200_000}, "metadata field 'config' is nested too deeply to be read"),
+        ({"config": '{"a":' * 100_000 + "1" + "}" * 100_000}, "metadata field 'config' is nested too deeply"),
+        ({"token_digest": "1,2,3"}, "'token_digest' must hold 2 comma-separated integers"),
+        ({"token_digest": "-1,2"}, "'token_digest' must hold 2 comma-separated integers"),
+        ({"token_digest": None}, "'token_digest' must hold 2 comma-separated integers"),
+        ({"token_digest": "2147483647,0"}, "'token_digest' holds a value of 2147483647 or more"),
+        ({"digest_steps": None}, "'digest_steps' must be a non-negative integer, got None"),
+        ({"digest_steps": "7"}, r"'digest_steps' \(7\) exceeds steps \(6\)"),
     ],
 )
 def test_crafted_metadata_is_refused(tmp_path, saved, metadata, message):
@@ -275,6 +348,15 @@ def test_corrupt_and_truncated_files_are_refused(tmp_path, saved):
         RecurrentCache.load(tmp_path / "absent.safetensors")
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         RecurrentCache.load(saved[0], device="gpu")
+
+
+@pytest.mark.parametrize(("key", "value"), [("layers.0.state", float("nan")), ("layers.2.scale", float("-inf"))])
+def test_a_state_holding_nan_or_inf_is_refused_on_load(tmp_path, saved, key, value):
+    tensors = dict(saved[1])
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[1] = value
+    with pytest.raises(ValueError, match=f"tensor {key} holds NaN or infinite values; a state computed by a model"):
+        RecurrentCache.load(_tampered(tmp_path, saved, tensors))
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS (any Linux one)")
@@ -384,3 +466,209 @@ def test_a_state_computed_in_parallel_mode_can_be_continued():
         continued = model(PROMPT[:, :1], cache=cache).logits
         reference = model(torch.cat([PROMPT, PROMPT[:, :1]], 1), mode="recurrent").logits[:, -1:]
     torch.testing.assert_close(continued, reference, atol=1e-5, rtol=1e-4)
+
+
+# --- weights that change after the cache was made ----------------------------------------------------------------
+
+
+def _scale_every_weight(model):
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.5)  # in place, as an optimizer step updates them
+
+
+def _load_other_weights(model):
+    model.load_state_dict(_model("retnet", seed=1).state_dict())
+
+
+def _optimizer_step(model):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(PROMPT, labels=PROMPT).loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("change", [_scale_every_weight, _load_other_weights, _optimizer_step])
+def test_a_cache_made_before_the_weights_changed_is_refused(change, tmp_path):
+    model = _model("retnet")
+    cache = _cache(model)
+    cache.save(tmp_path / "c.safetensors")
+    loaded = RecurrentCache.load(tmp_path / "c.safetensors")
+    with torch.no_grad():
+        model(PROMPT[:, :1], cache=loaded.clone())  # accepted (an equal identity, another object) and remembered
+    change(model)
+    for given in (cache, cache.clone(), loaded):
+        with pytest.raises(
+            ValueError, match="does not belong to this model: it was made by a dense_retnet model with "
+        ):
+            model(PROMPT[:, :1], cache=given)
+    with pytest.raises(ValueError, match="with other weights"):
+        model.generate(torch.cat([PROMPT, PROMPT[:, :1]], 1), cache=cache.clone(), max_new_tokens=2)
+    assert cache.steps == PROMPT.shape[1]  # refused before any step
+    with torch.no_grad():
+        model(PROMPT[:, :1], cache=_cache(model))  # a state of the changed weights is accepted
+
+
+def test_a_fused_model_refuses_the_caches_of_its_weights_before_they_changed():
+    model = _model("mamba")
+    cache = _cache(model)
+    fused = fuse_projections(_model("mamba"))
+    with torch.no_grad():
+        fused(PROMPT[:, :1], cache=cache.clone())  # the fusion keeps the identity
+        fused.backbone.embeddings.weight.mul_(1.5)
+        with pytest.raises(ValueError, match="with other weights"):
+            fused(PROMPT[:, :1], cache=cache.clone())
+
+
+def test_an_unchanged_model_checks_a_cache_without_recomputing_its_identity():
+    model = _model("retnet")
+    identity = model.state_identity()
+    cache = _cache(model)
+    with torch.no_grad():
+        for _ in range(3):
+            model(PROMPT[:, :1], cache=cache)
+    assert model.state_identity() is identity is cache.identity  # the same object: no fingerprint computed again
+    model.model.layers[0].retention.q_proj.weight = torch.nn.Parameter(
+        torch.randn_like(model.model.layers[0].retention.q_proj.weight)
+    )
+    assert model.state_identity() is not identity  # a replaced parameter is a change too
+
+
+# --- the tokens a cache consumed ---------------------------------------------------------------------------------
+
+
+def test_the_token_digest_is_the_same_piece_by_piece_and_ignores_padding():
+    tokens = torch.randint(0, 97, (3, 9))
+    whole = digest_tokens(tokens)
+    assert torch.equal(digest_tokens(tokens[:, 5:], start=digest_tokens(tokens[:, :5])), whole)
+    one_by_one = None
+    for i in range(9):
+        one_by_one = digest_tokens(tokens[:, i : i + 1], start=one_by_one)
+    assert torch.equal(one_by_one, whole)
+    padded = torch.cat([torch.full((3, 4), 7), tokens], 1)
+    mask = torch.cat([torch.zeros(3, 4, dtype=torch.bool), torch.ones(3, 9, dtype=torch.bool)], 1)
+    assert torch.equal(digest_tokens(padded, mask), whole)
+    stepped = digest_tokens(tokens[:, :1], torch.tensor([[True], [False], [True]]), start=whole)
+    assert (stepped == whole).tolist() == [False, True, False]  # a padded decode step leaves its row's digest
+    other = tokens.clone()
+    other[1, 0] += 1
+    assert (digest_tokens(other) != whole).tolist() == [False, True, False]  # per row
+    assert len(set(digest_tokens(torch.arange(2000).reshape(1000, 2)).tolist())) == 1000
+
+
+def test_a_cache_records_the_digest_of_what_it_consumed(tmp_path):
+    model = _model("retnet")
+    cache = _cache(model, PROMPT[:, :4])
+    assert torch.equal(cache.token_digest, digest_tokens(PROMPT[:, :4])) and cache.digest_steps == 4
+    with torch.no_grad():
+        model(PROMPT[:, 4:], cache=cache)
+        model(PROMPT[:, :1], cache=cache)
+    full = torch.cat([PROMPT, PROMPT[:, :1]], 1)
+    assert torch.equal(cache.token_digest, digest_tokens(full)) and cache.digest_steps == 7
+    cache.save(tmp_path / "c.safetensors")
+    restored = RecurrentCache.load(tmp_path / "c.safetensors")
+    assert torch.equal(restored.token_digest, cache.token_digest) and restored.digest_steps == 7
+    embeds = model.get_input_embeddings()(PROMPT)
+    with torch.no_grad():
+        assert model(inputs_embeds=embeds, use_cache=True).cache.token_digest is None  # no ids: nothing to digest
+        model(inputs_embeds=embeds[:, :1], cache=cache)  # the digest now covers the first 7 of 8 steps
+    assert cache.digest_steps == 7 and cache.steps == 8
+
+
+def test_generate_refuses_a_cache_of_other_tokens():
+    model = _model("retnet")
+    cache = _cache(model, PROMPT[:, :5])
+    other = PROMPT.clone()
+    other[1, 2] = (other[1, 2] + 1) % 97  # the same length, one token of one row differs
+    with pytest.raises(ValueError, match="input_ids does not begin with the 5 tokens this cache consumed"):
+        model.generate(other, cache=cache.clone(), max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="does not begin with the 5 tokens"):
+        model.generate(PROMPT.flip(0), cache=cache.clone(), max_new_tokens=2, do_sample=False)  # rows swapped
+    reference = model.generate(PROMPT, max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(PROMPT, cache=cache.clone(), max_new_tokens=3, do_sample=False), reference)
+    cache.token_digest = None  # the expert's override: the state is used as it is
+    assert model.generate(other, cache=cache, max_new_tokens=2, do_sample=False).shape == (2, 8)
+
+
+def test_a_file_without_a_digest_still_loads_and_continues(tmp_path, saved):
+    _, tensors, metadata = saved
+    metadata = {k: v for k, v in metadata.items() if k not in ("token_digest", "digest_steps")}
+    path = _write(tmp_path / "no-digest.safetensors", tensors, metadata)
+    cache = RecurrentCache.load(path)
+    assert cache.token_digest is None
+    model = _model("retnet")
+    full = torch.cat([PROMPT, PROMPT[:, :2]], 1)
+    reference = model.generate(full, max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(full, cache=cache, max_new_tokens=3, do_sample=False), reference)
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        (-5, "cache.steps must be a non-negative int .*, got -5"),
+        ("6", "cache.steps must be a non-negative int .*, got '6'"),
+        (3, r"cache.steps is 3, but the cache's token digest covers 6 tokens it consumed"),
+        (8, r"the cache consumed \[6, 6\] real tokens per row, but the first 8 tokens of input_ids hold \[8, 8\]"),
+    ],
+)
+def test_a_steps_counter_that_disagrees_with_the_state_is_refused(steps, message):
+    model = _model("retnet")
+    cache = _cache(model)
+    cache.steps = steps
+    full = torch.cat([PROMPT, PROMPT[:, :4]], 1)
+    with pytest.raises(ValueError, match=message):
+        model.generate(full, cache=cache, max_new_tokens=2, do_sample=False)
+    assert torch.equal(cache.positions, torch.tensor([6, 6]))  # refused before any step
+
+
+def test_a_steps_counter_below_the_state_is_refused_without_a_digest():
+    model = _model("retnet")
+    cache = _cache(model)
+    cache.steps, cache.token_digest = 3, None
+    with pytest.raises(ValueError, match=r"the cache consumed \[6, 6\] real tokens per row, but the first 3 tokens"):
+        model.generate(torch.cat([PROMPT, PROMPT[:, :4]], 1), cache=cache, max_new_tokens=2, do_sample=False)
+    cache.steps = -1
+    with pytest.raises(ValueError, match="cache.steps must be a non-negative int"):
+        model(PROMPT[:, :1], cache=cache)  # forward refuses it too
+
+
+def test_generate_checks_the_padding_of_the_consumed_tokens():
+    model = _model("retnet")
+    tokens = torch.cat([torch.zeros(2, 2, dtype=torch.long), PROMPT], 1)
+    mask = torch.ones_like(tokens)
+    mask[0, :2] = 0  # row 0 is left-padded; row 1 reads the two zeros as tokens
+    with torch.no_grad():
+        cache = model(tokens[:, :-1], attention_mask=mask[:, :-1], use_cache=True).cache
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    reference = model.generate(tokens, attention_mask=mask, **kwargs)
+    assert torch.equal(model.generate(tokens, attention_mask=mask, cache=cache.clone(), **kwargs), reference)
+    with pytest.raises(
+        ValueError, match=r"consumed \[5, 7\] real tokens per row, but the first 7 tokens of input_ids hold \[5, 5\]"
+    ):  # no mask: generate() takes every 0 (the pad token) for padding
+        model.generate(tokens, cache=cache.clone(), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"consumed \[5, 7\] real tokens per row, but the first 7 tokens .* \[7, 7\]"):
+        model.generate(tokens, attention_mask=torch.ones_like(tokens), cache=cache.clone(), **kwargs)
+
+
+def test_generate_refuses_a_non_finite_state():
+    model = _model("retnet")
+    cache = _cache(model)
+    cache.layers[1]["scale"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="cache tensor layers.1.scale holds NaN or infinite values"):
+        model.generate(torch.cat([PROMPT, PROMPT[:, :1]], 1), cache=cache, max_new_tokens=2, do_sample=False)
+
+
+def test_a_compiled_decode_step_leaves_the_digest_on_the_prompt():
+    """The digest is not advanced inside a compiled step (no host state there): it keeps covering the tokens
+    before it, so a later generate() still checks those."""
+    model = _model("retnet")
+    decoder = CompiledDecoder(model, CompileConfig(fullgraph=True, dynamic=False, backend="eager"))
+    cache = _cache(model)
+    digest = cache.token_digest
+    with torch.no_grad():
+        for i in range(2):
+            decoder(input_ids=PROMPT[:, i : i + 1], cache=cache, use_cache=True, return_dict=True)
+    assert cache.steps == 8 and cache.digest_steps == 6 and torch.equal(cache.token_digest, digest)
+    full = torch.cat([PROMPT, PROMPT[:, :3]], 1)
+    assert model.generate(full, cache=cache.clone(), max_new_tokens=1, do_sample=False).shape == (2, 10)
+    with pytest.raises(ValueError, match="does not begin with the 6 tokens"):
+        model.generate(full.flip(1), cache=cache, max_new_tokens=1, do_sample=False)

@@ -12,12 +12,19 @@ carries that model's :class:`CacheIdentity`, a saved cache keeps it in the file,
 cache checks it (see :meth:`densessm.models.recurrent.RecurrentBackbone.check_cache`). Experts who know
 better can drop the identity (``cache.identity = None``, or ``RecurrentCache.load(..., check_model=False)``):
 the model then checks only the structure of the state.
+
+A state also means something only after the tokens it consumed. ``generate(input_ids, cache=...)`` is handed
+the whole sequence and feeds only what the state has not consumed yet, so a cache of another prompt of the
+same length would silently continue that prompt. A cache therefore keeps a per-row digest of the real tokens
+it consumed (:func:`digest_tokens`, a polynomial hash: a few integer operations per call), and ``generate()``
+checks the sequence it is given against it.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import numbers
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,13 +34,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from densessm.files import DestinationExistsError, atomic_write_bytes
+from densessm.errors import UsageError
+from densessm.files import DestinationExistsError, atomic_write_bytes, check_path
 
 _FORMAT = "densessm.RecurrentCache/2"
 _UNCHECKED_FORMATS = ("densessm.RecurrentCache/1",)  # no identity recorded: readable with check_model=False
 _KEY = re.compile(r"layers\.(0|[1-9][0-9]{0,8})\.([A-Za-z_][A-Za-z0-9_]{0,63})")
 _COUNT = re.compile(r"0|[1-9][0-9]{0,17}")
 _FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DIGEST_MODULUS = 2**31 - 1  # a prime below 2**31: the product of two residues fits in int64
+_DIGEST_BASE = 1_000_003
+_DIGESTS = re.compile(r"(0|[1-9][0-9]{0,9})(,(0|[1-9][0-9]{0,9}))*")
 
 Layout = list[dict[str, tuple[tuple[int, ...], torch.dtype]]]
 """Per layer: tensor name -> (shape without the batch dimension, dtype)."""
@@ -81,10 +92,19 @@ class RecurrentCache:
     is_croppable = False
 
     def __init__(self, num_layers: int, identity: CacheIdentity | None = None):
-        self.layers: list[dict[str, torch.Tensor] | None] = [None] * num_layers
+        if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
+            raise TypeError(f"num_layers must be an int (the model's number of layers), got {num_layers!r}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1 (the model's number of layers), got {num_layers}")
+        self.layers: list[dict[str, torch.Tensor] | None] = [None] * int(num_layers)
         self.positions: torch.Tensor | None = None  # [B] real tokens consumed per row
         self.steps = 0  # tokens consumed per row, padding included
         self.identity = identity
+        # [B] digest of the real tokens among the first `digest_steps` consumed (see digest_tokens); None: unknown.
+        # It covers every consumed token while the state is advanced eagerly by token ids; a compiled decode step
+        # or an input given as embeddings leaves it covering the tokens before them.
+        self.token_digest: torch.Tensor | None = None
+        self.digest_steps = 0
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -124,6 +144,8 @@ class RecurrentCache:
             layer[name] = fn(layer[name])
         if self.positions is not None:
             self.positions = fn(self.positions)
+        if self.token_digest is not None:
+            self.token_digest = fn(self.token_digest)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Keep the rows ``beam_idx`` (beam search), in place: the tensors keep their addresses (a captured
@@ -150,10 +172,20 @@ class RecurrentCache:
         self.layers = [None] * len(self.layers)
         self.positions = None
         self.steps = 0
+        self.token_digest = None
+        self.digest_steps = 0
 
     def clone(self) -> RecurrentCache:
-        """An independent copy, e.g. to branch several continuations from one prefix."""
-        return copy.deepcopy(self)
+        """An independent copy, e.g. to branch several continuations from one prefix. Detached from any
+        autograd graph: a clone is a state to continue from (the cache of a forward run with gradients
+        enabled clones too)."""
+        twin = copy.copy(self)
+        twin.layers = [
+            None if layer is None else {name: _detached(t) for name, t in layer.items()} for layer in self.layers
+        ]
+        twin.positions = _detached(self.positions)
+        twin.token_digest = _detached(self.token_digest)
+        return twin
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -167,7 +199,9 @@ class RecurrentCache:
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the state and the identity of its model to a safetensors file, atomically (a prompt cache
         to restore later); an existing file is replaced only with ``overwrite``. Returns the path."""
-        path = Path(path)
+        path = check_path(path, "cache file")
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory: name the cache file to write, e.g. {path / 'prompt.safetensors'}")
         if self.is_empty:
             raise ValueError("nothing to save: the cache holds no state yet")
         if any(layer is None for layer in self.layers):
@@ -177,8 +211,8 @@ class RecurrentCache:
                 "this cache records no model identity (it was built by hand, or loaded or marked unchecked): "
                 "set cache.identity = model.state_identity() for the model it belongs to, then save"
             )
-        if path.exists() and not overwrite:
-            raise DestinationExistsError(f"{path} already exists; nothing was written (pass overwrite=True)")
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise _exists(path)
         # contiguous copies: a state tensor may be a strided view sharing memory with another (safetensors refuses)
         tensors = {f"layers.{i}.{name}": _copy(t) for i, layer in enumerate(self.layers) for name, t in layer.items()}
         tensors["positions"] = _copy(self.positions)
@@ -195,7 +229,13 @@ class RecurrentCache:
             "config": self.identity.config,
             "weights": self.identity.weights,
         }
-        return atomic_write_bytes(path, save(tensors, metadata=metadata), overwrite=overwrite)
+        if self.token_digest is not None:
+            metadata["token_digest"] = ",".join(str(v) for v in self.token_digest.tolist())
+            metadata["digest_steps"] = str(self.digest_steps)
+        try:
+            return atomic_write_bytes(path, save(tensors, metadata=metadata), overwrite=overwrite)
+        except DestinationExistsError:  # another writer created it meanwhile
+            raise _exists(path) from None
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", check_model: bool = True) -> RecurrentCache:
@@ -203,15 +243,17 @@ class RecurrentCache:
 
         The file's header is checked against its metadata before any tensor is read (names, shapes, dtypes,
         one batch size throughout), so a crafted or damaged file is a ValueError naming the problem and
-        never allocates more than the file holds. ``check_model=False`` drops the recorded identity (and
-        reads files of the first format, which had none): any model whose state has this layout will then
-        accept the cache.
+        never allocates more than the file holds. A state holding NaN or infinite values is refused (no
+        finite model computes one). ``check_model=False`` drops the recorded identity (and reads files of
+        the first format, which had none): any model whose state has this layout will then accept the cache.
         """
         path = Path(path)
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"unknown device {device!r}: use e.g. 'cpu', 'cuda' or 'cuda:1'") from err
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory: name the cache file to read")
         if not path.is_file():
             raise FileNotFoundError(f"no cache file at {path}")
         try:
@@ -220,6 +262,7 @@ class RecurrentCache:
                 header = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
                 shapes = {key: (tuple(s.get_shape()), s.get_dtype()) for key, s in header.items()}
                 identity, num_layers, steps, layout = _check_header(path, metadata, shapes, check_model)
+                digest, digest_steps = _digest(path, metadata, shapes["positions"][0][0], steps)
                 tensors = {key: f.get_tensor(key) for key in shapes}
         except (SafetensorError, OSError) as err:
             raise ValueError(f"corrupt or truncated cache file {path}: {err}") from err
@@ -229,9 +272,16 @@ class RecurrentCache:
                 f"{path}: positions {positions.tolist()[:8]} must lie in [0, steps={steps}] (real tokens consumed "
                 "per row, at most the tokens consumed)"
             )
+        for key, tensor in sorted(tensors.items()):
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"{path}: tensor {key} holds NaN or infinite values; a state computed by a model with finite "
+                    "weights is finite: compute it again"
+                )
         cache = cls(num_layers, identity)
         cache.steps = steps
         cache.positions = positions
+        cache.token_digest, cache.digest_steps = digest, digest_steps
         cache.layers = [{name: tensors[f"layers.{i}.{name}"] for name in layer} for i, layer in enumerate(layout)]
         if device.type != "cpu":
             try:
@@ -241,8 +291,51 @@ class RecurrentCache:
         return cache
 
 
+def _exists(path: Path) -> DestinationExistsError:
+    return DestinationExistsError(f"{path} already exists; nothing was written (pass overwrite=True to replace it)")
+
+
 def _copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().clone()
+
+
+def _powers(count: int, device: torch.device) -> torch.Tensor:
+    """``BASE**k mod MODULUS`` for ``k < count``, by doubling (a few operations, not one per token)."""
+    powers = torch.ones(1, dtype=torch.long, device=device)
+    while powers.numel() < count:
+        powers = torch.cat([powers, powers * pow(_DIGEST_BASE, powers.numel(), _DIGEST_MODULUS) % _DIGEST_MODULUS])
+    return powers[:count]
+
+
+def digest_tokens(
+    tokens: torch.Tensor, mask: torch.Tensor | None = None, start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per row, a digest of the real tokens of ``tokens [B, L]`` (``mask [B, L]`` bool: which are real; None:
+    all), continuing ``start [B]``, the digest of the tokens before them: the polynomial hash
+    ``start·b^n + Σ (t_i + 1)·b^(n-i) mod (2^31 - 1)`` over the row's ``n`` real tokens.
+
+    Exact integer arithmetic on any device, so a digest computed over a whole prompt equals one computed
+    piece by piece; padding is skipped, so it depends only on the real tokens. It tells sequences apart (two
+    different ones agree with a chance of about 1 in 2 billion), it is no cryptographic hash.
+    """
+    modulus = _DIGEST_MODULUS
+    values = tokens.long() % modulus + 1  # + 1: token 0 counts
+    mask = None if mask is None else mask.bool()
+    if start is None:
+        start = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
+    if values.shape[1] == 1:  # a decode step: start·b + t
+        new = (start * _DIGEST_BASE + values[:, 0]) % modulus
+        return new if mask is None else torch.where(mask[:, 0], new, start)
+    real = torch.ones_like(values, dtype=torch.bool) if mask is None else mask
+    count = real.sum(-1)
+    powers = _powers(values.shape[1] + 1, values.device)
+    after = count[:, None] - real.long().cumsum(-1)  # real tokens after each one in its row
+    terms = torch.where(real, values * powers[after] % modulus, 0)
+    return (start * powers[count] % modulus + terms.sum(-1) % modulus) % modulus
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -319,18 +412,43 @@ def _check_header(
     return identity, num_layers, steps, [by_layer[i] for i in range(num_layers)]
 
 
+def _json(path: Path, metadata: dict[str, str], field: str) -> object:
+    """The JSON value of a metadata field; None if absent or not JSON (the caller names what it expected)."""
+    raw = metadata.get(field)
+    if not isinstance(raw, str):
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    except RecursionError:
+        raise ValueError(f"{path}: metadata field {field!r} is nested too deeply to be read") from None
+
+
+def _digest(path: Path, metadata: dict[str, str], batch: int, steps: int) -> tuple[torch.Tensor | None, int]:
+    """The token digest a file records (one value per row, and the steps it covers); (None, 0) if none."""
+    raw, covered = metadata.get("token_digest"), metadata.get("digest_steps")
+    if raw is None and covered is None:
+        return None, 0
+    if not isinstance(raw, str) or not _DIGESTS.fullmatch(raw) or raw.count(",") + 1 != batch:
+        raise ValueError(f"{path}: metadata field 'token_digest' must hold {batch} comma-separated integers")
+    digest_steps = _count(path, metadata, "digest_steps")
+    if digest_steps > steps:
+        raise ValueError(f"{path}: metadata field 'digest_steps' ({digest_steps}) exceeds steps ({steps})")
+    digest = torch.tensor([int(v) for v in raw.split(",")], dtype=torch.long)
+    if bool((digest >= _DIGEST_MODULUS).any()):
+        raise ValueError(f"{path}: metadata field 'token_digest' holds a value of {_DIGEST_MODULUS} or more")
+    return digest, digest_steps
+
+
 def _describe(layer: dict[str, list]) -> str:
     return ", ".join(f"{name} {shape} {dtype}" for name, (shape, dtype) in sorted(layer.items())) or "nothing"
 
 
 def _declared_layout(path: Path, metadata: dict[str, str], num_layers: int, required: bool) -> list[dict] | None:
-    raw = metadata.get("layout")
-    if raw is None and not required:
+    if metadata.get("layout") is None and not required:
         return None
-    try:
-        layout = json.loads(raw) if isinstance(raw, str) else None
-    except json.JSONDecodeError:
-        layout = None
+    layout = _json(path, metadata, "layout")
     valid = isinstance(layout, list) and all(
         isinstance(layer, dict)
         and all(
@@ -354,10 +472,7 @@ def _identity(path: Path, metadata: dict[str, str]) -> CacheIdentity:
     model_type, config, weights = (metadata.get(k) for k in ("model_type", "config", "weights"))
     if not isinstance(model_type, str) or not model_type:
         raise ValueError(f"{path}: metadata lacks the model_type that made the state")
-    try:
-        fields = json.loads(config) if isinstance(config, str) else None
-    except json.JSONDecodeError:
-        fields = None
+    fields = _json(path, metadata, "config")
     if not isinstance(fields, dict):
         raise ValueError(f"{path}: metadata field 'config' is missing or not a JSON object")
     if not isinstance(weights, str) or not re.fullmatch(r"[0-9a-f]{16,128}", weights):
@@ -365,4 +480,4 @@ def _identity(path: Path, metadata: dict[str, str]) -> CacheIdentity:
     return CacheIdentity(model_type, config, weights)
 
 
-__all__ = ["CacheIdentity", "Layout", "RecurrentCache"]
+__all__ = ["CacheIdentity", "Layout", "RecurrentCache", "digest_tokens"]

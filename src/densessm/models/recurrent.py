@@ -8,13 +8,31 @@ import dataclasses
 import hashlib
 import json
 import numbers
+import weakref
 from dataclasses import dataclass
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from densessm.cache import CacheIdentity, RecurrentCache
+from densessm.cache import CacheIdentity, RecurrentCache, digest_tokens
 from densessm.compiled_decoding import CompiledDecoder
+
+# The models holding a list of their parameters (see RecurrentBackbone._weights_key). Registering a parameter
+# or a submodule anywhere drops those lists (they may be stale), so the per-step check walks a list instead of
+# the module tree, and a list never keeps replaced weights alive.
+_listed: weakref.WeakSet = weakref.WeakSet()
+
+
+def _structure_changed(*_) -> None:
+    if _listed:
+        for backbone in list(_listed):
+            backbone.__dict__.pop("_parameter_list", None)
+        _listed.clear()
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
+torch.nn.modules.module.register_module_module_registration_hook(_structure_changed)
+_data_ptr, _version = torch.Tensor.data_ptr, torch.Tensor._version.__get__
 
 
 def check_inputs(
@@ -125,6 +143,7 @@ class StepInputs:
     mask: torch.Tensor | None  # [B, L] bool of real tokens, None when all are real
     start: torch.Tensor  # [B] real tokens consumed before this call
     position_ids: torch.Tensor  # [B, L] position of each token among the row's real tokens
+    tokens: torch.Tensor | None = None  # [B, L] the token ids (None: the input came as embeddings)
 
     def hide_padding(self, hidden: torch.Tensor) -> torch.Tensor:
         """Zero the padded positions of the input: they are never read, but a NaN or inf there would reach the
@@ -140,12 +159,12 @@ class StepInputs:
         return dataclasses.replace(self, mask=mask, position_ids=self.position_ids[:, start:end])
 
     def finish(self, length: int) -> None:
-        """Advance the cache's counters past this call's tokens.
+        """Advance the cache's counters and token digest past this call's tokens.
 
         A carried cache's positions are advanced in place (a captured decode step needs fixed addresses);
         inside a compiled step the Python step counter is left to the caller
         (:class:`densessm.compiled_decoding.CompiledDecoder`), since reading it would specialise the
-        compiled code on its value.
+        compiled code on its value, and the digest is left as it is (it then covers the tokens before).
         """
         if self.cache is None:
             return
@@ -155,7 +174,27 @@ class StepInputs:
         else:
             self.cache.positions = self.start + consumed
         if not torch.compiler.is_compiling():
+            self._advance_digest(length)
             self.cache.steps += length
+
+    def _advance_digest(self, length: int) -> None:
+        """Extend the cache's token digest by this call's tokens, if it covers every token before them (a
+        compiled step, or embeddings, leave it covering fewer: it then stays as it is)."""
+        cache = self.cache
+        if not self.carried:
+            fresh = self.tokens is not None and cache.steps == 0
+            cache.token_digest = digest_tokens(self.tokens, self.mask) if fresh else None
+            cache.digest_steps = length if fresh else 0
+            return
+        digest = cache.token_digest
+        if (
+            self.tokens is not None
+            and digest is not None
+            and cache.digest_steps == cache.steps
+            and digest.shape == self.start.shape
+        ):
+            cache.token_digest = digest_tokens(self.tokens, self.mask, digest.to(self.tokens.device))
+            cache.digest_steps += length
 
 
 def _mask_of(attention_mask: torch.Tensor, length: int, device: torch.device) -> torch.Tensor | None:
@@ -200,9 +239,11 @@ def prepare_step(
     use_cache: bool,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
+    input_ids: torch.Tensor | None = None,
 ) -> StepInputs:
     """Create or check the cache and derive the mask and positions of this call's tokens (``hidden`` is the
-    embedded input: its dtype and device are the computation's).
+    embedded input: its dtype and device are the computation's; ``input_ids`` extend the cache's token
+    digest).
 
     ``attention_mask`` may be longer than the input (``generate()`` passes the whole history): its last
     ``length`` columns belong to this call.
@@ -224,7 +265,7 @@ def prepare_step(
             position_ids = start[:, None] + mask.long().cumsum(-1) - 1
     elif not compiling:
         _check_position_ids(position_ids, batch, length)
-    return StepInputs(cache, carried, mask, start, position_ids.to(device))
+    return StepInputs(cache, carried, mask, start, position_ids.to(device), input_ids)
 
 
 def weights_fingerprint(named: list[tuple[str, torch.Tensor]], samples: int = 64) -> str:
@@ -260,40 +301,52 @@ class RecurrentBackbone:
         """Name -> (shape without the batch dimension, dtype) of each layer's state when computing in ``dtype``."""
         raise NotImplementedError
 
+    def _weights_key(self) -> tuple:
+        """What changes when a weight changes: each parameter's address and version counter (an in-place
+        update, ``load_state_dict`` or ``.to()`` changes one of them; a replaced parameter is another).
+
+        Cheap enough for every eager step with a cache (about 0.1 µs per parameter tensor): a pass over a list
+        of the parameters, which registering a parameter or submodule anywhere drops (see ``_listed``). Not
+        seen: a parameter put into a module's ``_parameters`` directly, bypassing registration (``.to()`` does
+        so only under ``torch.__future__.set_overwrite_module_params_on_conversion(True)``)."""
+        listed = self.__dict__.get("_parameter_list")
+        if listed is None or listed[0] != id(self):  # id: a deep copy of the model has a list of its own
+            listed = (id(self), list(self.parameters()))
+            self.__dict__["_parameter_list"] = listed
+            _listed.add(self)
+        params = listed[1]
+        return tuple(map(_data_ptr, params)), tuple(map(_version, params))
+
     def state_identity(self) -> CacheIdentity:
         """This model as a cache records it: family, the configuration fields of the state, and a fingerprint
-        of the weights (recomputed only when a weight has changed)."""
+        of the weights; recomputed when a weight has changed, the same object until then (so a cache check
+        compares identities only after a change)."""
+        key = self._weights_key()
         pinned = self.__dict__.get("_pinned_identity")
         if pinned is not None:
-            return pinned
-        config = self.config
-        fields = json.dumps({name: getattr(config, name) for name in config.state_fields}, sort_keys=True)
-        named = list(self.named_parameters())
-        key = (fields, tuple((t.data_ptr(), t._version, t.device) for _, t in named))
+            identity, pinned_key = pinned
+            if pinned_key is None or pinned_key == key:
+                self.__dict__["_pinned_identity"] = (identity, key)
+                return identity
+            del self.__dict__["_pinned_identity"]  # a weight changed since: the identity follows the weights again
         memo = self.__dict__.get("_identity_memo")
         if memo is None or memo[0] != key:
-            memo = (key, CacheIdentity(config.model_type, fields, weights_fingerprint(named)))
+            config = self.config
+            fields = json.dumps({name: getattr(config, name) for name in config.state_fields}, sort_keys=True)
+            identity = CacheIdentity(config.model_type, fields, weights_fingerprint(list(self.named_parameters())))
+            memo = (key, identity)
             self.__dict__["_identity_memo"] = memo
         return memo[1]
 
     def pin_state_identity(self) -> None:
-        """Freeze the identity as it is now: for inference transformations (fused or prepacked weights) that
-        change how the weights are stored but not the function, so the model still accepts its caches."""
-        if "_pinned_identity" not in self.__dict__:
-            self.__dict__["_pinned_identity"] = self.state_identity()
+        """Keep the identity as it is now through an inference transformation (fused or prepacked weights) that
+        changes how the weights are stored but not the function, so the model still accepts its caches.
 
-    def _known_identity(self, identity: object) -> bool:
-        """Whether ``identity`` is one this model made or already accepted: the object itself, so the steps of a
-        decode loop skip the comparison (a weight changed in place since is not noticed there)."""
-        memo = self.__dict__.get("_identity_memo")
-        return any(
-            identity is known
-            for known in (
-                self.__dict__.get("_pinned_identity"),
-                self.__dict__.get("_accepted_identity"),
-                None if memo is None else memo[1],
-            )
-        )
+        The pin holds while the transformed weights stay as the first use after the transformation finds
+        them; a weight changed after that drops it."""
+        pinned = self.__dict__.get("_pinned_identity")
+        identity = self.state_identity() if pinned is None else pinned[0]
+        self.__dict__["_pinned_identity"] = (identity, None)  # the weights' key is taken at the next use
 
     def check_cache(self, cache: object, batch: int, dtype: torch.dtype, device: torch.device) -> None:
         """Raise unless ``cache`` can carry this model's state for ``batch`` rows computed in ``dtype`` on
@@ -308,19 +361,28 @@ class RecurrentBackbone:
         num_layers = self.config.num_hidden_layers
         if len(cache) != num_layers:
             raise ValueError(f"cache holds the state of {len(cache)} layers but the model has {num_layers}")
+        _checked_steps(cache)
         if cache.is_empty:
             cache.identity = self.state_identity()
             return
-        if cache.identity is not None and not self._known_identity(cache.identity):
-            if not isinstance(cache.identity, CacheIdentity):
-                raise ValueError(f"cache.identity must be a CacheIdentity or None, got {type(cache.identity).__name__}")
-            problem = cache.identity.mismatch(self.state_identity())
-            if problem is not None:
-                raise ValueError(
-                    f"this cache does not belong to this model: {problem}; compute the state with this model "
-                    "(or, if you know it fits, set cache.identity = None to skip this check)"
-                )
-            self.__dict__["_accepted_identity"] = cache.identity  # the next steps with it skip the comparison
+        identity = cache.identity
+        if identity is not None:
+            # the model's identity is the same object while its weights are unchanged (a cheap check), so a decode
+            # loop compares identities only once; any weight changed since makes it a new object: compared again
+            current = self.state_identity()
+            accepted = self.__dict__.get("_accepted_identity")
+            if identity is not current and (
+                accepted is None or accepted[0] is not identity or accepted[1] is not current
+            ):
+                if not isinstance(identity, CacheIdentity):
+                    raise ValueError(f"cache.identity must be a CacheIdentity or None, got {type(identity).__name__}")
+                problem = identity.mismatch(current)
+                if problem is not None:
+                    raise ValueError(
+                        f"this cache does not belong to this model: {problem}; compute the state with this model "
+                        "(or, if you know it fits, set cache.identity = None to skip this check)"
+                    )
+                self.__dict__["_accepted_identity"] = (identity, current)
         _check_state(cache, self.state_layout(dtype), batch, dtype, device)
 
 
@@ -368,6 +430,76 @@ def _check_state(
                 )
 
 
+def _checked_steps(cache: RecurrentCache) -> int:
+    steps = cache.steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"cache.steps must be a non-negative int (the tokens the state consumed), got {steps!r}")
+    return steps
+
+
+def _check_unconsumed(cache: RecurrentCache, input_ids: torch.Tensor) -> None:
+    if input_ids.shape[1] <= cache.steps:
+        raise ValueError(
+            f"the cache already holds {cache.steps} tokens and input_ids has {input_ids.shape[1]}: pass the full "
+            "sequence with at least one token the state has not consumed (e.g. keep the state of a prompt without "
+            "its last token)"
+        )
+
+
+def check_continuation(cache: RecurrentCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """Raise unless ``input_ids`` (with ``attention_mask``) can be a sequence whose first ``cache.steps``
+    tokens ``cache`` consumed, as ``generate(input_ids, cache=cache)`` assumes before feeding only the rest.
+
+    Per row, the real tokens among those first ``steps`` must be as many as the cache's positions count (a
+    ``steps`` counter that disagrees would re-feed or skip tokens), their digest must equal the cache's (a
+    cache of another prompt of the same length would silently continue that one), and the state must be
+    finite (a NaN state makes every next token 0). One read from the device, once per ``generate()``.
+    """
+    steps = _checked_steps(cache)
+    if cache.token_digest is not None and cache.digest_steps > steps:
+        raise ValueError(
+            f"cache.steps is {steps}, but the cache's token digest covers {cache.digest_steps} tokens it consumed: "
+            "cache.steps must count every token the state consumed"
+        )
+    _check_unconsumed(cache, input_ids)
+    positions = cache.positions
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.shape[0] != input_ids.shape[0]:
+        return  # the model's cache check names the problem
+    device = positions.device
+    real = None if attention_mask is None else attention_mask[:, :steps].to(device) != 0
+    counts = torch.full_like(positions, steps) if real is None else real.long().sum(-1)
+    checks = [(counts == positions).all()]
+    digest = cache.token_digest
+    if isinstance(digest, torch.Tensor) and digest.shape == positions.shape:
+        covered = cache.digest_steps
+        expected = digest_tokens(input_ids[:, :covered].to(device), None if real is None else real[:, :covered])
+        checks.append((expected == digest.to(device)).all())
+    tensors = [
+        (f"layers.{i}.{name}", tensor)
+        for i, layer in enumerate(cache.layers)
+        if isinstance(layer, dict)
+        for name, tensor in layer.items()
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+    ]
+    checks += [torch.isfinite(tensor).all().to(device) for _, tensor in tensors]
+    ok = torch.stack(checks).tolist()
+    if not ok[0]:
+        raise ValueError(
+            f"the cache consumed {positions.tolist()[:8]} real tokens per row, but the first {steps} tokens of "
+            f"input_ids hold {counts.tolist()[:8]} (per attention_mask): pass the sequence and attention_mask the "
+            "cache was computed from (cache.steps counts the tokens it consumed, padding included)"
+        )
+    if len(ok) > len(tensors) + 1 and not ok[1]:
+        raise ValueError(
+            f"input_ids does not begin with the {cache.digest_steps} tokens this cache consumed (their digest "
+            "differs): pass the sequence the cache was computed from (or, if you know the state fits, set "
+            "cache.token_digest = None to skip this check)"
+        )
+    for (name, _), finite in zip(tensors, ok[len(ok) - len(tensors) :], strict=True):
+        if not finite:
+            raise ValueError(f"cache tensor {name} holds NaN or infinite values: no finite model computes such a state")
+
+
 class RecurrentGenerationMixin:
     """``GenerationMixin`` hooks for models whose cache is a :class:`RecurrentCache` they create themselves,
     and the LM head's part of their forward."""
@@ -398,18 +530,29 @@ class RecurrentGenerationMixin:
             self.__dict__["_compiled_decoder"] = decoder  # not a submodule: keep it out of state_dict and .to()
         return decoder
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """``GenerationMixin``'s expansion of the inputs to one row per beam or returned sequence, extended to a
+        carried cache passed to ``generate()``: its rows are repeated the same way (in place, as ``generate()``
+        advances a cache it is given), so a cache of the prompts continues every beam of them."""
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        rows = None if input_ids is None else input_ids.shape[0]
+        if expand_size > 1 and isinstance(cache, RecurrentCache) and rows is not None and cache.batch_size == rows:
+            cache.batch_repeat_interleave(expand_size)
+        return super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
-        """Feed only the tokens the state has not consumed yet."""
+        """Feed only the tokens the state has not consumed yet; at the first step of ``generate()``, check that
+        the sequence begins with what a carried cache consumed (see :func:`check_continuation`)."""
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         if cache is not None and not isinstance(cache, RecurrentCache):
             raise TypeError(f"cache must be a densessm RecurrentCache, got {type(cache).__name__}")
         if cache is not None and not cache.is_empty:
-            if input_ids.shape[1] <= cache.get_seq_length():
-                raise ValueError(
-                    f"the cache already holds {cache.get_seq_length()} tokens and input_ids has "
-                    f"{input_ids.shape[1]}: pass the full sequence with at least one token the state has not "
-                    "consumed (e.g. keep the state of a prompt without its last token)"
-                )
+            if kwargs.get("is_first_iteration"):
+                check_continuation(cache, input_ids, attention_mask)
+            else:
+                _check_unconsumed(cache, input_ids)
             input_ids = input_ids[:, cache.get_seq_length() :]
             kwargs.pop("inputs_embeds", None)
             kwargs.pop("position_ids", None)

@@ -205,7 +205,7 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
             use_cache = config.use_cache and not self.training
         embeddings = self.get_input_embeddings()
         hidden = embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        step = prepare_step(self, batch, length, hidden, cache, use_cache, attention_mask, position_ids)
+        step = prepare_step(self, batch, length, hidden, cache, use_cache, attention_mask, position_ids, input_ids)
         if inputs_embeds is not None:
             check_embeds(inputs_embeds, embeddings.weight.dtype, step.mask)
         hidden = step.hide_padding(hidden)
