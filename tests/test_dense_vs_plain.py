@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 
+from densessm.cli import main as cli_main
 from densessm.data import BUNDLED_CORPUS
 from densessm.experiments.dense_vs_plain import SCALES, grid, grid_configs, held_out_subset
 from densessm.experiments.matching import non_embedding_parameters
@@ -87,6 +88,42 @@ def test_compare_measures_the_difference_against_the_noise():
     assert lone["dense_better_seeds"] == [1, 1]
 
 
+ARGUMENT_ERRORS = {
+    "negative seed": (["--seeds=-5"], "argument --seeds: seeds must be in [0, 2**32), got -5"),
+    "seed too large": (["--seeds", f"0,{2**32}"], f"argument --seeds: seeds must be in [0, 2**32), got {2**32}"),
+    "steps not a number": (["--max-steps", "abc"], "argument --max-steps: expected an integer, got 'abc'"),
+    "no jobs": (["--jobs", "0"], "argument --jobs: must be a positive integer, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(ARGUMENT_ERRORS))
+def test_values_a_run_would_refuse_hours_later_are_usage_errors_at_parse_time(tmp_path, capsys, case):
+    flags, message = ARGUMENT_ERRORS[case]
+    argv = ["experiment", "dense-vs-plain", "--scale", "smoke", "--output-dir", str(tmp_path / "grid"), *flags]
+    assert cli_main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_dir_that_is_or_lies_under_a_file_is_refused_before_any_work(tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_bytes(b"mine\n")
+    for given, message in (
+        (taken, f"--output-dir {taken} is a file, not a directory"),
+        (taken / "grid", f"--output-dir {taken / 'grid'} cannot be created: {taken} is a file, not a directory"),
+    ):
+        assert cli_main(["experiment", "dense-vs-plain", "--corpus", str(tmp_path), "--output-dir", str(given)]) == 2
+        assert capsys.readouterr().err.strip() == f"densessm experiment: error: {message}"
+    assert taken.read_bytes() == b"mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_missing_corpus_is_named_before_the_output_dir_is_created(tmp_path, capsys):
+    argv = ["experiment", "dense-vs-plain", "--corpus", str(tmp_path / "corpus"), "--output-dir", str(tmp_path / "g")]
+    assert cli_main([*argv, "--scale", "smoke", "--report", str(tmp_path / "r.md")]) == 1
+    assert f"{tmp_path / 'corpus' / 'train.jsonl'} is missing: build the corpus first" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_smoke_grid_end_to_end_and_restart(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -112,6 +149,7 @@ def test_smoke_grid_end_to_end_and_restart(tmp_path):
     assert "## Is the difference beyond the noise?" in text and "--seeds 0" in text
     assert (report.parent / "result-curves.png").stat().st_size > 10_000
     assert not list(out.glob("runs/*/seed0/checkpoint-*"))  # finished runs keep only their final weights
+    assert (out / "reports" / "dense_retnet" / "seed0" / "ppl_test.json").is_file()  # beside the model, not in it
 
     written = {path: path.read_bytes() for path in report.parent.iterdir()}
     refused = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)

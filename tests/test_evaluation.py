@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from densessm.cli import main
 from densessm.evaluation import harness
-from densessm.evaluation.perplexity import score_carried, score_sliding, sliding_spans
+from densessm.evaluation.perplexity import read_documents, score_carried, score_sliding, sliding_spans
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "olmo_eval"
 VOCAB = 259  # 3 special tokens + 256 bytes
@@ -113,6 +113,43 @@ def test_eval_ppl_cli_reports_perplexity_and_bits_per_byte(model_dir, tmp_path, 
     markdown = (tmp_path / "out" / "ppl.md").read_text()
     assert "| carried | 16 |" in markdown and "densessm eval ppl" in markdown
     assert "bits per byte" in capsys.readouterr().out
+
+
+BAD_CORPORA = {
+    "text that is a number": ("a.jsonl", b'{"text": "fine"}\n{"text": 5}\n', "a.jsonl line 2: 'text' is a number"),
+    "invalid JSON line": ("a.jsonl", b'{"text": "fine"}\n{oops\n', "a.jsonl line 2 is not valid JSON ("),
+    "null text in a JSON array": (
+        "a.json",
+        b'[{"text": "fine"}, {"text": null}]',
+        "a.json record 2: 'text' is null, not a string",
+    ),
+    "broken Parquet": ("a.parquet", b"PAR1 but not really", "a.parquet is not a readable Parquet file ("),
+    "lone surrogate": ("a.jsonl", b'{"text": "ab \\ud800 cd"}\n', "a.jsonl line 1: 'text' holds an unpaired surrogate"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CORPORA))
+def test_eval_ppl_names_a_bad_corpus_file_as_training_does(model_dir, tmp_path, capsys, case):
+    name, content, message = BAD_CORPORA[case]
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "0-good.txt").write_text("some good text\n")
+    (tmp_path / "corpus" / name).write_bytes(content)
+    code = main(["eval", "ppl", str(model_dir), "--data", str(tmp_path / "corpus"), "--window", "16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith(f"densessm eval: error: {tmp_path / 'corpus' / name}") and message in err[-1]
+
+
+def test_read_documents_keeps_a_text_file_whole_and_skips_empty_records(tmp_path):
+    text = "\ufeffFirst line.\r\nSecond line, then a blank one.\n\nLast line without a newline"
+    (tmp_path / "a.txt").write_bytes(text.encode())
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(b"another file\n"))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": ""}) + "\n")
+    assert read_documents(tmp_path) == [
+        "First line.\nSecond line, then a blank one.\n\nLast line without a newline",
+        "another file\n",
+        "one",
+    ]
 
 
 def test_unreadable_model_dirs_are_clear_errors(tmp_path, capsys):

@@ -18,7 +18,9 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datasets.exceptions import DatasetGenerationError
 from filelock import FileLock
+from multiprocess.context import TimeoutError as PoolTimeoutError
 
 import densessm.data as data
 from densessm.data import (
@@ -340,6 +342,51 @@ def test_a_file_that_changes_while_read_is_not_cached(tmp_path, tokenizer, monke
     with pytest.raises(CorpusError, match=r"a\.txt changed while being read: run again"):
         build_blocks(groups, tokenizer, 8, tmp_path / "cache", num_proc=1)
     assert not list((tmp_path / "cache").glob("blocks-*"))
+
+
+def _interrupt_masked_by(error: type[Exception]):
+    """A stand-in for a ``datasets`` call over worker processes hit by Ctrl-C: the pool raises ``error`` while the
+    ``KeyboardInterrupt`` unwinds (a ``TimeoutError`` from ``map``; ``datasets`` wraps it for ``from_generator``)."""
+
+    def masked(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise error()
+
+    return masked
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [("map", PoolTimeoutError), ("from_generator", DatasetGenerationError)],
+    ids=["tokenizing", "reading"],
+)
+def test_ctrl_c_in_worker_processes_is_a_keyboard_interrupt_and_leaves_no_cache(
+    tmp_path, tokenizer, monkeypatch, call, error
+):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(2):
+        (corpus / f"{i}.txt").write_text(TEXT * 5)
+    monkeypatch.setattr(datasets.Dataset, call, _interrupt_masked_by(error))
+    reread = []
+    monkeypatch.setattr(data, "_generation_error", lambda *args: reread.append(args))  # not read again for a message
+    with pytest.raises(KeyboardInterrupt) as err:
+        build_blocks(find_data_files([corpus]), tokenizer, 8, tmp_path / "cache", num_proc=2)
+    assert type(err.value) is KeyboardInterrupt and reread == []
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_other_errors_of_worker_processes_are_not_taken_for_ctrl_c(tmp_path, tokenizer, monkeypatch):
+    (tmp_path / "a.txt").write_text(TEXT * 5)
+
+    def fails(*args, **kwargs):
+        raise PoolTimeoutError("a worker took too long")
+
+    monkeypatch.setattr(datasets.Dataset, "map", fails)
+    with pytest.raises(PoolTimeoutError, match="a worker took too long"):
+        build_blocks(find_data_files([tmp_path]), tokenizer, 8, tmp_path / "cache", num_proc=2)
 
 
 def test_cache_dir_that_is_a_file_or_under_one(tmp_path, tokenizer):

@@ -17,11 +17,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+from multiprocess.context import TimeoutError as PoolTimeoutError
 from safetensors.torch import load_file, save_file
 from tiny_training import (
     PYTHON,
+    SENTENCES,
     SUBPROCESS_ENV,
     TINY,
     driver_command,
@@ -34,6 +37,7 @@ from tiny_training import (
 )
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+import densessm.train
 from densessm.cli import main as cli_main
 from densessm.errors import Interrupted, UsageError
 from densessm.loading import load_causal_lm
@@ -178,6 +182,48 @@ def test_bad_config_overrides_name_the_flag(tmp_path, capsys):
     assert code == 2 and "--config_overrides 'hidden_size=16,no_such_key=3'" in err and "no_such_key" in err
 
 
+INVALID_OVERRIDES = [
+    ("hidden_size=-32", "hidden_size must be a positive integer, got -32"),
+    (
+        "num_hidden_layers=2,dense_block_layers=2",
+        "dense_block_layers=2 exceeds the 1 layer(s) below the top of a 2-layer model: use at most 1 (0 for a plain "
+        "model)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "reason"), INVALID_OVERRIDES, ids=["negative size", "m above the layers"])
+def test_config_overrides_the_configuration_refuses_are_a_usage_error_naming_flag_and_field(
+    tmp_path, capsys, overrides, reason
+):
+    code, err = cli_full(train_argv(tmp_path, config_overrides=overrides), capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"densessm train: error: --config_overrides {overrides!r}: {reason}"
+    assert "Class validation error" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_report_to_an_integration_that_is_not_installed_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(densessm.train, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    monkeypatch.setattr(densessm.train, "is_azureml_available", lambda: False)
+    monkeypatch.setattr(densessm.train, "is_flytekit_available", lambda: False)
+    code, err = cli(train_argv(tmp_path, report_to="wandb"), capsys)
+    assert (code, err) == (
+        2,
+        "densessm train: error: --report_to wandb: the wandb integration is not installed (installed: "
+        "tensorboard); install its package, or pass --report_to none",
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_report_to_an_unknown_integration_is_refused_before_any_work(tmp_path, capsys):
+    code, err = cli(train_argv(tmp_path, report_to="bogus"), capsys)
+    assert code == 2
+    assert err.startswith("densessm train: error: --report_to bogus: unknown integration; use none, all, or one ")
+    assert "wandb" in err and "tensorboard" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 # ---- the output directory: never overwritten unasked ------------------------------------------------------------
 
 
@@ -189,6 +235,29 @@ def test_an_output_dir_that_is_a_file_is_refused_before_the_data_is_read(tmp_pat
     assert f"--output_dir {taken} is a file, not a directory" in err
     assert taken.read_bytes() == b"my notes\n"
     assert not (tmp_path / "cache").exists()  # refused before any data loading
+
+
+def test_an_empty_output_dir_is_refused_and_nothing_is_written_in_the_current_directory(tmp_path, capsys, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    code, err = cli(train_argv(tmp_path, output_dir=""), capsys)
+    assert (code, err) == (
+        2,
+        "densessm train: error: --output_dir is empty: name the directory of the run (it is created)",
+    )
+    assert list(cwd.iterdir()) == [] and not (tmp_path / "cache").exists()
+
+
+def test_an_output_dir_under_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    taken = tmp_path / "taken.txt"
+    taken.write_bytes(b"my notes\n")
+    code, err = cli(train_argv(tmp_path, output_dir=str(taken / "run")), capsys)
+    assert (code, err) == (
+        2,
+        f"densessm train: error: --output_dir {taken / 'run'} cannot be created: {taken} is a file, not a directory",
+    )
+    assert taken.read_bytes() == b"my notes\n" and not (tmp_path / "cache").exists()
 
 
 def test_an_output_dir_inside_the_corpus_directory_is_refused(tmp_path, capsys):
@@ -300,6 +369,104 @@ def test_a_truncated_file_in_the_newest_checkpoint_falls_back_to_the_previous_on
     assert [losses(out)[s] for s in range(3, 7)] == [losses(straight)[s] for s in range(3, 7)]
 
 
+def _rename_key(path: Path, old: str, new: str) -> None:
+    """Damage a JSON file without changing its size (the completeness marker still matches)."""
+    text = path.read_text()
+    assert len(old) == len(new) and f'"{old}"' in text
+    path.write_text(text.replace(f'"{old}"', f'"{new}"', 1))
+
+
+TRAINER_STATE_DAMAGE = {
+    "global_step renamed": (
+        lambda p: _rename_key(p, "global_step", "global_stex"),
+        "trainer_state.json is damaged: its global_step is null, not a step number",
+    ),
+    "another field renamed": (
+        lambda p: _rename_key(p, "log_history", "log_histoyr"),
+        "trainer_state.json is damaged: TrainerState.__init__() got an unexpected keyword argument 'log_histoyr'",
+    ),
+    "another step": (
+        lambda p: p.write_text(p.read_text().replace('"global_step": 4', '"global_step": 5')),
+        "trainer_state.json is damaged: it gives step 5 in checkpoint-4",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(TRAINER_STATE_DAMAGE))
+def test_a_damaged_trainer_state_of_the_saved_size_makes_a_checkpoint_unusable(straight, tmp_path, capsys, damage):
+    checkpoint = tmp_path / "checkpoint-4"
+    shutil.copytree(straight / "checkpoint-4", checkpoint)
+    size = (checkpoint / "trainer_state.json").stat().st_size
+    harm, reason = TRAINER_STATE_DAMAGE[damage]
+    harm(checkpoint / "trainer_state.json")
+    assert (checkpoint / "trainer_state.json").stat().st_size == size
+    assert checkpoint_problems(checkpoint) == [reason]
+    before = snapshot(checkpoint)
+    code, err = cli(straight_argv(straight, tmp_path / "new", resume_from_checkpoint=str(checkpoint)), capsys)
+    assert (code, err) == (
+        2,
+        f"densessm train: error: --resume_from_checkpoint {checkpoint} is not a complete checkpoint: {reason}",
+    )
+    assert snapshot(checkpoint) == before
+
+
+def test_a_damaged_trainer_state_in_the_newest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, caplog):
+    out = resumable(straight, tmp_path / "out")
+    _rename_key(out / "checkpoint-4" / "trainer_state.json", "global_step", "global_stex")
+    with caplog.at_level(logging.INFO, logger="densessm.train"):
+        main(straight_argv(straight, out))
+    assert f"skipping {out / 'checkpoint-4'}: incomplete (trainer_state.json is damaged: its global_step" in caplog.text
+    assert f"resuming from {out / 'checkpoint-2'}" in caplog.text
+    assert_same_weights(straight, out)
+
+
+def _nan_weight(path: Path, name: str = "model.norm.weight") -> None:
+    """One NaN in a weights file, which keeps its size (the completeness marker still matches)."""
+    size = path.stat().st_size
+    tensors = load_file(path)
+    tensors[name][0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    assert path.stat().st_size == size
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_parameter_and_the_earlier_good_one(
+    straight, tmp_path, capsys
+):
+    out = resumable(straight, tmp_path / "out")
+    _nan_weight(out / "checkpoint-4" / "model.safetensors")
+    assert checkpoint_problems(out / "checkpoint-4") == []
+    before = snapshot(out)
+    code, err = cli(straight_argv(straight, out), capsys)
+    assert (code, err) == (
+        1,
+        f"densessm train: error: cannot resume from {out / 'checkpoint-4'}: its parameter model.norm.weight holds "
+        "NaN or inf values (a diverged update saved as is, or a damaged file); the newest earlier one with finite "
+        f"weights is {out / 'checkpoint-2'}: pass --resume_from_checkpoint {out / 'checkpoint-2'} (and, if the run "
+        "diverged, a lower --learning_rate with --allow_changed_args)",
+    )
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k != ARGUMENTS_NAME} == {
+        k: v for k, v in before.items() if k != ARGUMENTS_NAME
+    }
+    # the advice works: the run resumed from the checkpoint named ends where the uninterrupted run ends
+    main(straight_argv(straight, out, resume_from_checkpoint=str(out / "checkpoint-2")))
+    assert_same_weights(straight, out)
+
+
+def test_a_checkpoint_with_nan_weights_and_no_earlier_good_one_says_to_start_afresh(straight, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(straight / "checkpoint-2", out / "checkpoint-2")
+    shutil.copy2(straight / ARGUMENTS_NAME, out / ARGUMENTS_NAME)
+    _nan_weight(out / "checkpoint-2" / "model.safetensors", "lm_head.weight")
+    code, err = cli(straight_argv(straight, out), capsys)
+    assert code == 1
+    assert err.endswith(
+        "its parameter lm_head.weight holds NaN or inf values (a diverged update saved as is, or a damaged file); "
+        "no earlier checkpoint has finite weights: pass --overwrite_output_dir to start afresh"
+    )
+
+
 class _CheckpointsAfterSave(TrainerCallback):
     def __init__(self):
         self.seen = {}
@@ -387,6 +554,50 @@ def test_a_resume_on_other_data_files_is_refused(straight, tmp_path, capsys):
     code, err = cli_full(straight_argv(straight, out, dataset_dir=str(other)), capsys)
     assert code == 2 and "data_files" in err and "dataset_dir" in err
     assert snapshot(out) == before
+
+
+def resumable_on_a_copy(straight: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """:func:`resumable` on a copy of the straight run's corpus (sizes and modification times kept), which a test
+    may edit: the corpus folder and the output directory. Its flags are ``train_argv(tmp_path, **FLAGS)``."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(straight.parent / "corpus", corpus)  # copy2: times to the nanosecond
+    out = resumable(straight, tmp_path / "out")
+    for folder in (out, out / "checkpoint-2", out / "checkpoint-4"):
+        stored = folder / ARGUMENTS_NAME
+        stored.write_text(stored.read_text().replace(str(straight.parent / "corpus"), str(corpus)))
+    for step in (2, 4):
+        write_marker(out / f"checkpoint-{step}", world_size=1)
+    return corpus, out
+
+
+def test_a_corpus_file_edited_in_place_is_a_changed_argument(straight, tmp_path, capsys, caplog):
+    corpus, out = resumable_on_a_copy(straight, tmp_path)
+    edited = corpus / "docs.jsonl"
+    text, info = edited.read_bytes(), edited.stat()
+    edited.write_bytes(text.replace(b"strong", b"STRONG"))  # the same size
+    os.utime(edited, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # later, also on a coarse clock
+    assert edited.stat().st_size == len(text)
+    before = snapshot(out)
+    code, err = cli_full(train_argv(tmp_path, **FLAGS), capsys)
+    assert code == 2
+    first = next(line for line in err.splitlines() if line.startswith("densessm train: error:"))
+    assert f"cannot resume from {out / 'checkpoint-4'}: 1 argument(s) that change the result differ" in first
+    assert "(data_files)" in first
+    row = next(line for line in err.splitlines() if line.strip().startswith(f"data_files[{edited}]"))
+    assert f'{{"bytes": {len(text)}, "mtime_ns": {info.st_mtime_ns}}}' in row
+    assert f'-> {{"bytes": {len(text)}, "mtime_ns": {info.st_mtime_ns + 10**9}}}' in row
+    assert snapshot(out) == before
+
+    with caplog.at_level(logging.WARNING, logger="densessm.train"):
+        main([*train_argv(tmp_path, **FLAGS), "--allow_changed_args"])
+    assert f"resuming with changed arguments (--allow_changed_args):\n  data_files[{edited}]" in caplog.text
+    assert 6 in losses(out)
+
+
+def test_a_copy_of_the_corpus_with_its_times_resumes_exactly(straight, tmp_path):
+    _, out = resumable_on_a_copy(straight, tmp_path)
+    main(train_argv(tmp_path, **FLAGS))
+    assert_same_weights(straight, out)
 
 
 def test_harmless_changes_resume_with_a_note_and_end_where_the_run_ends(straight, tmp_path, caplog):
@@ -619,6 +830,57 @@ def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_to_resume_from(tmp_pat
     lock.release()
 
 
+def _pool_masks_the_interrupt(*args, **kwargs):
+    """What a ``datasets`` worker pool makes of Ctrl-C: its ``finally`` asks the workers for their results, which
+    raises a ``TimeoutError`` (empty message) with the ``KeyboardInterrupt`` as its context."""
+    try:
+        raise KeyboardInterrupt
+    finally:
+        raise PoolTimeoutError()
+
+
+def test_ctrl_c_while_worker_processes_tokenize_stops_as_interrupted(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(datasets.Dataset, "map", _pool_masks_the_interrupt)
+    code, err = cli(train_argv(tmp_path, **FLAGS, preprocessing_num_workers=2), capsys)
+    assert (code, err) == (
+        130,
+        f"densessm train: interrupted: training stopped; no checkpoint saved yet in {tmp_path / 'out'}: the same "
+        "command starts it again",
+    )
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.slow
+def test_a_real_ctrl_c_to_the_process_group_while_worker_processes_tokenize(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with open(corpus / "docs.jsonl", "w") as f:  # long enough to take a few seconds with two processes
+        for i in range(4000):
+            f.write(json.dumps({"text": f"{i} " + " ".join(SENTENCES * 20)}) + "\n")
+    argv = train_argv(tmp_path, **FLAGS, preprocessing_num_workers=2)
+    with open(tmp_path / "err", "w") as err_file:
+        run = subprocess.Popen(
+            [PYTHON, "-m", "densessm.cli", "train", *argv],
+            env=SUBPROCESS_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            start_new_session=True,  # a process group, as a terminal's Ctrl-C reaches it
+        )
+    deadline = time.monotonic() + 240
+    while "Tokenizing" not in (tmp_path / "err").read_text():
+        assert run.poll() is None, (tmp_path / "err").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(timeout=120) == 130, (tmp_path / "err").read_text()[-3000:]
+    last = (tmp_path / "err").read_text().strip().splitlines()[-1]
+    assert last == (
+        f"densessm train: interrupted: training stopped; no checkpoint saved yet in {tmp_path / 'out'}: the same "
+        "command starts it again"
+    )
+
+
 class _CtrlCAt(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -670,6 +932,10 @@ BROKEN_MODELS = {
     "foreign model_type": (_retype, "describes model_type 'llama', not a densessm model"),
     "config not JSON": (lambda d: (d / "config.json").write_text("{nope"), "config.json is not valid JSON"),
     "truncated weights": (lambda d: _truncate(d / "model.safetensors"), "corrupt or truncated weights file"),
+    "a NaN weight": (
+        lambda d: _nan_weight(d / "model.safetensors"),
+        "holds NaN or inf values in its parameter model.norm.weight: training cannot start from it",
+    ),
 }
 
 
@@ -685,6 +951,41 @@ def test_a_damaged_model_directory_is_an_error_naming_the_problem(straight, tmp_
     code, err = cli(train_argv(tmp_path, model_name_or_path=str(model_dir), config_overrides=None), capsys)
     assert code == 1 and message in err
     assert snapshot(model_dir) == before
+
+
+def _tokenizer_copy(straight: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(straight / name, folder / name)
+    return folder
+
+
+def test_a_truncated_tokenizer_json_is_named(straight, tmp_path, capsys):
+    tokenizer = _tokenizer_copy(straight, tmp_path / "tok")
+    _truncate(tokenizer / "tokenizer.json")
+    before = snapshot(tokenizer)
+    code, err = cli(train_argv(tmp_path, tokenizer_name=str(tokenizer)), capsys)
+    assert code == 1
+    assert err.startswith(f"densessm train: error: {tokenizer / 'tokenizer.json'} is not valid JSON (")
+    assert err.endswith("): the tokenizer is damaged")
+    assert snapshot(tokenizer) == before
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_tokenizer_with_its_own_code_is_refused_without_asking(straight, tmp_path, capsys, monkeypatch):
+    tokenizer = _tokenizer_copy(straight, tmp_path / "tok")
+    settings = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    settings["auto_map"] = {"AutoTokenizer": ["custom.Tokenizer", None]}
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(settings))
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("the user was asked"))
+    code, err = cli(train_argv(tmp_path, tokenizer_name=str(tokenizer)), capsys)
+    assert code == 1
+    assert err == (
+        f"densessm train: error: the tokenizer in {tokenizer} needs its own Python code (tokenizer_config.json has "
+        "an auto_map); densessm never runs code from a model or tokenizer directory: use a tokenizer without custom "
+        "code"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_saved_model_directory_continues_from_its_weights(straight, tmp_path):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from tiny_training import TINY, losses, run_driver, train_argv, weights
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 from transformers.trainer_utils import SchedulerType
 from transformers.utils import get_current_accelerator
 
@@ -186,14 +186,54 @@ class _PoisonAfterSave(TrainerCallback):
                 model.lm_head.weight.fill_(float("nan"))
 
 
+class _PoisonBeforeSave(_PoisonAfterSave):
+    """Turns the weights to NaN at the end of step ``step``, before its checkpoint is written (as a diverged update
+    does): that checkpoint is complete, and holds NaN weights."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        pass
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        super().on_save(args, state, control, model=model)
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     argv = train_argv(tmp_path, max_steps=6, save_strategy="steps", save_steps=1, save_total_limit=1)
-    with pytest.raises(NonFiniteLossError, match=r"not finite at step 3; .* Last good checkpoint: .*checkpoint-2"):
+    with pytest.raises(NonFiniteLossError) as err:
         main(argv, callbacks=[_PoisonAfterSave(step=2)])
     out = tmp_path / "out"
+    assert str(err.value) == (
+        "the training loss is not finite at step 3; training stopped before the optimizer used it: the model's "
+        "parameter lm_head.weight holds NaN or inf values (an update made it so: the run diverged). Last good "
+        f"checkpoint: {out / 'checkpoint-2'}. Resume from it with a lower --learning_rate, a longer warm-up, "
+        "--max_grad_norm, or --bf16 instead of --fp16."
+    )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert all(torch.isfinite(t).all() for t in weights(out / "checkpoint-2").values())
     assert last_complete_checkpoint(out) == str(out / "checkpoint-2")
+
+
+def test_a_checkpoint_holding_nan_weights_is_not_called_the_last_good_one(tmp_path):
+    argv = train_argv(tmp_path, max_steps=6, save_strategy="steps", save_steps=1)
+    with pytest.raises(NonFiniteLossError) as err:
+        main(argv, callbacks=[_PoisonBeforeSave(step=2)])
+    out = tmp_path / "out"
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-2")  # complete, but its weights are NaN
+    assert f"Last good checkpoint: {out / 'checkpoint-1'} (checkpoint-2 holds NaN or inf values in " in str(err.value)
+    assert "lm_head.weight" in str(err.value)
+
+
+def test_a_non_finite_loss_with_finite_weights_is_named_as_an_overflow(tmp_path, monkeypatch):
+    def overflowing_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return torch.tensor(float("inf"), requires_grad=True)
+
+    monkeypatch.setattr(Trainer, "compute_loss", overflowing_loss)
+    with pytest.raises(NonFiniteLossError) as err:
+        main(train_argv(tmp_path, max_steps=2))
+    assert "optimizer used it: every parameter is finite, so the forward pass overflowed. Last good checkpoint: " in (
+        str(err.value)
+    )
+    assert "none saved yet." in str(err.value)
 
 
 def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):

@@ -461,6 +461,17 @@ def _file_documents(path: str) -> Iterator[dict]:
         raise CorpusError(f"{path} holds no text: its {what} are all empty or whitespace")
 
 
+def file_documents(path: str | os.PathLike) -> Iterator[str]:
+    """The documents of one corpus file, whole and checked as for training (the same one-line errors): a ``.txt``
+    file is one document, a JSON record or Parquet row one each (empty ones skipped). For evaluation, which scores
+    each document by itself."""
+    rows = _file_documents(str(path))
+    if _format(Path(path)) == "text":
+        yield "".join(row["text"] for row in rows)
+    else:
+        yield from (row["text"] for row in rows if row["text"])
+
+
 def _documents(files: list[str]) -> Iterator[dict]:
     """``datasets`` generator over ``files`` in order; a list, so ``datasets`` can shard it over processes."""
     for name in files:
@@ -645,6 +656,33 @@ def _build_lock(root: Path, target: Path) -> Iterator[bool]:
         lock.release()
 
 
+def _interrupted_behind(err: BaseException) -> bool:
+    """Whether a ``KeyboardInterrupt`` is in the cause or context chain of ``err``."""
+    seen, pending = set(), [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        pending += [current.__cause__, current.__context__]
+    return False
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C as the ``KeyboardInterrupt`` it is, while ``datasets`` runs worker processes: their pool answers it
+    with another error (a ``TimeoutError`` with an empty message, raised while the interrupt unwinds), which would
+    end the run as an internal error instead of a stop that says where to resume."""
+    try:
+        yield
+    except Exception as err:
+        if _interrupted_behind(err):
+            raise KeyboardInterrupt from None
+        raise
+
+
 def _generation_error(err: DatasetGenerationError, files: list[str]) -> Exception:
     """The one-line error behind a failed ``datasets`` generation.
 
@@ -667,14 +705,15 @@ def _raw_rows(files: list[str], cache_dir: Path, num_proc: int | None) -> datase
     """All rows of ``files`` in order, read by up to ``num_proc`` processes (a file is never split)."""
     workers = min(num_proc or 1, len(files))
     try:
-        return datasets.Dataset.from_generator(
-            _documents,
-            features=RAW_FEATURES,
-            gen_kwargs={"files": files},
-            cache_dir=str(cache_dir),
-            num_proc=workers if workers > 1 else None,
-            split="train",
-        )
+        with _interruptible():  # before the files are read again for the error message
+            return datasets.Dataset.from_generator(
+                _documents,
+                features=RAW_FEATURES,
+                gen_kwargs={"files": files},
+                cache_dir=str(cache_dir),
+                num_proc=workers if workers > 1 else None,
+                split="train",
+            )
     except DatasetGenerationError as err:
         raise _generation_error(err, files) from None
 
@@ -700,13 +739,14 @@ def _build(
         changed = [name for name, old, new in zip(files, states, _file_states(files), strict=True) if old != new]
         if changed:
             raise CorpusError(f"{', '.join(changed)} changed while being read: run again once the corpus is complete")
-        rows = raw.map(
-            Tokenize(tokenizer, _end_of_document(tokenizer)),
-            batched=True,
-            remove_columns=list(RAW_FEATURES),
-            num_proc=num_proc if num_proc and num_proc > 1 and len(raw) > 1 else None,
-            desc=f"Tokenizing {len(files)} file(s)",
-        )
+        with _interruptible():
+            rows = raw.map(
+                Tokenize(tokenizer, _end_of_document(tokenizer)),
+                batched=True,
+                remove_columns=list(RAW_FEATURES),
+                num_proc=num_proc if num_proc and num_proc > 1 and len(raw) > 1 else None,
+                desc=f"Tokenizing {len(files)} file(s)",
+            )
         n_tokens = pc.sum(pc.list_value_length(rows.data.column("input_ids"))).as_py() or 0
         if n_tokens < block_size:
             raise CorpusError(
@@ -894,6 +934,7 @@ __all__ = [
     "build_blocks",
     "check_utf8",
     "collate_blocks",
+    "file_documents",
     "find_data_files",
     "load_blocks",
     "split_blocks",

@@ -6,9 +6,10 @@ ignored, the arguments the run was started with, and a final model that is whole
   run on the same directory fails at once and names the holder.
 - **Completeness marker.** ``checkpoint-N/checkpoint_complete.json`` is written after every other file of the
   checkpoint (on every process) is on disk and synced; it lists each file with its size. A checkpoint without
-  it, with a listed file missing or of another size (truncated), or without one of the files a resume needs
-  (weights, optimizer, scheduler, RNG state of every process, trainer state) is incomplete: resuming skips it
-  and says why.
+  it, with a listed file missing or of another size (truncated), without one of the files a resume needs
+  (weights, optimizer, scheduler, RNG state of every process, trainer state), or whose trainer state does not
+  read back with its folder's step (damaged at its saved size) is incomplete: resuming skips it and says why.
+  Which complete checkpoint is the last *good* one (weights all finite) is read from its weights when asked.
 - **Arguments.** ``run_arguments.json`` holds the resolved arguments (also copied into each checkpoint); a
   resume compares them and refuses differences that change the result (see :data:`HARMLESS_ARGUMENTS`).
 - **Final model.** The model is saved into ``.final-model.partial`` inside the output directory, then its
@@ -30,12 +31,15 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError, safe_open
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from densessm.errors import UsageError
-from densessm.files import atomic_write_text
+from densessm.files import atomic_write_text, check_path
 
 LOCK_NAME = ".densessm-train.lock"
 HOLDER_NAME = ".densessm-train.lock.json"
@@ -194,6 +198,25 @@ def rotate_checkpoints(run_dir: str | os.PathLike, limit: int | None, current: P
         discard_checkpoint(path)
 
 
+def _trainer_state_step(checkpoint: Path) -> tuple[int | None, str | None]:
+    """The step in a checkpoint's trainer state, or None and why it cannot be read (a file of the size it was
+    saved with can still be damaged, and the Trainer would fail on it with a ``KeyError`` or ``TypeError``)."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"{TRAINER_STATE_NAME} is damaged: {err}"
+    if not isinstance(state, dict):
+        return None, f"{TRAINER_STATE_NAME} is damaged: it holds no JSON object"
+    step = state.get("global_step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return None, f"{TRAINER_STATE_NAME} is damaged: its global_step is {json.dumps(step)}, not a step number"
+    try:
+        TrainerState(**state)  # what the Trainer will do with it
+    except (TypeError, ValueError) as err:
+        return None, f"{TRAINER_STATE_NAME} is damaged: {err}"
+    return step, None
+
+
 def checkpoint_problems(checkpoint: str | os.PathLike) -> list[str]:
     """Why ``checkpoint`` cannot be resumed from (empty if it is complete)."""
     root = Path(checkpoint)
@@ -214,6 +237,12 @@ def checkpoint_problems(checkpoint: str | os.PathLike) -> list[str]:
         elif path.stat().st_size != size:
             problems.append(f"{name} is truncated or changed ({path.stat().st_size} bytes, {size} when saved)")
     problems += [f"{part} is missing" for part in _missing_parts(set(files), world_size)]
+    if not problems:
+        step, damage = _trainer_state_step(root)
+        if damage is not None:
+            problems.append(damage)
+        elif checkpoint_step(root) not in (None, step):
+            problems.append(f"{TRAINER_STATE_NAME} is damaged: it gives step {step} in {root.name}")
     return problems
 
 
@@ -236,7 +265,63 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 def checkpoint_global_step(checkpoint: str | os.PathLike) -> int:
     """The optimizer step a complete checkpoint was saved at (from its trainer state)."""
-    return int(json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))["global_step"])
+    step, damage = _trainer_state_step(Path(checkpoint))
+    if damage is not None:
+        raise ValueError(f"{checkpoint}: {damage}")
+    return step
+
+
+def _weight_files(checkpoint: Path) -> list[Path]:
+    """The files holding a checkpoint's weights in the transformers formats (none for an engine's format)."""
+    for single, index in ((WEIGHT_FILES[0], WEIGHT_FILES[1]), (WEIGHT_FILES[2], WEIGHT_FILES[3])):
+        if (checkpoint / single).is_file():
+            return [checkpoint / single]
+        if (checkpoint / index).is_file():
+            try:
+                shards = set(json.loads((checkpoint / index).read_text(encoding="utf-8"))["weight_map"].values())
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise ValueError(f"{checkpoint / index} is not a valid weight index ({err!r})") from None
+            return [checkpoint / Path(str(name)).name for name in sorted(shards, key=str)]
+    return []
+
+
+def nonfinite_weight(checkpoint: str | os.PathLike) -> str | None:
+    """The first tensor of a checkpoint's saved weights that holds NaN or inf, or None (all finite, or saved in an
+    engine's format, which is not read here). Reads one tensor at a time; raises ``ValueError``/``OSError`` for
+    weights that cannot be read."""
+    for file in _weight_files(Path(checkpoint)):
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, framework="pt") as weights:
+                    for name in weights.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                        tensor = weights.get_tensor(name)
+                        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                            return name
+            except SafetensorError as err:
+                raise ValueError(f"{file} cannot be read ({err})") from None
+        else:
+            for name, tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    return name
+    return None
+
+
+def last_good_checkpoint(output_dir: str | os.PathLike, below_step: int | None = None) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint in ``output_dir`` (below ``below_step``, if given) whose weights are finite,
+    and a note for each newer complete one passed over because its weights are not (or cannot be read)."""
+    notes = []
+    for path in list_checkpoints(output_dir):
+        if (below_step is not None and checkpoint_step(path) >= below_step) or checkpoint_problems(path):
+            continue
+        try:
+            name = nonfinite_weight(path)
+        except (OSError, ValueError, RuntimeError) as err:
+            notes.append(f"{path.name}'s weights cannot be read ({err})")
+            continue
+        if name is None:
+            return path, notes
+        notes.append(f"{path.name} holds NaN or inf values in {name}")
+    return None, notes
 
 
 # ---- the run's arguments ---------------------------------------------------------------------------------------
@@ -345,7 +430,23 @@ _MISSING = object()
 
 
 def _shown(value) -> str:
-    return "(not recorded)" if value is _MISSING else json.dumps(value)
+    return "(not recorded)" if value is _MISSING else json.dumps(value, sort_keys=True)
+
+
+def _rows(name: str, old, new) -> list[tuple[str, str, str]]:
+    """The table rows of one differing argument: one per differing entry when both values are objects (such as
+    the corpus files), so each row says what changed instead of two long values cut short alike."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [(name, _shown(old), _shown(new))]
+
+    def entry(value) -> str:
+        return "(none)" if value is _MISSING else _shown(value)
+
+    return [
+        (f"{name}[{key}]", entry(old.get(key, _MISSING)), entry(new.get(key, _MISSING)))
+        for key in sorted(set(old) | set(new))
+        if old.get(key, _MISSING) != new.get(key, _MISSING)
+    ]
 
 
 def compare_arguments(stored: dict, current: dict) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
@@ -357,10 +458,9 @@ def compare_arguments(stored: dict, current: dict) -> tuple[list[tuple[str, str,
         old, new = stored.get(name, _MISSING), current.get(name, _MISSING)
         if old == new:
             continue
-        row = (name, _shown(old), _shown(new))
         # An argument one side did not record (another densessm version) cannot be compared: noted only.
         is_harmless = name in HARMLESS_ARGUMENTS or old is _MISSING or new is _MISSING
-        (harmless if is_harmless else changed).append(row)
+        (harmless if is_harmless else changed).extend(_rows(name, old, new))
     return changed, harmless
 
 
@@ -432,8 +532,11 @@ def holds_work(output_dir: str | os.PathLike) -> bool:
 
 
 def check_output_dir(output_dir: str | os.PathLike) -> Path:
-    """``output_dir`` as a path; refused at once if it exists and is not a directory."""
-    path = Path(output_dir)
+    """``output_dir`` as a path; refused at once if it is empty (it would mean the current directory), exists and
+    is not a directory, or lies under a file."""
+    if not str(output_dir):
+        raise UsageError("--output_dir is empty: name the directory of the run (it is created)")
+    path = check_path(output_dir, "--output_dir")
     if path.exists() and not path.is_dir():
         raise UsageError(f"--output_dir {path} is a file, not a directory: choose a directory (it is created)")
     return path
@@ -456,9 +559,11 @@ __all__ = [
     "fresh_staging_dir",
     "holds_work",
     "last_complete_checkpoint",
+    "last_good_checkpoint",
     "list_names",
     "list_checkpoints",
     "newest_complete_checkpoint",
+    "nonfinite_weight",
     "publish_model",
     "read_arguments",
     "rotate_checkpoints",

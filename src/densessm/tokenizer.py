@@ -6,10 +6,13 @@ bundled corpus by ``scripts/train_tokenizer.py``; it needs no network and no ext
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from densessm.loading import load_tokenizer_dir
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "resources" / "tokenizer"
 
@@ -23,11 +26,17 @@ def has_tokenizer(directory: str | Path) -> bool:
 
 
 def load_tokenizer(name_or_path: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer`` from ``name_or_path``; the bundled BPE when it is None."""
+    """The tokenizer saved in the directory ``name_or_path`` (the bundled BPE when it is None), or one line saying
+    why not (:func:`densessm.loading.load_tokenizer_dir`: custom code is never run); a damaged ``tokenizer.json``
+    is named, where the tokenizers library would report only a JSON position."""
     source = BUNDLED_TOKENIZER if name_or_path is None else Path(name_or_path)
-    if not has_tokenizer(source):
-        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {source}")
-    return AutoTokenizer.from_pretrained(source)
+    vocabulary = source / "tokenizer.json"
+    if vocabulary.is_file():
+        try:
+            json.loads(vocabulary.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{vocabulary} is not valid JSON ({err}): the tokenizer is damaged") from None
+    return load_tokenizer_dir(source)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:

@@ -33,6 +33,7 @@ from typing import TypeVar
 import datasets
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoModelForCausalLM,
     HfArgumentParser,
@@ -44,14 +45,20 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.integrations.integration_utils import (
+    INTEGRATION_TO_CALLBACK,
+    get_available_reporting_integrations,
+    is_azureml_available,
+    is_flytekit_available,
+)
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import get_current_accelerator
 
 from densessm import run_state
 from densessm.data import DataArguments, collate_blocks, find_data_files, load_blocks, tokenizer_fingerprint
-from densessm.errors import Interrupted, ModelLoadError, UsageError
-from densessm.loading import check_weights, load_causal_lm, read_config
+from densessm.errors import Interrupted, ModelLoadError, NonFiniteError, UsageError
+from densessm.loading import check_weights, first_nonfinite_parameter, load_causal_lm, read_config
 from densessm.presets import list_presets, load_preset
 from densessm.run_state import WEIGHT_FILES, last_complete_checkpoint
 from densessm.tokenizer import has_tokenizer, load_tokenizer
@@ -213,6 +220,29 @@ class DenseTrainingArguments(TrainingArguments):
                     "--bf16 autocasts on CPUs"
                 )
         super().__post_init__()
+        self._check_report_to()
+
+    def _check_report_to(self) -> None:
+        """Refuse an integration that is unknown or not installed now: the Trainer finds out only after the data
+        is tokenized and the model built, with an error that does not name the flag."""
+        unknown = [name for name in self.report_to or () if name not in INTEGRATION_TO_CALLBACK]
+        if unknown:
+            raise UsageError(
+                f"--report_to {', '.join(unknown)}: unknown integration; use none, all, or one or more of "
+                f"{', '.join(INTEGRATION_TO_CALLBACK)}"
+            )
+        installed = [*get_available_reporting_integrations()]  # azure_ml only without mlflow; flyte never
+        installed += [
+            name
+            for name, here in (("azure_ml", is_azureml_available), ("flyte", is_flytekit_available))
+            if here() and name not in installed
+        ]
+        missing = next((name for name in self.report_to or () if name not in installed), None)
+        if missing is not None:
+            raise UsageError(
+                f"--report_to {missing}: the {missing} integration is not installed (installed: "
+                f"{', '.join(installed) or 'none'}); install its package, or pass --report_to none"
+            )
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -271,13 +301,46 @@ class DenseTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Summed over processes: a bad loss on any rank stops every rank at the same step (no one hangs).
         if not torch.isfinite(self.accelerator.reduce(loss.detach().clone(), reduction="sum")):
-            last = last_complete_checkpoint(self.args.output_dir)
-            raise NonFiniteLossError(
-                f"the training loss is not finite at step {self.state.global_step + 1}; training stopped before the "
-                f"optimizer used it. Last good checkpoint: {last or 'none saved yet'}. Resume from it with a lower "
-                "--learning_rate, a longer warm-up, --max_grad_norm, or --bf16 instead of --fp16."
-            )
+            raise NonFiniteLossError(self._nonfinite_loss())
         return loss
+
+    def _nonfinite_loss(self) -> str:
+        """Why the loss is not finite, and the newest checkpoint whose weights are finite to resume from. The
+        weights were finite when this run started (:meth:`_load_from_checkpoint`, :func:`build_model`), so a
+        non-finite one now comes from an update: the run diverged."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # each process holds shards: no verdict from one
+            cause = ""
+        elif (name := first_nonfinite_parameter(self.model)) is not None:
+            cause = f": the model's parameter {name} holds NaN or inf values (an update made it so: the run diverged)"
+        else:
+            cause = ": every parameter is finite, so the forward pass overflowed"
+        last, notes = run_state.last_good_checkpoint(self.args.output_dir)
+        passed = f" ({'; '.join(notes)})" if notes else ""
+        return (
+            f"the training loss is not finite at step {self.state.global_step + 1}; training stopped before the "
+            f"optimizer used it{cause}. Last good checkpoint: {last or 'none saved yet'}{passed}. Resume from it "
+            "with a lower --learning_rate, a longer warm-up, --max_grad_norm, or --bf16 instead of --fp16."
+        )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The checkpoint's weights, refused if one holds NaN or inf: its files can have the sizes they were saved
+        with (a diverged update saved as is, or a damaged disk), and training on would blame the learning rate."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        name = None if self.is_fsdp_enabled else first_nonfinite_parameter(self.model)
+        if name is None:
+            return
+        checkpoint = Path(resume_from_checkpoint)
+        earlier, notes = run_state.last_good_checkpoint(checkpoint.parent, run_state.checkpoint_global_step(checkpoint))
+        advice = (
+            f"the newest earlier one with finite weights is {earlier}: pass --resume_from_checkpoint {earlier} (and, "
+            "if the run diverged, a lower --learning_rate with --allow_changed_args)"
+            if earlier is not None
+            else "no earlier checkpoint has finite weights: pass --overwrite_output_dir to start afresh"
+        )
+        raise NonFiniteError(
+            f"cannot resume from {checkpoint}: its parameter {name} holds NaN or inf values (a diverged update "
+            f"saved as is, or a damaged file); {advice}" + (f" ({'; '.join(notes)})" if notes else "")
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for key in ("loss", "eval_loss"):
@@ -539,33 +602,59 @@ def model_source(args: ModelArguments) -> tuple[PretrainedConfig, Path | None]:
     return read_config(path), (path if any((path / f).is_file() for f in WEIGHT_FILES) else None)
 
 
-def build_model(args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A model in fp32 (the master weights under mixed precision): fresh from a preset or config, or loaded
-    strictly (:func:`densessm.loading.load_causal_lm`: a missing, unexpected or mis-shaped tensor is an error)."""
+def model_config(
+    args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None
+) -> tuple[PretrainedConfig, Path | None]:
+    """:func:`model_source`, with ``--config_overrides`` applied to a from-scratch configuration and, given the
+    tokenizer, its vocabulary size and special token ids; the result validated. Called once without the tokenizer
+    before the run takes its lock, so a value that cannot work is refused before anything is created."""
     config, weights = model_source(args)
     if weights is not None:
         if args.config_overrides:
             raise UsageError(
                 f"--config_overrides only applies to a model trained from scratch; {weights} holds weights"
             )
-        model = load_causal_lm(weights, dtype=torch.float32, config=config)
-        if len(tokenizer) > model.config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {len(tokenizer)} tokens but {weights} was trained with vocab_size "
-                f"{model.config.vocab_size}: pass the tokenizer it was trained with (--tokenizer_name)"
-            )
-        return model
+        return config, weights
     if args.config_overrides:
         try:
             config.update_from_string(args.config_overrides)
         except ValueError as err:
             raise UsageError(f"--config_overrides {args.config_overrides!r}: {err}") from None
-    config.vocab_size = len(tokenizer)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        if getattr(tokenizer, key) is not None:
-            setattr(config, key, getattr(tokenizer, key))
-    config.validate()
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if tokenizer is not None:
+        config.vocab_size = len(tokenizer)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, key) is not None:
+                setattr(config, key, getattr(tokenizer, key))
+    try:
+        config.validate()
+    except (ValueError, StrictDataclassError) as err:
+        reason = err.__cause__ or err  # a strict-dataclass error wraps the validator's one-line ValueError
+        if args.config_overrides:
+            raise UsageError(f"--config_overrides {args.config_overrides!r}: {reason}") from None
+        with_tokenizer = " with this tokenizer" if tokenizer is not None else ""
+        raise ModelLoadError(f"the configuration of {args.model_name_or_path}{with_tokenizer}: {reason}") from None
+    return config, None
+
+
+def build_model(args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A model in fp32 (the master weights under mixed precision): fresh from a preset or config, or loaded
+    strictly (:func:`densessm.loading.load_causal_lm`: a missing, unexpected or mis-shaped tensor is an error)."""
+    config, weights = model_config(args, tokenizer)
+    if weights is None:
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = load_causal_lm(weights, dtype=torch.float32, config=config)
+    name = first_nonfinite_parameter(model)
+    if name is not None:  # a training step would give a NaN loss and blame the learning rate
+        raise NonFiniteError(
+            f"{weights} holds NaN or inf values in its parameter {name}: training cannot start from it; "
+            "use an intact copy of the model, or train from scratch"
+        )
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but {weights} was trained with vocab_size "
+            f"{model.config.vocab_size}: pass the tokenizer it was trained with (--tokenizer_name)"
+        )
+    return model
 
 
 def init_deepspeed_comm(args: TrainingArguments) -> None:
@@ -664,13 +753,16 @@ def run_arguments(
     block_size: int,
 ) -> dict:
     """Everything that defines the run, as stored in ``run_arguments.json``: the flags, and what they resolve to
-    (the block size, the world size, the model's configuration, the tokenizer, the corpus files and sizes)."""
+    (the block size, the world size, the model's configuration, the tokenizer, the corpus files with their sizes
+    and modification times: a file edited in place keeps its size, and the token blocks are then rebuilt)."""
     arguments = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **training_args.to_dict()}
     config = {f"config.{k}": v for k, v in model.config.to_dict().items() if k not in _CONFIG_BOOKKEEPING}
     files = {}
     for paths in (data_args.dataset_dir, data_args.validation_files):  # one call each: a file in both is load_blocks'
         for group in find_data_files(paths).values() if paths else ():
-            files.update({name: Path(name).stat().st_size for name in group})
+            for name in group:
+                info = Path(name).stat()
+                files[name] = {"bytes": info.st_size, "mtime_ns": info.st_mtime_ns}
     arguments.update(
         {
             "world_size": training_args.world_size,
@@ -706,7 +798,7 @@ def check_resume(checkpoint: Path, arguments: dict, model: PreTrainedModel, allo
                 f"saved it (stored -> now):\n{run_state.format_table(fixed)}"
             )
         if changed and not allow_changed:
-            names = run_state.list_names(name for name, _, _ in changed)
+            names = run_state.list_names(dict.fromkeys(name.split("[")[0] for name, _, _ in changed))
             raise UsageError(
                 f"cannot resume from {checkpoint}: {len(changed)} argument(s) that change the result differ from "
                 f"the run's ({names}); pass the same values, --allow_changed_args to resume anyway, or "
@@ -761,10 +853,15 @@ def train(
     check_engine(training_args)
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps: the length of a streamed corpus is not known in advance")
+    # A model, tokenizer or --config_overrides that cannot work is refused before the lock creates anything; the
+    # config.json is checked before the tokenizer reads it, so it gets the blame.
+    model_config(model_args)
+    tokenizer = build_tokenizer(model_args)
+    model_config(model_args, tokenizer)
     lock = run_state.RunLock(training_args.output_dir)
     try:
         agree(lock.acquire, here=training_args.should_save)
-        return _train_locked(model_args, data_args, training_args, callbacks)
+        return _train_locked(model_args, data_args, training_args, tokenizer, callbacks)
     except KeyboardInterrupt as err:
         if isinstance(err, Interrupted):
             raise
@@ -777,14 +874,13 @@ def _train_locked(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: DenseTrainingArguments,
+    tokenizer: PreTrainedTokenizerBase,
     callbacks: Sequence[TrainerCallback],
 ) -> dict:
     out = Path(training_args.output_dir)
     agree(lambda: prepare_output_dir(training_args), here=training_args.should_save)
     checkpoint = agree(lambda: resolve_checkpoint(training_args))
     set_seed(training_args.seed)
-    model_source(model_args)  # its config.json checked before the tokenizer reads it, so it gets the blame
-    tokenizer = build_tokenizer(model_args)
     init_deepspeed_comm(training_args)
     model = build_model(model_args, tokenizer)
     block_size = choose_block_size(data_args.block_size, model.config)

@@ -20,12 +20,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import datasets
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from densessm.data import check_utf8, find_data_files
+from densessm.data import file_documents, find_data_files
 from densessm.evaluation.loading import check_model_dir
 from densessm.loading import load_causal_lm, raise_nonfinite
 
@@ -57,21 +56,10 @@ class PerplexityResult:
 
 
 def read_documents(path: str | Path) -> list[str]:
-    """The documents under ``path``, in the formats ``densessm`` trains on: a ``.txt`` file is one document,
-    a ``.jsonl``/``.json``/``.parquet`` record's ``text`` one each; ``.gz``/``.xz``/``.bz2`` are read."""
-    documents = []
-    for builder, files in find_data_files([path]).items():
-        if builder != "parquet":
-            for name in files:
-                check_utf8(name)
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        data = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-        if "text" not in data.column_names:
-            raise ValueError(f"no 'text' field in {', '.join(files)} (columns: {', '.join(data.column_names)})")
-        documents.extend(text for text in data["text"] if text)
-    if not documents:
-        raise ValueError(f"{path} holds no text")
-    return documents
+    """The documents under ``path``, in the formats ``densessm`` trains on and read by the same readers, so a bad
+    file is the same one-line error naming it (and its line or row): a ``.txt`` file is one document, a
+    ``.jsonl``/``.json``/``.parquet`` record's ``text`` one each; ``.gz``/``.xz``/``.bz2`` are read."""
+    return [text for files in find_data_files([path]).values() for name in files for text in file_documents(name)]
 
 
 def _pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,31 +10,40 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from densessm.argtypes import nonnegative_int
-from densessm.files import atomic_write_text
+from densessm.argtypes import nonnegative_int, positive_int
+from densessm.errors import UsageError
+from densessm.files import atomic_write_text, check_path
 
 
 def _seeds(text: str) -> tuple[int, ...]:
+    """Distinct seeds that ``densessm train --seed`` takes (each run would otherwise fail hours into the grid)."""
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    out_of_range = [seed for seed in seeds if not 0 <= seed < 2**32]
+    if out_of_range:
+        raise argparse.ArgumentTypeError(f"seeds must be in [0, 2**32), got {out_of_range[0]}")
     return seeds
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
+def _check_destinations(args: argparse.Namespace) -> None:
+    """Refuse an --output-dir or --report that cannot be created, before the tokenizer is trained."""
+    out = check_path(args.output_dir, "--output-dir")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} is a file, not a directory")
+    report = check_path(args.report, "--report")
+    if report.is_dir():
+        raise UsageError(f"--report {report} is a directory: name the Markdown file of the report")
 
 
 def _dense_vs_plain(args: argparse.Namespace) -> None:
     from densessm.experiments import dense_vs_plain as exp
     from densessm.experiments.results import collect, write_report
 
+    _check_destinations(args)
     scale = exp.SCALES[args.scale]
     if args.seeds:
         scale = replace(scale, seeds=args.seeds)
@@ -133,13 +142,13 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         help="model sizes and token budget: smoke (seconds), cpu (about 2 h on 2 cores), gpu (one GPU, hours)",
     )
     exp.add_argument("--seeds", type=_seeds, help="comma-separated (default: the scale's, 0,1,2)")
-    exp.add_argument("--max-steps", type=_positive, help="override the scale's optimizer steps per run")
+    exp.add_argument("--max-steps", type=positive_int, help="override the scale's optimizer steps per run")
     exp.add_argument(
         "--tasks-limit", type=nonnegative_int, help="zero-shot documents per task; 0 skips them (default: scale's)"
     )
     exp.add_argument(
         "--jobs",
-        type=_positive,
+        type=positive_int,
         default=max(1, min(os.cpu_count() or 1, 2)),
         help="runs at a time; the cores are shared out between them (default: %(default)s)",
     )

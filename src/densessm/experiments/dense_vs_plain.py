@@ -8,7 +8,8 @@ seed ``k`` of every model sees the same batches), for several seeds. Each run is
 with the cores shared out between them.
 
 Everything lands under ``--output-dir``: the tokenizer, the model configs, the held-out subsets, one folder per
-run (checkpoints, TensorBoard logs, metrics) and ``results.json``. The grid can be stopped and restarted: a
+run (checkpoints, TensorBoard logs, metrics, the trained model), the runs' evaluation reports
+(``reports/MODEL/seedN/``) and ``results.json``. The grid can be stopped and restarted: a
 finished run is kept, an interrupted one resumes from its last checkpoint. :mod:`.results` turns the folder into
 the report.
 """
@@ -134,14 +135,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_split(corpus: Path, split: str) -> list[dict]:
+def split_file(corpus: Path, split: str) -> Path:
+    """The file of one split of the corpus, which must exist."""
     path = corpus / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing: build the corpus first with `python scripts/build_experiment_corpus.py "
             f"--out {corpus}` (registry packages only; see docs/data-card.md)"
         )
-    with open(path, encoding="utf-8") as f:
+    return path
+
+
+def read_split(corpus: Path, split: str) -> list[dict]:
+    with open(split_file(corpus, split), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
@@ -242,6 +248,8 @@ def check_same_grid(out: Path, corpus: Path, scale: Scale) -> None:
 
 def prepare(corpus: Path, out: Path, scale: Scale) -> dict:
     """Tokenizer, held-out subsets and model folders of the grid; returns the plan (also saved as plan.json)."""
+    for split in SPLITS:  # before anything is created
+        split_file(corpus, split)
     check_same_grid(out, corpus, scale)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = prepare_tokenizer(corpus, out / "tokenizer", scale.vocab_size)
@@ -363,8 +371,12 @@ def _subprocess(argv: list[str], log: Path, threads: int) -> float:
 
 
 def execute(corpus: Path, out: Path, scale: Scale, run: Run, threads: int, task_data: str | None = None) -> dict:
-    """Train, then score the validation and test subsets (and the zero-shot tasks): one run, start to end."""
+    """Train, then score the validation and test subsets (and the zero-shot tasks): one run, start to end.
+
+    The evaluation reports go to ``reports/MODEL/seedN/`` beside the run folder, which holds the trained model
+    (``densessm eval`` writes no report into a model's directory); a run restarted after them replaces them."""
     run.directory.mkdir(parents=True, exist_ok=True)
+    reports = out / "reports" / run.model / f"seed{run.seed}"
     log = run.directory / "run.log"
     resumed = (run.directory / "trainer_state.json").is_file() or any(run.directory.glob("checkpoint-*"))
     train_seconds = _subprocess(["train", *train_command(corpus, out, scale, run)], log, threads)
@@ -376,7 +388,7 @@ def execute(corpus: Path, out: Path, scale: Scale, run: Run, threads: int, task_
         "train": json.loads((run.directory / "train_results.json").read_text()),
     }
     for split in SPLITS[1:]:
-        stem = run.directory / f"ppl_{split}"
+        stem = reports / f"ppl_{split}"
         seconds = _subprocess(
             [
                 "eval",
@@ -392,6 +404,7 @@ def execute(corpus: Path, out: Path, scale: Scale, run: Run, threads: int, task_
                 "8",
                 "--output",
                 str(stem),
+                "--overwrite",
             ],
             log,
             threads,
@@ -409,12 +422,13 @@ def execute(corpus: Path, out: Path, scale: Scale, run: Run, threads: int, task_
             "--bootstrap-iters",
             "0",
             "--output",
-            str(run.directory / "tasks"),
+            str(reports / "tasks"),
+            "--overwrite",
         ]
         if task_data:
             argv += ["--task-data", task_data]
         result["tasks_seconds"] = _subprocess(argv, log, threads)
-        result["tasks"] = json.loads((run.directory / "tasks.json").read_text())["tasks"]
+        result["tasks"] = json.loads((reports / "tasks.json").read_text())["tasks"]
     atomic_write_text(run.directory / "result.json", json.dumps(result, indent=1) + "\n")
     for stale in run.directory.glob("checkpoint-*"):  # the final weights are saved in the run folder itself
         shutil.rmtree(stale)
