@@ -6,15 +6,16 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/model
 
 Every refusal is a JSON ``{"error": {...}}`` with the status that fits: 400 for a bad or unsupported
 parameter, 401 for a missing or wrong key, 404 for an unknown model or route, 413 for a body over the size
-limit, 429 when the queue is full, 503 while shutting down, 500 when the engine failed the request. A client
-that goes away is noticed (at the next token when streaming, within a quarter second otherwise) and its
-request leaves the batch.
+limit, 415 for a body not sent as JSON, 429 when the queue is full, 503 while shutting down, 500 when the
+engine failed the request. A client that goes away is noticed (at the next token when streaming, within a
+quarter second otherwise) and its request leaves the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.message
 import hmac
 import json
 import logging
@@ -172,6 +173,23 @@ class _Server:
                 code="invalid_api_key",
             )
 
+    def check_json(self, request: Request) -> None:
+        """FastAPI parses a body only under a JSON content type (as its own rule, mirrored here: a form post or
+        text/plain from a browser page must not reach the model); any other body would fail as "not a JSON
+        object", blaming the body for the header."""
+        given = request.headers.get("content-type")
+        header = email.message.Message()
+        header["content-type"] = given or ""
+        subtype = header.get_content_subtype()
+        if given and header.get_content_maintype() == "application" and subtype.split("+")[-1] == "json":
+            return
+        raise APIError(
+            415,
+            "the request body must be JSON, sent with the header 'Content-Type: application/json' (this one came "
+            f"with {f'Content-Type: {given[:80]}' if given else 'no Content-Type'})",
+            code="unsupported_media_type",
+        )
+
     def check_model(self, name: str) -> None:
         if name != self.settings.model_name:
             raise APIError(
@@ -250,13 +268,26 @@ class _Server:
             logprobs=logprobs,
         )
 
+    def check_tokenizer(self, tokens: list[int]) -> list[int]:
+        """Tokens the server's tokenizer made: one beyond the model's vocabulary is the server's fault, not the
+        client's (a tokenizer that does not fit the model)."""
+        bad = next((t for t in tokens if t >= self.vocab_size), None)
+        if bad is not None:
+            raise APIError(
+                500,
+                f"the server's tokenizer gives token id {bad}, beyond the model's vocabulary of {self.vocab_size}: "
+                "the server runs with a tokenizer that does not fit its model (densessm serve --tokenizer DIR)",
+                type="server_error",
+            )
+        return tokens
+
     def completion_prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
-            prompts = [self.tokenizer(prompt)["input_ids"]]
+            prompts = [self.check_tokenizer(self.tokenizer(prompt)["input_ids"])]
         elif all(isinstance(p, int) for p in prompt):
             prompts = [list(prompt)]
         elif all(isinstance(p, str) for p in prompt):
-            prompts = [self.tokenizer(p)["input_ids"] for p in prompt]
+            prompts = [self.check_tokenizer(self.tokenizer(p)["input_ids"]) for p in prompt]
         else:
             prompts = [list(p) for p in prompt]
         if len(prompts) > MAX_PROMPTS:
@@ -415,6 +446,7 @@ def create_app(
         return _error_response(APIError(500, f"internal error ({type(err).__name__}): {err}", type="server_error"))
 
     authorized = [Depends(server.check_key)]
+    json_body = [*authorized, Depends(server.check_json)]
 
     @app.get("/health")
     async def health():
@@ -438,7 +470,7 @@ def create_app(
         server.check_model(model_id)
         return model_card()
 
-    @app.post("/v1/completions", dependencies=authorized)
+    @app.post("/v1/completions", dependencies=json_body)
     async def completions(body: CompletionRequest, http: Request):
         server.check_model(body.model)
         prompts = server.completion_prompts(body.prompt)
@@ -512,10 +544,11 @@ def create_app(
             "usage": _usage(done),
         }
 
-    @app.post("/v1/chat/completions", dependencies=authorized)
+    @app.post("/v1/chat/completions", dependencies=json_body)
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         server.check_model(body.model)
         tokens, boundaries = server.chat.encode(body.messages)
+        server.check_tokenizer(tokens)
         server.check_prompt(tokens, "the rendered conversation", param="messages")
         max_tokens = server.completion_budget([tokens], body.max_completion_tokens or body.max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None

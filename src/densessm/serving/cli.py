@@ -177,11 +177,10 @@ def run_serve(args: argparse.Namespace) -> None:
         import uvicorn
     except ImportError as err:
         raise ImportError(f"densessm serve needs the web stack: pip install 'densessm[serve]' ({err})") from None
-    from transformers import AutoTokenizer
     from transformers.utils.logging import disable_progress_bar
 
     from densessm.inference import prepack_for_cpu
-    from densessm.loading import load_causal_lm, read_config
+    from densessm.loading import load_causal_lm, load_tokenizer_dir, read_config
     from densessm.runtime import resolve_device
     from densessm.serving.app import ServerSettings, create_app
     from densessm.serving.engine import Engine, EngineConfig
@@ -197,11 +196,7 @@ def run_serve(args: argparse.Namespace) -> None:
             args.host,
             API_KEY_ENV,
         )
-    tokenizer_dir = Path(args.tokenizer or model_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"no usable tokenizer in {tokenizer_dir} (pass --tokenizer DIR): {err}") from None
+    tokenizer = load_tokenizer_dir(args.tokenizer or model_dir)  # never runs code shipped with it
     sock = _bind(args.host, args.port)
     disable_progress_bar()  # a server's log is read later: one line per event, no progress bars
     model = load_causal_lm(model_dir, dtype=DTYPES[args.dtype], device=device, config=config)

@@ -3,17 +3,30 @@
 Every parameter the OpenAI API defines for ``/v1/completions`` and ``/v1/chat/completions`` is either
 honoured or refused with a 400 naming it; nothing is silently ignored (``user`` alone is accepted and unused:
 it only labels the caller). Unknown parameters are refused the same way, so a typo never goes unnoticed.
+Values are what they claim to be: text is Unicode (JSON can escape a lone surrogate, which no tokenizer
+reads), token ids are integers and numbers are not booleans (pydantic would read ``true`` as 1).
 Limits that depend on the server (``n``, prompt and completion lengths) are checked where the prompt has
 been tokenized (:mod:`densessm.serving.app`).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
+MAX_TOKEN_ID_DIGITS = 12  # a logit_bias key longer than this is no token id of any vocabulary
 
 
 class APIError(Exception):
@@ -28,6 +41,9 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ):
+        # a message may quote the request, and a lone surrogate there would make the JSON answer unencodable
+        message = message.encode("utf-8", "backslashreplace").decode()
+        param = None if param is None else param.encode("utf-8", "backslashreplace").decode()
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -39,7 +55,8 @@ class APIError(Exception):
 def validation_error(err: ValidationError | list[dict[str, Any]]) -> APIError:
     """One clear 400 for the first problem pydantic found (FastAPI's ``RequestValidationError.errors()``)."""
     errors = err.errors() if isinstance(err, ValidationError) else err
-    first = errors[0]
+    # a union reports a failure per alternative it tried: a check of ours (a value error) is the one that fits
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     # a union reports each alternative it tried (``str``, ``list[int]``...): keep the path the user wrote
     param = ".".join(part for part in loc if not (part.startswith(("list[", "function-")) or part in ("str", "int")))
@@ -48,6 +65,9 @@ def validation_error(err: ValidationError | list[dict[str, Any]]) -> APIError:
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
     if kind == "model_attributes_type" and not param:
         return APIError(400, "the request body must be a JSON object")
+    if kind == "string_unicode":  # a key holding a lone surrogate (values are checked by ``Text``)
+        where = f"a key in '{param}'" if param else "a parameter name"
+        return APIError(400, f"{where} is not valid Unicode text (it holds a lone surrogate)", param=param or None)
     if kind == "missing" and param:
         return APIError(400, f"missing required parameter '{param}'", param=param, code="missing_required_parameter")
     if kind == "extra_forbidden":
@@ -63,6 +83,43 @@ def validation_error(err: ValidationError | list[dict[str, Any]]) -> APIError:
     )
 
 
+def _shown(value: Any) -> str:
+    """A request value as JSON, cut short: for messages that quote what the client sent."""
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _unicode(value: str, where: str = "the text ") -> str:
+    """``value`` if it is Unicode text. JSON may hold a lone surrogate (``"\\ud800"``), which no tokenizer reads
+    and no UTF-8 encodes: refused here, with its place, rather than failing deep in the tokenizer."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where}holds a lone surrogate \\u{ord(value[err.start]):04x} at character {err.start}: not valid "
+            "Unicode text (send the character's UTF-8, or its surrogate pair)"
+        ) from None
+    return value
+
+
+def _not_bool(value: Any) -> Any:
+    """JSON's true/false are not numbers: without this, pydantic would read them as 1 and 0."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {_shown(value)}")
+    return value
+
+
+def _token_ids(ids: list[Any], where: str) -> None:
+    for i, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise ValueError(f"{where}[{i}] is {_shown(token)}: a token id is an integer")
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -74,18 +131,18 @@ class StreamOptions(_Strict):
 class _Sampling(_Strict):
     """What both endpoints share."""
 
-    model: str
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1)] | None = None
+    model: Text
+    temperature: Annotated[Float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
+    n: Annotated[Int, Field(ge=1)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: Annotated[str | list[str] | None, Field(validate_default=True)] = None  # always a list once checked
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # a signed 64-bit integer, as OpenAI's
-    user: str | None = None  # a label of the end user (OpenAI uses it for abuse monitoring): accepted, unused
+    stop: Annotated[Text | list[Text] | None, Field(validate_default=True)] = None  # always a list once checked
+    presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Annotated[Float, Field(ge=-100, le=100)]] | None = None
+    seed: Annotated[Int, Field(ge=-(2**63), lt=2**63)] | None = None  # a signed 64-bit integer, as OpenAI's
+    user: Text | None = None  # a label of the end user (OpenAI uses it for abuse monitoring): accepted, unused
 
     @field_validator("stop")
     @classmethod
@@ -101,8 +158,10 @@ class _Sampling(_Strict):
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not key.isdigit():
-                raise ValueError(f"keys must be token ids (integers as strings), got {key!r}")
+            if not (key.isascii() and key.isdigit()):  # str.isdigit alone takes "٣" and "²"
+                raise ValueError(f"keys must be token ids (integers as strings), got {_shown(key)}")
+            if len(key) > MAX_TOKEN_ID_DIGITS:
+                raise ValueError(f"token id {key[:MAX_TOKEN_ID_DIGITS]}... is out of any vocabulary's range")
         return value
 
     @model_validator(mode="after")
@@ -119,20 +178,43 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
     prompt: Prompt
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    max_tokens: Annotated[Int, Field(ge=1)] | None = 16
+    logprobs: Annotated[Int, Field(ge=0, le=5)] | None = None
     echo: bool | None = False
-    best_of: Annotated[int, Field(ge=1)] | None = None
-    suffix: str | None = None
+    best_of: Annotated[Int, Field(ge=1)] | None = None
+    suffix: Text | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt(cls, value: Prompt) -> Prompt:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("the prompt list is empty")
-            if any(isinstance(p, list) and not p for p in value):
-                raise ValueError("a prompt of token ids is empty")
+    def _prompt(cls, value: Any) -> Any:
+        """Checked by hand, before the union: pydantic would read true as token id 1, and report a wrong
+        element as a failure of every alternative ("Input should be a valid string")."""
+        if isinstance(value, str):
+            return _unicode(value)
+        if not isinstance(value, list):
+            raise ValueError(
+                f"expected a string, a list of strings, a list of token ids or a list of lists of them, got "
+                f"{_shown(value)}"
+            )
+        if not value:
+            raise ValueError("the prompt list is empty")
+        kinds = ["text" if isinstance(p, str) else "ids" if isinstance(p, list) else "id" for p in value]
+        odd = next((i for i, kind in enumerate(kinds) if kind != kinds[0]), None)
+        if odd is not None:
+            raise ValueError(
+                f"prompt[{odd}] is {_shown(value[odd])} but prompt[0] is {_shown(value[0])}: a list holds only "
+                "strings, only token ids, or only lists of token ids"
+            )
+        if kinds[0] == "text":
+            for i, text in enumerate(value):
+                _unicode(text, f"prompt[{i}] ")
+        elif kinds[0] == "ids":
+            for i, ids in enumerate(value):
+                if not ids:
+                    raise ValueError(f"prompt[{i}] is an empty list of token ids")
+                _token_ids(ids, f"prompt[{i}]")
+        else:
+            _token_ids(value, "prompt")
         return value
 
     @model_validator(mode="after")
@@ -148,13 +230,13 @@ class CompletionRequest(_Sampling):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
@@ -168,10 +250,10 @@ class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[Int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
     logprobs: bool | None = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")

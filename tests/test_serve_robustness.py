@@ -1,0 +1,485 @@
+"""`densessm serve` against bad input: requests that once reached the tokenizer or the model wrongly (a lone
+surrogate, booleans read as token ids, a body sent as text/plain) are 400/415 answers in OpenAI's format naming
+the parameter; a tokenizer that does not fit the model is blamed on the server; at start, a tokenizer with
+custom code or a model directory without one is one line, and Ctrl-C while loading is exit 130.
+
+The requests go through the whole FastAPI application in this process (routing, dependencies, validation,
+error handlers) with a running engine, so no server process has to start; tests/test_serve_http.py drives
+real server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import densessm.loading
+import densessm.serving.cli
+from densessm import DenseRetNetForCausalLM
+from densessm.cli import main
+from densessm.serving.app import ServerSettings, create_app
+from densessm.serving.engine import Engine, EngineConfig
+from densessm.serving.metrics import ServerMetrics
+
+VOCAB = 97  # tiny_config's vocab_size
+
+
+def word_tokenizer(words: int) -> PreTrainedTokenizerFast:
+    """``<pad> <s> </s> <unk>`` and ``w0``... : ``words`` tokens in all."""
+    vocab = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(words - 4)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+class App:
+    """The server's application over a running engine, called directly as ASGI."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast):
+        torch.manual_seed(0)
+        model = DenseRetNetForCausalLM(tiny_config()).eval()
+        metrics = ServerMetrics(2)
+        config = EngineConfig(max_batch=2, max_queue=4, prefill_chunk=8, prefix_cache_bytes=0, max_model_len=64)
+        self.engine = Engine(model, copy.deepcopy(tokenizer), config, metrics)
+        settings = ServerSettings(model_name="tiny", max_model_len=64, max_prompt_tokens=63, max_tokens=8, max_n=2)
+        self.app = create_app(self.engine, tokenizer, settings, metrics)
+        self.engine.start()
+
+    def post(self, path: str, body: bytes | dict, content_type: str | None = "application/json") -> tuple[int, dict]:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = [(b"content-length", str(len(raw)).encode())]
+        if content_type is not None:
+            headers.append((b"content-type", content_type.encode("latin-1")))
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 8000),
+        }
+        sent: list[dict] = []
+
+        async def call() -> None:
+            delivered = False
+
+            async def receive() -> dict:
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": raw, "more_body": False}
+                await asyncio.Event().wait()  # the client stays connected
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            await self.app(scope, receive, send)
+
+        asyncio.run(call())
+        return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+@pytest.fixture(scope="module")
+def app():
+    running = App(word_tokenizer(VOCAB))
+    yield running
+    running.engine.stop()
+
+
+def completion(**fields) -> dict:
+    return {"model": "tiny", "prompt": "w1 w2", "max_tokens": 2, "temperature": 0, **fields}
+
+
+def chat(message: dict, **fields) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", **message}], "max_tokens": 2, **fields}
+
+
+def raw(text: str) -> bytes:
+    """A body with JSON escapes kept as written (json.dumps would refuse to write a lone surrogate)."""
+    return text.encode()
+
+
+SURROGATE = (
+    "holds a lone surrogate \\ud800 at character {}: not valid Unicode text (send the character's UTF-8, or its "
+    "surrogate pair)"
+)
+
+REFUSED = [
+    # (id, endpoint, body, status, param, message)
+    # a lone surrogate, valid JSON, anywhere it could reach the tokenizer (or the answer's encoding)
+    (
+        "prompt-surrogate",
+        "/v1/completions",
+        raw('{"model": "tiny", "prompt": "w1 \\ud800 w2"}'),
+        400,
+        "prompt",
+        "invalid 'prompt': the text " + SURROGATE.format(3),
+    ),
+    (
+        "prompt-list-surrogate",
+        "/v1/completions",
+        raw('{"model": "tiny", "prompt": ["w1", "w2 \\udfff"]}'),
+        400,
+        "prompt",
+        "invalid 'prompt': prompt[1] " + SURROGATE.replace("ud800", "udfff").format(3),
+    ),
+    (
+        "chat-content-surrogate",
+        "/v1/chat/completions",
+        raw('{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+        400,
+        "messages.0.content",
+        "invalid 'messages.0.content': the text " + SURROGATE.format(0),
+    ),
+    (
+        "chat-part-surrogate",
+        "/v1/chat/completions",
+        raw('{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "w1\\ud800"}]}]}'),
+        400,
+        "messages.0.content.0.text",
+        "invalid 'messages.0.content.0.text': the text " + SURROGATE.format(2),
+    ),
+    (
+        "chat-name-surrogate",
+        "/v1/chat/completions",
+        raw('{"model": "tiny", "messages": [{"role": "user", "content": "w1", "name": "\\ud800"}]}'),
+        400,
+        "messages.0.name",
+        "invalid 'messages.0.name': the text " + SURROGATE.format(0),
+    ),
+    (
+        "stop-surrogate",
+        "/v1/completions",
+        raw('{"model": "tiny", "prompt": "w1", "stop": ["w2", "\\ud800"]}'),
+        400,
+        "stop.1",
+        "invalid 'stop.1': the text " + SURROGATE.format(0),
+    ),
+    (
+        "model-surrogate",
+        "/v1/completions",
+        raw('{"model": "tiny\\ud800", "prompt": "w1"}'),
+        400,
+        "model",
+        "invalid 'model': the text " + SURROGATE.format(4),
+    ),
+    (
+        "key-surrogate",
+        "/v1/completions",
+        raw('{"model": "tiny", "prompt": "w1", "\\ud800": 1}'),
+        400,
+        None,
+        "a parameter name is not valid Unicode text (it holds a lone surrogate)",
+    ),
+    # token ids: integers only, inside the vocabulary, at every nesting
+    (
+        "bool-ids",
+        "/v1/completions",
+        completion(prompt=[True, False, 7]),
+        400,
+        "prompt",
+        "invalid 'prompt': prompt[0] is true: a token id is an integer",
+    ),
+    (
+        "nested-bool-id",
+        "/v1/completions",
+        completion(prompt=[[5, 6], [7, False]]),
+        400,
+        "prompt",
+        "invalid 'prompt': prompt[1][1] is false: a token id is an integer",
+    ),
+    (
+        "float-id",
+        "/v1/completions",
+        completion(prompt=[5, 6.0]),
+        400,
+        "prompt",
+        "invalid 'prompt': prompt[1] is 6.0: a token id is an integer",
+    ),
+    (
+        "null-id",
+        "/v1/completions",
+        completion(prompt=[5, None]),
+        400,
+        "prompt",
+        "invalid 'prompt': prompt[1] is null: a token id is an integer",
+    ),
+    (
+        "too-deep",
+        "/v1/completions",
+        completion(prompt=[[[5]]]),
+        400,
+        "prompt",
+        "invalid 'prompt': prompt[0][0] is [5]: a token id is an integer",
+    ),
+    (
+        "mixed-list",
+        "/v1/completions",
+        completion(prompt=[[5], "w1"]),
+        400,
+        "prompt",
+        "invalid 'prompt': prompt[1] is \"w1\" but prompt[0] is [5]: a list holds only strings, only token ids, "
+        "or only lists of token ids",
+    ),
+    (
+        "empty-nested",
+        "/v1/completions",
+        completion(prompt=[[5], []]),
+        400,
+        "prompt",
+        "invalid 'prompt': prompt[1] is an empty list of token ids",
+    ),
+    (
+        "not-a-prompt",
+        "/v1/completions",
+        completion(prompt={"text": "w1"}),
+        400,
+        "prompt",
+        "invalid 'prompt': expected a string, a list of strings, a list of token ids or a list of lists of them, "
+        'got {"text": "w1"}',
+    ),
+    (
+        "negative-id",
+        "/v1/completions",
+        completion(prompt=[5, -1]),
+        400,
+        "prompt",
+        f"token id -1 is out of range for the model's vocabulary of {VOCAB}",
+    ),
+    (
+        "nested-negative-id",
+        "/v1/completions",
+        completion(prompt=[[5], [6, -3]]),
+        400,
+        "prompt",
+        f"token id -3 is out of range for the model's vocabulary of {VOCAB}",
+    ),
+    (
+        "nested-id-beyond",
+        "/v1/completions",
+        completion(prompt=[[5], [VOCAB]]),
+        400,
+        "prompt",
+        f"token id {VOCAB} is out of range for the model's vocabulary of {VOCAB}",
+    ),
+    (
+        "bias-bool",
+        "/v1/completions",
+        completion(logit_bias={"5": True}),
+        400,
+        "logit_bias.5",
+        "invalid 'logit_bias.5': expected a number, got true",
+    ),
+    (
+        "bias-non-ascii-digit",
+        "/v1/completions",
+        completion(logit_bias={"\u0663": 1}),  # ARABIC-INDIC DIGIT THREE: int() reads it as 3
+        400,
+        "logit_bias",
+        "invalid 'logit_bias': keys must be token ids (integers as strings), got \"\\u0663\"",
+    ),
+    (
+        "bias-superscript",
+        "/v1/completions",
+        completion(logit_bias={"\u00b2": 1}),  # str.isdigit, but not for int()
+        400,
+        "logit_bias",
+        "invalid 'logit_bias': keys must be token ids (integers as strings), got \"\\u00b2\"",
+    ),
+    (
+        "bias-huge-key",
+        "/v1/completions",
+        completion(logit_bias={"9" * 5000: 1}),  # int() refuses over 4300 digits
+        400,
+        "logit_bias",
+        "invalid 'logit_bias': token id 999999999999... is out of any vocabulary's range",
+    ),
+    # booleans are not numbers anywhere
+    (
+        "max-tokens-bool",
+        "/v1/completions",
+        completion(max_tokens=True),
+        400,
+        "max_tokens",
+        "invalid 'max_tokens': expected a number, got true",
+    ),
+    ("n-bool", "/v1/completions", completion(n=True), 400, "n", "invalid 'n': expected a number, got true"),
+    (
+        "temperature-bool",
+        "/v1/chat/completions",
+        chat({"content": "w1"}, temperature=False),
+        400,
+        "temperature",
+        "invalid 'temperature': expected a number, got false",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "status", "param", "message"), [case[1:] for case in REFUSED], ids=[c[0] for c in REFUSED]
+)
+def test_bad_values_are_refused_naming_the_parameter(app, endpoint, body, status, param, message):
+    code, answer = app.post(endpoint, body)
+    assert code == status, answer
+    assert answer["error"]["message"] == message
+    assert answer["error"]["param"] == param
+    assert answer["error"]["type"] == "invalid_request_error"
+
+
+def test_valid_text_and_ids_around_the_refusals_are_answered(app):
+    """What the checks must let through: a surrogate pair (one character), an id at the vocabulary's end,
+    lists of lists, integral numbers written as 2.0 for a count."""
+    for endpoint, body in (
+        ("/v1/completions", raw('{"model": "tiny", "prompt": "w1 \\ud83d\\ude00", "max_tokens": 2}')),
+        ("/v1/completions", completion(prompt=[[5, VOCAB - 1], [6]])),
+        ("/v1/completions", completion(prompt=[0, 5], max_tokens=2.0)),
+        ("/v1/chat/completions", chat({"content": [{"type": "text", "text": "w1 \u00e9"}]}, stop=["w2"])),
+    ):
+        code, answer = app.post(endpoint, body)
+        assert code == 200, answer
+        assert answer["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("content_type", "shown"),
+    [
+        ("text/plain", "Content-Type: text/plain"),
+        ("application/x-www-form-urlencoded", "Content-Type: application/x-www-form-urlencoded"),
+        (None, "no Content-Type"),
+    ],
+)
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_a_json_body_under_another_content_type_is_named_as_such(app, endpoint, content_type, shown):
+    body = completion() if endpoint == "/v1/completions" else chat({"content": "w1"})
+    code, answer = app.post(endpoint, body, content_type=content_type)
+    assert code == 415
+    assert answer["error"] == {
+        "message": "the request body must be JSON, sent with the header 'Content-Type: application/json' "
+        f"(this one came with {shown})",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "unsupported_media_type",
+    }
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.api+json"])
+def test_json_content_types_with_parameters_or_suffix_are_read(app, content_type):
+    code, answer = app.post("/v1/completions", completion(), content_type=content_type)
+    assert code == 200, answer
+
+
+def test_a_body_that_is_json_but_not_an_object_is_still_named_so(app):
+    assert app.post("/v1/completions", b"[1, 2]")[1]["error"]["message"] == "the request body must be a JSON object"
+
+
+def test_a_tokenizer_larger_than_the_model_is_the_servers_fault():
+    """Text whose tokens lie beyond the model's vocabulary: the server's tokenizer does not fit its model. The
+    client is not told that its prompt is wrong (a 400 about 'token id 110')."""
+    served = App(word_tokenizer(VOCAB + 20))
+    try:
+        for endpoint, body in (
+            ("/v1/completions", completion(prompt="w1 w110")),
+            ("/v1/chat/completions", chat({"content": "w1 w110"})),
+        ):
+            code, answer = served.post(endpoint, body)
+            assert code == 500
+            assert answer["error"]["type"] == "server_error"
+            assert answer["error"]["message"] == (
+                f"the server's tokenizer gives token id 114, beyond the model's vocabulary of {VOCAB}: the server "
+                "runs with a tokenizer that does not fit its model (densessm serve --tokenizer DIR)"
+            )
+        assert served.post("/v1/completions", completion(prompt="w1 w2"))[0] == 200
+    finally:
+        served.engine.stop()
+
+
+# --- start-up -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("serve-robust") / "tiny"
+    DenseRetNetForCausalLM(tiny_config()).save_pretrained(directory)
+    word_tokenizer(VOCAB).save_pretrained(directory)
+    return directory
+
+
+def test_a_tokenizer_with_custom_code_is_refused_without_asking(model_dir, tmp_path, capsys, monkeypatch):
+    """transformers would print 'Do you wish to run the custom code? [y/N]' and read the terminal."""
+    tokenizer_dir = tmp_path / "custom"
+    tokenizer_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tokenizer_dir / name).write_bytes((model_dir / name).read_bytes())
+    settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    settings |= {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(settings))
+    ran = tmp_path / "the-custom-code-ran"
+    (tokenizer_dir / "evil.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked on the terminal"))
+    assert main(["serve", str(model_dir), "--tokenizer", str(tokenizer_dir), "--port", "0"]) == 1
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == (
+        f"densessm serve: error: the tokenizer in {tokenizer_dir} needs its own Python code (tokenizer_config.json "
+        "has an auto_map); densessm never runs code from a model or tokenizer directory: use a tokenizer without "
+        "custom code"
+    )
+    assert "[y/N]" not in out + err and "trust_remote_code" not in out + err
+    assert not ran.exists()
+
+
+def test_a_model_directory_without_tokenizer_files_is_one_line(model_dir, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((model_dir / name).read_bytes())
+    assert main(["serve", str(bare), "--port", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"densessm serve: error: {bare} has no tokenizer (tokenizer.json / tokenizer.model / vocab.json): save it "
+        "next to the model with tokenizer.save_pretrained(DIR), or name a tokenizer directory"
+    )
+    assert not any("sentencepiece" in line for line in err)
+
+
+@pytest.mark.parametrize("stage", ["load_tokenizer_dir", "load_causal_lm"])
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(model_dir, capsys, monkeypatch, stage):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(densessm.loading, stage, interrupted)
+    monkeypatch.setattr(densessm.serving.cli, "_serve", lambda *a: pytest.fail(f"served: {stage} was not called"))
+    assert main(["serve", str(model_dir), "--port", "0"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "densessm serve: interrupted"
+
+
+def test_a_model_directory_that_does_not_match_its_config_is_refused(model_dir, tmp_path, capsys):
+    """The strict loader of `generate` and `eval`: no server with half-random weights."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for path in model_dir.iterdir():
+        (damaged / path.name).write_bytes(path.read_bytes())
+    config = json.loads((damaged / "config.json").read_text())
+    (damaged / "config.json").write_text(json.dumps(config | {"vocab_size": VOCAB + 3}))
+    assert main(["serve", str(damaged), "--port", "0"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(
+        f"densessm serve: error: {damaged} does not hold the model its config.json describes (dense_retnet): "
+        "tensors of another shape: "
+    )
+    assert f"({VOCAB}, " in line and f"(config.json gives ({VOCAB + 3}, " in line
