@@ -17,6 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from densessm import DenseRetNetConfig, DenseRetNetForCausalLM
+
 MODEL = dict(
     vocab_size=4096,
     hidden_size=256,
@@ -40,10 +44,6 @@ def _current_rss_mib() -> float:
 
 def measure(task: str, mode: str, length: int, chunk_size: int, repeats: int, threads: int) -> dict:
     """One point, in this process: tokens/s and the peak RSS growth over the idle model."""
-    import torch
-
-    from densessm import DenseRetNetConfig, DenseRetNetForCausalLM
-
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = DenseRetNetForCausalLM(DenseRetNetConfig(**MODEL, chunk_size=chunk_size))

@@ -26,16 +26,18 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, SequenceBiasLogitsProcessor
+
+from densessm.inference import prepack_for_cpu
+from densessm.loading import load_causal_lm, read_config
+from densessm.presets import load_preset
+
 TOKENIZER = Path(__file__).resolve().parents[1] / "src" / "densessm" / "resources" / "tokenizer"
 
 
 def build_model(preset: str, directory: Path) -> Path:
     """A randomly initialised preset, saved with the bundled tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from densessm.presets import load_preset
-
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(load_preset(preset))
     model.save_pretrained(directory)
@@ -44,8 +46,6 @@ def build_model(preset: str, directory: Path) -> Path:
 
 
 def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     return torch.randint(10, vocab, (count, length), generator=g).tolist()
 
@@ -78,12 +78,6 @@ class _Clock:
 def baseline_worker(model_dir: Path) -> None:
     """Load the model once, then run each job read from stdin (a JSON line: prompts, new_tokens) as sequential
     generate() calls and answer with a JSON line on stdout."""
-    import torch
-    from transformers import SequenceBiasLogitsProcessor
-
-    from densessm.inference import prepack_for_cpu
-    from densessm.loading import load_causal_lm
-
     model = prepack_for_cpu(load_causal_lm(model_dir))
     ban = SequenceBiasLogitsProcessor({(model.generation_config.eos_token_id,): -100.0})
     with torch.no_grad():
@@ -370,11 +364,6 @@ def main() -> None:
     if args.baseline_worker is not None:
         baseline_worker(args.baseline_worker)
         return
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from densessm.loading import read_config
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = args.model_dir or build_model(args.preset, Path(scratch) / args.preset)

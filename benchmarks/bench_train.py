@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from densessm.presets import load_preset
 from densessm.train import main as train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,8 +170,6 @@ def main() -> None:
             res["rounds"].append(one)
             dense_speed, plain_speed = (one[k]["tokens_per_second"] for k in ("dense", "plain"))
             print(f"{size}: dense {dense_speed:,.0f}, plain {plain_speed:,.0f} tokens/s, ratio {one['ratio']:.3f}")
-        from densessm.presets import load_preset
-
         res["m"] = load_preset(dense).dense_block_layers
         res["dense_parameters"] = res["rounds"][0]["dense"]["parameters"]
         res["plain_parameters"] = res["rounds"][0]["plain"]["parameters"]

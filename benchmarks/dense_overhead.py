@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from densessm.bench import DTYPES, WARMUP_ROUNDS, _decoder, alternate, build, copy_bandwidth
 from densessm.inference import prepack_for_cpu
+from densessm_lab.bench.measure import WARMUP_ROUNDS, alternate, copy_bandwidth, decoder
+from densessm_lab.bench.models import DTYPES, build
 
 PAIRS = (("dense_retnet_350m", "retnet_350m"), ("dense_mamba_360m", "mamba_360m"))
 
@@ -54,7 +55,7 @@ def main() -> None:
     pairs = []
     for names in tqdm(chosen, desc="build"):
         models = [prepack_for_cpu(build(name, dtype)) for name in names]
-        steppers = [_decoder(model, args.batch, args.context, calls)[1] for model in models]
+        steppers = [decoder(model, args.batch, args.context, calls)[1] for model in models]
         alternate(steppers, WARMUP_ROUNDS)
         pairs.append({"dense": names[0], "plain": names[1], "steppers": steppers, "blocks": []})
     for index in tqdm(range(args.blocks), desc="blocks"):

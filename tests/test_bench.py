@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import runpy
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
-from densessm import bench
-from densessm.bench import _decoder, build, dense_pairs
 from densessm.cache import RecurrentCache
 from densessm.cli import main
+from densessm_lab.bench import measure, models, report
+from densessm_lab.bench.measure import decoder, dense_pairs
+from densessm_lab.bench.models import build
 
 
 def test_bench_generate_writes_report(tmp_path, capsys):
@@ -60,12 +63,12 @@ def test_bench_overhead_steps_zero_skips_it(tmp_path, capsys):
 def test_stock_llama_decodes_with_a_growing_dynamic_cache():
     """The stock baseline's step really appends to a DynamicCache (the optimised one writes into a StaticCache)."""
     model = build("llama_tiny_stock", torch.float32)
-    cache, step = _decoder(model, batch=2, context=8, calls=2, dynamic=True)
+    cache, step = decoder(model, batch=2, context=8, calls=2, dynamic=True)
     assert type(cache) is DynamicCache and cache.get_seq_length() == 8
     assert cache.layers[0].keys.shape == (2, 2, 8, 32)
     step()
     assert cache.get_seq_length() == 9 and cache.layers[0].keys.shape[2] == 9
-    static, step = _decoder(build("llama_tiny", torch.float32), batch=2, context=8, calls=2)
+    static, step = decoder(build("llama_tiny", torch.float32), batch=2, context=8, calls=2)
     assert isinstance(static, StaticCache)
 
 
@@ -85,9 +88,9 @@ def test_bench_compile_decodes_recurrent_models_compiled_and_unprepacked(tmp_pat
     through the compiled step, never prepacked (the compiled path refuses prepacked weights); the LLaMA stays
     eager and prepacked; the compilation happens in the untimed warm-up, never in a timed region."""
     prepacked = []
-    prepack = bench.prepack_for_cpu
+    prepack = measure.prepack_for_cpu
     monkeypatch.setattr(
-        bench, "prepack_for_cpu", lambda model: prepacked.append(type(model).__name__) or prepack(model)
+        measure, "prepack_for_cpu", lambda model: prepacked.append(type(model).__name__) or prepack(model)
     )
     out = tmp_path / "gen"
     models = ["dense_retnet_tiny", "retnet_tiny", "llama_tiny"]
@@ -122,8 +125,8 @@ def test_bench_compile_decodes_recurrent_models_compiled_and_unprepacked(tmp_pat
 
 def test_eager_run_reports_compile_off_and_saves_each_model(tmp_path, capsys, monkeypatch):
     saved = []
-    write_json = bench.write_json
-    monkeypatch.setattr(bench, "write_json", lambda r, out: saved.append(json.dumps(r)) or write_json(r, out))
+    write_json = report.write_json
+    monkeypatch.setattr(report, "write_json", lambda r, out: saved.append(json.dumps(r)) or write_json(r, out))
     out = tmp_path / "gen"
     models = ["retnet_tiny", "mamba_tiny"]
     args = ["bench", "generate", "--models", *models, "--batch", "1", "--new-tokens", "2", "--contexts", "8"]
@@ -144,9 +147,9 @@ def test_synthetic_cache_lives_on_the_models_device(name):
     would show up as a meta tensor here."""
     model = build(name, torch.bfloat16)
     param = next(model.parameters())
-    cache = bench._synthetic_cache(model, batch=2, context=4, steps=12, dynamic=bench.is_stock(name))
+    cache = models.synthetic_cache(model, batch=2, context=4, steps=12, dynamic=models.is_stock(name))
     with torch.device("meta"):
-        cache = bench._fill_context(cache, 16, model.device)
+        cache = models.fill_context(cache, 16, model.device)
     if isinstance(cache, RecurrentCache):
         assert cache.positions.device == param.device and cache.positions.dtype == torch.long
         assert cache.positions.tolist() == [16, 16] and cache.get_seq_length() == 16
@@ -157,25 +160,25 @@ def test_synthetic_cache_lives_on_the_models_device(name):
         assert all(t.dtype == param.dtype and t.shape[0] == 2 for t in tensors)
         assert cache.get_seq_length() == 16 or isinstance(cache, StaticCache)
     assert all(t.device == param.device for t in tensors)
-    step = bench._decoder(model, batch=2, context=8, calls=1, dynamic=bench.is_stock(name))[1]
+    step = decoder(model, batch=2, context=8, calls=1, dynamic=models.is_stock(name))[1]
     assert step() > 0  # and a decode step runs on what was made
 
 
 def test_decode_inputs_follow_the_model_device(monkeypatch):
-    """_decoder makes its mask and tokens on the model's device (a stub model on the CPU, default device meta)."""
+    """decoder makes its mask and tokens on the model's device (a stub model on the CPU, default device meta)."""
     calls = []
 
     class Stub:
         device = torch.device("cpu")
-        config = SimpleNamespace(vocab_size=50)
+        config = SimpleNamespace(vocab_size=50, model_type="llama")
 
         def __call__(self, token, cache, use_cache, attention_mask):
             calls.append((token, attention_mask))
             return SimpleNamespace(logits=torch.zeros(2, 1, 50, device=self.device))
 
-    monkeypatch.setattr(bench, "_synthetic_cache", lambda *args, **kwargs: None)
+    monkeypatch.setattr(measure, "synthetic_cache", lambda *args, **kwargs: None)
     with torch.device("meta"):
-        step = bench._decoder(Stub(), batch=2, context=8, calls=3)[1]
+        step = decoder(Stub(), batch=2, context=8, calls=3)[1]
         step()
         step()
     assert [tuple(mask.shape) for _, mask in calls] == [(2, 9), (2, 10)]
@@ -191,13 +194,13 @@ def test_cuda_helpers_synchronise_and_read_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * 2**20)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     cuda = torch.device("cuda")
-    bench._now(torch.device("cpu"))
+    measure._now(torch.device("cpu"))
     assert synced == []
-    bench._now(cuda)
+    measure._now(cuda)
     assert synced == [cuda]
-    assert bench._available_bytes(cuda) == (123 + 3) * 2**20  # free + reserved but unallocated
-    assert bench._available_bytes(torch.device("cpu")) > 2**20  # /proc/meminfo
-    assert bench._machine(cuda).startswith("NVIDIA H200")
+    assert measure._available_bytes(cuda) == (123 + 3) * 2**20  # free + reserved but unallocated
+    assert measure._available_bytes(torch.device("cpu")) > 2**20  # /proc/meminfo
+    assert measure._machine(cuda).startswith("NVIDIA H200")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -211,14 +214,14 @@ def test_bench_refuses_a_device_it_cannot_use(tmp_path, capsys):
 def test_a_compilation_inside_a_timed_generate_is_flagged(tmp_path, capsys, monkeypatch):
     """A timed region that compiles is no steady state (on CUDA a decoder recompiles for a new cache): the
     count is kept and the report warns. Here dynamo forgets the warm-up's graph before the timed generate()."""
-    generate = bench._generate
+    generate = measure._generate
 
     def forgetful(model, prompt, new_tokens, compile_config=None):
-        if new_tokens != bench.WARMUP_TOKENS:
+        if new_tokens != measure.WARMUP_TOKENS:
             torch._dynamo.reset()
         return generate(model, prompt, new_tokens, compile_config)
 
-    monkeypatch.setattr(bench, "_generate", forgetful)
+    monkeypatch.setattr(measure, "_generate", forgetful)
     out = tmp_path / "gen"
     args = ["bench", "generate", "--compile", "--compile-backend", "aot_eager", "--models", "retnet_tiny"]
     args += ["--batch", "2", "--new-tokens", "3", "--contexts", "8", "--steps", "1", "--overhead-steps", "0"]
@@ -233,15 +236,12 @@ def test_a_compilation_inside_a_timed_generate_is_flagged(tmp_path, capsys, monk
 
 def test_dense_overhead_benchmark_script_writes_its_report(tmp_path, monkeypatch):
     """benchmarks/dense_overhead.py on tiny pairs: every block reported, the median of the blocks, a plot."""
-    import runpy
-    from pathlib import Path
-
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "dense_overhead.py"
     out = tmp_path / "overhead"
     argv = [str(script), "--blocks", "3", "--rounds", "2", "--gap", "0", "--batch", "2", "--context", "8"]
     argv += ["--pair", "dense_retnet_tiny", "retnet_tiny", "--pair", "dense_mamba_tiny", "mamba_tiny"]
     monkeypatch.setattr("sys.argv", argv + ["--out", str(out)])
-    monkeypatch.setattr("densessm.bench.WARMUP_ROUNDS", 1)
+    monkeypatch.setattr(measure, "WARMUP_ROUNDS", 1)
     runpy.run_path(str(script), run_name="__main__")
     results = json.loads(out.with_suffix(".json").read_text())
     assert [(p["dense"], p["plain"]) for p in results["pairs"]] == [

@@ -1,5 +1,6 @@
 """The dense-vs-plain experiment: held-out subsets, matched grid configurations, the statistics of the report,
-and the whole pipeline (tokenizer, 4 models, train, score, report, restart) at the smoke scale on a tiny corpus."""
+and the whole pipeline (tokenizer, every family's dense and plain models, train, score, report, restart) at the
+smoke scale on a tiny corpus."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import pytest
 
 from densessm.cli import main as cli_main
 from densessm.data import BUNDLED_CORPUS
-from densessm.experiments.dense_vs_plain import SCALES, grid, grid_configs, held_out_subset
-from densessm.experiments.matching import non_embedding_parameters
-from densessm.experiments.results import compare
+from densessm.models import FAMILIES
+from densessm.presets import load_grid_shape
 from densessm.tokenizer import train_bpe
+from densessm_lab.experiments.dense_vs_plain import SCALES, grid, grid_configs, held_out_subset, model_names
+from densessm_lab.experiments.matching import non_embedding_parameters
+from densessm_lab.experiments.results import compare
 
 
 def sotu(n: int, start: int = 0) -> list[dict]:
@@ -43,7 +46,8 @@ def test_grid_configs_match_the_baselines_within_two_percent():
     tokenizer = train_bpe((d["text"] for d in sotu(5)), 300)
     for name in ("smoke", "cpu"):
         configs = grid_configs(SCALES[name], tokenizer)
-        for dense, plain in (("dense_retnet", "retnet"), ("dense_mamba", "mamba")):
+        assert [m.family.name for m in SCALES[name].members()] == [f.name for f in FAMILIES]
+        for dense, plain in (model_names(f) for f in FAMILIES):
             assert configs[dense].dense_block_layers == 2 and configs[plain].dense_block_layers == 0
             target = non_embedding_parameters(configs[dense])
             assert abs(non_embedding_parameters(configs[plain]) - target) <= 0.02 * target
@@ -52,17 +56,19 @@ def test_grid_configs_match_the_baselines_within_two_percent():
         # Mamba's derived widths follow the scale's hidden size (not the preset's).
         mamba = configs["dense_mamba"]
         assert mamba.intermediate_size == mamba.expand * mamba.hidden_size
-        assert mamba.hidden_size == SCALES[name].mamba["hidden_size"]
+        assert mamba.hidden_size == load_grid_shape("mamba", name)["dense"]["hidden_size"]
+        # Mamba-2's heads are widened with the model: num_heads x head_dim stays expand x hidden_size.
+        for model in ("dense_mamba2", "mamba2"):
+            m2 = configs[model]
+            assert m2.num_heads * m2.head_dim == m2.expand * m2.hidden_size
 
 
 def test_grid_order_is_seed_major(tmp_path):
     runs = grid(tmp_path, SCALES["smoke"], (0, 1))
-    assert [(r.model, r.seed) for r in runs[:4]] == [
-        ("dense_retnet", 0),
-        ("retnet", 0),
-        ("dense_mamba", 0),
-        ("mamba", 0),
+    assert [(r.model, r.seed) for r in runs] == [
+        (model, seed) for seed in (0, 1) for family in FAMILIES for model in model_names(family)
     ]
+    assert [r.model for r in runs[:6]] == ["dense_retnet", "retnet", "dense_mamba", "mamba", "dense_mamba2", "mamba2"]
     assert not any(r.done for r in runs)
 
 
@@ -135,16 +141,16 @@ def test_smoke_grid_end_to_end_and_restart(tmp_path):
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "0 of 4 runs already done" in done.stdout
+    assert "0 of 6 runs already done" in done.stdout
 
     data = json.loads(report.with_suffix(".json").read_text())
-    assert set(data["models"]) == {"dense_retnet", "retnet", "dense_mamba", "mamba"}
+    assert set(data["models"]) == {"dense_retnet", "retnet", "dense_mamba", "mamba", "dense_mamba2", "mamba2"}
     for model in data["models"].values():
         (run,) = model["runs"]
         assert run["train"]["num_input_tokens_seen"] == replace(SCALES["smoke"], seeds=(0,)).tokens_per_run
         assert math.isfinite(run["test"]["perplexity"]) and run["test"]["tokens"] > 100
         assert len(run["curve"]["validation"]) == 2  # every eval_steps = 3 of 6 steps
-    assert set(data["comparisons"]) == {"retnet", "mamba"}
+    assert set(data["comparisons"]) == {"retnet", "mamba", "mamba2"}
     text = report.read_text()
     assert "## Is the difference beyond the noise?" in text and "--seeds 0" in text
     assert (report.parent / "result-curves.png").stat().st_size > 10_000
@@ -164,5 +170,5 @@ def test_smoke_grid_end_to_end_and_restart(tmp_path):
     before = result.stat().st_mtime_ns
     again = subprocess.run([*argv, "--overwrite"], capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "4 of 4 runs already done; running 0" in again.stdout
+    assert "6 of 6 runs already done; running 0" in again.stdout
     assert result.stat().st_mtime_ns == before  # nothing was trained again

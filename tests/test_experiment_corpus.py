@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from densessm.experiments.corpus import (
+from densessm_lab.experiments.corpus import (
     SPLITS,
     Document,
     html_to_text,

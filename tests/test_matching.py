@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from densessm.experiments.matching import matched_baseline, non_embedding_parameters, widen_to_match
 from densessm.presets import load_preset
+from densessm_lab.experiments.matching import matched_baseline, non_embedding_parameters, widen_to_match
 
 
 @pytest.mark.parametrize(

@@ -814,7 +814,7 @@ def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_to_resume_from(tmp_pat
             stderr=err_file,
         )
     deadline = time.monotonic() + 240
-    while not (out / "checkpoint-4" / MARKER_NAME).exists():
+    while not list(out.glob(f"checkpoint-*/{MARKER_NAME}")):  # any: with save_total_limit 2 each lives briefly
         assert run.poll() is None, (tmp_path / "err").read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)

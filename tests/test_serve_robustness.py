@@ -462,7 +462,7 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(model_dir, capsys, monke
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(densessm.loading, stage, interrupted)
+    monkeypatch.setattr(densessm.serving.cli, stage, interrupted)
     monkeypatch.setattr(densessm.serving.cli, "_serve", lambda *a: pytest.fail(f"served: {stage} was not called"))
     assert main(["serve", str(model_dir), "--port", "0"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "densessm serve: interrupted"

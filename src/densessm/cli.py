@@ -14,17 +14,18 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 
 from densessm.argtypes import path_name, positive_int, seed
-from densessm.bench import add_bench_parser
 from densessm.convert import convert_reference_checkpoint
 from densessm.errors import EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 from densessm.evaluation.cli import add_eval_parser
-from densessm.experiments.cli import add_experiment_parser
 from densessm.files import atomic_output_dir, check_destination
 from densessm.generation import add_generate_parser
 from densessm.loading import load_causal_lm
 from densessm.presets import list_presets, load_preset
 from densessm.runtime import DTYPES
 from densessm.serving.cli import add_serve_parser
+from densessm.train import main as train_main
+from densessm_lab.bench.cli import add_bench_parser
+from densessm_lab.experiments.cli import add_experiment_parser
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -76,8 +77,6 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from densessm.train import main as train_main
-
     train_main(args.train_argv)
 
 

@@ -13,7 +13,9 @@ import torch
 
 from densessm.argtypes import nonnegative_int, path_name, positive_float, positive_int
 from densessm.errors import UsageError
-from densessm.evaluation.harness import DEFAULT_TASKS
+from densessm.evaluation.harness import DEFAULT_TASKS, run_tasks
+from densessm.evaluation.perplexity import METHODS, evaluate_perplexity
+from densessm.evaluation.report import finish_report, render_markdown, report_paths, write_report
 from densessm.files import check_path
 from densessm.runtime import DTYPES, resolve_device
 
@@ -42,8 +44,6 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def _finish(report: dict, args: argparse.Namespace) -> None:
-    from densessm.evaluation.report import finish_report, render_markdown, write_report
-
     report = finish_report(report, _command(args))
     print(render_markdown(report))
     if args.output:
@@ -54,8 +54,6 @@ def _finish(report: dict, args: argparse.Namespace) -> None:
 def _check_output(args: argparse.Namespace) -> None:
     """Refuse what cannot work before the (long) evaluation, not after it: the device, and a report that would
     replace files unasked, land in the model's directory, or need a directory where a file is."""
-    from densessm.evaluation.report import report_paths
-
     resolve_device(args.device)
     if not args.output:
         return
@@ -70,8 +68,6 @@ def _check_output(args: argparse.Namespace) -> None:
 
 
 def _ppl(args: argparse.Namespace) -> None:
-    from densessm.evaluation.perplexity import METHODS, evaluate_perplexity
-
     _check_output(args)
     if args.stride is not None and args.method == "carried":
         raise UsageError("--stride applies to the sliding method: --method carried reads consecutive windows")
@@ -91,8 +87,6 @@ def _ppl(args: argparse.Namespace) -> None:
 
 
 def _tasks(args: argparse.Namespace) -> None:
-    from densessm.evaluation.harness import run_tasks
-
     _check_output(args)
     report = run_tasks(
         args.model_dir,

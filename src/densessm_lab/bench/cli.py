@@ -1,0 +1,65 @@
+"""``densessm bench generate``: the parser and handler the main command line mounts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from densessm.argtypes import nonnegative_int, path_name, positive_int
+from densessm.errors import UsageError
+from densessm.presets import list_presets
+from densessm.runtime import resolve_device
+from densessm_lab.bench import measure, report
+from densessm_lab.bench.models import DTYPES, LLAMAS, STOCK
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """Mount ``bench generate`` on the main parser's subcommands."""
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    gen = bench.add_parser("generate", help="generation speed vs a LLaMA with a KV cache")
+    default_models = [
+        m for m in ("dense_retnet_350m", "retnet_350m", "dense_mamba_360m", "mamba_360m") if m in list_presets()
+    ] + ["llama_350m", "llama_350m" + STOCK]
+    gen.add_argument("--models", nargs="+", default=default_models)
+    gen.add_argument("--batch", type=positive_int, default=6)
+    gen.add_argument("--new-tokens", type=positive_int, nargs="+", default=[128, 512, 1024], help="GPU: 2048 ... 10240")
+    gen.add_argument("--contexts", type=positive_int, nargs="+", default=[128, 1024, 4096, 8192])
+    gen.add_argument("--steps", type=positive_int, default=6, help="decode steps timed per context")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument("--no-prepack", action="store_true", help="keep PyTorch's default linear layers")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda[:N]; prepacking is CPU-only")
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="recurrent models decode through the compiled step (CUDA graphs on a GPU); the LLaMAs stay eager",
+    )
+    gen.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
+    gen.add_argument(
+        "--overhead-steps", type=nonnegative_int, default=40, help="alternating rounds per dense/plain pair (0: skip)"
+    )
+    gen.add_argument(
+        "--overhead-context", type=positive_int, default=1024, help="context of the dense-overhead measurement"
+    )
+    gen.add_argument("--out", type=lambda text: Path(path_name(text)), default=Path("docs/benchmarks/generation"))
+    gen.add_argument("--overwrite", action="store_true", help="replace OUT.json/.md/.png if they exist")
+    gen.set_defaults(func=bench_generate)
+
+
+def bench_generate(args: argparse.Namespace) -> None:
+    """Check the flags (the device, the model names, the outputs not yet there), measure, write the report."""
+    args.argv = sys.argv[3:]
+    device = resolve_device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    existing = [out for out in (args.out.with_suffix(s) for s in (".json", ".md", ".png")) if out.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(
+            f"{', '.join(map(str, existing))} already exist(s); nothing was measured (pass --overwrite to replace)"
+        )
+    for name in args.models:
+        if name not in LLAMAS and name not in list_presets():
+            raise UsageError(f"unknown model {name!r}: use a preset name or one of {', '.join(LLAMAS)}")
+    results = measure.run(args, checkpoint=lambda partial: report.write_json(partial, args.out))
+    report.write_report(results, args.out)
+    print(args.out.with_suffix(".md").read_text())
