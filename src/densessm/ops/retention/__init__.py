@@ -5,8 +5,11 @@ computes the same function (see :mod:`densessm.ops.retention.forms`); a mode onl
 
 - ``parallel``: the quadratic matrix form of the reference, with its row normalisation (training);
 - ``chunkwise``: parallel inside chunks, recurrent across them; linear memory, exact hand-over of state
-  (on CUDA with ``fla`` installed, its simple-GLA kernel: see :mod:`.fla_bridge`);
-- ``recurrent``: token by token through the O(1) state (decoding).
+  (on CUDA: ``fla``'s simple-GLA kernel when installed, see :mod:`.fla_bridge`, else our Triton kernel,
+  :mod:`.triton`);
+- ``recurrent``: token by token through the O(1) state (decoding; on CUDA the in-place step is one Triton kernel).
+
+Which implementation runs is chosen by :mod:`densessm.ops.dispatch`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from densessm.modes import check_mode
+from densessm.ops.dispatch import kernel_path, load_kernels
 from densessm.ops.retention.chunkwise import chunkwise_retention
 from densessm.ops.retention.fla_bridge import fla_chunk_retention, fla_usable
 from densessm.ops.retention.forms import empty_state, parallel_retention, recurrent_retention
@@ -28,6 +32,8 @@ MODEL_MODES = ("auto", *RETENTION_MODES)
 AUTO_PARALLEL_MAX_LENGTH = 256
 
 RetentionState = tuple[torch.Tensor, torch.Tensor]
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the Triton kernels accumulate in fp32
 
 
 def select_mode(mode: str, length: int, stateful: bool) -> str:
@@ -73,12 +79,22 @@ def retention(
                 "mode='chunkwise' or 'recurrent'"
             )
         return parallel_retention(q, k, v, log_decay, mask=mask, output_state=output_state)
-    if mode == "chunkwise" and fla_usable(q):
-        out, final = fla_chunk_retention(q, k, v, log_decay, mask=mask, state=state)
-    elif mode == "chunkwise":
-        out, final = chunkwise_retention(q, k, v, log_decay, chunk_size, mask=mask, state=state)
+    if mode == "chunkwise":
+        covered = q.dtype in TRITON_DTYPES and not log_decay.requires_grad
+        path = kernel_path("chunkwise retention", q, fla=fla_usable(q), triton=covered)
+        if path == "fla":
+            out, final = fla_chunk_retention(q, k, v, log_decay, mask=mask, state=state)
+        elif path == "triton":
+            out, final = load_kernels("retention").triton_chunk_retention(q, k, v, log_decay, chunk_size, mask, state)
+        else:
+            out, final = chunkwise_retention(q, k, v, log_decay, chunk_size, mask=mask, state=state)
     else:
-        step = recurrent_step_ if inplace else None
+        step = None
+        if inplace:
+            memory = state[0] if state is not None else v
+            covered = memory.dtype in TRITON_DTYPES and (state is None or all(x.is_contiguous() for x in state))
+            fused = kernel_path("retention decode step", q, triton=covered) == "triton"
+            step = load_kernels("retention").triton_step_ if fused else recurrent_step_
         out, final = recurrent_retention(q, k, v, log_decay, mask=mask, state=state, step=step)
     return out, final if output_state else None
 

@@ -63,5 +63,5 @@ def fla_chunk_retention(
     decayed = (counts * log_decay[None, :, None]).exp()  # γ^{c_t}, [B, H, L]
     sums = (1 - decayed) / (1 - log_decay.exp())[None, :, None] + decayed * scale_0[..., None]
     out = out.transpose(1, 2) * sums.clamp_min(_TINY).rsqrt()[..., None].to(out.dtype)
-    last = sums[..., -1]
+    last = sums[..., -1].contiguous()  # its own memory: decoding updates it in place
     return out, (final.to(v.dtype) * last.clamp_min(_TINY).rsqrt()[..., None, None].to(v.dtype), last)

@@ -3,7 +3,8 @@
 ``selective_scan(u, delta, A, B, C, mode)`` is the entry point the models call: ``parallel`` runs the
 blocked scan of :mod:`~densessm.ops.scan.blocked` over the whole input, ``recurrent`` steps through it
 with :func:`~densessm.ops.scan.sequential.scan_step` (the decode path). On request both also return every
-state, so that the layers above can read them out too (DenseMamba, :mod:`~densessm.ops.scan.readout`).
+state, so that the layers above can read them out too (DenseMamba, :mod:`~densessm.ops.scan.readout`). On CUDA
+both modes run one Triton kernel (:mod:`.triton`; chosen by :mod:`densessm.ops.dispatch`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from densessm.modes import check_mode
+from densessm.ops.dispatch import kernel_path, load_kernels
 from densessm.ops.scan.blocked import block_length, blocked_scan
 from densessm.ops.scan.readout import read_out, read_out_sum
 from densessm.ops.scan.sequential import scan_step, sequential_scan
@@ -35,6 +37,9 @@ def selective_scan(
     ``[b, L, D, N]`` once per reader that will read it out (the layers above, in DenseMamba).
     """
     check_mode(mode, SCAN_MODES)
+    covered = all(x.dtype == torch.float32 for x in (u, delta, A, B, C))
+    if kernel_path("selective scan", u, triton=covered) == "triton":  # one kernel for both modes
+        return load_kernels("scan").triton_scan(u, delta, A, B, C, state=state, readers=readers)
     if mode == "parallel":
         return blocked_scan(u, delta, A, B, C, state=state, readers=readers)
     return sequential_scan(u, delta, A, B, C, state=state, readers=readers)

@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from densessm.ops.dispatch import forced_path
+
 
 @functools.cache
 def _kernels():
@@ -24,8 +26,8 @@ def _kernels():
 
 
 def kernels_usable(x: torch.Tensor) -> bool:
-    """Both kernel packages import and ``x`` lives on a CUDA device."""
-    return x.is_cuda and _kernels() is not None
+    """Both kernel packages import, ``x`` lives on a CUDA device and no path is forced (``DENSESSM_KERNELS``)."""
+    return x.is_cuda and forced_path() is None and _kernels() is not None
 
 
 def kernel_conv_scan(
