@@ -17,6 +17,7 @@ from densessm.evaluation.harness import DEFAULT_TASKS, run_tasks
 from densessm.evaluation.perplexity import METHODS, evaluate_perplexity
 from densessm.evaluation.report import finish_report, render_markdown, report_paths, write_report
 from densessm.files import check_path
+from densessm.inference import QUANTIZE_CHOICES, int8_problem
 from densessm.runtime import DTYPES, resolve_device
 
 
@@ -73,6 +74,10 @@ def _ppl(args: argparse.Namespace) -> None:
         raise UsageError("--stride applies to the sliding method: --method carried reads consecutive windows")
     if args.stride is not None and args.stride >= args.window:
         raise UsageError(f"--stride must be smaller than --window ({args.window}), got {args.stride}")
+    if args.quantize is not None:
+        problem = int8_problem(args.device, DTYPES.get(args.dtype, torch.float32))
+        if problem is not None:
+            raise UsageError(f"--quantize {args.quantize}: {problem} (use --device cpu, --dtype float32 or none)")
     report = evaluate_perplexity(
         args.model_dir,
         args.data,
@@ -82,6 +87,7 @@ def _ppl(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         dtype=DTYPES.get(args.dtype),
         device=args.device,
+        quantize=args.quantize,
     )
     _finish(report, args)
 
@@ -126,6 +132,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     ppl.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: as saved)")
     ppl.add_argument("--device", default=device, help=f"default: {device}")
+    ppl.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="score with int8 weights (CPU; computes in float32)")
     ppl.add_argument("--output", type=path_name, metavar="STEM", help="also write STEM.json and STEM.md")
     ppl.add_argument("--overwrite", action="store_true", help="replace STEM.json and STEM.md if they exist")
     ppl.set_defaults(func=_ppl)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from densessm.data import file_documents, find_data_files
 from densessm.evaluation.loading import check_model_dir
+from densessm.inference import int8_problem, quantize_int8
 from densessm.loading import load_causal_lm, raise_nonfinite
 
 METHODS = ("sliding", "carried")
@@ -199,15 +200,27 @@ def evaluate_perplexity(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    quantize: str | None = None,
 ) -> dict:
     """Perplexity and bits per byte of the model in ``model_dir`` on the text at ``data``, by each of
-    ``methods``; ``stride`` defaults to half the window. Returns a report for :mod:`densessm.evaluation.report`."""
+    ``methods``; ``stride`` defaults to half the window. ``quantize="int8"`` scores it with int8 weights
+    (:func:`~densessm.inference.quantize_int8`; float32 activations, CPU). Returns a report for
+    :mod:`densessm.evaluation.report`."""
     if not methods or not set(methods) <= set(METHODS):
         raise ValueError(f"methods must be one or both of {', '.join(METHODS)}, got {methods!r}")
+    if quantize is not None:
+        if quantize != "int8":
+            raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
+        dtype = torch.float32 if dtype is None else dtype
+        problem = int8_problem(device, dtype)
+        if problem is not None:
+            raise ValueError(problem)
     stride = window // 2 if stride is None else stride
     config, tokenizer = check_model_dir(model_dir)  # a model that cannot run is named before the data is read
     texts = read_documents(data)
     model = load_causal_lm(model_dir, dtype=dtype, device=device, config=config)
+    if quantize is not None:
+        quantize_int8(model)
     ids = tokenizer(texts, verbose=False)["input_ids"]
     scored = [(text, doc) for text, doc in zip(texts, ids, strict=True) if len(doc) >= 2]
     documents = [doc for _, doc in scored]
@@ -229,6 +242,7 @@ def evaluate_perplexity(
         "bytes": num_bytes,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(device),
+        "quantize": quantize,
         "batch_size": batch_size,
         "results": results,
     }

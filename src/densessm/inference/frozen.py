@@ -17,7 +17,7 @@ class InferenceOnlyError(RuntimeError):
     """Training or saving a module that an inference transform made."""
 
 
-_WHY = "its weights were fused or prepacked for inference (densessm.inference)"
+_WHY = "its weights were fused, prepacked or quantized for inference (densessm.inference)"
 
 
 class InferenceOnly(nn.Module):

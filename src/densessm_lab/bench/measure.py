@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 from tqdm import tqdm
 from transformers import CompileConfig, PreTrainedModel
 
-from densessm.inference import prepack_for_cpu
+from densessm.inference import prepack_for_cpu, quantize_int8
 from densessm_lab.bench.models import (
     DTYPES,
     LLAMAS,
@@ -228,8 +228,10 @@ def dense_overhead(
     prepack: bool,
     device: str | torch.device = "cpu",
     compile_config: CompileConfig | None = None,
+    quantize: bool = False,
 ) -> dict:
-    """How much slower a decode step of ``dense_name`` is than one of its plain twin ``plain_name``.
+    """How much slower a decode step of ``dense_name`` is than one of its plain twin ``plain_name`` (both with
+    int8 weights if ``quantize``).
 
     Both models decode from a synthetic ``context``-token state, alternating single steps (which model goes
     first alternates too), so that the machine's drift hits both alike; ``steps`` rounds are timed after
@@ -238,8 +240,10 @@ def dense_overhead(
     per-round ratios, which also cancels drift within the run.
     """
     models = [build(name, dtype, device) for name in (dense_name, plain_name)]
-    if prepack:
-        for model in models:
+    for model in models:
+        if quantize:
+            quantize_int8(model)
+        if prepack:
             prepack_for_cpu(model)
     warmup = WARMUP_ROUNDS if compile_config is None else max(WARMUP_ROUNDS, COMPILED_WARMUP_STEPS)
     steppers = [decoder(model, batch, context, warmup + steps, compile_config=compile_config)[1] for model in models]
@@ -256,6 +260,7 @@ def dense_overhead(
         "rounds": steps,
         "warmup_rounds": warmup,
         "prepacked_weights": prepack,
+        "int8_weights": quantize,
         "compiled": compile_config is not None,
         "dense_step_s": dense,
         "plain_step_s": plain,
@@ -328,6 +333,8 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = No
             "compiled": compiled,
             "prepacked_weights": prepack,
             "prepacked": {name: prepack and not is_stock(name) and not compiled[name] for name in args.models},
+            "quantize": args.quantize,
+            "quantized": {name: args.quantize is not None and not is_stock(name) for name in args.models},
             "dynamo_recompile_limit": RECOMPILE_LIMIT if args.compile else None,
             "notes": notes,
             "complete": False,
@@ -347,13 +354,14 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = No
                 before = torch.cuda.memory_allocated(device)
             graphs = _graphs_compiled()
             model = build(name, dtype, device)
-            if results["meta"]["prepacked"][name]:
-                prepack_for_cpu(model)
             entry = {
-                "parameters": sum(p.numel() for p in model.parameters())
-                + sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight")),
+                "parameters": sum(p.numel() for p in model.parameters()),  # before a transform stores them elsewhere
                 "compiled": config is not None,
             }
+            if results["meta"]["quantized"][name]:
+                quantize_int8(model)  # before prepacking, which then packs the layers left in float
+            if results["meta"]["prepacked"][name]:
+                prepack_for_cpu(model)
             entry["decode"] = [
                 decode_latency(
                     model, args.batch, c, args.steps, dtype, dynamic_cache=is_stock(name), compile_config=config
@@ -386,6 +394,7 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = No
                         prepack and not args.compile,
                         device,
                         compile_config,
+                        quantize=args.quantize is not None,
                     )
                 )
                 _release(device, args.compile)

@@ -13,16 +13,21 @@ from densessm_lab.bench.measure import WARMUP_ROUNDS
 from densessm_lab.bench.models import LLAMAS, is_stock
 
 
-def treatment(name: str, prepacked: bool, compiled: bool = False, compile_run: bool = False) -> str:
+def treatment(
+    name: str, prepacked: bool, compiled: bool = False, compile_run: bool = False, quantized: bool = False
+) -> str:
     """One line on how model ``name`` is run, for the report: the two LLaMAs differ only in this.
 
     ``compiled``: its decode steps run compiled; ``compile_run``: the run was asked to compile (the LLaMAs
-    stay eager then, which the line says).
+    stay eager then, which the line says); ``quantized``: int8 weights (the layers left in float prepacked
+    if ``prepacked``).
     """
     if is_stock(name):
         line = "stock transformers: default linear layers, growing DynamicCache"
     else:
         weights = "prepacked weights" if prepacked else "default linear layers"
+        if quantized:
+            weights = "int8 weights" + (" (the rest prepacked)" if prepacked else "")
         line = weights
         if name in LLAMAS:
             line = f"optimised: {weights}, preallocated StaticCache in decode (generate(): DynamicCache)"
@@ -164,7 +169,14 @@ def _treatments(meta: dict, models: dict) -> dict[str, str]:
     prepacked = meta.get("prepacked", {})
     compiled = meta.get("compiled", {})
     compile_run = meta.get("compile", False)
+    quantized = meta.get("quantized", {})
     return {
-        name: treatment(name, prepacked.get(name, meta["prepacked_weights"]), compiled.get(name, False), compile_run)
+        name: treatment(
+            name,
+            prepacked.get(name, meta["prepacked_weights"]),
+            compiled.get(name, False),
+            compile_run,
+            quantized.get(name, False),
+        )
         for name in models
     }

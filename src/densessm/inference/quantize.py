@@ -1,0 +1,120 @@
+"""int8 weights for CPU inference: the linear layers store int8 weights and quantize their input per call.
+
+Decoding streams every weight once per step at a few rows per product, so it is bound by the bytes of the
+weights; int8 moves a quarter of fp32's. Each replaced layer is PyTorch's dynamically quantized linear
+(``torch.ao.nn.quantized.dynamic.Linear``, the fbgemm/x86 kernel behind ``torch.ao.quantization.
+quantize_dynamic``): weights int8 per output channel; the input rounded at each call to 8 bits on one scale
+for the whole call (so the rows of a batch share it); int32 accumulation, float32 out. On a CPU without VNNI
+the kernel sums pairs of products in 16 bits, which the full range could overflow, so there the input gets 7
+bits (the library's "reduced range", its default everywhere, at half the resolution).
+
+torchao, the successor PyTorch points to, does not fit: on a CPU its int8 schemes (weight-only and dynamic
+activation) are fast only under ``torch.compile``, and eagerly, as ``generate`` and ``eval`` run, they are
+slower than fp32 (measured in docs/benchmarks/quantize.md). ``torch.ao.quantization`` warns that it is
+deprecated in favour of torchao; its kernels are still in PyTorch's core, and this module is the one place
+that would change if they went.
+
+Layers are replaced after :func:`~densessm.inference.fusion.fuse_projections`, so each fused product (the
+mixer's projections with the dense gates' first layers) is one int8 product; the embedding stays float (a
+lookup reads one row per token), and so do layers under ``min_weight`` weights, whose call costs more than
+the few bytes it saves. :func:`~densessm.inference.prepack.prepack_for_cpu` afterwards packs what
+stays float. The function changes (by the rounding): a model's caches stay valid, as for a copy of it in
+another precision.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+from torch.ao.quantization import per_channel_dynamic_qconfig
+
+from densessm.inference.frozen import InferenceOnly, SiLULinear
+from densessm.inference.fusion import fuse_projections
+from densessm.inference.prepack import PrepackedLinear
+from densessm.models.recurrent import state_identity_kept
+
+QUANTIZE_CHOICES = ("int8",)
+"""The names ``--quantize`` takes."""
+
+REDUCE_RANGE = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+"""Whether inputs are rounded to 7 bits instead of 8 (see the module docstring): on CPUs without VNNI."""
+
+
+def int8_problem(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Why int8 weights cannot run on ``device`` computing in ``dtype``, or None if they can: the kernels are
+    CPU-only and take float32 activations."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"int8 weights run on the CPU only, not on {device}"
+    if dtype != torch.float32:
+        name = str(dtype).removeprefix("torch.")
+        return f"int8 weights compute in float32, not in {name}"
+    if torch.backends.quantized.engine == "none":
+        return "this PyTorch build has no quantized CPU engine (fbgemm, x86, onednn or qnnpack)"
+    return None
+
+
+class Int8Linear(InferenceOnly):
+    """A linear layer with int8 weights (per output channel) whose input is quantized at each call.
+    Made from a :class:`~densessm.inference.frozen.SiLULinear`, it applies the silu after the product."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.silu = isinstance(linear, SiLULinear)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # what code reading a linear layer's weight learns (its shape, the dtype its input is cast to); holding
+        # no values, it fails loudly where the values would be read
+        self.weight = torch.empty(self.out_features, self.in_features, device="meta")
+        # the library converts only plain nn.Linear (by exact type): show it one that shares our weights
+        plain = nn.Linear(self.in_features, self.out_features, bias=linear.bias is not None, device="meta")
+        plain.weight, plain.bias = linear.weight, linear.bias
+        plain.qconfig = per_channel_dynamic_qconfig
+        with warnings.catch_warnings():  # the deprecation notices of torch.ao (see the module docstring)
+            warnings.filterwarnings("ignore", message=r".*(deprecated|will be removed).*")
+            self.quantized = DynamicQuantizedLinear.from_float(plain)
+        self.train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the library module's own forward always takes the reduced range: call its kernel with ours
+        y = torch.ops.quantized.linear_dynamic(x, self.quantized._packed_params._packed_params, REDUCE_RANGE)
+        return F.silu(y) if self.silu else y
+
+    def extra_repr(self) -> str:
+        silu = ", silu" if self.silu else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8{silu}"
+
+
+def quantize_int8(model: nn.Module, min_weight: int = 2**15) -> nn.Module:
+    """Fuse the projections that share an input, then replace every linear layer with at least ``min_weight``
+    weights by an :class:`Int8Linear`, in place; returns ``model`` (in eval mode).
+
+    The model must be float32 on the CPU and not yet prepacked (prepack afterwards: what stays float is then
+    packed). Inference only: the replaced modules refuse to train or be saved. Raises ValueError when there is
+    nothing the model could quantize, rather than return it unchanged as if it were int8.
+    """
+    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
+    if any(isinstance(child, PrepackedLinear) for _, _, child in linears):
+        raise ValueError("the model is already prepacked for the CPU: quantize it first, then call prepack_for_cpu")
+    for _, _, child in linears:
+        if isinstance(child, nn.Linear):
+            problem = int8_problem(child.weight.device, child.weight.dtype)
+            if problem is not None:
+                raise ValueError(problem)
+    with state_identity_kept(model):  # rounded weights: the model's caches stay valid (see the module docstring)
+        fuse_projections(model)
+        replaced = 0
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and child.weight.numel() >= min_weight:
+                    setattr(parent, name, Int8Linear(child))
+                    replaced += 1
+    if not replaced and not any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise ValueError(f"no linear layer of this model has {min_weight} weights or more: nothing to quantize")
+    return model.eval()
+
+
+__all__ = ["QUANTIZE_CHOICES", "REDUCE_RANGE", "Int8Linear", "int8_problem", "quantize_int8"]
