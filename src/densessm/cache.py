@@ -14,10 +14,25 @@ better can drop the identity (``cache.identity = None``, or ``RecurrentCache.loa
 the model then checks only the structure of the state.
 
 A state also means something only after the tokens it consumed. ``generate(input_ids, cache=...)`` is handed
-the whole sequence and feeds only what the state has not consumed yet, so a cache of another prompt of the
-same length would silently continue that prompt. A cache therefore keeps a per-row digest of the real tokens
+the whole sequence (or only the new tokens, with an attention mask over the whole sequence) and feeds only what
+the state has not consumed yet, so a cache of another prompt of the same length would silently continue that
+prompt. A cache therefore keeps a per-row digest of the real tokens
 it consumed (:func:`digest_tokens`, a polynomial hash: a few integer operations per call), and ``generate()``
 checks the sequence it is given against it.
+
+The class is a ``transformers.Cache``, so code that asks ``isinstance(cache, Cache)`` (and transformers'
+exporters, which register every ``Cache`` subclass they find, keeping this module's registration) treats it
+as one. It defines every method and property of that protocol itself, with what it means for a fixed-size
+state; the key/value operations (``update``, ``crop`` of past tokens, mask sizes, layer offloading) are
+refused with the reason. It does not build on
+``Cache.__init__`` or any base implementation, whose per-layer objects it does not have, so a new release of
+transformers cannot change it from below (the tests list the protocol and fail on a method it has not defined).
+
+It is also a registered pytree node, so ``torch.export`` takes it as an input and returns it as an output: the
+leaves are the state tensors, the positions and the step counter (an integer: pass ``Dim.DYNAMIC`` for it, see
+:meth:`RecurrentCache.dynamic_shapes`, or the program holds only for the count it was traced with). The identity
+and the token digest belong to the eager model's checks and are not part of the tree: a cache an exported
+program returns is unchecked and records no digest.
 """
 
 from __future__ import annotations
@@ -31,8 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
+from transformers import Cache
 
 from densessm.errors import UsageError
 from densessm.files import DestinationExistsError, atomic_write_bytes, check_path
@@ -82,16 +99,16 @@ class CacheIdentity:
         return None
 
 
-class RecurrentCache:
+class RecurrentCache(Cache):
     """Per-layer recurrent state ``{name: tensor [B, ...]}`` of a stack of ``num_layers`` layers.
 
     ``identity`` names the model the state belongs to (None: unchecked, see the module docstring).
     """
 
     is_compileable = True  # a decode step can be captured: see densessm.compiled_decoding
-    is_croppable = False
+    is_croppable = False  # a state cannot be rolled back: see crop()
 
-    def __init__(self, num_layers: int, identity: CacheIdentity | None = None):
+    def __init__(self, num_layers: int, identity: CacheIdentity | None = None):  # not Cache's: see the module doc
         if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
             raise TypeError(f"num_layers must be an int (the model's number of layers), got {num_layers!r}")
         if num_layers < 1:
@@ -113,9 +130,25 @@ class RecurrentCache:
         made_by = "" if self.identity is None else f", model_type={self.identity.model_type}"
         return f"{type(self).__name__}(layers={len(self.layers)}, steps={self.steps}{made_by})"
 
+    # ---- the transformers.Cache protocol, as a fixed-size state means it ---------------------------------------
+
     @property
     def is_linear(self) -> list[bool]:
+        """Every layer keeps a recurrent (linear-attention-like) state: ``generate()`` then slices no positions."""
         return [True] * len(self.layers)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * len(self.layers)
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * len(self.layers)
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether every layer holds a state (the model fills a cache on its first call; nothing to pre-allocate)."""
+        return not self.is_empty and all(layer is not None for layer in self.layers)
 
     @property
     def is_empty(self) -> bool:
@@ -123,11 +156,87 @@ class RecurrentCache:
         return self.positions is None
 
     @property
-    def batch_size(self) -> int | None:
-        return None if self.positions is None else self.positions.shape[0]
+    def batch_size(self) -> int:
+        """Rows of the state; -1 before the first call fills it (as ``transformers.Cache`` says)."""
+        return -1 if self.positions is None else self.positions.shape[0]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens the state consumed per row, padding included (``generate()`` feeds what comes after them)."""
         return self.steps
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.steps
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        """-1: no maximum, the state does not grow with the sequence."""
+        return -1
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        """Whether layer ``layer_idx`` (None: every layer) holds a state from earlier calls."""
+        if self.is_empty:
+            return False
+        layers = self.layers if layer_idx is None else [self.layers[layer_idx]]
+        return all(layer is not None for layer in layers)
+
+    def is_recording_past(self, layer_idx: int = 0) -> bool:
+        return False
+
+    def update(self, *args, **kwargs):
+        raise NotImplementedError(
+            "a RecurrentCache holds no keys and values to append to: the model that made it advances the state "
+            "itself, in its forward call with cache=..."
+        )
+
+    def update_conv_state(self, *args, **kwargs):
+        self.update()
+
+    def update_recurrent_state(self, *args, **kwargs):
+        self.update()
+
+    def update_indexer(self, *args, **kwargs):
+        self.update()
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        raise NotImplementedError(self._by_name(layer_idx))
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        raise NotImplementedError(self._by_name(layer_idx))
+
+    def _by_name(self, layer_idx: int) -> str:
+        held = sorted(self.layers[layer_idx] or {}) if 0 <= layer_idx < len(self.layers) else []
+        return (
+            f"a RecurrentCache names each layer's state tensors by what they are: read cache.layers[{layer_idx}], a "
+            f"dict holding {', '.join(held) or 'nothing yet'}"
+        )
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        raise ValueError(
+            "a RecurrentCache has no past keys for an attention mask to cover: the state already holds the past, "
+            "and the model masks only the tokens of the current call"
+        )
+
+    def early_initialization(self, *args, **kwargs) -> None:
+        raise NotImplementedError(
+            "a RecurrentCache is filled by its model's first call (model(..., use_cache=True)); it has no "
+            "heads x head_dim key/value layout to allocate ahead"
+        )
+
+    def offload(self, layer_idx: int = 0, only_non_sliding: bool = True) -> None:
+        raise NotImplementedError(
+            "a RecurrentCache does not offload layer by layer (its state is small and does not grow): move it "
+            "whole with cache.to(device)"
+        )
+
+    def prefetch(self, layer_idx: int = 0, only_non_sliding: bool = True) -> None:
+        self.offload()
+
+    def dynamic_shapes(self, batch: object = None, steps: object = None) -> list:
+        """The ``dynamic_shapes`` entry of this cache for ``torch.export``, one per leaf of its tree, in order: the
+        batch dimension of every tensor as ``batch`` (e.g. a ``torch.export.Dim``; None: static) and the step
+        counter as ``steps`` (None: ``Dim.DYNAMIC``, so the program continues a state of any length)."""
+        rows = None if batch is None else {0: batch}
+        layers = [None if layer is None else dict.fromkeys(sorted(layer), rows) for layer in self.layers]
+        return [layers, None if self.positions is None else rows, torch.export.Dim.DYNAMIC if steps is None else steps]
 
     def layout(self) -> Layout:
         """Per layer: name -> (shape without the batch dimension, dtype) of each state tensor."""
@@ -147,9 +256,34 @@ class RecurrentCache:
         if self.token_digest is not None:
             self.token_digest = fn(self.token_digest)
 
+    def _check_rows(self, indices: object, what: str, same_batch: bool = False) -> None:
+        """Row indices into the state, checked before any tensor changes (an index out of range would
+        otherwise be a bare IndexError, or leave some layers reordered and others not)."""
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"{what} must be a tensor of row indices, got {type(indices).__name__}")
+        if indices.dim() != 1 or indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise ValueError(
+                f"{what} must be a 1-D tensor of integer row indices, got {indices.dtype} of shape "
+                f"{tuple(indices.shape)}"
+            )
+        batch = self.batch_size
+        if batch < 0:
+            return  # nothing held yet: nothing to reorder
+        if same_batch and indices.shape[0] != batch:
+            raise ValueError(
+                f"{what} picks {indices.shape[0]} rows, but the cache holds {batch}: reordering keeps them all"
+            )
+        if indices.numel():
+            low, high = (int(value) for value in torch.aminmax(indices))
+            if low < 0 or high >= batch:
+                raise ValueError(
+                    f"{what} holds row {low if low < 0 else high}, but the cache holds {batch} rows (0 to {batch - 1})"
+                )
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Keep the rows ``beam_idx`` (beam search), in place: the tensors keep their addresses (a captured
         decode step reads them there)."""
+        self._check_rows(beam_idx, "beam_idx", same_batch=True)
 
         def reorder(t: torch.Tensor) -> torch.Tensor:
             picked = t.index_select(0, beam_idx.to(t.device))
@@ -158,6 +292,7 @@ class RecurrentCache:
         self._map_batch(reorder)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._check_rows(indices, "indices")
         self._map_batch(lambda t: t[indices.to(t.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -188,13 +323,16 @@ class RecurrentCache:
         return twin
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "a recurrent state cannot be rolled back token by token; clone() the cache before the tokens "
-            "you may want to undo"
-        )
+        """Nothing to do for 0 tokens; any other count is refused: a state cannot be rolled back token by token."""
+        if tokens_to_remove != 0:
+            raise NotImplementedError(
+                "a recurrent state cannot be rolled back token by token; clone() the cache before the tokens "
+                "you may want to undo"
+            )
 
     def activate_past_recording(self) -> None:
-        self.crop(0)
+        """Refused: recording the past is for a later crop(), which a recurrent state cannot do."""
+        self.crop(-1)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the state and the identity of its model to a safetensors file, atomically (a prompt cache
@@ -254,8 +392,10 @@ class RecurrentCache:
             raise ValueError(f"unknown device {device!r}: use e.g. 'cpu', 'cuda' or 'cuda:1'") from err
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a directory: name the cache file to read")
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"no cache file at {path}")
+        if not path.is_file():
+            raise ValueError(f"{path} is not a regular file (a pipe, socket or device): name the cache file to read")
         try:
             with safe_open(str(path), "pt", device="cpu") as f:
                 metadata = f.metadata() or {}
@@ -289,6 +429,38 @@ class RecurrentCache:
             except (RuntimeError, AssertionError) as err:  # torch's ways of saying the device is not there
                 raise ValueError(f"cannot place the cache on {device}: {err}") from None
         return cache
+
+
+# ---- the pytree node (torch.export) ---------------------------------------------------------------------------
+
+
+def _flatten_with_keys(cache: RecurrentCache) -> tuple[list[tuple[pytree.GetAttrKey, object]], None]:
+    """Children: the layers (a list of dicts, names sorted so that equal layouts give equal trees), the positions
+    and the step counter."""
+    layers = [None if layer is None else {name: layer[name] for name in sorted(layer)} for layer in cache.layers]
+    children = {"layers": layers, "positions": cache.positions, "steps": cache.steps}
+    return [(pytree.GetAttrKey(name), child) for name, child in children.items()], None
+
+
+def _flatten(cache: RecurrentCache) -> tuple[list[object], None]:
+    children, context = _flatten_with_keys(cache)
+    return [child for _, child in children], context
+
+
+def _unflatten(children, context: None) -> RecurrentCache:
+    layers, positions, steps = children
+    cache = RecurrentCache(len(layers))
+    cache.layers, cache.positions, cache.steps = list(layers), positions, steps
+    return cache
+
+
+pytree.register_pytree_node(
+    RecurrentCache,
+    _flatten,
+    _unflatten,
+    serialized_type_name=f"{RecurrentCache.__module__}.{RecurrentCache.__qualname__}",
+    flatten_with_keys_fn=_flatten_with_keys,
+)
 
 
 def _exists(path: Path) -> DestinationExistsError:

@@ -4,14 +4,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import numbers
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from transformers.generation.utils import GenerateOutput
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from densessm.cache import CacheIdentity, RecurrentCache, digest_tokens
@@ -169,12 +172,14 @@ class StepInputs:
         if self.cache is None:
             return
         consumed = length if self.mask is None else self.mask.long().sum(-1)
-        if self.carried:
+        exporting = torch.compiler.is_exporting()  # an exported program mutates nothing it is given
+        if self.carried and not exporting:
             self.cache.positions.add_(consumed)
         else:
             self.cache.positions = self.start + consumed
         if not torch.compiler.is_compiling():
             self._advance_digest(length)
+        if exporting or not torch.compiler.is_compiling():  # exported: a symbolic count, an output of the program
             self.cache.steps += length
 
     def _advance_digest(self, length: int) -> None:
@@ -324,10 +329,8 @@ class RecurrentBackbone:
         key = self._weights_key()
         pinned = self.__dict__.get("_pinned_identity")
         if pinned is not None:
-            identity, pinned_key = pinned
-            if pinned_key is None or pinned_key == key:
-                self.__dict__["_pinned_identity"] = (identity, key)
-                return identity
+            if pinned[1] == key:
+                return pinned[0]
             del self.__dict__["_pinned_identity"]  # a weight changed since: the identity follows the weights again
         memo = self.__dict__.get("_identity_memo")
         if memo is None or memo[0] != key:
@@ -337,16 +340,6 @@ class RecurrentBackbone:
             memo = (key, identity)
             self.__dict__["_identity_memo"] = memo
         return memo[1]
-
-    def pin_state_identity(self) -> None:
-        """Keep the identity as it is now through an inference transformation (fused or prepacked weights) that
-        changes how the weights are stored but not the function, so the model still accepts its caches.
-
-        The pin holds while the transformed weights stay as the first use after the transformation finds
-        them; a weight changed after that drops it."""
-        pinned = self.__dict__.get("_pinned_identity")
-        identity = self.state_identity() if pinned is None else pinned[0]
-        self.__dict__["_pinned_identity"] = (identity, None)  # the weights' key is taken at the next use
 
     def check_cache(self, cache: object, batch: int, dtype: torch.dtype, device: torch.device) -> None:
         """Raise unless ``cache`` can carry this model's state for ``batch`` rows computed in ``dtype`` on
@@ -384,6 +377,22 @@ class RecurrentBackbone:
                     )
                 self.__dict__["_accepted_identity"] = (identity, current)
         _check_state(cache, self.state_layout(dtype), batch, dtype, device)
+
+
+@contextlib.contextmanager
+def state_identity_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Keep the state identity of every backbone in ``model`` through an inference transform that stores the same
+    weights another way (fused, prepacked, or rounded to int8 as a copy in another precision is), so the model
+    still accepts the caches it made before.
+
+    The identity is taken before the transform and tied to the weights as the transform leaves them: any change
+    after it (in place, loaded, replaced) drops the kept identity, and the model's caches are then checked
+    against its weights again. A transform that fails keeps nothing."""
+    backbones = [module for module in model.modules() if isinstance(module, RecurrentBackbone)]
+    identities = [backbone.state_identity() for backbone in backbones]
+    yield
+    for backbone, identity in zip(backbones, identities, strict=True):
+        backbone.__dict__["_pinned_identity"] = (identity, backbone._weights_key())
 
 
 def _check_state(
@@ -437,23 +446,18 @@ def _checked_steps(cache: RecurrentCache) -> int:
     return steps
 
 
-def _check_unconsumed(cache: RecurrentCache, input_ids: torch.Tensor) -> None:
-    if input_ids.shape[1] <= cache.steps:
-        raise ValueError(
-            f"the cache already holds {cache.steps} tokens and input_ids has {input_ids.shape[1]}: pass the full "
-            "sequence with at least one token the state has not consumed (e.g. keep the state of a prompt without "
-            "its last token)"
-        )
+def check_continuation(
+    cache: RecurrentCache, consumed: torch.Tensor | None, consumed_mask: torch.Tensor | None, batch: int
+) -> None:
+    """Raise unless ``cache`` can have consumed the first ``cache.steps`` tokens of a sequence of ``batch`` rows,
+    as ``generate(..., cache=cache)`` assumes before feeding only the rest.
 
-
-def check_continuation(cache: RecurrentCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-    """Raise unless ``input_ids`` (with ``attention_mask``) can be a sequence whose first ``cache.steps``
-    tokens ``cache`` consumed, as ``generate(input_ids, cache=cache)`` assumes before feeding only the rest.
-
-    Per row, the real tokens among those first ``steps`` must be as many as the cache's positions count (a
-    ``steps`` counter that disagrees would re-feed or skip tokens), their digest must equal the cache's (a
-    cache of another prompt of the same length would silently continue that one), and the state must be
-    finite (a NaN state makes every next token 0). One read from the device, once per ``generate()``.
+    ``consumed``: those tokens' ids ``[batch, steps]`` when the input holds them (None when it holds only the new
+    tokens, or embeddings); ``consumed_mask``: their attention-mask columns (None: all real). Per row, the real
+    tokens among them must be as many as the cache's positions count (a ``steps`` counter that disagrees would
+    re-feed or skip tokens), their digest must equal the cache's where both are known (a cache of another prompt
+    of the same length would silently continue that one), and the state must be finite (a NaN state makes every
+    next token 0). One read from the device, once per ``generate()``.
     """
     steps = _checked_steps(cache)
     if cache.token_digest is not None and cache.digest_steps > steps:
@@ -461,18 +465,18 @@ def check_continuation(cache: RecurrentCache, input_ids: torch.Tensor, attention
             f"cache.steps is {steps}, but the cache's token digest covers {cache.digest_steps} tokens it consumed: "
             "cache.steps must count every token the state consumed"
         )
-    _check_unconsumed(cache, input_ids)
     positions = cache.positions
-    if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.shape[0] != input_ids.shape[0]:
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.shape[0] != batch:
         return  # the model's cache check names the problem
     device = positions.device
-    real = None if attention_mask is None else attention_mask[:, :steps].to(device) != 0
+    real = None if consumed_mask is None else consumed_mask.to(device) != 0
     counts = torch.full_like(positions, steps) if real is None else real.long().sum(-1)
     checks = [(counts == positions).all()]
     digest = cache.token_digest
-    if isinstance(digest, torch.Tensor) and digest.shape == positions.shape:
+    compared = consumed is not None and isinstance(digest, torch.Tensor) and digest.shape == positions.shape
+    if compared:
         covered = cache.digest_steps
-        expected = digest_tokens(input_ids[:, :covered].to(device), None if real is None else real[:, :covered])
+        expected = digest_tokens(consumed[:, :covered].to(device), None if real is None else real[:, :covered])
         checks.append((expected == digest.to(device)).all())
     tensors = [
         (f"layers.{i}.{name}", tensor)
@@ -489,15 +493,63 @@ def check_continuation(cache: RecurrentCache, input_ids: torch.Tensor, attention
             f"input_ids hold {counts.tolist()[:8]} (per attention_mask): pass the sequence and attention_mask the "
             "cache was computed from (cache.steps counts the tokens it consumed, padding included)"
         )
-    if len(ok) > len(tensors) + 1 and not ok[1]:
+    if compared and not ok[1]:
         raise ValueError(
             f"input_ids does not begin with the {cache.digest_steps} tokens this cache consumed (their digest "
-            "differs): pass the sequence the cache was computed from (or, if you know the state fits, set "
-            "cache.token_digest = None to skip this check)"
+            "differs): pass the sequence the cache was computed from, or only the new tokens with an attention_mask "
+            "over the whole sequence (or, if you know the state fits, set cache.token_digest = None to skip this "
+            "check)"
         )
     for (name, _), finite in zip(tensors, ok[len(ok) - len(tensors) :], strict=True):
         if not finite:
             raise ValueError(f"cache tensor {name} holds NaN or infinite values: no finite model computes such a state")
+
+
+def new_tokens(cache: RecurrentCache, length: int, whole: int, what: str, first: bool) -> int:
+    """How many of the input's ``length`` last tokens the carried ``cache`` has not consumed, for a sequence of
+    ``whole`` tokens (the attention mask's length: the mask always covers the whole sequence). At the first step
+    of ``generate()`` the input is the whole sequence or only its new tokens, nothing in between."""
+    steps = _checked_steps(cache)
+    new = whole - steps
+    if new < 1:
+        given = f"{what} has {length}" if whole == length else f"attention_mask has {whole} columns"
+        raise ValueError(
+            f"the cache already holds {steps} tokens and {given}: pass the whole sequence with at least one token "
+            "the state has not consumed (e.g. keep the state of a prompt without its last token), or only the new "
+            f"tokens with an attention_mask over the whole sequence ({steps} + new columns)"
+        )
+    if new > length or (first and new not in (length, length - steps)):
+        raise ValueError(
+            f"attention_mask has {whole} columns, {what} has {length} and the cache holds {steps} tokens: pass the "
+            f"whole sequence ({what} as long as attention_mask) or only the new tokens (attention_mask {steps} "
+            f"columns longer than {what}, covering the cache's tokens too)"
+        )
+    return new
+
+
+def _checked_count(logits_to_keep: object) -> int:
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, numbers.Integral) or logits_to_keep < 0:
+        raise ValueError(
+            "logits_to_keep must be a number of last positions (an int >= 0; 0 keeps all) or a 1-D tensor of "
+            f"positions, got {logits_to_keep!r}"
+        )
+    return int(logits_to_keep)
+
+
+def _checked_positions(positions: torch.Tensor, length: int) -> torch.Tensor:
+    if positions.dim() != 1 or positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise ValueError(
+            "logits_to_keep as a tensor must list positions (1-D, integers), got "
+            f"{positions.dtype} of shape {tuple(positions.shape)}"
+        )
+    if positions.numel() and not torch.compiler.is_compiling():
+        low, high = (int(value) for value in torch.aminmax(positions))
+        if low < -length or high >= length:
+            raise ValueError(
+                f"logits_to_keep lists position {high if high >= length else low}, outside the input's {length} "
+                "positions"
+            )
+    return positions.to(torch.long)
 
 
 class RecurrentGenerationMixin:
@@ -542,42 +594,102 @@ class RecurrentGenerationMixin:
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
-        """Feed only the tokens the state has not consumed yet; at the first step of ``generate()``, check that
-        the sequence begins with what a carried cache consumed (see :func:`check_continuation`)."""
+    def generate(self, *args, **kwargs) -> GenerateOutput | torch.LongTensor:
+        """``GenerationMixin.generate``. With a carried ``cache``, the input is either the whole sequence (its first
+        ``cache.steps`` tokens, which the cache consumed, are checked against the cache's token digest) or only the
+        new tokens with an ``attention_mask`` over the whole sequence, as transformers' caches take it."""
+        cache = kwargs.get("cache")
+        cache = kwargs.get("past_key_values") if cache is None else cache
+        if kwargs.get("position_ids") is not None:
+            raise ValueError(
+                "generate() takes no position_ids for this model: it derives each token's position from the "
+                "attention_mask and the cache (pass attention_mask for padding)"
+            )
+        config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)) is not None:
+            raise ValueError(
+                "prefill_chunk_size is not taken by this model: pass mode='chunkwise' (and chunk_size=N), which "
+                "prefills chunk by chunk inside one forward, holding one chunk's activations at a time"
+            )
+        if isinstance(cache, RecurrentCache) and not cache.is_empty:
+            if kwargs.get("use_cache") is False:
+                raise ValueError("generate() was given a cache and use_cache=False: pass use_cache=True to continue it")
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                # generate() drops an all-ones mask before the first step: its length says what the input holds
+                kwargs["_mask_length"] = mask.shape[1]
+        return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: RecurrentCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        _mask_length: int | None = None,
+        **kwargs,
+    ) -> dict:
+        """One step's inputs: what the state has not consumed yet, as ``inputs_embeds`` at the first step when
+        ``generate()`` was given them, as token ids otherwise.
+
+        At a decode step ``generate()`` says how many tokens are new (``next_sequence_length``). At the first
+        step the attention mask covers the whole sequence (``_mask_length``: the length of the mask
+        ``generate()`` was given, which it drops when all ones; no mask: the input is the whole sequence), so the
+        input's last ``whole - cache.steps`` tokens are new, and what a carried cache consumed is checked (see
+        :func:`check_continuation`). Positions come from the cache and the mask, not from ``position_ids``.
+        """
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         if cache is not None and not isinstance(cache, RecurrentCache):
             raise TypeError(f"cache must be a densessm RecurrentCache, got {type(cache).__name__}")
+        kwargs.pop("position_ids", None)
+        embeds = inputs_embeds if is_first_iteration else None  # embeddings stand for the prompt only
+        inputs, what = (input_ids, "input_ids") if embeds is None else (embeds, "inputs_embeds")
         if cache is not None and not cache.is_empty:
-            if kwargs.get("is_first_iteration"):
-                check_continuation(cache, input_ids, attention_mask)
+            length = inputs.shape[1]
+            if next_sequence_length is not None:
+                whole = cache.get_seq_length() + next_sequence_length
+            elif attention_mask is not None:
+                whole = attention_mask.shape[1]
             else:
-                _check_unconsumed(cache, input_ids)
-            input_ids = input_ids[:, cache.get_seq_length() :]
-            kwargs.pop("inputs_embeds", None)
-            kwargs.pop("position_ids", None)
-        elif kwargs.get("inputs_embeds") is not None:
-            input_ids = None
-        model_inputs = {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask}
-        model_inputs.update(
-            {k: v for k, v in kwargs.items() if k not in ("next_sequence_length", "is_first_iteration")}
-        )
+                whole = _mask_length if is_first_iteration and _mask_length is not None else length
+            new = new_tokens(cache, length, whole, what, bool(is_first_iteration))
+            if is_first_iteration:
+                steps = cache.get_seq_length()
+                holds_ids = new < length and input_ids is not None and input_ids.shape[1] == length
+                check_continuation(
+                    cache,
+                    input_ids[:, :steps] if holds_ids else None,
+                    None if attention_mask is None else attention_mask[:, :steps],
+                    inputs.shape[0],
+                )
+            inputs = inputs[:, length - new :]
+        model_inputs = {
+            "input_ids": inputs if embeds is None else None,
+            "inputs_embeds": None if embeds is None else inputs,
+            "cache": cache,
+            "attention_mask": attention_mask,
+        }
+        model_inputs.update(kwargs)
         return model_inputs
 
     def causal_lm_output(
         self,
         outputs: BaseModelOutputWithPast,
         labels: torch.Tensor | None,
-        logits_to_keep: int,
+        logits_to_keep: int | torch.Tensor,
         return_dict: bool | None,
         **loss_kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """Logits of the backbone's output (or of its last ``logits_to_keep`` positions) and, with ``labels``,
-        the shifted LM loss."""
+        """Logits of the backbone's output (or of its last ``logits_to_keep`` positions, or of the positions a 1-D
+        tensor ``logits_to_keep`` lists, as transformers takes it) and, with ``labels``, the shifted LM loss."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         hidden = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, _checked_positions(logits_to_keep, hidden.shape[1])]
+        elif logits_to_keep:
+            hidden = hidden[:, -_checked_count(logits_to_keep) :]
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         loss = None
         if labels is not None:

@@ -61,10 +61,11 @@ class DenseSSMForCausalLM(RecurrentGenerationMixin, DenseSSMPreTrainedModel, Gen
         chunk_size: int | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """Logits for every position (or the last ``logits_to_keep``); ``labels`` give the shifted LM loss."""
+        """Logits for every position (or the last ``logits_to_keep``, or the positions a 1-D tensor of them
+        lists); ``labels`` give the shifted LM loss."""
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -99,21 +100,31 @@ class DenseSSMForSequenceClassification(DenseSSMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.base_model.set_input_embeddings(value)
 
-    def _last_token_index(self, input_ids, attention_mask, batch, length, device):
-        positions = torch.arange(length, device=device)
+    def _real_tokens(self, input_ids, attention_mask, batch: int, length: int, device) -> torch.Tensor | None:
+        """``[B, L]`` bool of the real tokens (from ``attention_mask``, else the ids that are not
+        ``pad_token_id``); None when a single row without either is all real."""
         if attention_mask is not None:
-            real = attention_mask[:, -length:].to(device).bool()
-        elif input_ids is not None and self.config.pad_token_id is not None:
-            real = input_ids.to(device) != self.config.pad_token_id
-        elif batch == 1:
-            return torch.full((1,), length - 1, device=device)
-        else:
-            raise ValueError(
-                "cannot find the last token of each row: pass attention_mask, or input_ids with pad_token_id set"
-            )
-        if not bool(real.any(-1).all()):
-            raise ValueError("a row of the batch has no real token to classify")
-        return (positions * real).argmax(-1)
+            return attention_mask[:, -length:].to(device).bool()
+        if input_ids is not None and self.config.pad_token_id is not None:
+            return input_ids.to(device) != self.config.pad_token_id
+        if batch == 1:
+            return None
+        raise ValueError(
+            "cannot find the last token of each row: pass attention_mask, or input_ids with pad_token_id set"
+        )
+
+    def _pool(self, logits: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """Each row's logits at its last real token. Computed without a branch on the values, so that a compiled
+        or exported program takes it as it is; a row without any real token is refused eagerly and gives NaN in
+        such a program (never another token's logits)."""
+        if real is None:
+            return logits[:, -1]
+        length = logits.shape[1]
+        if not torch.compiler.is_compiling() and not bool(real.any(-1).all()):
+            raise ValueError("a row of the batch has no real token to classify: every token of it is padding")
+        last = (torch.arange(length, device=logits.device) * real).argmax(-1)
+        pooled = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
+        return torch.where(real.any(-1, keepdim=True), pooled, torch.nan)
 
     def forward(
         self,
@@ -142,9 +153,8 @@ class DenseSSMForSequenceClassification(DenseSSMPreTrainedModel):
             return_dict=True,
         )
         logits = self.score(outputs.last_hidden_state)
-        batch, length = logits.shape[:2]
-        last = self._last_token_index(input_ids, attention_mask, batch, length, logits.device)
-        pooled = logits[torch.arange(batch, device=logits.device), last]
+        real = self._real_tokens(input_ids, attention_mask, *logits.shape[:2], logits.device)
+        pooled = self._pool(logits, real)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)

@@ -17,11 +17,13 @@ and a subclass that names its submodules (so its checkpoints keep their names) a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
+from torch._higher_order_ops import scan
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -210,16 +212,21 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
             check_embeds(inputs_embeds, embeddings.weight.dtype, step.mask)
         hidden = step.hide_padding(hidden)
         cache = step.cache
-        mode = self.resolve_mode(mode, length, step.carried, cache is not None)
         chunk_size = config.chunk_size if chunk_size is None else chunk_size
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
 
         states = list(cache.layers) if step.carried else [None] * config.num_hidden_layers
-        if mode == "chunkwise" and "chunkwise" not in self.mixer_modes:
-            hidden, states, inputs = self._chunk_by_chunk(hidden, step, chunk_size, states, output_hidden_states)
+        if torch.compiler.is_exporting() and isinstance(batch * length, torch.SymInt):  # shapes the program leaves free
+            if mode is not None:
+                check_mode(mode, MODES)  # any mode computes what the scan does
+            hidden, states, inputs = self._token_scan(hidden, step, states, output_hidden_states)
         else:
-            hidden, states, inputs = self._layers(hidden, step, mode, chunk_size, states, output_hidden_states)
+            mode = self.resolve_mode(mode, length, step.carried, cache is not None)
+            if mode == "chunkwise" and "chunkwise" not in self.mixer_modes:
+                hidden, states, inputs = self._chunk_by_chunk(hidden, step, chunk_size, states, output_hidden_states)
+            else:
+                hidden, states, inputs = self._layers(hidden, step, mode, chunk_size, states, output_hidden_states)
         hidden = self._modules[self.module_names.final_norm](hidden)
         if cache is not None:
             self._advance(cache, step, states)
@@ -292,12 +299,68 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
             inputs = [torch.cat(per_layer, dim=1) for per_layer in zip(*piece_inputs, strict=True)]
         return torch.cat(pieces, dim=1), states, inputs
 
+    def _token_scan(
+        self,
+        hidden: torch.Tensor,
+        step: StepInputs,
+        states: list[LayerState | None],
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, list[LayerState], list[torch.Tensor] | None]:
+        """The stack in an exported program that leaves the batch size or the length free: the eager decode step
+        (every layer in recurrent mode on one token) as the body of one ``scan`` over the tokens.
+
+        Every other schedule cuts the sequence with Python loops over its length (chunks, blocks, tokens), whose
+        count a trace fixes to the one it saw (DenseMamba's blocks depend on the batch size too); a ``scan`` is one
+        graph for any shape, and its body is the code eager decoding runs. A program of fixed shapes traces the
+        eager schedule itself. All modes compute one function, so the program gives the eager logits and state to
+        float rounding (DenseRetNet's parallel form also divides each ``q·k`` row by its clamped sum, which the
+        per-head norm undoes up to its epsilon).
+
+        The state starts from zeros where none is carried (every family's empty state). A scan's body may neither
+        update its carry in place (a DenseRetNet decode step does, to keep addresses fixed) nor return it: each
+        step works on a copy and returns fresh tensors. Without gradients only: torch's scan does not trace its
+        backward with a free batch size."""
+        if torch.is_grad_enabled():
+            raise ValueError(
+                "a program with a free batch size or length is an inference program: export it under "
+                "torch.no_grad() (as transformers' DynamoExporter does), or fix every dimension"
+            )
+        layout = self.state_layout(hidden.dtype)
+        batch = hidden.shape[0]
+        start = [
+            {
+                name: hidden.new_zeros((batch, *shape), dtype=dtype) if state is None else state[name].clone()
+                for name, (shape, dtype) in layout.items()
+            }
+            for state in states
+        ]
+        xs = {"hidden": hidden, "position_ids": step.position_ids.expand(batch, -1)}
+        if step.mask is not None:
+            xs["mask"] = step.mask
+        xs = {name: x.transpose(0, 1) for name, x in xs.items()}  # scan runs over the first dimension
+
+        def one_token(carry: list[LayerState], x: dict[str, torch.Tensor]):
+            token = dataclasses.replace(
+                step, mask=x["mask"][:, None] if "mask" in x else None, position_ids=x["position_ids"][:, None]
+            )
+            carry = [{name: t.clone() for name, t in state.items()} for state in carry]
+            out, new, inputs = self._layers(
+                x["hidden"][:, None], token, "recurrent", 1, carry, output_hidden_states, keep_states=True
+            )
+            new = [{name: t.contiguous().clone() for name, t in state.items()} for state in new]
+            return new, [out[:, 0], *(i[:, 0] for i in inputs or ())]
+
+        final, outputs = scan(one_token, start, xs)
+        out, *inputs = (o.transpose(0, 1) for o in outputs)
+        return out, final, inputs if output_hidden_states else None
+
     @staticmethod
     def _advance(cache: RecurrentCache, step: StepInputs, states: list[LayerState | None]) -> None:
         """The one place where a cache takes the new state. Inside a compiled decode step a carried state keeps
         its addresses (a captured graph reads and writes it there): new values are copied in, unless the mixer
-        already updated the kept tensor in place."""
-        if step.carried and torch.compiler.is_compiling():
+        already updated the kept tensor in place. An exported program replaces the state instead (it mutates
+        nothing it is given: the cache it returns holds the new state)."""
+        if step.carried and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
             for kept, new in zip(cache.layers, states, strict=True):
                 for name, tensor in new.items():
                     if tensor is not kept[name]:

@@ -146,12 +146,18 @@ class DenseRetNetModel(DenseSSMModel, DenseRetNetPreTrainedModel):
         return {"state": ((heads, key_dim, value_dim), dtype), "scale": ((heads,), stat)}
 
     def retention_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotation angles ``[Dk]`` and per-head ``log γ`` ``[H]``: fixed by the shape, computed once per device."""
-        if device not in self._constants:
+        """Rotation angles ``[Dk]`` and per-head ``log γ`` ``[H]``: fixed by the shape, computed once per device.
+        An exported program computes them in its graph instead: tensors kept from an eager call are no constants
+        an export may capture (a scan's body refuses them), and the tensors an export computes are fake."""
+        exporting = torch.compiler.is_exporting()
+        constants = None if exporting else self._constants.get(device)
+        if constants is None:
             heads = self.config.num_attention_heads
             angles = rotation_angles(self.config.query_key_dim // heads)
-            self._constants[device] = (angles.to(device), head_log_decays(heads).to(device))
-        return self._constants[device]
+            constants = (angles.to(device), head_log_decays(heads).to(device))
+            if not exporting:
+                self._constants[device] = constants
+        return constants
 
     def call_constants(self, step: StepInputs, dtype: torch.dtype, device: torch.device):
         """The rotation tables of this call's positions and the per-head decays, shared by every layer."""
