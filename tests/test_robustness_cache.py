@@ -9,6 +9,7 @@ with the tokens a cache consumed.
 from __future__ import annotations
 
 import json
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -19,12 +20,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CompileConfig
 
-from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM, RecurrentCache
+from densessm import (
+    DenseMamba2Config,
+    DenseMamba2ForCausalLM,
+    DenseMambaForCausalLM,
+    DenseRetNetForCausalLM,
+    RecurrentCache,
+)
 from densessm.cache import CacheIdentity, digest_tokens
 from densessm.compiled_decoding import CompiledDecoder
 from densessm.errors import UsageError
 from densessm.files import DestinationExistsError
-from densessm.inference import fuse_projections
+from densessm.inference import fuse_projections, prepack_for_cpu, quantize_int8
 
 PROMPT = torch.arange(3, 15).reshape(2, 6) % 97
 
@@ -33,7 +40,12 @@ def _model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     if family == "retnet":
         return DenseRetNetForCausalLM(tiny_config(**overrides)).eval()
-    model = DenseMambaForCausalLM(tiny_mamba_config(**overrides)).eval()
+    if family == "mamba2":
+        shape = dict(hidden_size=16, num_heads=4, head_dim=8, n_groups=2, state_size=4, num_hidden_layers=3)
+        config = DenseMamba2Config(**shape, vocab_size=97, dense_gate_reduction=4, chunk_size=4, **overrides)
+        model = DenseMamba2ForCausalLM(config).eval()
+    else:
+        model = DenseMambaForCausalLM(tiny_mamba_config(**overrides)).eval()
     for layer in model.backbone.layers[1:]:  # open the dense gates (they start closed): the state then matters
         if layer.mixer.dense_gate is not None:
             torch.nn.init.normal_(layer.mixer.dense_gate.fc2.weight, std=0.5)
@@ -350,6 +362,16 @@ def test_corrupt_and_truncated_files_are_refused(tmp_path, saved):
         RecurrentCache.load(saved[0], device="gpu")
 
 
+def test_a_pipe_is_named_as_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError) as refused:
+        RecurrentCache.load(fifo)
+    assert str(refused.value) == (
+        f"{fifo} is not a regular file (a pipe, socket or device): name the cache file to read"
+    )
+
+
 @pytest.mark.parametrize(("key", "value"), [("layers.0.state", float("nan")), ("layers.2.scale", float("-inf"))])
 def test_a_state_holding_nan_or_inf_is_refused_on_load(tmp_path, saved, key, value):
     tensors = dict(saved[1])
@@ -427,6 +449,50 @@ def test_a_damaged_cache_is_refused(damage, message):
     damage(cache)
     with pytest.raises(ValueError, match=message):
         model(PROMPT[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize(
+    ("call", "indices", "error", "message"),
+    [
+        (
+            "reorder_cache",
+            torch.tensor([5, 0]),
+            ValueError,
+            "beam_idx holds row 5, but the cache holds 2 rows (0 to 1)",
+        ),
+        (
+            "reorder_cache",
+            torch.tensor([-1, 0]),
+            ValueError,
+            "beam_idx holds row -1, but the cache holds 2 rows (0 to 1)",
+        ),
+        (
+            "reorder_cache",
+            torch.tensor([1]),
+            ValueError,
+            "beam_idx picks 1 rows, but the cache holds 2: reordering keeps them all",
+        ),
+        (
+            "reorder_cache",
+            torch.tensor([1.0, 0.0]),
+            ValueError,
+            "beam_idx must be a 1-D tensor of integer row indices, got torch.float32 of shape (2,)",
+        ),
+        ("reorder_cache", [1, 0], TypeError, "beam_idx must be a tensor of row indices, got list"),
+        ("batch_select_indices", torch.tensor([0, 2]), ValueError, "indices holds row 2, but the cache holds 2 rows"),
+    ],
+)
+def test_row_indices_out_of_the_batch_are_named_and_change_nothing(call, indices, error, message):
+    cache = _cache(_model("retnet"))
+    before = cache.clone()
+    with pytest.raises(error) as refused:
+        getattr(cache, call)(indices)
+    assert str(refused.value).startswith(message)
+    assert torch.equal(cache.positions, before.positions)
+    for layer, kept in zip(cache.layers, before.layers, strict=True):
+        assert all(torch.equal(layer[name], kept[name]) for name in kept)
+    cache.reorder_cache(torch.tensor([1, 0]))  # a valid reordering still works
+    assert torch.equal(cache.layers[0]["state"], before.layers[0]["state"].flip(0))
 
 
 def test_a_cache_of_another_dtype_or_batch_is_refused(tmp_path):
@@ -517,6 +583,43 @@ def test_a_fused_model_refuses_the_caches_of_its_weights_before_they_changed():
         fused.backbone.embeddings.weight.mul_(1.5)
         with pytest.raises(ValueError, match="with other weights"):
             fused(PROMPT[:, :1], cache=cache.clone())
+
+
+TRANSFORMS = {
+    "fuse": fuse_projections,
+    "prepack": lambda model: prepack_for_cpu(model, min_weight=1),
+    "quantize": lambda model: quantize_int8(model, min_weight=1),
+}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("family", ["retnet", "mamba", "mamba2"])
+def test_a_transformed_model_keeps_its_caches_until_a_weight_changes(family, transform):
+    kept, changed = _model(family), _model(family)
+    cache = _cache(kept)
+    with torch.no_grad():
+        reference = kept(PROMPT[:, :1], cache=cache.clone()).logits
+        TRANSFORMS[transform](kept)
+        continued = kept(PROMPT[:, :1], cache=cache.clone()).logits  # the transform keeps the identity
+        if transform != "quantize":  # int8 rounds the function; the others store the same one
+            torch.testing.assert_close(continued, reference, atol=1e-5, rtol=1e-5)
+        TRANSFORMS[transform](changed)
+        for parameter in changed.parameters():  # changed before any use of the transformed model
+            parameter.mul_(1.5)
+        with pytest.raises(ValueError, match=f"made by a {changed.config.model_type} model with other weights"):
+            changed(PROMPT[:, :1], cache=cache.clone())
+        changed(PROMPT[:, :1], cache=_cache(changed))  # a state of the changed weights is accepted
+
+
+def test_weights_loaded_after_a_transform_refuse_the_caches_of_the_weights_before():
+    model, other = _model("mamba2"), _model("mamba2", seed=1)
+    cache = _cache(model)
+    fuse_projections(model)  # nothing to fuse in DenseMamba2 (its projections are one product already)
+    model.load_state_dict(other.state_dict())
+    full = torch.cat([PROMPT, PROMPT[:, :1]], 1)
+    with pytest.raises(ValueError, match="made by a dense_mamba2 model with other weights"):
+        model.generate(full, cache=cache, max_new_tokens=2, do_sample=False)
+    assert cache.steps == PROMPT.shape[1]  # refused before any step
 
 
 def test_an_unchanged_model_checks_a_cache_without_recomputing_its_identity():

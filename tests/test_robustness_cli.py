@@ -183,6 +183,21 @@ def test_convert_refuses_a_destination_overlapping_the_source(reference, capsys,
     assert snapshot(reference) == before
 
 
+@pytest.mark.parametrize(("kind", "what"), [("file", "a file"), ("fifo", "a pipe, socket or device")])
+def test_convert_names_a_source_that_is_not_a_directory(tmp_path, capsys, kind, what):
+    src = tmp_path / "weights.safetensors"
+    if kind == "file":
+        src.write_bytes(b"not a directory")
+    else:
+        os.mkfifo(src)
+    code, err = run(["convert", str(src), str(tmp_path / "dst")], capsys)
+    assert code == 1
+    assert err.strip() == (
+        f"densessm convert: error: {src} is {what}, not a reference directory: name the directory that holds it"
+    )
+    assert not (tmp_path / "dst").exists()
+
+
 def test_convert_into_an_empty_existing_directory(reference, tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["convert", str(reference), str(tmp_path / "empty")]) == 0
@@ -301,6 +316,10 @@ DAMAGE = {
         "corrupt or truncated weights file",
     ),
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "no weights in"),
+    "integer tensor": (  # a quantized or damaged tensor: cast into the float parameter it would load as zeros
+        lambda d: _edit_weights(d, lambda s: s.__setitem__("model.embed_tokens.weight", torch.zeros(97, 32).char())),
+        "tensors of another kind: model.embed_tokens.weight stored as I8 (the model holds floating-point values there)",
+    ),
     "bad config value": (
         lambda d: (d / "config.json").write_text(
             json.dumps(json.loads((d / "config.json").read_text()) | {"num_hidden_layers": "three"})
@@ -319,12 +338,31 @@ def test_generate_refuses_a_damaged_model(model_dir, capsys, damage):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("damage", ["missing", "foreign model_type", "truncated weights"])
+@pytest.mark.parametrize("damage", ["missing", "foreign model_type", "truncated weights", "integer tensor"])
 def test_eval_refuses_a_damaged_model(model_dir, corpus, capsys, damage):
     spoil, message = DAMAGE[damage]
     spoil(model_dir)
     code, err = run(["eval", "ppl", str(model_dir), "--data", str(corpus), "--window", "16"], capsys)
     assert code == 1 and message in err
+
+
+def test_an_integer_tensor_in_a_torch_pickle_is_refused_too(model_dir, capsys):
+    state = load_file(model_dir / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.int16)
+    torch.save(state, model_dir / "pytorch_model.bin")
+    (model_dir / "model.safetensors").unlink()
+    code, err = run(["generate", str(model_dir), "--prompt", "w1 w2", "--max-new-tokens", "2"], capsys)
+    assert code == 1
+    assert err.strip() == (
+        f"densessm generate: error: {model_dir} does not hold the model its config.json describes (dense_retnet): "
+        "tensors of another kind: model.norm.weight stored as int16 (the model holds floating-point values there)"
+    )
+
+
+def test_weights_stored_in_another_floating_point_precision_load(model_dir, capsys):
+    _edit_weights(model_dir, lambda s: s.update({k: v.to(torch.bfloat16) for k, v in s.items()}))
+    code, err = run(["generate", str(model_dir), "--prompt", "w1 w2", "--max-new-tokens", "2"], capsys)
+    assert code == 0, err
 
 
 def test_eval_tasks_checks_the_weights_before_the_harness_loads_them(model_dir, capsys):
@@ -401,6 +439,22 @@ def test_generate_usage_errors(model_dir, capsys, flags, message):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize(
+    ("prompt", "what"),
+    [
+        ("w1 \udcff\udcfe", "byte 0xff at character 3"),  # argv bytes that are not UTF-8, as Python decodes them
+        ("\ud800w1", "a lone surrogate \\ud800 at character 0"),
+    ],
+)
+def test_generate_names_a_prompt_that_is_not_utf8(model_dir, capsys, prompt, what):
+    code, err = run(["generate", str(model_dir), "--prompt", "w1", "--prompt", prompt], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"densessm generate: error: argument --prompt: not UTF-8 text: {what} (pass UTF-8 text, e.g. a UTF-8 file "
+        "with --prompt-file)"
+    )
+
+
 def test_generate_on_a_missing_gpu(model_dir, capsys):
     code, err = run(["generate", str(model_dir), "--prompt", "w1", "--device", "cuda"], capsys)
     assert code == 2 and "no CUDA GPU is available on this machine" in err
@@ -513,15 +567,66 @@ def test_eval_replaces_a_report_when_asked(model_dir, corpus, tmp_path, capsys):
 
 def test_bench_refuses_to_replace_results(tmp_path, capsys):
     (tmp_path / "gen.md").write_text("earlier results")
-    code, err = run(["bench", "generate", "--models", "retnet_tiny", "--out", str(tmp_path / "gen")], capsys)
+    code, err = run(
+        ["bench", "generate", "--models", "retnet_tiny", "--batch", "6", "--out", str(tmp_path / "gen")], capsys
+    )
     assert code == 1 and "gen.md already exist" in err
     assert (tmp_path / "gen.md").read_text() == "earlier results"
+    # several batch sizes write one report each: any one of them already there stops the run before it starts
+    (tmp_path / "two_batch6.json").write_text("earlier results")
+    code, err = run(["bench", "generate", "--models", "retnet_tiny", "--out", str(tmp_path / "two")], capsys)
+    assert code == 1 and "two_batch6.json already exist" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.md", "two_batch6.json"]
 
 
 @pytest.mark.parametrize("flag", ["--batch", "--steps", "--overhead-context"])
 def test_bench_numbers_must_be_positive(tmp_path, capsys, flag):
     code, err = run(["bench", "generate", flag, "0", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and f"argument {flag}: must be a positive integer" in err
+
+
+def _no_measuring(monkeypatch):
+    import densessm_lab.bench.measure
+
+    monkeypatch.setattr(densessm_lab.bench.measure, "run", lambda *a, **k: pytest.fail("measured"))
+
+
+def test_bench_out_under_a_file_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    _no_measuring(monkeypatch)
+    (tmp_path / "a.txt").write_text("a corpus")
+    out = tmp_path / "a.txt" / "x"
+    code, err = run(["bench", "generate", "--models", "retnet_tiny", "--batch", "2", "--out", str(out)], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"densessm bench: error: --out {out} cannot be created: {tmp_path / 'a.txt'} is a file, not a directory"
+    )
+    assert (tmp_path / "a.txt").read_text() == "a corpus"
+
+
+def test_bench_out_where_a_directory_stands_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    _no_measuring(monkeypatch)
+    (tmp_path / "gen.md").mkdir()
+    out = tmp_path / "gen"
+    argv = ["bench", "generate", "--models", "retnet_tiny", "--batch", "2", "--out", str(out), "--overwrite"]
+    code, err = run(argv, capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"densessm bench: error: --out {out}: {out}.md is a directory, not a file"
+
+
+def test_bench_unknown_compile_backend_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    _no_measuring(monkeypatch)
+    argv = ["bench", "generate", "--compile", "--compile-backend", "bogus", "--out", str(tmp_path / "x")]
+    code, err = run(argv, capsys)
+    assert code == 2
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "densessm bench generate: error: argument --compile-backend: unknown torch.compile backend 'bogus': this "
+            "PyTorch has "
+        )
+    )
+    assert "inductor" in err and err.strip().endswith("(and, for debugging, eager and aot_eager)")
 
 
 # --- the file primitives every writer uses -----------------------------------------------------------------

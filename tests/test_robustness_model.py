@@ -18,8 +18,10 @@ from transformers import AutoModelForCausalLM
 from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
 from densessm.errors import ModelLoadError
 from densessm.loading import read_config
+from densessm.models import FAMILIES as REGISTERED
 from densessm.models.dense.mixer import MixerCall
 from densessm.ops.retention import head_log_decays, retention
+from densessm.presets import load_preset
 
 FAMILIES = ["retnet", "mamba"]
 MODES = ["parallel", "chunkwise", "recurrent"]
@@ -79,6 +81,59 @@ def test_position_ids_broadcast_over_the_batch():
     model = _model("retnet")
     with torch.no_grad():
         torch.testing.assert_close(model(TOKENS, position_ids=torch.arange(7)[None] + 5).logits, model(TOKENS).logits)
+
+
+@pytest.fixture(scope="module", params=[family.name for family in REGISTERED])
+def any_family(request):
+    """A tiny model of every registered family (its ``dense_<name>_tiny`` preset)."""
+    torch.manual_seed(0)
+    family = next(family for family in REGISTERED if family.name == request.param)
+    return family.causal_lm(load_preset(f"dense_{family.name}_tiny")).eval()
+
+
+@pytest.mark.parametrize(
+    ("logits_to_keep", "message"),
+    [
+        (
+            1.5,
+            "logits_to_keep must be a number of last positions (an int >= 0; 0 keeps all) or a 1-D tensor of "
+            "positions, got 1.5",
+        ),
+        (
+            -1,
+            "logits_to_keep must be a number of last positions (an int >= 0; 0 keeps all) or a 1-D tensor of "
+            "positions, got -1",
+        ),
+        (
+            True,
+            "logits_to_keep must be a number of last positions (an int >= 0; 0 keeps all) or a 1-D tensor of "
+            "positions, got True",
+        ),
+        (
+            torch.tensor(2),
+            "logits_to_keep as a tensor must list positions (1-D, integers), got torch.int64 of shape ()",
+        ),
+        (
+            torch.tensor([0.0]),
+            "logits_to_keep as a tensor must list positions (1-D, integers), got torch.float32 of shape (1,)",
+        ),
+        (torch.tensor([0, 7]), "logits_to_keep lists position 7, outside the input's 7 positions"),
+    ],
+    ids=["float", "negative", "bool", "0-d tensor", "float tensor", "beyond the input"],
+)
+def test_logits_to_keep_that_cannot_work_is_named(any_family, logits_to_keep, message):
+    with pytest.raises(ValueError) as refused:
+        any_family(TOKENS, logits_to_keep=logits_to_keep)
+    assert str(refused.value) == message
+
+
+def test_logits_to_keep_takes_a_count_or_positions(any_family):
+    with torch.no_grad():
+        full = any_family(TOKENS).logits
+        assert torch.equal(any_family(TOKENS, logits_to_keep=0).logits, full)
+        torch.testing.assert_close(any_family(TOKENS, logits_to_keep=2).logits, full[:, -2:])
+        torch.testing.assert_close(any_family(TOKENS, logits_to_keep=99).logits, full)
+        torch.testing.assert_close(any_family(TOKENS, logits_to_keep=torch.tensor([0, -1])).logits, full[:, [0, 6]])
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])

@@ -182,6 +182,31 @@ def test_bad_config_overrides_name_the_flag(tmp_path, capsys):
     assert code == 2 and "--config_overrides 'hidden_size=16,no_such_key=3'" in err and "no_such_key" in err
 
 
+UNPARSABLE_OVERRIDES = [
+    (
+        "dense_mamba2_tiny",
+        "time_step_limit=0.0",
+        "time_step_limit holds a tuple ((0.0, inf)), which --config_overrides cannot set (it sets int, float, bool and "
+        "string keys): write the value in a config.json and pass its directory as --model_name_or_path",
+    ),
+    ("dense_retnet_tiny", "hidden_size=abc", "hidden_size takes an integer, got 'abc'"),
+    ("dense_retnet_tiny", "rms_norm_eps=small", "rms_norm_eps takes a number, got 'small'"),
+    ("dense_retnet_tiny", "use_cache=maybe", "use_cache takes true or false, got 'maybe'"),
+    ("dense_retnet_tiny", "hidden_size=16,layers", "'layers' is not KEY=VALUE (pairs are separated by commas)"),
+    ("dense_retnet_tiny", "hidden_size=16=32", "'hidden_size=16=32' is not KEY=VALUE (pairs are separated by commas)"),
+]
+
+
+@pytest.mark.parametrize(("model", "overrides", "reason"), UNPARSABLE_OVERRIDES)
+def test_config_overrides_that_cannot_be_parsed_name_the_key_and_what_it_takes(
+    tmp_path, capsys, model, overrides, reason
+):
+    code, err = cli(train_argv(tmp_path, model_name_or_path=model, config_overrides=overrides), capsys)
+    assert code == 2
+    assert err == f"densessm train: error: --config_overrides {overrides!r}: {reason}"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 INVALID_OVERRIDES = [
     ("hidden_size=-32", "hidden_size must be a positive integer, got -32"),
     (
@@ -907,9 +932,9 @@ def _drop(model_dir: Path, name: str) -> None:
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
 
 
-def _add(model_dir: Path, name: str, shape: tuple[int, ...]) -> None:
+def _add(model_dir: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
     tensors = load_file(model_dir / "model.safetensors")
-    tensors[name] = torch.zeros(shape)
+    tensors[name] = torch.zeros(shape, dtype=dtype)
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
 
 
@@ -930,6 +955,10 @@ BROKEN_MODELS = {
         "tensors of another shape: model.norm.weight (17,) (config.json gives (16,))",
     ),
     "foreign model_type": (_retype, "describes model_type 'llama', not a densessm model"),
+    "integer tensor": (
+        lambda d: _add(d, "model.norm.weight", (16,), torch.int8),
+        "tensors of another kind: model.norm.weight stored as I8 (the model holds floating-point values there)",
+    ),
     "config not JSON": (lambda d: (d / "config.json").write_text("{nope"), "config.json is not valid JSON"),
     "truncated weights": (lambda d: _truncate(d / "model.safetensors"), "corrupt or truncated weights file"),
     "a NaN weight": (

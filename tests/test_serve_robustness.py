@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
+from safetensors.torch import load_file, save_file
+from test_serve_engine import reference, submit, wait
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -24,6 +26,7 @@ import densessm.loading
 import densessm.serving.cli
 from densessm import DenseRetNetForCausalLM
 from densessm.cli import main
+from densessm.inference import Int8Linear
 from densessm.serving.app import ServerSettings, create_app
 from densessm.serving.engine import Engine, EngineConfig
 from densessm.serving.metrics import ServerMetrics
@@ -387,6 +390,18 @@ def test_a_body_that_is_json_but_not_an_object_is_still_named_so(app):
     assert app.post("/v1/completions", b"[1, 2]")[1]["error"]["message"] == "the request body must be a JSON object"
 
 
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_an_empty_body_is_named_as_such(app, endpoint):
+    code, answer = app.post(endpoint, b"")
+    assert code == 400
+    assert answer["error"] == {
+        "message": "the request body is empty: send the request's parameters as a JSON object",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+
+
 def test_a_tokenizer_larger_than_the_model_is_the_servers_fault():
     """Text whose tokens lie beyond the model's vocabulary: the server's tokenizer does not fit its model. The
     client is not told that its prompt is wrong (a 400 about 'token id 110')."""
@@ -483,3 +498,87 @@ def test_a_model_directory_that_does_not_match_its_config_is_refused(model_dir, 
         "tensors of another shape: "
     )
     assert f"({VOCAB}, " in line and f"(config.json gives ({VOCAB + 3}, " in line
+
+
+def test_a_model_directory_with_integer_weights_is_refused(model_dir, tmp_path, capsys, monkeypatch):
+    """An int8 tensor cast into a float parameter would serve a model of zeros."""
+    monkeypatch.setattr(densessm.serving.cli, "_serve", lambda *a: pytest.fail("served a model of zeros"))
+    damaged = tmp_path / "int8"
+    damaged.mkdir()
+    for path in model_dir.iterdir():
+        (damaged / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(damaged / "model.safetensors")
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].to(torch.int8)
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    assert main(["serve", str(damaged), "--port", "0"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"densessm serve: error: {damaged} does not hold the model its config.json describes (dense_retnet): "
+        "tensors of another kind: model.embed_tokens.weight stored as I8 (the model holds floating-point values "
+        "there)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--served-model-name", ""],
+            "--served-model-name is empty: name the model as clients will ask for it, or drop the flag",
+        ),
+        (
+            ["--served-model-name", "  "],
+            "--served-model-name is empty: name the model as clients will ask for it, or drop the flag",
+        ),
+        (
+            ["--max-request-bytes", "0"],
+            "--max-request-bytes must be at least 1 byte, got 0: every request would be refused",
+        ),
+        (
+            ["--quantize", "int8", "--dtype", "bfloat16"],
+            "--quantize int8: int8 weights compute in float32, not in bfloat16 (use --device cpu --dtype float32, "
+            "or drop --quantize)",
+        ),
+        (["--quantize", "int8", "--compile"], "--quantize int8 cannot be compiled: drop --compile or --quantize"),
+    ],
+)
+def test_values_that_cannot_work_are_refused_before_loading(model_dir, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(densessm.serving.cli, "load_causal_lm", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["serve", str(model_dir), "--port", "0", *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"densessm serve: error: {message}"
+
+
+def test_quantize_is_refused_on_a_gpu(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(densessm.serving.cli, "load_causal_lm", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["serve", str(model_dir), "--port", "0", "--quantize", "int8", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "densessm serve: error: --quantize int8: int8 weights run on the CPU only, not on cuda (use --device cpu "
+        "--dtype float32, or drop --quantize)"
+    )
+
+
+def test_quantize_int8_serves_int8_weights(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    directory = tmp_path / "wide"  # its fused projections pass quantize_int8's default min_weight
+    DenseRetNetForCausalLM(tiny_config(hidden_size=128, query_key_dim=64)).save_pretrained(directory)
+    word_tokenizer(VOCAB).save_pretrained(directory)
+    served = []
+
+    def serve(server, sock, engine) -> None:
+        sock.close()
+        served.append(engine)
+
+    monkeypatch.setattr(densessm.serving.cli, "_serve", serve)
+    assert main(["serve", str(directory), "--port", "0", "--quantize", "int8", "--max-batch", "2"]) == 0
+    [engine] = served
+    model = engine.model
+    retention = model.model.layers[0].retention
+    assert isinstance(retention.projection, Int8Linear) and isinstance(retention.o_proj, Int8Linear)
+    engine.start()
+    try:
+        prompt = [5, 17, 33, 8]
+        result = wait(submit(engine, prompt, max_tokens=6)[1])
+        assert result["tokens"][0] == reference(model, prompt, 6)  # what the int8 model itself generates
+    finally:
+        engine.stop()

@@ -261,11 +261,20 @@ def map_reference_state(
     return ours, dropped
 
 
+def _reference_dir(src: str | Path) -> Path:
+    """``src`` as a Path, refused unless it is a directory (a file given as SRC is named as a file)."""
+    src = Path(src)
+    if not src.exists():
+        raise CheckpointError(f"reference directory {src} does not exist")
+    if not src.is_dir():
+        what = "a file" if src.is_file() else "a pipe, socket or device"
+        raise CheckpointError(f"{src} is {what}, not a reference directory: name the directory that holds it")
+    return src
+
+
 def load_reference_model(src: str | Path, dtype: torch.dtype | None = None) -> DenseRetNetForCausalLM:
     """A DenseRetNetForCausalLM holding a reference checkpoint's weights (in their dtype unless given)."""
-    src = Path(src)
-    if not src.is_dir():
-        raise CheckpointError(f"reference directory {src} does not exist")
+    src = _reference_dir(src)
     if not (src / "config.json").is_file():
         raise CheckpointError(f"no config.json in reference directory {src}")
     state = load_reference_weights(src)
@@ -294,9 +303,7 @@ def convert_reference_checkpoint(
     """Write ``src`` (reference layout) to ``dst`` as a densessm directory ``from_pretrained`` can load.
 
     ``dst`` must be empty or absent (or ``overwrite``) and apart from ``src``; it appears complete or not at all."""
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise CheckpointError(f"reference directory {src} does not exist")
+    src, dst = _reference_dir(src), Path(dst)
     check_separate(src, dst)
     check_destination(dst, overwrite)
     model = load_reference_model(src, dtype=dtype)

@@ -18,7 +18,7 @@ from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, Te
 
 from densessm.argtypes import nonnegative_int, path_name, positive_float, positive_int, seed
 from densessm.errors import UsageError
-from densessm.inference import prepack_for_cpu
+from densessm.inference import QUANTIZE_CHOICES, int8_problem, prepack_for_cpu, quantize_int8
 from densessm.loading import load_causal_lm, load_tokenizer_dir, raise_nonfinite, read_config
 from densessm.runtime import DTYPES, resolve_device
 
@@ -41,12 +41,27 @@ class FiniteLogitsGuard(LogitsProcessor):
         return scores
 
 
+def _prompt_text(text: str) -> str:
+    """A ``--prompt`` that is Unicode text. Bytes of the command line that are not UTF-8 reach Python as lone
+    surrogates (``\\udcff`` for byte 0xff), which no tokenizer reads and no UTF-8 encodes: refused here, with
+    their place, rather than failing deep in the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate \\u{code:04x}"
+        raise argparse.ArgumentTypeError(
+            f"not UTF-8 text: {what} at character {err.start} (pass UTF-8 text, e.g. a UTF-8 file with --prompt-file)"
+        ) from None
+    return text
+
+
 def add_generate_parser(sub) -> None:
     """Register ``densessm generate``."""
     parser = sub.add_parser("generate", help="generate text from a saved DenseRetNet / DenseMamba directory")
     parser.add_argument("model_dir", type=path_name, help="directory written by save_pretrained (with tokenizer files)")
     prompts = parser.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
+    prompts.add_argument("--prompt", action="append", type=_prompt_text, help="a prompt; repeat for a batch")
     prompts.add_argument("--prompt-file", type=Path, help="a UTF-8 text file with one prompt per line")
     parser.add_argument("--tokenizer", type=path_name, help="tokenizer directory (default: MODEL_DIR)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
@@ -68,7 +83,23 @@ def add_generate_parser(sub) -> None:
         action="store_true",
         help="compile the decode step (CUDA graphs on a GPU; the first steps spend tens of seconds compiling)",
     )
+    parser.add_argument(
+        "--quantize", choices=QUANTIZE_CHOICES, help="int8 weights (CPU, float32 activations): faster decoding"
+    )
     parser.set_defaults(func=run_generate)
+
+
+def check_quantize(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse ``--quantize`` where it cannot apply, before the model is loaded."""
+    if args.quantize is None:
+        return
+    problem = int8_problem(device, dtype)
+    if problem is not None:
+        raise UsageError(
+            f"--quantize {args.quantize}: {problem} (use --device cpu --dtype float32, or drop --quantize)"
+        )
+    if args.compile:
+        raise UsageError(f"--quantize {args.quantize} cannot be compiled: drop --compile or --quantize")
 
 
 def check_sampling(args: argparse.Namespace) -> None:
@@ -113,6 +144,7 @@ def _load_tokenizer(directory: Path, vocab_size: int):
 def run_generate(args: argparse.Namespace) -> None:
     check_sampling(args)
     device = resolve_device(args.device)
+    check_quantize(args, device, DTYPES[args.dtype])
     prompts = _read_prompts(args)
     config = read_config(args.model_dir)  # before the tokenizer, which would blame itself for a bad config.json
     tokenizer = _load_tokenizer(Path(args.tokenizer or args.model_dir), config.vocab_size)
@@ -128,6 +160,8 @@ def run_generate(args: argparse.Namespace) -> None:
     if limit is not None and longest > limit:
         raise UsageError(f"a prompt has {longest} tokens; the model allows at most {limit} (max_position_embeddings)")
     model = load_causal_lm(args.model_dir, dtype=DTYPES[args.dtype], device=device, config=config)
+    if args.quantize:
+        quantize_int8(model)  # before prepacking, which then packs the layers left in float
     if model.device.type == "cpu" and not args.no_prepack and not args.compile:
         prepack_for_cpu(model)  # several times faster decoding on CPU; inductor packs weights itself
     batch = batch.to(device)

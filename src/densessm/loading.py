@@ -3,15 +3,19 @@
 ``from_pretrained`` follows transformers' conventions: a missing or unexpected tensor is a warning table,
 and the missing ones are filled with fresh random values. That is right for fine-tuning a different head,
 and wrong for ``densessm generate``/``eval``/``train``, where a damaged directory would print garbage or a
-perplexity with exit code 0. Here the checkpoint's tensor names and shapes are read from the file headers
-(nothing is allocated) and compared with what the configuration builds; any difference is a
-:class:`~densessm.errors.ModelLoadError` naming the tensors. The Python API keeps transformers' behaviour.
+perplexity with exit code 0. Here the checkpoint's tensor names, shapes and dtypes are read from the file
+headers (nothing is allocated) and compared with what the configuration builds; any difference is a
+:class:`~densessm.errors.ModelLoadError` naming the tensors. A tensor is taken in any floating-point dtype
+(loading casts it, as for a copy in another precision), but integer values are not cast into floating-point
+weights: a quantized or damaged tensor would load as zeros or garbage. The Python API keeps transformers'
+behaviour.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -134,8 +138,21 @@ def _shard_files(path: Path, index_name: str) -> list[Path]:
     return files
 
 
-def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in a saved model's weight files, read from their headers only."""
+class StoredTensor(NamedTuple):
+    """A tensor of a weight file as its header describes it."""
+
+    shape: tuple[int, ...]
+    dtype: str  # as the file names it: "F32", "I8"... in safetensors, "float32", "int8"... in a torch pickle
+    floating: bool  # whether it holds floating-point values
+
+
+def _safetensors_floating(dtype: str) -> bool:
+    # the safetensors format's dtype names: F16, BF16, F32, F64, F8_* are floating; I*, U*, BOOL and C64 are not
+    return dtype.startswith(("F", "BF"))
+
+
+def checkpoint_tensors(model_dir: str | Path) -> dict[str, StoredTensor]:
+    """Name -> shape and dtype of every tensor in a saved model's weight files, read from their headers only."""
     path = Path(model_dir)
     if (path / SAFETENSORS).is_file():
         files = [path / SAFETENSORS]
@@ -143,7 +160,7 @@ def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
         files = _shard_files(path, SAFETENSORS_INDEX)
     elif (path / BIN).is_file() or (path / BIN_INDEX).is_file():
         files = [path / BIN] if (path / BIN).is_file() else _shard_files(path, BIN_INDEX)
-        shapes = {}
+        tensors = {}
         for file in files:
             try:  # weights_only: no code from the file runs; meta: no memory for the values
                 state = torch.load(file, map_location="meta", weights_only=True)
@@ -151,45 +168,59 @@ def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
                 raise ModelLoadError(f"cannot read {file} safely (weights_only=True): {err}") from None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ModelLoadError(f"{file} does not hold a flat dict of tensors")
-            shapes.update({k: tuple(v.shape) for k, v in state.items()})
-        return shapes
+            tensors.update(
+                {
+                    k: StoredTensor(tuple(v.shape), str(v.dtype).removeprefix("torch."), v.is_floating_point())
+                    for k, v in state.items()
+                }
+            )
+        return tensors
     else:
         raise FileNotFoundError(f"no weights in {path}: expected {SAFETENSORS} (or {SAFETENSORS_INDEX})")
-    shapes = {}
+    tensors = {}
     for file in files:
         try:
             with safe_open(str(file), "pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is no dict)
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
+                    stored = f.get_slice(key)
+                    dtype = stored.get_dtype()
+                    tensors[key] = StoredTensor(tuple(stored.get_shape()), dtype, _safetensors_floating(dtype))
         except (SafetensorError, OSError, ValueError) as err:
             raise ModelLoadError(f"corrupt or truncated weights file {file}: {err}") from None
-    return shapes
+    return tensors
 
 
-def expected_shapes(config: PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:
-    """What ``config`` builds: name -> shape, and the groups of names that share one tensor (tied weights)."""
+def expected_tensors(config: PretrainedConfig) -> tuple[dict[str, torch.Tensor], list[set[str]]]:
+    """What ``config`` builds: name -> tensor on the meta device (shape and dtype, no values), and the groups
+    of names that share one tensor (tied weights)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     groups: dict[int, set[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), set()).add(name)
-    return shapes, [g for g in groups.values() if len(g) > 1]
+    return dict(model.state_dict()), [g for g in groups.values() if len(g) > 1]
 
 
 def check_weights(model_dir: str | Path, config: PretrainedConfig) -> None:
-    """Raise :class:`ModelLoadError` unless the weight files hold exactly the tensors ``config`` builds."""
-    found = checkpoint_shapes(model_dir)
-    expected, tied = expected_shapes(config)
+    """Raise :class:`ModelLoadError` unless the weight files hold exactly the tensors ``config`` builds, each of
+    its shape and, floating-point or not, of its kind."""
+    found = checkpoint_tensors(model_dir)
+    expected, tied = expected_tensors(config)
     missing = set(expected) - set(found)
     for group in tied:  # a tied tensor is saved once, under any one of its names
         if group & set(found):
             missing -= group
     unexpected = set(found) - set(expected)
+    common = sorted(set(found) & set(expected))
     mismatched = [
-        f"{k} {found[k]} (config.json gives {expected[k]})"
-        for k in sorted(set(found) & set(expected))
-        if found[k] != expected[k]
+        f"{k} {found[k].shape} (config.json gives {tuple(expected[k].shape)})"
+        for k in common
+        if found[k].shape != tuple(expected[k].shape)
+    ]
+    kinds = [
+        f"{k} stored as {found[k].dtype} (the model holds {'floating-point' if want else 'integer'} values there)"
+        for k in common
+        if found[k].floating != (want := expected[k].is_floating_point())
     ]
     problems = []
     if missing:
@@ -198,6 +229,8 @@ def check_weights(model_dir: str | Path, config: PretrainedConfig) -> None:
         problems.append(f"unexpected tensors: {_names(unexpected)}")
     if mismatched:
         problems.append(f"tensors of another shape: {_names(mismatched)}")
+    if kinds:
+        problems.append(f"tensors of another kind: {_names(kinds)}")
     if problems:
         raise ModelLoadError(
             f"{model_dir} does not hold the model its config.json describes ({config.model_type}): "
@@ -253,9 +286,10 @@ def raise_nonfinite(model: torch.nn.Module, what: str, inputs: torch.Tensor | No
 
 __all__ = [
     "MODEL_TYPES",
+    "StoredTensor",
     "check_weights",
-    "checkpoint_shapes",
-    "expected_shapes",
+    "checkpoint_tensors",
+    "expected_tensors",
     "first_nonfinite_parameter",
     "load_causal_lm",
     "load_tokenizer_dir",

@@ -53,7 +53,7 @@ from transformers.integrations.integration_utils import (
 )
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import get_current_accelerator
+from transformers.utils import get_current_accelerator, is_torch_bf16_gpu_available
 
 from densessm import run_state
 from densessm.data import DataArguments, collate_blocks, find_data_files, load_blocks, tokenizer_fingerprint
@@ -145,6 +145,24 @@ class DenseTrainingArguments(TrainingArguments):
         default="The state of the Union", metadata={"help": "Prompt of the sample generated after training."}
     )
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Length of that sample (0: no sample)."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 autocast with fp32 master weights (default: on for a CUDA GPU that supports bf16, off "
+            "elsewhere; --bf16 false trains in fp32 there).",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    logging_nan_inf_filter: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Leave NaN/inf losses out of the logged loss (default: on, except on a CUDA GPU, where checking "
+            "each loss on the host would stall the GPU once per step; a non-finite loss stops training anyway).",
+            "nargs": "?",
+            "const": True,
+        },
+    )
     allow_changed_args: bool = field(
         default=False,
         metadata={
@@ -210,6 +228,7 @@ class DenseTrainingArguments(TrainingArguments):
             if self.warmup_steps:
                 raise UsageError("pass --warmup_ratio or --warmup_steps, not both")
             self.warmup_steps = self.warmup_ratio
+        self._device_defaults()
         if get_current_accelerator() is None:
             # Say so explicitly: transformers then uses gloo for torchrun on CPUs (else each process trains alone),
             # accepts --bf16 (CPU autocast) and does not pin memory.
@@ -221,6 +240,23 @@ class DenseTrainingArguments(TrainingArguments):
                 )
         super().__post_init__()
         self._check_report_to()
+
+    def _device_defaults(self) -> None:
+        """Resolve the flags left unset to what is fastest on the device the run will use, without changing
+        what is computed beyond the precision the user can turn back (``--bf16 false``).
+
+        On a CUDA GPU: bf16 autocast (fp32 master weights: the model is built in fp32), batches copied from pinned
+        memory without blocking the host, and no per-step read of the loss on the host, so the host queues step
+        after step while the GPU works (:class:`DenseTrainer` keeps its non-finite-loss stop on the device). The
+        optimizer is the Trainer's default, fused AdamW, on every device. Elsewhere nothing changes."""
+        accelerator = get_current_accelerator()
+        cuda = accelerator is not None and accelerator.type == "cuda" and not self.use_cpu
+        if self.bf16 is None:
+            self.bf16 = cuda and not self.fp16 and is_torch_bf16_gpu_available()
+        if self.logging_nan_inf_filter is None:
+            self.logging_nan_inf_filter = not cuda
+        if cuda and self.accelerator_config is None:
+            self.accelerator_config = {"non_blocking": True}
 
     def _check_report_to(self) -> None:
         """Refuse an integration that is unknown or not installed now: the Trainer finds out only after the data
@@ -279,10 +315,74 @@ def check_engine(args: TrainingArguments) -> None:
         )
 
 
+def _device_guard_wanted(args: TrainingArguments) -> bool:
+    """Whether the non-finite-loss stop runs on the device (:class:`NonFiniteGuard`): on CUDA, where a host read
+    of each loss would stall the GPU once per micro-batch; on a CPU the host read costs nothing."""
+    return args.device.type == "cuda"
+
+
+class NonFiniteGuard:
+    """A non-finite loss caught on the device, without a host synchronisation in the training step.
+
+    Each micro-batch's loss (summed over processes) updates a sticky flag on the device; the fused optimizer
+    reads the flag as its ``found_inf`` (as it does a gradient scaler's) and skips its update once it is set, so
+    no weight ever takes a non-finite step. The host learns of it a step or two later, from a copy made without
+    blocking (:meth:`poll`), or at once where the Trainer synchronises anyway (logging, saving, the end)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.device = device
+        self.flag = torch.zeros((), device=device)  # 1.0 from the first non-finite loss on
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)  # the optimizer step it came in
+        optimizer.found_inf = self.flag
+        self._host = torch.empty((), dtype=torch.long, pin_memory=device.type == "cuda")
+        self._copied: torch.cuda.Event | None = None  # marks the copy of first_step to _host in flight
+
+    def record(self, loss_sum: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss_sum)
+        self.first_step.copy_(torch.where(bad & (self.first_step < 0), step, self.first_step))
+        self.flag.copy_(torch.maximum(self.flag, bad.to(self.flag.dtype)))
+
+    def poll(self) -> int | None:
+        """The step of the first non-finite loss if the host knows of one yet, without waiting for the device."""
+        if self.device.type != "cuda":
+            return self.check()
+        if self._copied is None:
+            self._host.copy_(self.first_step, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+            return None
+        if not self._copied.query():
+            return None
+        self._copied = None
+        return self._first(self._host)
+
+    def check(self) -> int | None:
+        """The step of the first non-finite loss, waiting for the device."""
+        return self._first(self.first_step.cpu())
+
+    @staticmethod
+    def _first(value: torch.Tensor) -> int | None:
+        step = int(value)
+        return None if step < 0 else step
+
+
+def _skips_on_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` skips its update on device when its ``found_inf`` is set (fused Adam/AdamW/SGD: the
+    gradient scaler's path); the foreach and for-loop implementations refuse a ``found_inf``."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW | torch.optim.SGD) and bool(
+        optimizer.defaults.get("fused")
+    )
+
+
 class DenseTrainer(Trainer):
     """``Trainer`` that stops on a non-finite loss, logs perplexity next to each loss, marks each checkpoint
     complete before older ones are rotated away, saves the final model whole or not at all, and refuses to run
-    on another engine than the one requested."""
+    on another engine than the one requested.
+
+    On CUDA its step reads nothing back to the host (see :class:`NonFiniteGuard` and
+    :meth:`_track_num_input_tokens`), so the GPU is never left idle while the host waits on it."""
+
+    guard: NonFiniteGuard | None = None
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -297,14 +397,57 @@ class DenseTrainer(Trainer):
                     f"not use {engine}. Check the launcher and its config"
                 )
 
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        gradient_scaler = self.args.fp16  # a GradScaler sets and clears found_inf itself
+        if (
+            _device_guard_wanted(self.args)
+            and not gradient_scaler
+            and not self.is_deepspeed_enabled
+            and not self.is_fsdp_enabled
+            and _skips_on_found_inf(optimizer)
+        ):
+            self.guard = NonFiniteGuard(optimizer, self.args.device)
+        elif _device_guard_wanted(self.args):
+            logger.info(
+                f"the non-finite-loss check reads each loss on the host (a synchronisation per micro-batch): "
+                f"--optim {self.args.optim}{' with --fp16' if gradient_scaler else ''} cannot skip a step on the "
+                "device (fused AdamW without --fp16 can)"
+            )
+        return optimizer
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Summed over processes: a bad loss on any rank stops every rank at the same step (no one hangs).
-        if not torch.isfinite(self.accelerator.reduce(loss.detach().clone(), reduction="sum")):
-            raise NonFiniteLossError(self._nonfinite_loss())
+        total = self.accelerator.reduce(loss.detach().clone(), reduction="sum")
+        if self.guard is None:
+            if not torch.isfinite(total):
+                raise NonFiniteLossError(self._nonfinite_loss(self.state.global_step + 1))
+            return loss
+        self.guard.record(total, self.state.global_step + 1)
+        self._stop_if_nonfinite(self.guard.poll())
         return loss
 
-    def _nonfinite_loss(self) -> str:
+    def _stop_if_nonfinite(self, step: int | None) -> None:
+        if step is not None:
+            raise NonFiniteLossError(self._nonfinite_loss(step))
+
+    def _check_guard(self) -> None:
+        """Wait for the device's verdict where the Trainer synchronises anyway (each log, the end of training is
+        one, and each save): nothing is logged as a loss, or saved, after a non-finite one."""
+        if self.guard is not None:
+            self._stop_if_nonfinite(self.guard.check())
+
+    def _track_num_input_tokens(self, inputs) -> None:
+        """Every token counted on the host, where one process knows it: the Trainer's count is read back from the
+        device, a synchronisation per micro-batch."""
+        name = getattr(self.model, "main_input_name", "input_ids")
+        if self.args.include_num_input_tokens_seen == "all" and self.args.world_size == 1 and name in inputs:
+            self.state.num_input_tokens_seen += inputs[name].numel()
+            return
+        super()._track_num_input_tokens(inputs)
+
+    def _nonfinite_loss(self, step: int) -> str:
         """Why the loss is not finite, and the newest checkpoint whose weights are finite to resume from. The
         weights were finite when this run started (:meth:`_load_from_checkpoint`, :func:`build_model`), so a
         non-finite one now comes from an update: the run diverged."""
@@ -317,7 +460,7 @@ class DenseTrainer(Trainer):
         last, notes = run_state.last_good_checkpoint(self.args.output_dir)
         passed = f" ({'; '.join(notes)})" if notes else ""
         return (
-            f"the training loss is not finite at step {self.state.global_step + 1}; training stopped before the "
+            f"the training loss is not finite at step {step}; training stopped before the "
             f"optimizer used it{cause}. Last good checkpoint: {last or 'none saved yet'}{passed}. Resume from it "
             "with a lower --learning_rate, a longer warm-up, --max_grad_norm, or --bf16 instead of --fp16."
         )
@@ -343,6 +486,7 @@ class DenseTrainer(Trainer):
         )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._check_guard()
         for key in ("loss", "eval_loss"):
             if key in logs:
                 logs[key.replace("loss", "perplexity")] = perplexity(logs[key])
@@ -372,6 +516,7 @@ class DenseTrainer(Trainer):
 
         A folder of the same step (a save cut short, or a later branch abandoned by an explicit resume) is
         removed first, so no stale file or marker mixes into the new checkpoint."""
+        self._check_guard()
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save and folder.exists():
@@ -395,6 +540,7 @@ class DenseTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """A checkpoint's weights as the Trainer saves them; the final model through a staging folder
         (:func:`densessm.run_state.publish_model`), so a kill never leaves half of it beside a ``config.json``."""
+        self._check_guard()
         if _internal_call:
             super().save_model(output_dir, _internal_call=True)
             return
@@ -602,6 +748,31 @@ def model_source(args: ModelArguments) -> tuple[PretrainedConfig, Path | None]:
     return read_config(path), (path if any((path / f).is_file() for f in WEIGHT_FILES) else None)
 
 
+def _override(config: PretrainedConfig, overrides: str) -> None:
+    """``config.update_from_string(overrides)``, each refusal a usage error naming the key: it converts a value
+    to the type the key holds, and sets only int, float, bool and string keys."""
+    for pair in overrides.split(","):
+        key, equals, value = pair.partition("=")
+        if not key or not equals or "=" in value:
+            raise UsageError(
+                f"--config_overrides {overrides!r}: {pair!r} is not KEY=VALUE (pairs are separated by commas)"
+            )
+        try:
+            config.update_from_string(pair)
+        except ValueError as err:
+            takes = {bool: "true or false", int: "an integer", float: "a number"}.get(type(getattr(config, key, None)))
+            reason = f"{key} takes {takes}, got {value!r}" if hasattr(config, key) and takes else err
+            raise UsageError(f"--config_overrides {overrides!r}: {reason}") from None
+        except TypeError:
+            current = getattr(config, key)
+            kind = "nothing (None)" if current is None else f"a {type(current).__name__} ({current!r})"
+            raise UsageError(
+                f"--config_overrides {overrides!r}: {key} holds {kind}, which --config_overrides cannot set (it "
+                "sets int, float, bool and string keys): write the value in a config.json and pass its directory "
+                "as --model_name_or_path"
+            ) from None
+
+
 def model_config(
     args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> tuple[PretrainedConfig, Path | None]:
@@ -616,10 +787,7 @@ def model_config(
             )
         return config, weights
     if args.config_overrides:
-        try:
-            config.update_from_string(args.config_overrides)
-        except ValueError as err:
-            raise UsageError(f"--config_overrides {args.config_overrides!r}: {err}") from None
+        _override(config, args.config_overrides)
     if tokenizer is not None:
         config.vocab_size = len(tokenizer)
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from densessm.inference.frozen import InferenceOnly, frozen_linear
-from densessm.models.dense.stack import DenseSSMModel
 from densessm.models.mamba.modeling_dense_mamba import DenseMambaMixer
+from densessm.models.recurrent import state_identity_kept
 from densessm.models.retnet.modeling_dense_retnet import DenseRetNetRetention
 
 
@@ -91,15 +91,14 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     """Replace every mixer that has a fused form by it, in place; returns ``model`` (in eval mode).
 
     Irreversible and inference only: the fused modules refuse to train or be saved. A model's caches stay
-    valid: the function is unchanged, so its state identity is kept as it was before the fusion."""
-    for module in model.modules():
-        if isinstance(module, DenseSSMModel):
-            module.pin_state_identity()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            fused = _fused(child)
-            if fused is not None:
-                setattr(parent, name, fused)
+    valid: the function is unchanged, so its state identity is kept as it was before the fusion (until a weight
+    changes after it)."""
+    with state_identity_kept(model):
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                fused = _fused(child)
+                if fused is not None:
+                    setattr(parent, name, fused)
     return model.eval()
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from densessm.inference.frozen import InferenceOnly, SiLULinear
 from densessm.inference.fusion import fuse_projections
+from densessm.models.recurrent import state_identity_kept
 
 
 def prepacking_available() -> bool:
@@ -57,20 +58,21 @@ def prepack_for_cpu(model: nn.Module, min_weight: int = 2**15, batch_size_hint: 
     Tiny layers stay as they are (below ~32k weights the default kernel is as fast). A build without oneDNN
     leaves the weights as they are. Inference only: the replaced modules refuse to train or be saved.
     """
-    fuse_projections(model)
-    if not prepacking_available():
-        return model
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            weight = child.weight
-            if (
-                weight.numel() >= min_weight
-                and weight.device.type == "cpu"
-                and weight.dtype in (torch.float32, torch.bfloat16)
-            ):
-                setattr(parent, name, PrepackedLinear(child, batch_size_hint))
+    with state_identity_kept(model):  # the same function: the model's caches stay valid
+        fuse_projections(model)
+        if not prepacking_available():
+            return model
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, nn.Linear):
+                    continue
+                weight = child.weight
+                if (
+                    weight.numel() >= min_weight
+                    and weight.device.type == "cpu"
+                    and weight.dtype in (torch.float32, torch.bfloat16)
+                ):
+                    setattr(parent, name, PrepackedLinear(child, batch_size_hint))
     return model.eval()
 
 

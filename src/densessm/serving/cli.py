@@ -19,7 +19,8 @@ import threading
 from pathlib import Path
 
 from densessm.errors import UsageError
-from densessm.inference import prepack_for_cpu
+from densessm.generation import check_quantize
+from densessm.inference import QUANTIZE_CHOICES, prepack_for_cpu, quantize_int8
 from densessm.loading import load_causal_lm, load_tokenizer_dir, read_config
 from densessm.runtime import DTYPES, resolve_device
 
@@ -74,6 +75,9 @@ def add_serve_parser(sub) -> None:
     )
     parser.add_argument(
         "--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU; compiles per batch size)"
+    )
+    parser.add_argument(
+        "--quantize", choices=QUANTIZE_CHOICES, help="int8 weights (CPU, float32 activations): faster decoding"
     )
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-batch", type=_positive, default=16, help="completions decoded together (default 16)")
@@ -153,6 +157,12 @@ def _check(args: argparse.Namespace, max_position_embeddings: int) -> None:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.shutdown_timeout < 0:
         raise UsageError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise UsageError("--served-model-name is empty: name the model as clients will ask for it, or drop the flag")
+    if args.max_request_bytes < 1:
+        raise UsageError(
+            f"--max-request-bytes must be at least 1 byte, got {args.max_request_bytes}: every request would be refused"
+        )
     args.max_model_len = args.max_model_len or max_position_embeddings
     if args.max_model_len < 2:
         raise UsageError(
@@ -186,6 +196,7 @@ def run_serve(args: argparse.Namespace) -> None:
     from densessm.serving.metrics import ServerMetrics
 
     device = resolve_device(args.device)
+    check_quantize(args, device, DTYPES[args.dtype])
     model_dir = Path(args.model_dir)
     config = read_config(model_dir)
     _check(args, getattr(config, "max_position_embeddings", None) or UNBOUNDED_CONTEXT)
@@ -199,6 +210,8 @@ def run_serve(args: argparse.Namespace) -> None:
     sock = _bind(args.host, args.port)
     disable_progress_bar()  # a server's log is read later: one line per event, no progress bars
     model = load_causal_lm(model_dir, dtype=DTYPES[args.dtype], device=device, config=config)
+    if args.quantize:
+        quantize_int8(model)  # before prepacking, which then packs the layers left in float
     if device.type == "cpu" and not args.no_prepack and not args.compile:
         prepack_for_cpu(model)
     metrics = ServerMetrics(args.max_batch)
@@ -229,10 +242,12 @@ def run_serve(args: argparse.Namespace) -> None:
     cache = engine.prefix_cache
     cache_note = f"{cache.capacity} states ({args.prefix_cache / 2**20:.0f} MiB)" if cache.enabled else "off"
 
+    weights = f"{args.dtype}, int8 weights" if args.quantize else args.dtype
+
     def ready() -> None:
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         print(
-            f"densessm serve: {settings.model_name} ({config.model_type}, {args.dtype}, {device}) at {url}/v1 "
+            f"densessm serve: {settings.model_name} ({config.model_type}, {weights}, {device}) at {url}/v1 "
             f"- state {state_mib:.2f} MiB per sequence, batch {args.max_batch}, context {args.max_model_len}, "
             f"prompt cache {cache_note}",
             file=sys.stderr,

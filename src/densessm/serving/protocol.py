@@ -65,6 +65,8 @@ def validation_error(err: ValidationError | list[dict[str, Any]]) -> APIError:
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
     if kind == "model_attributes_type" and not param:
         return APIError(400, "the request body must be a JSON object")
+    if kind == "missing" and not param:  # no body at all: FastAPI reports the body itself as a missing field
+        return APIError(400, "the request body is empty: send the request's parameters as a JSON object")
     if kind == "string_unicode":  # a key holding a lone surrogate (values are checked by ``Text``)
         where = f"a key in '{param}'" if param else "a parameter name"
         return APIError(400, f"{where} is not valid Unicode text (it holds a lone surrogate)", param=param or None)

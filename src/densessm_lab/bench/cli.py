@@ -6,12 +6,27 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from densessm.argtypes import nonnegative_int, path_name, positive_int
 from densessm.errors import UsageError
+from densessm.files import check_path
+from densessm.inference import QUANTIZE_CHOICES, int8_problem
 from densessm.presets import list_presets
 from densessm.runtime import resolve_device
 from densessm_lab.bench import measure, report
 from densessm_lab.bench.models import DTYPES, LLAMAS, STOCK
+
+
+def compile_backend(name: str) -> str:
+    """A ``torch.compile`` backend this PyTorch has, checked when the flags are read: an unknown one would fail
+    only at the first compiled model, after the eager measurements before it."""
+    if name not in torch._dynamo.list_backends(exclude_tags=()):  # debugging backends (eager, aot_eager) too
+        raise argparse.ArgumentTypeError(
+            f"unknown torch.compile backend {name!r}: this PyTorch has {', '.join(torch._dynamo.list_backends())} "
+            "(and, for debugging, eager and aot_eager)"
+        )
+    return name
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,19 +37,30 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         m for m in ("dense_retnet_350m", "retnet_350m", "dense_mamba_360m", "mamba_360m") if m in list_presets()
     ] + ["llama_350m", "llama_350m" + STOCK]
     gen.add_argument("--models", nargs="+", default=default_models)
-    gen.add_argument("--batch", type=positive_int, default=6)
+    gen.add_argument(
+        "--batch",
+        type=positive_int,
+        nargs="+",
+        default=[1, 6],
+        help="batch sizes (1: interactive use; 6, 64: serving); with several, one report each, OUT_batchN",
+    )
     gen.add_argument("--new-tokens", type=positive_int, nargs="+", default=[128, 512, 1024], help="GPU: 2048 ... 10240")
     gen.add_argument("--contexts", type=positive_int, nargs="+", default=[128, 1024, 4096, 8192])
     gen.add_argument("--steps", type=positive_int, default=6, help="decode steps timed per context")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--no-prepack", action="store_true", help="keep PyTorch's default linear layers")
+    gen.add_argument(
+        "--quantize", choices=QUANTIZE_CHOICES, help="int8 weights (CPU, float32) for all but the stock LLaMA"
+    )
     gen.add_argument("--device", default="cpu", help="cpu or cuda[:N]; prepacking is CPU-only")
     gen.add_argument(
         "--compile",
         action="store_true",
         help="recurrent models decode through the compiled step (CUDA graphs on a GPU); the LLaMAs stay eager",
     )
-    gen.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
+    gen.add_argument(
+        "--compile-backend", type=compile_backend, default="inductor", help="torch.compile backend of --compile"
+    )
     gen.add_argument(
         "--overhead-steps", type=nonnegative_int, default=40, help="alternating rounds per dense/plain pair (0: skip)"
     )
@@ -52,7 +78,20 @@ def bench_generate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu or cuda[:N], got {args.device!r}")
-    existing = [out for out in (args.out.with_suffix(s) for s in (".json", ".md", ".png")) if out.exists()]
+    if args.quantize is not None:
+        problem = int8_problem(device, DTYPES[args.dtype])
+        if problem is not None:
+            raise UsageError(f"--quantize {args.quantize}: {problem} (use --device cpu --dtype float32)")
+        if args.compile:
+            raise UsageError(f"--quantize {args.quantize} cannot be compiled: drop --compile or --quantize")
+    batches = list(dict.fromkeys(args.batch))
+    check_path(args.out, "--out")  # a parent that is a file: refused now, not after the measurements
+    stems = {b: args.out if len(batches) == 1 else args.out.with_name(f"{args.out.name}_batch{b}") for b in batches}
+    outputs = [stem.with_suffix(s) for stem in stems.values() for s in (".json", ".md", ".png")]
+    for out in outputs:
+        if out.is_dir():
+            raise UsageError(f"--out {args.out}: {out} is a directory, not a file")
+    existing = [out for out in outputs if out.exists()]
     if existing and not args.overwrite:
         raise FileExistsError(
             f"{', '.join(map(str, existing))} already exist(s); nothing was measured (pass --overwrite to replace)"
@@ -60,6 +99,8 @@ def bench_generate(args: argparse.Namespace) -> None:
     for name in args.models:
         if name not in LLAMAS and name not in list_presets():
             raise UsageError(f"unknown model {name!r}: use a preset name or one of {', '.join(LLAMAS)}")
-    results = measure.run(args, checkpoint=lambda partial: report.write_json(partial, args.out))
-    report.write_report(results, args.out)
-    print(args.out.with_suffix(".md").read_text())
+    for batch, stem in stems.items():
+        run = argparse.Namespace(**{**vars(args), "batch": batch})
+        results = measure.run(run, checkpoint=lambda partial, stem=stem: report.write_json(partial, stem))
+        report.write_report(results, stem)
+        print(stem.with_suffix(".md").read_text())
