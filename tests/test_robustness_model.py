@@ -136,6 +136,41 @@ def test_logits_to_keep_takes_a_count_or_positions(any_family):
         torch.testing.assert_close(any_family(TOKENS, logits_to_keep=torch.tensor([0, -1])).logits, full[:, [0, 6]])
 
 
+def test_a_misspelt_keyword_is_refused_not_dropped(any_family):
+    """A forward that dropped ``attention_masks=`` would run unmasked without a word."""
+    mask = torch.ones_like(TOKENS)
+    name = type(any_family).__name__
+    with pytest.raises(
+        TypeError, match=f"^{name}.forward\\(\\) got unexpected keyword argument\\(s\\): attention_masks$"
+    ):
+        any_family(TOKENS, attention_masks=mask)
+    backbone = type(any_family.base_model).__name__
+    with pytest.raises(
+        TypeError, match=f"^{backbone}.forward\\(\\) got unexpected keyword argument\\(s\\): bogus, typo$"
+    ):
+        any_family.base_model(TOKENS, typo=1, bogus=2)
+    classifier = next(f for f in REGISTERED if isinstance(any_family, f.causal_lm)).sequence_classification
+    torch.manual_seed(0)
+    scorer = classifier(any_family.config).eval()
+    with pytest.raises(TypeError, match="unexpected keyword argument\\(s\\): attention_masks$"):
+        scorer(TOKENS, attention_masks=mask)
+    with pytest.raises(ValueError, match="^sequence classification reads whole sequences: it takes no cache$"):
+        scorer(TOKENS, cache_params=any_family(TOKENS[:, :3], use_cache=True).cache)
+
+
+def test_transformers_names_for_the_cache_are_the_cache(any_family):
+    """Mamba's ``cache_params=`` and generate's ``past_key_values=`` continue the state as ``cache=`` does."""
+    with torch.no_grad():
+        cache = any_family(TOKENS[:, :4], use_cache=True).cache
+        expected = any_family(TOKENS[:, 4:], cache=cache.clone()).logits
+        for name in ("cache_params", "past_key_values"):
+            torch.testing.assert_close(
+                any_family(TOKENS[:, 4:], **{name: cache.clone()}).logits, expected, rtol=0, atol=0
+            )
+        with pytest.raises(ValueError, match="^two caches were given \\(cache and cache_params\\)"):
+            any_family(TOKENS[:, 4:], cache=cache.clone(), cache_params=cache.clone())
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])
 def test_narrow_integer_ids_are_widened(model, dtype):
     with torch.no_grad():

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import numbers
 import weakref
@@ -103,6 +105,40 @@ def check_embeds(inputs_embeds: torch.Tensor, weight_dtype: torch.dtype, mask: t
     real = inputs_embeds if mask is None else torch.where(mask[..., None], inputs_embeds, 0)
     if not bool(torch.isfinite(real).all()):
         raise ValueError("inputs_embeds holds NaN or infinite values at real (unmasked) positions")
+
+
+CACHE_ALIASES = ("past_key_values", "cache_params")
+"""transformers' names for what our models call ``cache``: ``generate()`` passes ``past_key_values``; Mamba's
+forward took ``cache_params``. Taken as ``cache``, so code written for those models keeps its state."""
+
+IGNORED_FORWARD_ARGUMENTS = frozenset({"output_attentions", "cache_position"})
+"""Arguments transformers passes to every model that ours have no use for: there are no attention weights to
+return, and positions come from the cache and the mask."""
+
+
+LOSS_ARGUMENTS = frozenset({"num_items_in_batch", "ignore_index", "shift_labels"})
+"""What the causal LM's forward passes on to its loss (the Trainer's token count for gradient accumulation)."""
+
+
+def given_cache(cache: object, kwargs: dict) -> object:
+    """``cache``, or the state given under one of transformers' names for it (:data:`CACHE_ALIASES`), popped from
+    ``kwargs``; the same state under two names is fine, two different ones are refused."""
+    for name in CACHE_ALIASES:
+        other = kwargs.pop(name, None)
+        if other is None or other is cache:
+            continue
+        if cache is not None:
+            raise ValueError(f"two caches were given (cache and {name}): pass the state once, as cache=")
+        cache = other
+    return cache
+
+
+def check_no_other_arguments(model: torch.nn.Module, kwargs: dict, accepted: frozenset[str] = frozenset()) -> None:
+    """Refuse keyword arguments the forward does not read (a misspelt ``attention_masks=`` would otherwise be
+    dropped without a word and the call run without it); ``accepted`` names those a caller passes on."""
+    unknown = sorted(set(kwargs) - accepted - IGNORED_FORWARD_ARGUMENTS)
+    if unknown:
+        raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword argument(s): {', '.join(unknown)}")
 
 
 def check_chunk_size(chunk_size: object) -> None:
@@ -640,7 +676,7 @@ class RecurrentGenerationMixin:
         input's last ``whole - cache.steps`` tokens are new, and what a carried cache consumed is checked (see
         :func:`check_continuation`). Positions come from the cache and the mask, not from ``position_ids``.
         """
-        cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        cache = given_cache(cache, kwargs)
         if cache is not None and not isinstance(cache, RecurrentCache):
             raise TypeError(f"cache must be a densessm RecurrentCache, got {type(cache).__name__}")
         kwargs.pop("position_ids", None)
@@ -671,8 +707,16 @@ class RecurrentGenerationMixin:
             "cache": cache,
             "attention_mask": attention_mask,
         }
-        model_inputs.update(kwargs)
+        # generate() hands every model keyword on (its tokenizer for stop strings, too): forward the ones the
+        # forward reads, which refuses any other
+        model_inputs.update((k, v) for k, v in kwargs.items() if k in self._forward_parameters())
         return model_inputs
+
+    @classmethod
+    @functools.cache
+    def _forward_parameters(cls) -> frozenset[str]:
+        names = inspect.signature(cls.forward).parameters
+        return frozenset(names) | LOSS_ARGUMENTS | IGNORED_FORWARD_ARGUMENTS | frozenset(CACHE_ALIASES)
 
     def causal_lm_output(
         self,

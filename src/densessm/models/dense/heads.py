@@ -15,7 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassi
 
 from densessm.cache import RecurrentCache
 from densessm.models.dense.stack import DenseSSMModel, DenseSSMPreTrainedModel
-from densessm.models.recurrent import RecurrentGenerationMixin
+from densessm.models.recurrent import LOSS_ARGUMENTS, RecurrentGenerationMixin, check_no_other_arguments, given_cache
 
 
 class DenseSSMForCausalLM(RecurrentGenerationMixin, DenseSSMPreTrainedModel, GenerationMixin):
@@ -66,6 +66,8 @@ class DenseSSMForCausalLM(RecurrentGenerationMixin, DenseSSMPreTrainedModel, Gen
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for every position (or the last ``logits_to_keep``, or the positions a 1-D tensor of them
         lists); ``labels`` give the shifted LM loss."""
+        cache = given_cache(cache, kwargs)
+        check_no_other_arguments(self, kwargs, accepted=LOSS_ARGUMENTS)
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -77,7 +79,6 @@ class DenseSSMForCausalLM(RecurrentGenerationMixin, DenseSSMPreTrainedModel, Gen
             chunk_size=chunk_size,
             output_hidden_states=output_hidden_states,
             return_dict=True,
-            past_key_values=kwargs.pop("past_key_values", None),
         )
         return self.causal_lm_output(outputs, labels, logits_to_keep, return_dict, **kwargs)
 
@@ -140,6 +141,9 @@ class DenseSSMForSequenceClassification(DenseSSMPreTrainedModel):
         **kwargs,
     ) -> SequenceClassifierOutputWithPast | tuple:
         """Pooled logits ``[B, num_labels]``; ``labels`` give a regression, single- or multi-label loss."""
+        if given_cache(None, kwargs) is not None:
+            raise ValueError("sequence classification reads whole sequences: it takes no cache")
+        check_no_other_arguments(self, kwargs, accepted=frozenset({"use_cache"}))
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.base_model(
             input_ids=input_ids,

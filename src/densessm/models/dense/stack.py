@@ -39,6 +39,8 @@ from densessm.models.recurrent import (
     check_chunk_size,
     check_embeds,
     check_inputs,
+    check_no_other_arguments,
+    given_cache,
     prepare_step,
 )
 from densessm.modes import MODES, check_mode
@@ -197,7 +199,8 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
         state across calls; it is created when ``use_cache`` is set. ``attention_mask`` may be longer than the
         input (as ``generate()`` passes it): its last ``length`` columns belong to this input.
         """
-        cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        cache = given_cache(cache, kwargs)
+        check_no_other_arguments(self, kwargs)
         config = self.config
         input_ids, batch, length = check_inputs(
             input_ids, inputs_embeds, attention_mask, config.vocab_size, config.hidden_size
