@@ -125,3 +125,24 @@ def test_compiled_decoding_gives_the_same_text(model_dir, capsys, monkeypatch):
     assert main([*args, "--compile"]) == 0
     assert capsys.readouterr().out == eager
     assert compiled_steps.count(True) == 4  # 5 new tokens: the first from the prompt (eager), 4 compiled steps
+
+
+def test_cpu_decoding_takes_the_fused_step_and_prints_the_same_text(model_dir, capsys, monkeypatch):
+    """The fused C++ decode step is on by default on CPU (not under --compile, which compiles its own), and the
+    text is the one the PyTorch step prints."""
+    import densessm.generation
+    from densessm.ops.fused import fused_ops
+
+    assert fused_ops() is not None, "the fused step did not build here (g++ and ninja are test requirements)"
+    fused = []
+    real = densessm.generation.fuse_decode_steps
+    monkeypatch.setattr(densessm.generation, "fuse_decode_steps", lambda model: fused.append((model, real(model))))
+    args = ["generate", str(model_dir), "--prompt", "w1 w2", "--max-new-tokens", "6", "--no-stream"]
+    assert main(args) == 0
+    with_fused = capsys.readouterr().out
+    assert len(fused) == 1 and fused[0][1] is True
+    mixers = [type(getattr(layer, layer.mixer_name)).__name__ for layer in fused[0][0].base_model.layers]
+    assert mixers and all(name == "FusedStepRetention" for name in mixers), mixers
+    monkeypatch.setattr(densessm.generation, "fuse_decode_steps", lambda model: False)
+    assert main(args) == 0
+    assert capsys.readouterr().out == with_fused

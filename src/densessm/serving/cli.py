@@ -20,7 +20,7 @@ from pathlib import Path
 
 from densessm.errors import UsageError
 from densessm.generation import check_quantize
-from densessm.inference import QUANTIZE_CHOICES, prepack_for_cpu, quantize_int8
+from densessm.inference import QUANTIZE_CHOICES, fuse_decode_steps, prepack_for_cpu, quantize_int8
 from densessm.loading import load_causal_lm, load_tokenizer_dir, read_config
 from densessm.runtime import DTYPES, resolve_device
 
@@ -214,6 +214,8 @@ def run_serve(args: argparse.Namespace) -> None:
         quantize_int8(model)  # before prepacking, which then packs the layers left in float
     if device.type == "cpu" and not args.no_prepack and not args.compile:
         prepack_for_cpu(model)
+    if device.type == "cpu" and not args.compile:
+        fuse_decode_steps(model)
     metrics = ServerMetrics(args.max_batch)
     engine = Engine(
         model,
