@@ -172,3 +172,23 @@ def test_smoke_grid_end_to_end_and_restart(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "6 of 6 runs already done; running 0" in again.stdout
     assert result.stat().st_mtime_ns == before  # nothing was trained again
+
+
+def test_a_grid_shape_naming_a_field_the_configuration_lacks_is_refused(monkeypatch):
+    """A misspelt field in a shape file would be stored in the config and change nothing: named instead."""
+    import densessm_lab.experiments.dense_vs_plain as experiment
+
+    real = experiment.load_grid_shape
+
+    def misspelt(family, scale):
+        shape = real(family, scale)
+        if family == "mamba" and shape is not None:
+            shape = {"dense": {**shape["dense"], "typo_layers": 5}, "widen": shape["widen"]}
+        return shape
+
+    monkeypatch.setattr(experiment, "load_grid_shape", misspelt)
+    tokenizer = train_bpe((d["text"] for d in sotu(2)), 300)
+    with pytest.raises(
+        ValueError, match="^grid shape mamba_smoke.json names fields DenseMambaConfig does not have: typo_layers$"
+    ):
+        grid_configs(SCALES["smoke"], tokenizer)

@@ -284,3 +284,16 @@ def test_bench_generate_reports_each_batch_size(tmp_path):
     (tmp_path / "gen_batch3.md").unlink()
     assert main(args) == 1  # gen_batch1.* exist: nothing is measured
     assert not (tmp_path / "gen_batch3.md").exists()
+
+
+def test_a_model_without_such_mixers_is_left_as_it_was_and_said_so():
+    """DenseMamba2 has no fused step: the transform says False and changes nothing (it still trains and saves)."""
+    from densessm.models import FAMILIES
+    from densessm.presets import load_preset
+
+    family = next(f for f in FAMILIES if f.name == "mamba2")
+    torch.manual_seed(0)
+    model = family.causal_lm(load_preset("dense_mamba2_tiny")).train()
+    before = [type(m) for m in model.modules()]
+    assert fuse_decode_steps(model) is False
+    assert [type(m) for m in model.modules()] == before and model.training

@@ -231,3 +231,15 @@ def test_bench_generate_quantize_int8(tmp_path, capsys):
     assert "| int8 weights (the rest prepacked) |" in capsys.readouterr().out
     assert main([*args, "--quantize", "int8", "--compile", "--overwrite"]) == 2
     assert "--quantize int8 cannot be compiled" in capsys.readouterr().err
+
+
+def test_a_refused_quantization_leaves_the_model_as_it_was(tmp_path):
+    """Nothing large enough to quantize: refused before anything changes, so the model still trains and saves."""
+    torch.manual_seed(0)
+    model = DenseRetNetForCausalLM(tiny_config()).train()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="nothing to quantize$"):
+        quantize_int8(model)
+    assert [type(m) for m in model.modules()] == before and model.training
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").is_file()

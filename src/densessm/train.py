@@ -1025,7 +1025,9 @@ def train(
     # config.json is checked before the tokenizer reads it, so it gets the blame.
     model_config(model_args)
     tokenizer = build_tokenizer(model_args)
-    model_config(model_args, tokenizer)
+    config, weights = model_config(model_args, tokenizer)
+    if weights is not None:  # the strict loader's check of the weight files' headers, without loading them
+        check_weights(weights, config)
     lock = run_state.RunLock(training_args.output_dir)
     try:
         agree(lock.acquire, here=training_args.should_save)

@@ -22,6 +22,7 @@ from densessm.inference.fusion import FusedMambaMixer, FusedRetention, fuse_proj
 from densessm.models.dense.mixer import Handoff, LayerState, MixerCall
 from densessm.models.mamba.modeling_dense_mamba import DenseMambaMixer
 from densessm.models.precision import at_least_fp32
+from densessm.models.retnet.modeling_dense_retnet import DenseRetNetRetention
 from densessm.ops.fused import fused_ops
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
@@ -114,6 +115,11 @@ class StepMambaMixer(_FusedScanStep, InferenceOnly, DenseMambaMixer):
     """A DenseMamba mixer without dense inputs (layer 0, or ``m = 0``) with the fused decode step."""
 
 
+def _steppable(module: nn.Module) -> bool:
+    """A mixer that has (or is) a fused-step class, before or after the projections are fused."""
+    return isinstance(module, DenseRetNetRetention | DenseMambaMixer)
+
+
 def _with_step(module: nn.Module) -> nn.Module | None:
     """``module`` (consumed) as its fused-step class, or None if it has none or already is one."""
     if isinstance(module, FusedStepRetention | _FusedScanStep):
@@ -135,8 +141,11 @@ def fuse_decode_steps(model: nn.Module) -> bool:
     """Give every DenseRetNet and DenseMamba mixer of ``model`` the fused CPU decode step, in place (after
     :func:`~densessm.inference.fusion.fuse_projections`, which this applies first). Returns whether the fused
     step is in use: False, with a one-line notice logged once, when it cannot be built here (no C++ compiler),
-    and the model then decodes with its PyTorch step. Inference only, like every transform here."""
+    and the model then decodes with its PyTorch step; False too for a model without such mixers (DenseMamba2),
+    which is left as it was. Inference only, like every transform here."""
     if fused_ops() is None:
+        return False
+    if not any(_steppable(m) for m in model.modules()):
         return False
     fuse_projections(model)
     for parent in list(model.modules()):

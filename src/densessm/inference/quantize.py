@@ -24,6 +24,7 @@ another precision.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -104,17 +105,31 @@ def quantize_int8(model: nn.Module, min_weight: int = 2**15) -> nn.Module:
             problem = int8_problem(child.weight.device, child.weight.dtype)
             if problem is not None:
                 raise ValueError(problem)
+    if not _has_large_linear(model, min_weight):  # refused before anything changes: the caller keeps its model
+        raise ValueError(f"no linear layer of this model has {min_weight} weights or more: nothing to quantize")
     with state_identity_kept(model):  # rounded weights: the model's caches stay valid (see the module docstring)
         fuse_projections(model)
-        replaced = 0
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and child.weight.numel() >= min_weight:
                     setattr(parent, name, Int8Linear(child))
-                    replaced += 1
-    if not replaced and not any(isinstance(m, Int8Linear) for m in model.modules()):
-        raise ValueError(f"no linear layer of this model has {min_weight} weights or more: nothing to quantize")
     return model.eval()
+
+
+def _has_large_linear(model: nn.Module, min_weight: int) -> bool:
+    """Whether quantizing ``model`` would replace a layer (or it already holds int8 ones). Fusing the projections
+    can make a large layer of small ones, so a model without one is tried fused on a copy (a small model: cheap)."""
+
+    def large(modules) -> bool:
+        return any(
+            isinstance(m, Int8Linear) or (isinstance(m, nn.Linear) and m.weight.numel() >= min_weight) for m in modules
+        )
+
+    if large(model.modules()):
+        return True
+    trial = copy.deepcopy(model)
+    fuse_projections(trial)
+    return large(trial.modules())
 
 
 __all__ = ["QUANTIZE_CHOICES", "REDUCE_RANGE", "Int8Linear", "int8_problem", "quantize_int8"]

@@ -244,6 +244,13 @@ def grid_configs(scale: Scale, tokenizer: PreTrainedTokenizerBase) -> dict[str, 
     for member in scale.members():
         dense_name, plain_name = model_names(member.family)
         preset = load_preset(f"{dense_name}_tiny")
+        known = set(preset.to_dict())
+        unknown = sorted((set(member.dense) | set(member.widen)) - known)
+        if unknown:  # a misspelt field would be stored in the config and change nothing
+            raise ValueError(
+                f"grid shape {member.family.name}_{scale.name}.json names fields {type(preset).__name__} does not "
+                f"have: {', '.join(unknown)}"
+            )
         given = dict(common)
         if hasattr(preset, "max_position_embeddings"):  # a family with a position limit: room for a block
             given["max_position_embeddings"] = max(512, scale.block_size)

@@ -79,6 +79,10 @@ def _find_ninja() -> bool:
     return shutil.which("ninja") is not None
 
 
+_LOADED: set[str] = set()
+"""Build folders whose library this process loaded: a second load would register its ops twice, which aborts."""
+
+
 @functools.cache
 def fused_ops() -> Any | None:
     """``torch.ops.densessm_fused`` (built on first use, loaded from the cache after), or None with a notice."""
@@ -88,6 +92,8 @@ def fused_ops() -> Any | None:
         return _unavailable("ninja is not installed (pip install ninja)")
     name = extension_name()
     folder = build_root() / name
+    if str(folder) in _LOADED:  # the memo above was cleared (tests do), the library stays loaded
+        return getattr(torch.ops, NAMESPACE)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / f"{name}.so").exists():
@@ -104,6 +110,7 @@ def fused_ops() -> Any | None:
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
         reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
         return _unavailable(f"its build failed: {reason}")
+    _LOADED.add(str(folder))
     return getattr(torch.ops, NAMESPACE)
 
 
