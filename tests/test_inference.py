@@ -145,3 +145,16 @@ def test_a_prepacked_silu_linear_computes_silu_of_the_product(dtype, bias):
     torch.testing.assert_close(packed(x), reference, atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(fused(x), reference, atol=tolerance, rtol=tolerance)
     assert PrepackedLinear(parts[0]).activation == "none"
+
+
+@pytest.mark.parametrize("transform", ["fuse_projections", "prepack_for_cpu"])
+def test_loading_weights_into_a_transformed_model_is_refused_with_the_fix(transform):
+    torch.manual_seed(0)
+    model = DenseRetNetForCausalLM(tiny_config())
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    if transform == "fuse_projections":
+        fuse_projections(model)
+    else:
+        prepack_for_cpu(model, min_weight=1)
+    with pytest.raises(InferenceOnlyError, match="^cannot load weights into .*load them into the original model"):
+        model.load_state_dict(weights)

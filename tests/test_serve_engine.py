@@ -355,3 +355,12 @@ def test_compiled_decode_steps_give_the_same_tokens(engines):
     engine.stop()  # before generate() uses the model in this thread: one compiled and one eager user at a time
     assert answers == [reference(model, prompt, 6) for prompt in prompts]
     assert set(engine.slots._views) <= {1, 2, 4}
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token():
+    """top_p = 1e-300 reads as 0 in float32: the nucleus is then the most likely token alone, never empty."""
+    from densessm.serving.sampling import Sampler, SamplingParams
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.0])
+    sampler = Sampler(SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-300), seed=1, device=torch.device("cpu"))
+    assert [sampler(logits)[0] for _ in range(5)] == [1] * 5

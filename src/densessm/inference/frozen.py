@@ -21,8 +21,8 @@ _WHY = "its weights were fused, prepacked or quantized for inference (densessm.i
 
 
 class InferenceOnly(nn.Module):
-    """Mixed into a module made by an inference transform: ``train()`` and ``state_dict()`` (so
-    ``save_pretrained``) raise :class:`InferenceOnlyError`; ``eval()`` works."""
+    """Mixed into a module made by an inference transform: ``train()``, ``state_dict()`` (so
+    ``save_pretrained``) and loading weights into it raise :class:`InferenceOnlyError`; ``eval()`` works."""
 
     def train(self, mode: bool = True) -> nn.Module:
         if mode:
@@ -31,6 +31,12 @@ class InferenceOnly(nn.Module):
 
     def state_dict(self, *args, **kwargs):
         raise InferenceOnlyError(f"cannot save {type(self).__name__}: {_WHY}; save the original model instead")
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        raise InferenceOnlyError(
+            f"cannot load weights into {type(self).__name__}: {_WHY}; load them into the original model, then "
+            "transform it again"
+        )
 
 
 class SiLULinear(nn.Linear):

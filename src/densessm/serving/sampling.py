@@ -86,6 +86,7 @@ class Sampler:
                 sorted_probs, order = probs.sort(descending=True)
                 # keep the smallest set whose mass reaches top_p (the most likely token always stays)
                 drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+                drop[0] = False  # also when top_p is below float32's smallest value (it reads as 0)
                 sorted_probs[drop] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
