@@ -169,6 +169,8 @@ def test_transformers_names_for_the_cache_are_the_cache(any_family):
             )
         with pytest.raises(ValueError, match="^two caches were given \\(cache and cache_params\\)"):
             any_family(TOKENS[:, 4:], cache=cache.clone(), cache_params=cache.clone())
+        with pytest.raises(ValueError, match="^two caches were given \\(past_key_values and cache_params\\)"):
+            any_family(TOKENS[:, 4:], cache_params=cache.clone(), past_key_values=cache.clone())
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])

@@ -123,13 +123,14 @@ LOSS_ARGUMENTS = frozenset({"num_items_in_batch", "ignore_index", "shift_labels"
 def given_cache(cache: object, kwargs: dict) -> object:
     """``cache``, or the state given under one of transformers' names for it (:data:`CACHE_ALIASES`), popped from
     ``kwargs``; the same state under two names is fine, two different ones are refused."""
+    given = "cache"
     for name in CACHE_ALIASES:
         other = kwargs.pop(name, None)
         if other is None or other is cache:
             continue
         if cache is not None:
-            raise ValueError(f"two caches were given (cache and {name}): pass the state once, as cache=")
-        cache = other
+            raise ValueError(f"two caches were given ({given} and {name}): pass the state once, as cache=")
+        cache, given = other, name
     return cache
 
 
