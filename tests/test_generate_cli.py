@@ -89,11 +89,11 @@ def test_bf16_runs(model_dir, capsys):
 
 
 def test_cpu_weights_are_prepacked_unless_asked_not_to(model_dir, capsys, monkeypatch):
-    import densessm.generation
+    from densessm.inference import decoding
 
     calls = []
-    real = densessm.generation.prepack_for_cpu
-    monkeypatch.setattr(densessm.generation, "prepack_for_cpu", lambda model: calls.append(model) or real(model))
+    real = decoding.prepack_for_cpu
+    monkeypatch.setattr(decoding, "prepack_for_cpu", lambda model: calls.append(model) or real(model))
     args = ["generate", str(model_dir), "--prompt", "w1 w2", "--max-new-tokens", "4", "--no-stream"]
     assert main(args) == 0
     packed = capsys.readouterr().out
@@ -130,19 +130,19 @@ def test_compiled_decoding_gives_the_same_text(model_dir, capsys, monkeypatch):
 def test_cpu_decoding_takes_the_fused_step_and_prints_the_same_text(model_dir, capsys, monkeypatch):
     """The fused C++ decode step is on by default on CPU (not under --compile, which compiles its own), and the
     text is the one the PyTorch step prints."""
-    import densessm.generation
+    from densessm.inference import decoding
     from densessm.ops.fused import fused_ops
 
     assert fused_ops() is not None, "the fused step did not build here (g++ and ninja are test requirements)"
     fused = []
-    real = densessm.generation.fuse_decode_steps
-    monkeypatch.setattr(densessm.generation, "fuse_decode_steps", lambda model: fused.append((model, real(model))))
+    real = decoding.fuse_decode_steps
+    monkeypatch.setattr(decoding, "fuse_decode_steps", lambda model: fused.append((model, real(model))))
     args = ["generate", str(model_dir), "--prompt", "w1 w2", "--max-new-tokens", "6", "--no-stream"]
     assert main(args) == 0
     with_fused = capsys.readouterr().out
     assert len(fused) == 1 and fused[0][1] is True
     mixers = [type(getattr(layer, layer.mixer_name)).__name__ for layer in fused[0][0].base_model.layers]
     assert mixers and all(name == "FusedStepRetention" for name in mixers), mixers
-    monkeypatch.setattr(densessm.generation, "fuse_decode_steps", lambda model: False)
+    monkeypatch.setattr(decoding, "fuse_decode_steps", lambda model: False)
     assert main(args) == 0
     assert capsys.readouterr().out == with_fused

@@ -161,11 +161,11 @@ def model_dir(tmp_path, word_tokenizer):
 
 
 def test_generate_quantize_int8(model_dir, capsys, monkeypatch):
-    import densessm.generation
+    from densessm.inference import decoding
 
     quantized = []
-    real = densessm.generation.quantize_int8
-    monkeypatch.setattr(densessm.generation, "quantize_int8", lambda model: quantized.append(model) or real(model))
+    real = decoding.quantize_int8
+    monkeypatch.setattr(decoding, "quantize_int8", lambda model: quantized.append(model) or real(model))
     args = ["generate", str(model_dir), "--prompt", "w1 w2", "--prompt", "w3", "--max-new-tokens", "4"]
     assert main([*args, "--quantize", "int8"]) == 0
     out = capsys.readouterr().out

@@ -18,7 +18,7 @@ from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, Te
 
 from densessm.argtypes import nonnegative_int, path_name, positive_float, positive_int, seed
 from densessm.errors import UsageError
-from densessm.inference import QUANTIZE_CHOICES, fuse_decode_steps, int8_problem, prepack_for_cpu, quantize_int8
+from densessm.inference import QUANTIZE_CHOICES, int8_problem, prepare_for_decoding
 from densessm.loading import load_causal_lm, load_tokenizer_dir, raise_nonfinite, read_config
 from densessm.runtime import DTYPES, resolve_device
 
@@ -160,12 +160,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if limit is not None and longest > limit:
         raise UsageError(f"a prompt has {longest} tokens; the model allows at most {limit} (max_position_embeddings)")
     model = load_causal_lm(args.model_dir, dtype=DTYPES[args.dtype], device=device, config=config)
-    if args.quantize:
-        quantize_int8(model)  # before prepacking, which then packs the layers left in float
-    if model.device.type == "cpu" and not args.no_prepack and not args.compile:
-        prepack_for_cpu(model)  # several times faster decoding on CPU; inductor packs weights itself
-    if model.device.type == "cpu" and not args.compile:
-        fuse_decode_steps(model)  # one pass over each state per token; the PyTorch step where nothing compiles
+    prepare_for_decoding(model, args.quantize, prepack=not args.no_prepack, compiled=args.compile)
     batch = batch.to(device)
 
     torch.manual_seed(args.seed)

@@ -3,10 +3,12 @@
 ``fuse_projections`` merges a layer's products that read the same input (any device); ``prepack_for_cpu``
 does that and stores the CPU weights in oneDNN's blocked layout; ``quantize_int8`` does it and stores them as
 int8 (CPU), which changes the function by its rounding. ``fuse_decode_steps`` gives the mixers a compiled
-CPU decode step (one pass over each layer's state). The model classes keep one path; the
-replacement modules refuse to train or be saved (:class:`~densessm.inference.frozen.InferenceOnly`).
+CPU decode step (one pass over each layer's state); ``prepare_for_decoding`` applies them as the commands do.
+The model classes keep one path; the replacement modules refuse to train or be saved
+(:class:`~densessm.inference.frozen.InferenceOnly`).
 """
 
+from densessm.inference.decoding import prepare_for_decoding
 from densessm.inference.frozen import InferenceOnly, InferenceOnlyError, SiLULinear, frozen_linear
 from densessm.inference.fused_step import fuse_decode_steps
 from densessm.inference.fusion import fuse_projections
@@ -26,5 +28,6 @@ __all__ = [
     "int8_problem",
     "prepack_for_cpu",
     "prepacking_available",
+    "prepare_for_decoding",
     "quantize_int8",
 ]

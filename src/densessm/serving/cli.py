@@ -20,7 +20,7 @@ from pathlib import Path
 
 from densessm.errors import UsageError
 from densessm.generation import check_quantize
-from densessm.inference import QUANTIZE_CHOICES, fuse_decode_steps, prepack_for_cpu, quantize_int8
+from densessm.inference import QUANTIZE_CHOICES, prepare_for_decoding
 from densessm.loading import load_causal_lm, load_tokenizer_dir, read_config
 from densessm.runtime import DTYPES, resolve_device
 
@@ -210,12 +210,7 @@ def run_serve(args: argparse.Namespace) -> None:
     sock = _bind(args.host, args.port)
     disable_progress_bar()  # a server's log is read later: one line per event, no progress bars
     model = load_causal_lm(model_dir, dtype=DTYPES[args.dtype], device=device, config=config)
-    if args.quantize:
-        quantize_int8(model)  # before prepacking, which then packs the layers left in float
-    if device.type == "cpu" and not args.no_prepack and not args.compile:
-        prepack_for_cpu(model)
-    if device.type == "cpu" and not args.compile:
-        fuse_decode_steps(model)
+    prepare_for_decoding(model, args.quantize, prepack=not args.no_prepack, compiled=args.compile)
     metrics = ServerMetrics(args.max_batch)
     engine = Engine(
         model,

@@ -15,7 +15,7 @@ Stages, in the script's order:
              (``torch.compile``, CUDA graphs on a GPU), at positions from 2k to 10k tokens (a recurrent model's step
              does not grow with the position: this shows it), dense and plain alternating step by step; the step
              against its memory bound (state read and written, weights read, at the measured copy bandwidth);
-``report``   ``gpu_check.md`` and ``gpu_check.png`` from the JSON, with the issue's targets checked.
+``report``   ``gpu_check.md`` and ``gpu_check.png`` from the JSON, with the targets of docs/benchmarks/gpu.md checked.
 
 ``--dry-run`` runs the same code on the CPU with the tiny presets and small sizes, in seconds.
 Everything goes through the public API: presets, ``AutoModelForCausalLM``, the compiled decode step, the cache.
