@@ -33,11 +33,11 @@ from transformers import AutoTokenizer
 
 from densessm.data import DataArguments, load_blocks
 from densessm.evaluation.perplexity import score_carried
-from densessm.files import atomic_output_file, atomic_write_text, check_destination
 from densessm.inference import Int8Linear, PrepackedLinear, prepack_for_cpu, quantize_int8
 from densessm.loading import load_causal_lm
 from densessm_lab.bench.measure import WARMUP_ROUNDS, alternate, copy_bandwidth, decoder
 from densessm_lab.bench.models import build
+from densessm_lab.bench.results import refuse_existing, write_results
 
 PRESETS = ("dense_retnet_350m", "dense_mamba_360m")
 PRODUCT = (1536, 7776)  # DenseRetNet-350M's fused projection: q, k, v and its gate, the dense gates' first layers
@@ -275,9 +275,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/quantize"))
     parser.add_argument("--overwrite", action="store_true", help="replace OUT.json/.md/.png if they exist")
     args = parser.parse_args()
-    outputs = [args.out.with_suffix(suffix) for suffix in (".json", ".md", ".png")]
-    for path in outputs:
-        check_destination(path, args.overwrite)
+    refuse_existing(args.out, args.overwrite)
 
     results = {
         "command": "python benchmarks/bench_quantize.py " + " ".join(sys.argv[1:]),
@@ -293,11 +291,9 @@ def main() -> None:
     }
     for name in tqdm(args.models, desc="speed"):
         results["speed"] += speed(name, args.batches, args.threads, args.rounds, args.context)
-    atomic_write_text(outputs[0], json.dumps(results, indent=2) + "\n", overwrite=args.overwrite)
-    atomic_write_text(outputs[1], render(results, outputs[2].name), overwrite=args.overwrite)
-    with atomic_output_file(outputs[2], overwrite=args.overwrite) as png:
-        plot(results).savefig(png, dpi=120, format="png")
-    print(outputs[1].read_text())
+    markdown = render(results, args.out.with_suffix(".png").name)
+    write_results(args.out, results, markdown, plot(results), args.overwrite)
+    print(markdown)
 
 
 if __name__ == "__main__":

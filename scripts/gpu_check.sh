@@ -38,18 +38,31 @@ for f in "${results[@]}"; do
         exit 2
     fi
 done
-mkdir -p "$OUT"
-rm -f "${results[@]}" # none there, or --overwrite
-exec > >(tee "$OUT/gpu_check.log") 2>&1
 started=$SECONDS
 
+# the Python first, then the flags checked by the torch that runs the stages, and only then the results replaced:
+# a bad flag costs seconds, not a run of failing stages, and no earlier results (the setup's output joins the log)
+setup_log=$(mktemp)
+trap 'rm -f "$setup_log"' EXIT
 if [ "$dry" = 1 ]; then
     py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-    echo "== dry run on the CPU with $py"
+    echo "== dry run on the CPU with $py" | tee "$setup_log"
 else
-    source scripts/gpu_env.sh
+    source scripts/gpu_env.sh > >(tee "$setup_log") 2>&1
+    wait $! # the tee has written all of it
 fi
+rc=0
+err=$("$py" -m densessm_lab.bench.gpu decode --out "$OUT" --check-args "${mode[@]}" "${decode[@]}" 2>&1) || rc=$?
+if [ "$rc" != 0 ]; then
+    [ "$rc" = 2 ] && echo "gpu_check.sh: ${err##*error: }" >&2 || echo "$err" >&2
+    exit "$rc"
+fi
+
+mkdir -p "$OUT"
+rm -f "${results[@]}" # none there, or --overwrite
+cat "$setup_log" >"$OUT/gpu_check.log"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
 failed=0
 stage() { # name, limit in seconds, extra arguments: the stage stops starting work at 3/4 of its limit

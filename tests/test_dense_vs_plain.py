@@ -174,6 +174,28 @@ def test_smoke_grid_end_to_end_and_restart(tmp_path):
     assert result.stat().st_mtime_ns == before  # nothing was trained again
 
 
+def test_a_grid_shape_the_configuration_rejects_is_one_line_naming_the_file(monkeypatch):
+    import densessm_lab.experiments.dense_vs_plain as experiment
+
+    real = experiment.load_grid_shape
+
+    def bad_head_dim(family, scale):
+        shape = real(family, scale)
+        if family == "mamba2" and shape is not None:
+            shape = {"dense": {**shape["dense"], "head_dim": 47}, "widen": shape["widen"]}
+        return shape
+
+    monkeypatch.setattr(experiment, "load_grid_shape", bad_head_dim)
+    tokenizer = train_bpe((d["text"] for d in sotu(2)), 300)
+    with pytest.raises(ValueError) as error:
+        grid_configs(SCALES["smoke"], tokenizer)
+    message = str(error.value)
+    assert message.startswith(
+        "grid shape mamba2_smoke.json (the mamba2 model at scale smoke) is no valid DenseMamba2Config: "
+    ), message
+    assert message.endswith("must equal num_heads * head_dim (94)") and "\n" not in message, message
+
+
 def test_a_grid_shape_naming_a_field_the_configuration_lacks_is_refused(monkeypatch):
     """A misspelt field in a shape file would be stored in the config and change nothing: named instead."""
     import densessm_lab.experiments.dense_vs_plain as experiment

@@ -117,6 +117,14 @@ def test_an_exported_prefill_gives_the_eager_logits_and_state(name, tmp_path):
             torch.testing.assert_close(
                 continued, model(new, attention_mask=whole, cache=expected.cache).logits, atol=TOLERANCE, rtol=0
             )
+    tokens, mask = _batch(model, 2, 3)
+    for bad in (model.config.vocab_size, -1):  # the saved program keeps the vocabulary check
+        tokens[1, 2] = bad
+        with (
+            torch.no_grad(),
+            pytest.raises(RuntimeError, match=rf"out of range for vocab_size {model.config.vocab_size}"),
+        ):
+            exported(tokens, mask)
 
 
 @pytest.mark.parametrize("name", _one_fast())
@@ -147,6 +155,17 @@ def test_an_exported_continuation_steps_any_cache_and_changes_none(name):
             assert cache is not given
             _assert_same_state(given, kept, atol=0)
     assert cache.steps == 7 + 4 + 1 and cache.positions.tolist() == [9, 12, 12]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_program_exported_and_run_with_gradients_on_gives_the_eager_logits(name):
+    """Gradient mode is on by default: a program must not hold ops (``out=`` products) that autograd refuses."""
+    model = _model(name)
+    tokens, mask = _batch(model, 2, 6, padded=2)
+    exported = torch.export.export(Prefill(model), (tokens, mask), strict=False).module()
+    logits, _ = exported(tokens, mask)
+    torch.testing.assert_close(logits, model(tokens, attention_mask=mask).logits, atol=TOLERANCE, rtol=TOLERANCE)
+    assert logits.requires_grad
 
 
 def test_a_free_length_export_with_gradients_is_refused_with_the_fix():

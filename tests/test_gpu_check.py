@@ -200,6 +200,18 @@ def test_the_script_refuses_an_unknown_argument_and_results_already_there(tmp_pa
     assert (tmp_path / "gpu_check.json").read_text() == "{}"
 
 
+def test_the_script_refuses_an_unknown_compile_backend_before_any_stage_and_keeps_the_results(tmp_path):
+    (tmp_path / "gpu_check.json").write_text("{}")
+    run = _script("--dry-run", "--overwrite", "--compile-backend", "bogus", out=tmp_path)
+    assert run.returncode == 2, run.stdout + run.stderr
+    line = run.stderr.strip()
+    assert line.startswith("gpu_check.sh: argument --compile-backend: unknown torch.compile backend 'bogus'"), line
+    assert "inductor" in line and line.endswith("or none for the eager decode step") and "\n" not in line
+    assert "== stage" not in run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json"]
+    assert (tmp_path / "gpu_check.json").read_text() == "{}"
+
+
 @pytest.mark.slow
 def test_the_script_dry_run_end_to_end_with_the_compiled_decode_step(tmp_path):
     """The script as the device runs it, every stage in its own time-boxed process, with the decode step traced by

@@ -1,8 +1,8 @@
 """int8 weights (``quantize_int8``, ``--quantize int8``): close to float32 in every family, decoding and
 generating, refused where the kernels cannot run, and never trained or saved.
 
-Tolerances: one int8 product (8-bit weights per output channel, the input rounded to 8 bits per call, 7 on a
-CPU without VNNI) is within 2% RMS of float32. Through the layers of a tiny random model (its dense gates
+Tolerances: one int8 product (8-bit weights per output channel, each input row rounded to 8 bits on its own
+scale, 7 on a CPU without VNNI) is within 2% RMS of float32. Through the layers of a tiny random model (its dense gates
 opened wide) the errors compound: the logits stay within 10% of their RMS (15% with 7-bit inputs) and pick
 the same next token at 80% of positions or more.
 A trained model's perplexity moves far less (docs/benchmarks/quantize.md).
@@ -64,6 +64,40 @@ def test_one_int8_product_is_close_to_float32(silu):
     assert out.shape == reference.shape and out.dtype == torch.float32
     assert 0 < relative_rms(out, reference) < 0.02
     assert quantized.weight.shape == linear.weight.shape and quantized.weight.is_meta  # no float copy is kept
+
+
+def test_a_row_of_an_int8_product_does_not_depend_on_the_other_rows():
+    """One scale for a whole call made a row's result depend on its batch-mates (a server's other requests):
+    each row is rounded on its own scale, so a row equals itself computed alone, bit for bit."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    quantized = Int8Linear(linear)
+    x = torch.randn(1, 64)
+    mates = torch.cat([x, 100 * torch.randn(1, 64), torch.zeros(1, 64), -0.01 * x.abs()])
+    with torch.no_grad():
+        alone, together = quantized(x), quantized(mates)
+        assert torch.equal(together[:1], alone)
+        assert torch.equal(together[2], linear.bias)  # a zero row (padding) gives the bias, no NaN
+        assert torch.equal(quantized(mates.view(2, 2, 64)).view(4, 48), together)
+        assert relative_rms(together[1:2], linear(mates[1:2])) < 0.02  # the large row keeps its resolution
+        assert relative_rms(together[3:], linear(mates[3:])) < 0.02  # and so does the small one
+        # a non-finite row gives non-finite values (the models' checks name the cause), not a kernel error
+        assert torch.isnan(quantized(torch.full((1, 64), float("nan")))).all()
+        assert not torch.isfinite(quantized(torch.cat([x, torch.full((1, 64), float("inf"))]))[1]).any()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_quantized_batch_row_equals_the_row_alone(name):
+    """Greedy answers of a quantized model do not depend on what else is in the batch (a server batches
+    requests): its logits for a row are bit for bit those of the row alone."""
+    model = quantize_int8(family_model(name), min_weight=0)
+    tokens = torch.randint(3, model.config.vocab_size, (3, 7))
+    tokens[1:] = torch.randint(3, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        batched = model(tokens).logits
+        for row in range(3):
+            assert torch.equal(model(tokens[row : row + 1]).logits, batched[row : row + 1])
+    assert torch.equal(model(tokens).logits.detach(), batched)  # with gradients on (the embedding requires them)
 
 
 @pytest.mark.parametrize("name", NAMES)

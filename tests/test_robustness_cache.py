@@ -27,7 +27,7 @@ from densessm import (
     DenseRetNetForCausalLM,
     RecurrentCache,
 )
-from densessm.cache import CacheIdentity, digest_tokens
+from densessm.cache import CacheIdentity, digest_embeddings, digest_tokens, embedding_values
 from densessm.compiled_decoding import CompiledDecoder
 from densessm.errors import UsageError
 from densessm.files import DestinationExistsError
@@ -319,7 +319,11 @@ def test_crafted_shapes_dtypes_and_positions_are_refused(tmp_path, saved, change
         ({"format": None}, "is not a densessm recurrent-state file"),
         ({"steps": "-1"}, "'steps' must be a non-negative integer, got '-1'"),
         ({"steps": "1e3"}, "'steps' must be a non-negative integer"),
-        ({"steps": "2", "token_digest": None, "digest_steps": None}, r"must lie in \[0, steps=2\]"),
+        (
+            {"steps": "2", "token_digest": None, "digest_steps": None, "embedding_digest": None}
+            | {"embedding_digest_steps": None},
+            r"must lie in \[0, steps=2\]",
+        ),
         ({"steps": "2"}, r"'digest_steps' \(6\) exceeds steps \(2\)"),  # steps below what was consumed
         ({"num_layers": "2"}, "names layer 2, but the file declares 2 layers"),
         ({"num_layers": "0"}, "declares 0 layers"),
@@ -341,6 +345,10 @@ def test_crafted_shapes_dtypes_and_positions_are_refused(tmp_path, saved, change
         ({"token_digest": "2147483647,0"}, "'token_digest' holds a value of 2147483647 or more"),
         ({"digest_steps": None}, "'digest_steps' must be a non-negative integer, got None"),
         ({"digest_steps": "7"}, r"'digest_steps' \(7\) exceeds steps \(6\)"),
+        ({"embedding_digest": "1"}, "'embedding_digest' must hold 2 comma-separated integers"),
+        ({"embedding_digest": "2147483647,1"}, "'embedding_digest' holds a value of 2147483647 or more"),
+        ({"embedding_digest_steps": "9"}, r"'embedding_digest_steps' \(9\) exceeds steps \(6\)"),
+        ({"embedding_digest_steps": None}, "'embedding_digest_steps' must be a non-negative integer, got None"),
     ],
 )
 def test_crafted_metadata_is_refused(tmp_path, saved, metadata, message):
@@ -726,7 +734,7 @@ def test_a_steps_counter_that_disagrees_with_the_state_is_refused(steps, message
 def test_a_steps_counter_below_the_state_is_refused_without_a_digest():
     model = _model("retnet")
     cache = _cache(model)
-    cache.steps, cache.token_digest = 3, None
+    cache.steps, cache.token_digest, cache.embedding_digest = 3, None, None
     with pytest.raises(ValueError, match=r"the cache consumed \[6, 6\] real tokens per row, but the first 3 tokens"):
         model.generate(torch.cat([PROMPT, PROMPT[:, :4]], 1), cache=cache, max_new_tokens=2, do_sample=False)
     cache.steps = -1
@@ -775,3 +783,58 @@ def test_a_compiled_decode_step_leaves_the_digest_on_the_prompt():
     assert model.generate(full, cache=cache.clone(), max_new_tokens=1, do_sample=False).shape == (2, 10)
     with pytest.raises(ValueError, match="does not begin with the 6 tokens"):
         model.generate(full.flip(1), cache=cache, max_new_tokens=1, do_sample=False)
+
+
+# --- the input vectors a cache consumed ----------------------------------------------------------------------------
+
+
+def test_the_vector_digest_is_exact_piece_by_piece_and_ignores_padding():
+    vectors = torch.randn(3, 9, 16)
+    whole = digest_embeddings(vectors)
+    assert torch.equal(digest_embeddings(vectors[:, 4:], start=digest_embeddings(vectors[:, :4])), whole)
+    assert torch.equal(embedding_values(vectors, block=16), embedding_values(vectors))  # one row at a time
+    padded = torch.cat([torch.randn(3, 2, 16), vectors], 1)
+    mask = torch.cat([torch.zeros(3, 2, dtype=torch.bool), torch.ones(3, 9, dtype=torch.bool)], 1)
+    assert torch.equal(digest_embeddings(padded, mask), whole)
+    nudged = vectors.clone()
+    nudged[1, 3, 5] = torch.nextafter(nudged[1, 3, 5], torch.tensor(10.0))  # one bit of one value of one row
+    assert (digest_embeddings(nudged) != whole).tolist() == [False, True, False]
+    assert (digest_embeddings(vectors[:, [1, 0, *range(2, 9)]]) != whole).all()  # order counts
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        assert digest_embeddings(vectors.to(dtype)).shape == (3,)
+    assert len(set(embedding_values(torch.randn(2000, 8)).tolist())) == 2000
+
+
+@pytest.mark.parametrize("family", ["retnet", "mamba", "mamba2"])
+def test_generate_from_embeddings_refuses_a_cache_of_other_tokens(family, tmp_path):
+    """A prompt given as embeddings names no token: the cache's digest of the vectors it consumed (the
+    embeddings of its ids, or the vectors it was given) is what generate() checks them against."""
+    model = _model(family)
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        reference = model.generate(PROMPT, max_new_tokens=3, do_sample=False)[:, PROMPT.shape[1] :]
+        by_ids = _cache(model, PROMPT[:, :5])
+        by_vectors = model(inputs_embeds=embed(PROMPT[:, :5]), use_cache=True).cache
+        other = _cache(model, PROMPT[:, :5].flip(0))  # the other row's tokens
+        embeds = embed(PROMPT)
+    assert torch.equal(by_ids.embedding_digest, by_vectors.embedding_digest) and by_ids.embedding_digest_steps == 5
+    for cache in (by_ids, by_vectors):
+        continued = model.generate(inputs_embeds=embeds, cache=cache.clone(), max_new_tokens=3, do_sample=False)
+        assert torch.equal(continued, reference)
+    with pytest.raises(ValueError, match="inputs_embeds does not begin with the 5 input vectors this cache consumed"):
+        model.generate(inputs_embeds=embeds, cache=other.clone(), max_new_tokens=2, do_sample=False)
+    nudged = embeds.clone()
+    nudged[0, 2, 0] += 1e-3
+    with pytest.raises(ValueError, match="does not begin with the 5 input vectors"):
+        model.generate(inputs_embeds=nudged, cache=by_ids.clone(), max_new_tokens=2, do_sample=False)
+    other.save(tmp_path / "other.safetensors")  # the digest survives a file
+    with pytest.raises(ValueError, match="does not begin with the 5 input vectors"):
+        model.generate(
+            inputs_embeds=embeds, cache=RecurrentCache.load(tmp_path / "other.safetensors"), max_new_tokens=2
+        )
+    # a state made from vectors, continued by ids: their embeddings are checked
+    flipped = PROMPT.flip(0)
+    with pytest.raises(ValueError, match="does not begin with the 5 input vectors"):
+        model.generate(flipped, cache=by_vectors.clone(), max_new_tokens=2, do_sample=False)
+    other.embedding_digest = None  # the expert's override
+    assert model.generate(inputs_embeds=embeds, cache=other, max_new_tokens=2, do_sample=False).shape == (2, 2)

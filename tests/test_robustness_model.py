@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
 from densessm.errors import ModelLoadError
+from densessm.inference import InferenceOnlyError, Int8Linear, quantize_int8
 from densessm.loading import read_config
 from densessm.models import FAMILIES as REGISTERED
 from densessm.models.dense.mixer import MixerCall
@@ -47,10 +48,26 @@ def model(request):
 # --- forward arguments ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, "8", True])
+@pytest.mark.parametrize("chunk_size", [0, -1])
 def test_chunk_size_must_be_a_positive_int(model, chunk_size):
     with pytest.raises(ValueError, match=rf"chunk_size must be >= 1 \(a positive integer\), got {chunk_size!r}"):
         model(TOKENS, mode="chunkwise", chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "kind"), [(torch.tensor(3), "Tensor"), (2.5, "float"), ("8", "str"), (True, "bool")]
+)
+def test_a_chunk_size_of_another_type_is_named_by_its_type(model, chunk_size, kind):
+    with pytest.raises(ValueError, match=rf"^chunk_size must be a Python int, got .*, a {kind} \(pass int"):
+        model(TOKENS, mode="chunkwise", chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=rf"^chunk_size must be a Python int, got .*, a {kind}$"):
+        retention(*[torch.zeros(1, 1, 4, 2)] * 3, torch.full((1,), -0.1), mode="chunkwise", chunk_size=chunk_size)
+    config = tiny_config if isinstance(model, DenseRetNetForCausalLM) else tiny_mamba_config
+    with pytest.raises(
+        StrictDataclassClassValidationError,
+        match=rf"chunk_size must be a positive integer, got .*: a {kind}, not a Python int",
+    ):
+        config(chunk_size=chunk_size)
 
 
 def test_chunk_size_is_checked_whatever_the_mode_and_ignored_where_unused(model):
@@ -297,8 +314,8 @@ def test_bad_inputs_embeds(model):
         ({"num_attention_heads": 3}, "must split into 3 heads of even width"),
         ({"hidden_size": -32}, "hidden_size must be a positive integer, got -32"),
         ({"vocab_size": True}, "vocab_size must be a positive integer, got True"),
-        ({"chunk_size": 2.5}, "chunk_size must be a positive integer, got 2.5"),
-        ({"chunk_size": True}, "chunk_size must be a positive integer, got True"),
+        ({"chunk_size": 2.5}, "chunk_size must be a positive integer, got 2.5: a float, not a Python int"),
+        ({"chunk_size": True}, "chunk_size must be a positive integer, got True: a bool, not a Python int"),
         ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer"),
         ({"v_factor": 1.01}, r"hidden_size \* v_factor \(32 \* 1.01\) must be a whole number"),
         ({"v_factor": float("inf")}, "v_factor must be a positive number, got inf"),
@@ -450,3 +467,25 @@ def test_the_mamba_mixer_keeps_a_nan_padded_input_out_of_conv_and_scan(mode):
         out, _, dirty = mixer(dirty_x, shallow, call, None)
     assert torch.equal(out[mask], clean[mask])
     assert torch.equal(dirty["conv"], state["conv"]) and torch.equal(dirty["ssm"], state["ssm"])
+
+
+@pytest.mark.parametrize(
+    ("convert", "problem"),
+    [
+        (lambda m: m.half(), "compute in float32, not in float16"),
+        (lambda m: m.to(torch.bfloat16), "compute in float32, not in bfloat16"),
+        (lambda m: m.to("meta"), "run on the CPU only, not on meta"),
+    ],
+)
+def test_an_int8_model_refuses_another_dtype_before_anything_changes(convert, problem):
+    model = quantize_int8(_model("retnet"), min_weight=0)
+    ids = TOKENS[:, :4]
+    with torch.no_grad():
+        expected = model(ids).logits
+    for target in (model, next(m for m in model.modules() if isinstance(m, Int8Linear))):
+        with pytest.raises(InferenceOnlyError, match=f"int8-quantized model: int8 weights {problem}; choose the"):
+            convert(target)
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in model.parameters())
+    assert model.to("cpu").float().to(torch.float32) is model  # what changes nothing still works
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)

@@ -391,6 +391,20 @@ def test_a_body_that_is_json_but_not_an_object_is_still_named_so(app):
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_a_body_that_is_not_utf8_is_named_so_with_the_byte_offset(app, endpoint):
+    body = b'{"model": "tiny", "prompt": "w1 \xff\xfe"}'
+    code, answer = app.post(endpoint, body)
+    assert code == 400
+    assert answer["error"] == {
+        "message": "the request body is not valid UTF-8 JSON: byte 0xff at offset 32 (invalid start byte); send "
+        "JSON encoded as UTF-8",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_an_empty_body_is_named_as_such(app, endpoint):
     code, answer = app.post(endpoint, b"")
     assert code == 400

@@ -18,7 +18,10 @@ the whole sequence (or only the new tokens, with an attention mask over the whol
 the state has not consumed yet, so a cache of another prompt of the same length would silently continue that
 prompt. A cache therefore keeps a per-row digest of the real tokens
 it consumed (:func:`digest_tokens`, a polynomial hash: a few integer operations per call), and ``generate()``
-checks the sequence it is given against it.
+checks the sequence it is given against it. A prompt can also come as embeddings (``inputs_embeds``), which
+name no token: so the cache keeps a second digest, of the input vectors it consumed bit for bit
+(:func:`digest_embeddings`), made whether the input came as ids (their embeddings) or as vectors, and
+``generate(inputs_embeds=..., cache=...)`` checks the vectors it is given against that one.
 
 The class is a ``transformers.Cache``, so code that asks ``isinstance(cache, Cache)`` (and transformers'
 exporters, which register every ``Cache`` subclass they find, keeping this module's registration) treats it
@@ -31,13 +34,14 @@ transformers cannot change it from below (the tests list the protocol and fail o
 It is also a registered pytree node, so ``torch.export`` takes it as an input and returns it as an output: the
 leaves are the state tensors, the positions and the step counter (an integer: pass ``Dim.DYNAMIC`` for it, see
 :meth:`RecurrentCache.dynamic_shapes`, or the program holds only for the count it was traced with). The identity
-and the token digest belong to the eager model's checks and are not part of the tree: a cache an exported
-program returns is unchecked and records no digest.
+and the digests belong to the eager model's checks and are not part of the tree: a cache an exported
+program returns is unchecked and records no digests.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import numbers
 import re
@@ -122,6 +126,9 @@ class RecurrentCache(Cache):
         # or an input given as embeddings leaves it covering the tokens before them.
         self.token_digest: torch.Tensor | None = None
         self.digest_steps = 0
+        # [B] the same for the input vectors consumed (see digest_embeddings), over `embedding_digest_steps`
+        self.embedding_digest: torch.Tensor | None = None
+        self.embedding_digest_steps = 0
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -255,6 +262,8 @@ class RecurrentCache(Cache):
             self.positions = fn(self.positions)
         if self.token_digest is not None:
             self.token_digest = fn(self.token_digest)
+        if self.embedding_digest is not None:
+            self.embedding_digest = fn(self.embedding_digest)
 
     def _check_rows(self, indices: object, what: str, same_batch: bool = False) -> None:
         """Row indices into the state, checked before any tensor changes (an index out of range would
@@ -309,6 +318,8 @@ class RecurrentCache(Cache):
         self.steps = 0
         self.token_digest = None
         self.digest_steps = 0
+        self.embedding_digest = None
+        self.embedding_digest_steps = 0
 
     def clone(self) -> RecurrentCache:
         """An independent copy, e.g. to branch several continuations from one prefix. Detached from any
@@ -320,6 +331,7 @@ class RecurrentCache(Cache):
         ]
         twin.positions = _detached(self.positions)
         twin.token_digest = _detached(self.token_digest)
+        twin.embedding_digest = _detached(self.embedding_digest)
         return twin
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -367,9 +379,13 @@ class RecurrentCache(Cache):
             "config": self.identity.config,
             "weights": self.identity.weights,
         }
-        if self.token_digest is not None:
-            metadata["token_digest"] = ",".join(str(v) for v in self.token_digest.tolist())
-            metadata["digest_steps"] = str(self.digest_steps)
+        for digest, field, steps_field, covered in (
+            (self.token_digest, "token_digest", "digest_steps", self.digest_steps),
+            (self.embedding_digest, "embedding_digest", "embedding_digest_steps", self.embedding_digest_steps),
+        ):
+            if digest is not None:
+                metadata[field] = ",".join(str(v) for v in digest.tolist())
+                metadata[steps_field] = str(covered)
         try:
             return atomic_write_bytes(path, save(tensors, metadata=metadata), overwrite=overwrite)
         except DestinationExistsError:  # another writer created it meanwhile
@@ -402,7 +418,9 @@ class RecurrentCache(Cache):
                 header = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
                 shapes = {key: (tuple(s.get_shape()), s.get_dtype()) for key, s in header.items()}
                 identity, num_layers, steps, layout = _check_header(path, metadata, shapes, check_model)
-                digest, digest_steps = _digest(path, metadata, shapes["positions"][0][0], steps)
+                batch = shapes["positions"][0][0]
+                digest, digest_steps = _digest(path, metadata, batch, steps, "token_digest", "digest_steps")
+                embedding_digest = _digest(path, metadata, batch, steps, "embedding_digest", "embedding_digest_steps")
                 tensors = {key: f.get_tensor(key) for key in shapes}
         except (SafetensorError, OSError) as err:
             raise ValueError(f"corrupt or truncated cache file {path}: {err}") from err
@@ -422,6 +440,7 @@ class RecurrentCache(Cache):
         cache.steps = steps
         cache.positions = positions
         cache.token_digest, cache.digest_steps = digest, digest_steps
+        cache.embedding_digest, cache.embedding_digest_steps = embedding_digest
         cache.layers = [{name: tensors[f"layers.{i}.{name}"] for name in layer} for i, layer in enumerate(layout)]
         if device.type != "cpu":
             try:
@@ -508,6 +527,41 @@ def digest_tokens(
     after = count[:, None] - real.long().cumsum(-1)  # real tokens after each one in its row
     terms = torch.where(real, values * powers[after] % modulus, 0)
     return (start * powers[count] % modulus + terms.sum(-1) % modulus) % modulus
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> integer view
+
+
+@functools.cache
+def _vector_weights(size: int, device: torch.device) -> torch.Tensor:
+    """Fixed pseudo-random factors in [1, modulus) that reduce a vector of ``size`` values to one."""
+    generator = torch.Generator().manual_seed(0x5EED)
+    return torch.randint(1, _DIGEST_MODULUS, (size,), generator=generator, dtype=torch.long).to(device)
+
+
+def embedding_values(vectors: torch.Tensor, block: int = 2**20) -> torch.Tensor:
+    """``vectors [..., H]`` each reduced to one integer in [0, modulus): its values' bits read as integers,
+    weighted by fixed factors, summed mod the modulus. Exact integer arithmetic on the bits, so equal vectors
+    give equal values on any device, and two different vectors agree with a chance of about 1 in 2 billion.
+    Computed over ``block`` values at a time, so a long prompt needs no large temporary."""
+    size = vectors.shape[-1]
+    bits = vectors.detach().contiguous().view(_BITS[vectors.element_size()]).reshape(-1, size)
+    weights = _vector_weights(size, vectors.device)
+    out = torch.empty(bits.shape[0], dtype=torch.long, device=vectors.device)
+    rows = max(1, block // size)
+    for first in range(0, bits.shape[0], rows):
+        part = bits[first : first + rows].long() % _DIGEST_MODULUS * weights % _DIGEST_MODULUS
+        out[first : first + rows] = part.sum(-1) % _DIGEST_MODULUS  # size * modulus < 2**63 for any real width
+    return out.view(vectors.shape[:-1])
+
+
+def digest_embeddings(
+    vectors: torch.Tensor, mask: torch.Tensor | None = None, start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per row, a digest of the real input vectors of ``vectors [B, L, H]``, as :func:`digest_tokens` digests
+    ids (each vector standing for a token through :func:`embedding_values`): the embeddings of a prompt's ids,
+    or any vectors given as ``inputs_embeds``, bit for bit."""
+    return digest_tokens(embedding_values(vectors), mask, start)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -597,19 +651,22 @@ def _json(path: Path, metadata: dict[str, str], field: str) -> object:
         raise ValueError(f"{path}: metadata field {field!r} is nested too deeply to be read") from None
 
 
-def _digest(path: Path, metadata: dict[str, str], batch: int, steps: int) -> tuple[torch.Tensor | None, int]:
-    """The token digest a file records (one value per row, and the steps it covers); (None, 0) if none."""
-    raw, covered = metadata.get("token_digest"), metadata.get("digest_steps")
+def _digest(
+    path: Path, metadata: dict[str, str], batch: int, steps: int, field: str, steps_field: str
+) -> tuple[torch.Tensor | None, int]:
+    """The digest a file records in ``field`` (one value per row) and the steps it covers (``steps_field``);
+    (None, 0) if none."""
+    raw, covered = metadata.get(field), metadata.get(steps_field)
     if raw is None and covered is None:
         return None, 0
     if not isinstance(raw, str) or not _DIGESTS.fullmatch(raw) or raw.count(",") + 1 != batch:
-        raise ValueError(f"{path}: metadata field 'token_digest' must hold {batch} comma-separated integers")
-    digest_steps = _count(path, metadata, "digest_steps")
+        raise ValueError(f"{path}: metadata field {field!r} must hold {batch} comma-separated integers")
+    digest_steps = _count(path, metadata, steps_field)
     if digest_steps > steps:
-        raise ValueError(f"{path}: metadata field 'digest_steps' ({digest_steps}) exceeds steps ({steps})")
+        raise ValueError(f"{path}: metadata field {steps_field!r} ({digest_steps}) exceeds steps ({steps})")
     digest = torch.tensor([int(v) for v in raw.split(",")], dtype=torch.long)
     if bool((digest >= _DIGEST_MODULUS).any()):
-        raise ValueError(f"{path}: metadata field 'token_digest' holds a value of {_DIGEST_MODULUS} or more")
+        raise ValueError(f"{path}: metadata field {field!r} holds a value of {_DIGEST_MODULUS} or more")
     return digest, digest_steps
 
 
@@ -652,4 +709,4 @@ def _identity(path: Path, metadata: dict[str, str]) -> CacheIdentity:
     return CacheIdentity(model_type, config, weights)
 
 
-__all__ = ["CacheIdentity", "Layout", "RecurrentCache", "digest_tokens"]
+__all__ = ["CacheIdentity", "Layout", "RecurrentCache", "digest_embeddings", "digest_tokens", "embedding_values"]

@@ -3,10 +3,13 @@
 Decoding streams every weight once per step at a few rows per product, so it is bound by the bytes of the
 weights; int8 moves a quarter of fp32's. Each replaced layer is PyTorch's dynamically quantized linear
 (``torch.ao.nn.quantized.dynamic.Linear``, the fbgemm/x86 kernel behind ``torch.ao.quantization.
-quantize_dynamic``): weights int8 per output channel; the input rounded at each call to 8 bits on one scale
-for the whole call (so the rows of a batch share it); int32 accumulation, float32 out. On a CPU without VNNI
-the kernel sums pairs of products in 16 bits, which the full range could overflow, so there the input gets 7
-bits (the library's "reduced range", its default everywhere, at half the resolution).
+quantize_dynamic``): weights int8 per output channel; int32 accumulation, float32 out. The input is rounded at
+each call to 8 bits per row, on the row's own scale: the kernel picks one scale for a whole call, so each row is
+divided by its largest magnitude and two fixed rows holding -1 and 1 are appended, which pin that scale; the
+product is multiplied back by the row's magnitude. So a row's result depends on that row alone, never on the
+other rows of its call (a server's batch-mates, a batch's padding). On a CPU without VNNI the kernel sums
+pairs of products in 16 bits, which the full range could overflow, so there the input gets 7 bits (the
+library's "reduced range", its default everywhere, at half the resolution).
 
 torchao, the successor PyTorch points to, does not fit: on a CPU its int8 schemes (weight-only and dynamic
 activation) are fast only under ``torch.compile``, and eagerly, as ``generate`` and ``eval`` run, they are
@@ -25,7 +28,9 @@ another precision.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +38,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
-from densessm.inference.frozen import InferenceOnly, SiLULinear
+from densessm.inference.frozen import InferenceOnly, InferenceOnlyError, SiLULinear
 from densessm.inference.fusion import fuse_projections
 from densessm.inference.prepack import PrepackedLinear
 from densessm.models.recurrent import state_identity_kept
@@ -71,22 +76,60 @@ class Int8Linear(InferenceOnly):
         # no values, it fails loudly where the values would be read
         self.weight = torch.empty(self.out_features, self.in_features, device="meta")
         # the library converts only plain nn.Linear (by exact type): show it one that shares our weights
-        plain = nn.Linear(self.in_features, self.out_features, bias=linear.bias is not None, device="meta")
-        plain.weight, plain.bias = linear.weight, linear.bias
+        # the bias is added after the product is scaled back (see the module docstring), so the kernel gets none
+        plain = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        plain.weight = linear.weight
         plain.qconfig = per_channel_dynamic_qconfig
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
+        pinned = torch.zeros(2, self.in_features)
+        pinned[:, 0] = torch.tensor([-1.0, 1.0])  # in a column of its own: a layer may have one input
+        self.register_buffer("range_rows", pinned, persistent=False)
         with warnings.catch_warnings():  # the deprecation notices of torch.ao (see the module docstring)
             warnings.filterwarnings("ignore", message=r".*(deprecated|will be removed).*")
             self.quantized = DynamicQuantizedLinear.from_float(plain)
         self.train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        n = rows.shape[0]
+        # each row on the scale of its largest magnitude (a zero row stays zero), the fixed rows last. The kernel
+        # refuses NaN, so a non-finite row enters as zeros and leaves as NaN through its non-finite scale: the
+        # model's non-finite checks then name the cause instead of the kernel failing
+        scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp(min=1e-30)
+        unit = torch.cat([(rows / scale).nan_to_num_(0.0, 0.0, 0.0), self.range_rows])
         # the library module's own forward always takes the reduced range: call its kernel with ours
-        y = torch.ops.quantized.linear_dynamic(x, self.quantized._packed_params._packed_params, REDUCE_RANGE)
+        y = torch.ops.quantized.linear_dynamic(unit, self.quantized._packed_params._packed_params, REDUCE_RANGE)[:n]
+        y = y * scale if self.bias is None else torch.addcmul(self.bias, y, scale)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return F.silu(y) if self.silu else y
 
     def extra_repr(self) -> str:
         silu = ", silu" if self.silu else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8{silu}"
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        _refuse_conversion(fn)
+        return super()._apply(fn, recurse)
+
+
+def _refuse_conversion(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Refuse a ``.half()``, ``.to(dtype)`` or ``.to(device)`` (``fn``, as ``nn.Module._apply`` gets it) that
+    int8 weights cannot follow: their packed kernel takes float32 on the CPU, and a float16 model would fail at
+    its first call with a bare dtype error. Tried on a probe tensor, so a refusal changes nothing."""
+    probe = fn(torch.zeros(1))
+    problem = int8_problem(probe.device, probe.dtype)
+    if problem is not None:
+        raise InferenceOnlyError(
+            f"cannot convert an int8-quantized model: {problem}; choose the dtype and device first, then quantize "
+            "(reload the model to use it in another dtype)"
+        )
+
+
+def _apply_checked(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+    """``model._apply`` of a quantized model: the conversion is checked before any module changes, not at its
+    first int8 layer after the layers before it were already converted."""
+    _refuse_conversion(fn)
+    return type(model)._apply(model, fn, recurse)
 
 
 def quantize_int8(model: nn.Module, min_weight: int = 2**15) -> nn.Module:
@@ -113,6 +156,7 @@ def quantize_int8(model: nn.Module, min_weight: int = 2**15) -> nn.Module:
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and child.weight.numel() >= min_weight:
                     setattr(parent, name, Int8Linear(child))
+    model._apply = functools.partial(_apply_checked, model)
     return model.eval()
 
 

@@ -19,7 +19,7 @@ import torch
 from transformers.generation.utils import GenerateOutput
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from densessm.cache import CacheIdentity, RecurrentCache, digest_tokens
+from densessm.cache import CacheIdentity, RecurrentCache, digest_embeddings, digest_tokens, embedding_values
 from densessm.compiled_decoding import CompiledDecoder
 
 # The models holding a list of their parameters (see RecurrentBackbone._weights_key). Registering a parameter
@@ -62,7 +62,12 @@ def check_inputs(
             raise ValueError(f"empty input: input_ids has shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int32, torch.int64):
             input_ids = input_ids.long()
-        if not torch.compiler.is_compiling():  # a captured step cannot read values (its tokens are the model's own)
+        if torch.compiler.is_exporting():  # kept in the program as an assertion node (it cannot read the id)
+            torch._assert_async(
+                ((input_ids >= 0) & (input_ids < vocab_size)).all(),
+                f"a token id is out of range for vocab_size {vocab_size}: token ids must be in [0, {vocab_size})",
+            )
+        elif not torch.compiler.is_compiling():  # a captured step cannot read values (its tokens are the model's own)
             low, high = torch.aminmax(input_ids)
             low, high = int(low), int(high)
             if low < 0 or high >= vocab_size:
@@ -145,9 +150,13 @@ def check_no_other_arguments(model: torch.nn.Module, kwargs: dict, accepted: fro
 def check_chunk_size(chunk_size: object) -> None:
     """A chunk size, if given, is a positive integer (it only schedules the computation: any one gives the same
     result, and modes that do not cut the input into chunks ignore it)."""
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
-    ):
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise ValueError(
+            f"chunk_size must be a Python int, got {chunk_size!r}, a {type(chunk_size).__name__} (pass int(...))"
+        )
+    if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (a positive integer), got {chunk_size!r}")
 
 
@@ -184,6 +193,7 @@ class StepInputs:
     start: torch.Tensor  # [B] real tokens consumed before this call
     position_ids: torch.Tensor  # [B, L] position of each token among the row's real tokens
     tokens: torch.Tensor | None = None  # [B, L] the token ids (None: the input came as embeddings)
+    vectors: torch.Tensor | None = None  # [B, L] each input vector as one integer (None: not digested)
 
     def hide_padding(self, hidden: torch.Tensor) -> torch.Tensor:
         """Zero the padded positions of the input: they are never read, but a NaN or inf there would reach the
@@ -220,23 +230,31 @@ class StepInputs:
             self.cache.steps += length
 
     def _advance_digest(self, length: int) -> None:
-        """Extend the cache's token digest by this call's tokens, if it covers every token before them (a
-        compiled step, or embeddings, leave it covering fewer: it then stays as it is)."""
+        """Extend the cache's digests (of token ids, and of input vectors) by this call's tokens, each if it
+        covers every token before them (a compiled step, or embeddings for the token digest, leave it covering
+        fewer: it then stays as it is)."""
         cache = self.cache
+        cache.token_digest, cache.digest_steps = self._extended(
+            cache.token_digest, cache.digest_steps, self.tokens, length
+        )
+        cache.embedding_digest, cache.embedding_digest_steps = self._extended(
+            cache.embedding_digest, cache.embedding_digest_steps, self.vectors, length
+        )
+
+    def _extended(
+        self, digest: torch.Tensor | None, covered: int, values: torch.Tensor | None, length: int
+    ) -> tuple[torch.Tensor | None, int]:
         if not self.carried:
-            fresh = self.tokens is not None and cache.steps == 0
-            cache.token_digest = digest_tokens(self.tokens, self.mask) if fresh else None
-            cache.digest_steps = length if fresh else 0
-            return
-        digest = cache.token_digest
+            fresh = values is not None and self.cache.steps == 0
+            return (digest_tokens(values, self.mask), length) if fresh else (None, 0)
         if (
-            self.tokens is not None
+            values is not None
             and digest is not None
-            and cache.digest_steps == cache.steps
+            and covered == self.cache.steps
             and digest.shape == self.start.shape
         ):
-            cache.token_digest = digest_tokens(self.tokens, self.mask, digest.to(self.tokens.device))
-            cache.digest_steps += length
+            return digest_tokens(values, self.mask, digest.to(values.device)), covered + length
+        return digest, covered
 
 
 def _mask_of(attention_mask: torch.Tensor, length: int, device: torch.device) -> torch.Tensor | None:
@@ -284,8 +302,8 @@ def prepare_step(
     input_ids: torch.Tensor | None = None,
 ) -> StepInputs:
     """Create or check the cache and derive the mask and positions of this call's tokens (``hidden`` is the
-    embedded input: its dtype and device are the computation's; ``input_ids`` extend the cache's token
-    digest).
+    embedded input: its dtype and device are the computation's, and it extends the cache's digest of input
+    vectors; ``input_ids`` extend its token digest).
 
     ``attention_mask`` may be longer than the input (``generate()`` passes the whole history): its last
     ``length`` columns belong to this call.
@@ -307,7 +325,8 @@ def prepare_step(
             position_ids = start[:, None] + mask.long().cumsum(-1) - 1
     elif not compiling:
         _check_position_ids(position_ids, batch, length)
-    return StepInputs(cache, carried, mask, start, position_ids.to(device), input_ids)
+    vectors = None if cache is None or compiling else embedding_values(hidden)
+    return StepInputs(cache, carried, mask, start, position_ids.to(device), input_ids, vectors)
 
 
 def weights_fingerprint(named: list[tuple[str, torch.Tensor]], samples: int = 64) -> str:
@@ -484,7 +503,11 @@ def _checked_steps(cache: RecurrentCache) -> int:
 
 
 def check_continuation(
-    cache: RecurrentCache, consumed: torch.Tensor | None, consumed_mask: torch.Tensor | None, batch: int
+    cache: RecurrentCache,
+    consumed: torch.Tensor | None,
+    consumed_mask: torch.Tensor | None,
+    batch: int,
+    consumed_vectors: torch.Tensor | None = None,
 ) -> None:
     """Raise unless ``cache`` can have consumed the first ``cache.steps`` tokens of a sequence of ``batch`` rows,
     as ``generate(..., cache=cache)`` assumes before feeding only the rest.
@@ -494,14 +517,20 @@ def check_continuation(
     tokens among them must be as many as the cache's positions count (a ``steps`` counter that disagrees would
     re-feed or skip tokens), their digest must equal the cache's where both are known (a cache of another prompt
     of the same length would silently continue that one), and the state must be finite (a NaN state makes every
-    next token 0). One read from the device, once per ``generate()``.
+    next token 0). ``consumed_vectors``: those tokens as input vectors ``[batch, steps, hidden]`` (the prompt's
+    ``inputs_embeds``), checked against the cache's digest of the vectors it consumed. One read from the
+    device, once per ``generate()``.
     """
     steps = _checked_steps(cache)
-    if cache.token_digest is not None and cache.digest_steps > steps:
-        raise ValueError(
-            f"cache.steps is {steps}, but the cache's token digest covers {cache.digest_steps} tokens it consumed: "
-            "cache.steps must count every token the state consumed"
-        )
+    for digest, covered, what in (
+        (cache.token_digest, cache.digest_steps, "token digest"),
+        (cache.embedding_digest, cache.embedding_digest_steps, "digest of input vectors"),
+    ):
+        if digest is not None and covered > steps:
+            raise ValueError(
+                f"cache.steps is {steps}, but the cache's {what} covers {covered} tokens it consumed: cache.steps "
+                "must count every token the state consumed"
+            )
     positions = cache.positions
     if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.shape[0] != batch:
         return  # the model's cache check names the problem
@@ -515,6 +544,18 @@ def check_continuation(
         covered = cache.digest_steps
         expected = digest_tokens(consumed[:, :covered].to(device), None if real is None else real[:, :covered])
         checks.append((expected == digest.to(device)).all())
+    vector_digest = cache.embedding_digest
+    vectors_compared = (
+        consumed_vectors is not None
+        and isinstance(vector_digest, torch.Tensor)
+        and vector_digest.shape == positions.shape
+    )
+    if vectors_compared:
+        covered = cache.embedding_digest_steps
+        expected = digest_embeddings(
+            consumed_vectors[:, :covered].to(device), None if real is None else real[:, :covered]
+        )
+        checks.append((expected == vector_digest.to(device)).all())
     tensors = [
         (f"layers.{i}.{name}", tensor)
         for i, layer in enumerate(cache.layers)
@@ -536,6 +577,13 @@ def check_continuation(
             "differs): pass the sequence the cache was computed from, or only the new tokens with an attention_mask "
             "over the whole sequence (or, if you know the state fits, set cache.token_digest = None to skip this "
             "check)"
+        )
+    if vectors_compared and not ok[1 + compared]:
+        raise ValueError(
+            f"inputs_embeds does not begin with the {cache.embedding_digest_steps} input vectors this cache consumed "
+            "(their digest differs): pass the embeddings of the sequence the cache was computed from, or only the "
+            "new tokens' with an attention_mask over the whole sequence (or, if you know the state fits, set "
+            "cache.embedding_digest = None to skip this check)"
         )
     for (name, _), finite in zip(tensors, ok[len(ok) - len(tensors) :], strict=True):
         if not finite:
@@ -695,11 +743,16 @@ class RecurrentGenerationMixin:
             if is_first_iteration:
                 steps = cache.get_seq_length()
                 holds_ids = new < length and input_ids is not None and input_ids.shape[1] == length
+                vectors = embeds[:, :steps] if new < length and embeds is not None else None
+                made_from_vectors = cache.token_digest is None and cache.digest_steps == 0  # (not an override)
+                if vectors is None and holds_ids and made_from_vectors and cache.embedding_digest is not None:
+                    vectors = self.get_input_embeddings()(input_ids[:, :steps])  # their embeddings are checked
                 check_continuation(
                     cache,
                     input_ids[:, :steps] if holds_ids else None,
                     None if attention_mask is None else attention_mask[:, :steps],
                     inputs.shape[0],
+                    vectors,
                 )
             inputs = inputs[:, length - new :]
         model_inputs = {

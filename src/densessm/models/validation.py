@@ -19,7 +19,11 @@ def is_number(value: object) -> bool:
 def check_positive_int(config: PreTrainedConfig, name: str) -> None:
     """``config.<name>`` is an integer >= 1 (``True`` is not a size)."""
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"{name} must be a positive integer, got {value!r}: a {type(value).__name__}, not a Python int"
+        )
+    if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 

@@ -437,6 +437,15 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
+        if isinstance(err.__cause__, UnicodeDecodeError):  # FastAPI's "There was an error parsing the body"
+            bad = err.__cause__
+            return _error_response(
+                APIError(
+                    400,
+                    f"the request body is not valid UTF-8 JSON: byte 0x{bad.object[bad.start]:02x} at offset "
+                    f"{bad.start} ({bad.reason}); send JSON encoded as UTF-8",
+                )
+            )
         message = f"no route {request.method} {request.url.path}" if err.status_code == 404 else str(err.detail)
         return _error_response(APIError(err.status_code, message, code="not_found" if err.status_code == 404 else None))
 

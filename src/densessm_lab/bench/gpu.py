@@ -47,6 +47,7 @@ import densessm
 from densessm.errors import UsageError
 from densessm.files import atomic_output_file, atomic_write_text
 from densessm.presets import load_preset
+from densessm_lab.bench.cli import compile_backend
 from densessm_lab.bench.measure import (
     COMPILED_WARMUP_STEPS,
     alternate,
@@ -783,6 +784,17 @@ def _write(results: dict, out: Path) -> None:
     atomic_write_text(_json_path(out), json.dumps(results, indent=2, allow_nan=False) + "\n", overwrite=True)
 
 
+def decode_backend(name: str) -> str:
+    """``none`` (the eager decode step) or a ``torch.compile`` backend this PyTorch has, checked when the flags are
+    read: the script checks it before its first stage, not after minutes of measurements that all fail on it."""
+    if name == "none":
+        return name
+    try:
+        return compile_backend(name)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err}; or none for the eager decode step") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m densessm_lab.bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=STAGES)
@@ -795,8 +807,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--command", default="scripts/gpu_check.sh", help="the command line the report names")
     parser.add_argument(
         "--compile-backend",
+        type=decode_backend,
         help="decode: torch.compile backend of the decode step (default: inductor, or none in the dry run)",
     )
+    parser.add_argument("--check-args", action="store_true", help="check the flags, measure nothing (the script)")
     args = parser.parse_args(argv)
     if args.budget <= 0 or not math.isfinite(args.budget):
         parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
@@ -806,6 +820,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run one stage; 1 if something in it failed (recorded in the results), else 0."""
     args = parse_args(argv)
+    if args.check_args:
+        return 0
     plan = DRY_RUN if args.dry_run else GPU
     if args.compile_backend:
         plan = dataclasses.replace(

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
 
 from densessm.data import build_blocks, find_data_files
@@ -245,18 +246,23 @@ def grid_configs(scale: Scale, tokenizer: PreTrainedTokenizerBase) -> dict[str, 
         dense_name, plain_name = model_names(member.family)
         preset = load_preset(f"{dense_name}_tiny")
         known = set(preset.to_dict())
+        where = f"grid shape {member.family.name}_{scale.name}.json"
         unknown = sorted((set(member.dense) | set(member.widen)) - known)
         if unknown:  # a misspelt field would be stored in the config and change nothing
-            raise ValueError(
-                f"grid shape {member.family.name}_{scale.name}.json names fields {type(preset).__name__} does not "
-                f"have: {', '.join(unknown)}"
-            )
+            raise ValueError(f"{where} names fields {type(preset).__name__} does not have: {', '.join(unknown)}")
         given = dict(common)
         if hasattr(preset, "max_position_embeddings"):  # a family with a position limit: room for a block
             given["max_position_embeddings"] = max(512, scale.block_size)
         # from the preset's explicit fields: widths derived from hidden_size are derived again at the grid's
-        dense = type(preset)(**(explicit_fields(preset) | given | member.dense))
-        dense.validate()
+        try:
+            dense = type(preset)(**(explicit_fields(preset) | given | member.dense))
+            dense.validate()
+        except StrictDataclassError as err:  # "Class validation error for validator ...:\n ValueError: why"
+            why = err.__cause__ or err
+            raise ValueError(
+                f"{where} (the {member.family.name} model at scale {scale.name}) is no valid "
+                f"{type(preset).__name__}: {why}"
+            ) from None
         configs[dense_name] = dense
         configs[plain_name], _, _ = matched_baseline(dense, member.widen)
     return configs

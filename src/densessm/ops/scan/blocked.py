@@ -23,6 +23,7 @@ should be wide. See :func:`block_length`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +57,18 @@ def _blocked(x: torch.Tensor, blocks: int, steps: int) -> torch.Tensor:
     return x.reshape(x.shape[0], blocks, steps, *x.shape[2:])
 
 
+def _out(op: Callable[..., torch.Tensor], *args: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``op(*args, out=out)``: eagerly into ``out`` (no allocation per step); in a traced program (torch.export,
+    torch.compile) the plain op copied into ``out``, since an ``out=`` op in a graph refuses autograd when the
+    program runs with gradients on."""
+    if torch.compiler.is_compiling():
+        return out.copy_(op(*args))
+    return op(*args, out=out)
+
+
 def _decay(delta_t: torch.Tensor, A: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``exp(Δ_t ⊗ A)`` for one step of every block, into ``out [b, K, D, N]``."""
-    return torch.mul(delta_t[..., None], A, out=out).exp_()
+    return _out(torch.mul, delta_t[..., None], A, out=out).exp_()
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -79,17 +89,17 @@ class _ChunkedScan(torch.autograd.Function):
         if state is not None:
             starts[:, 0] = state
         for k in range(1, blocks):
-            torch.addcmul(end[:, k - 1], block_decay[:, k - 1], starts[:, k - 1], out=starts[:, k])
+            _out(torch.addcmul, end[:, k - 1], block_decay[:, k - 1], starts[:, k - 1], out=starts[:, k])
 
         store = readers > 0 or any(ctx.needs_input_grad)  # else keep two steps and read out as we go
         states = u.new_empty(batch, blocks, steps if store else 2, channels, size)
         y = None if store else u.new_empty(batch, blocks, steps, channels)
         prev = starts
         for t in range(steps):
-            cur = torch.mul(_decay(dl[:, :, t], A, decay), prev, out=states[:, :, t if store else t % 2])
+            cur = _out(torch.mul, _decay(dl[:, :, t], A, decay), prev, out=states[:, :, t if store else t % 2])
             prev = cur.addcmul_(du[:, :, t, :, None], Bb[:, :, t, None, :])
             if not store:
-                torch.matmul(prev, Cb[:, :, t, :, None], out=y[:, :, t, :, None])
+                y[:, :, t] = torch.matmul(prev, Cb[:, :, t, :, None])[..., 0]  # no out=: the same bits when traced
         final = prev[:, -1].clone()  # padding steps are the identity, so the last state is the final one
         if not store:
             return y.view(batch, blocks * steps, channels)[:, :length], final
