@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from densessm import DenseRetNetConfig, DenseRetNetForCausalLM
+from densessm.files import atomic_output_file, atomic_write_text
+from densessm_lab.bench.results import refuse_existing
 
 MODEL = dict(
     vocab_size=4096,
@@ -96,9 +98,8 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": command, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "model": MODEL}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "results": results}, indent=2) + "\n", True)
 
     lines = [
         "| task | length | parallel tok/s | chunkwise tok/s | chunkwise / parallel | parallel peak MiB "
@@ -121,7 +122,7 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
             speed = f"{cell(par, 'tokens_per_s', '{:,.0f}')} | {cell(chk, 'tokens_per_s', '{:,.0f}')}"
             memory = f"{cell(par, 'peak_mib', '{:,.0f}')} | {cell(chk, 'peak_mib', '{:,.0f}')}"
             lines.append(f"| {task} | {length:,} | {speed} | {ratio} | {memory} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n", overwrite=True)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for task, style in (("train", "-"), ("prefill", "--")):
@@ -145,7 +146,8 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("DenseRetNet retention: parallel vs chunkwise (CPU)")
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    with atomic_output_file(out.with_suffix(".png"), overwrite=True) as png:
+        fig.savefig(png, dpi=120, format="png")
 
 
 def main() -> None:
@@ -163,7 +165,9 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=32768, help="extra chunkwise-only prefill length")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/chunkwise"))
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT.json/.md/.png if they exist")
     args = parser.parse_args()
+    refuse_existing(args.out, args.overwrite)
 
     results = []
     for task in args.tasks:

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from densessm import DenseRetNetForCausalLM
-from densessm.ops.retention import AUTO_PARALLEL_MAX_LENGTH, select_mode
+from densessm.ops.retention import auto_parallel_max_length, default_chunk_size, retention
+from densessm.presets import load_preset
 
 
 @settings(max_examples=15, deadline=None)
@@ -90,13 +91,51 @@ def test_chunkwise_prefill_generation_equals_token_by_token():
 
 
 def test_auto_mode_selection():
-    assert select_mode("auto", 1, stateful=True) == "recurrent"
-    assert select_mode("auto", 2, stateful=True) == "chunkwise"
-    assert select_mode("auto", AUTO_PARALLEL_MAX_LENGTH, stateful=False) == "parallel"
-    assert select_mode("auto", AUTO_PARALLEL_MAX_LENGTH + 1, stateful=False) == "chunkwise"
-    assert select_mode("recurrent", 100, stateful=False) == "recurrent"
+    model = DenseRetNetForCausalLM(tiny_config()).model
+    limit = model.auto_parallel_max_length
+    assert model.resolve_mode("auto", 1, carried=True, stateful=True) == "recurrent"
+    assert model.resolve_mode("auto", 2, carried=True, stateful=True) == "chunkwise"
+    assert model.resolve_mode("auto", limit, carried=False, stateful=False) == "parallel"
+    assert model.resolve_mode("auto", limit + 1, carried=False, stateful=False) == "chunkwise"
+    assert model.resolve_mode("recurrent", 100, carried=False, stateful=False) == "recurrent"
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
-        select_mode("fast", 3, stateful=False)
+        model.resolve_mode("fast", 3, carried=False, stateful=False)
+
+
+@pytest.mark.parametrize(
+    ("preset", "chunk", "parallel_up_to"),
+    [("dense_retnet_tiny", 32, 70), ("dense_retnet_350m", 128, 1049), ("dense_retnet_1p3b", 128, 896)],
+)
+def test_chunk_size_and_auto_crossover_follow_the_head_sizes(preset, chunk, parallel_up_to):
+    """The measured rules (docs/benchmarks/chunkwise.md): the chunk from ``sqrt(80·Dk·Dv/(Dk+Dv))``, the parallel
+    form up to ``C + 3·Dk·Dv/(Dk+Dv)`` tokens; an explicit chunk_size moves the crossover with it."""
+    config = load_preset(preset)
+    heads = config.num_attention_heads
+    key_dim, value_dim = config.query_key_dim // heads, config.value_dim // heads
+    assert config.chunk_size is None and default_chunk_size(key_dim, value_dim) == chunk
+    assert auto_parallel_max_length(chunk, key_dim, value_dim) == parallel_up_to
+    if preset == "dense_retnet_tiny":
+        assert DenseRetNetForCausalLM(config).model.auto_parallel_max_length == parallel_up_to
+        config.chunk_size = 64
+        assert DenseRetNetForCausalLM(config).model.auto_parallel_max_length == parallel_up_to - chunk + 64
+    assert default_chunk_size(64, 256) == 64 and default_chunk_size(1, 1) == 16
+    assert default_chunk_size(10**5, 10**5) == 1024
+
+
+def test_an_unset_chunk_size_is_the_rule_and_exact(monkeypatch):
+    import densessm.ops.retention as ops
+
+    sizes = []
+    original = ops.chunkwise_retention
+    monkeypatch.setattr(ops, "chunkwise_retention", lambda *a, **k: sizes.append(a[4]) or original(*a, **k))
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 1, 2, 20, 8).unbind(0)
+    v = torch.randn(1, 2, 20, 32)
+    log_decay = torch.log(torch.tensor([0.9, 0.5]))
+    ruled, _ = retention(q, k, v, log_decay, "chunkwise")
+    explicit, _ = retention(q, k, v, log_decay, "chunkwise", chunk_size=3)
+    assert sizes == [default_chunk_size(8, 32), 3]
+    torch.testing.assert_close(ruled, explicit, atol=1e-5, rtol=1e-5)
 
 
 def test_auto_is_the_default_and_dispatches(monkeypatch):

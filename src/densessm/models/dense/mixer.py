@@ -40,7 +40,7 @@ class MixerCall:
     mask: torch.Tensor | None  # [B, L] bool of real tokens; None when every token is real
     position_ids: torch.Tensor  # [B, L] position of each token among its row's real tokens
     mode: str  # one of the family's mixer modes
-    chunk_size: int  # chunk length of a chunkwise mixer
+    chunk_size: int | None  # chunk length of a chunkwise mixer (None: the mixer chooses it)
     output_state: bool  # the state is kept (a cache): return it
     shared: Any = None  # the family's per-call tensors (e.g. rotation tables), see DenseSSMModel.call_constants
 

@@ -290,11 +290,11 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
         time (parallel inside), each chunk starting from the states the previous one left. Exact, and the
         activations of one chunk are all that is held at a time."""
         pieces, piece_inputs = [], []
-        for start in range(0, hidden.shape[1], chunk_size):
+        # split, not a slice per chunk: the backward of each slice would fill a zero tensor the size of the
+        # whole input, a cost quadratic in the number of chunks
+        for start, chunk in zip(range(0, hidden.shape[1], chunk_size), hidden.split(chunk_size, 1), strict=True):
             piece = step.piece(start, start + chunk_size)
-            out, states, inputs = self._layers(
-                hidden[:, start : start + chunk_size], piece, "parallel", chunk_size, states, output_hidden_states, True
-            )
+            out, states, inputs = self._layers(chunk, piece, "parallel", chunk_size, states, output_hidden_states, True)
             pieces.append(out)
             piece_inputs.append(inputs)
         inputs = None

@@ -37,7 +37,8 @@ class DenseRetNetConfig(PreTrainedConfig):
         forward_mode: Default compute mode of a forward call: ``auto`` (parallel for short sequences without a
             state, chunkwise for long ones or when a state is kept, recurrent for single tokens), ``parallel``,
             ``chunkwise`` or ``recurrent``.
-        chunk_size: Tokens per chunk in chunkwise mode.
+        chunk_size: Tokens per chunk in chunkwise mode; None (the default) chooses it from the heads' sizes
+            (:func:`densessm.ops.retention.default_chunk_size`: 128 for the 350M and 1.3B shapes).
     """
 
     model_type = "dense_retnet"
@@ -69,7 +70,7 @@ class DenseRetNetConfig(PreTrainedConfig):
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     forward_mode: str = "auto"
-    chunk_size: int = 64
+    chunk_size: int | None = None
     use_cache: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
@@ -91,10 +92,11 @@ class DenseRetNetConfig(PreTrainedConfig):
             "k_gate_reduction",
             "v_gate_reduction",
             "max_position_embeddings",
-            "chunk_size",
         )
         for name in positive:
             check_positive_int(self, name)
+        if self.chunk_size is not None:
+            check_positive_int(self, "chunk_size")
         if not is_number(self.v_factor) or not 0 < self.v_factor < math.inf:
             raise ValueError(f"v_factor must be a positive number, got {self.v_factor!r}")
         if self.hidden_size * self.v_factor != self.value_dim:

@@ -23,8 +23,9 @@ from densessm.models.norm import RMSNorm
 from densessm.models.recurrent import StepInputs
 from densessm.models.retnet.configuration_dense_retnet import DenseRetNetConfig
 from densessm.ops.retention import (
-    AUTO_PARALLEL_MAX_LENGTH,
     RETENTION_MODES,
+    auto_parallel_max_length,
+    default_chunk_size,
     head_log_decays,
     retention,
     rotate,
@@ -129,11 +130,17 @@ class DenseRetNetModel(DenseSSMModel, DenseRetNetPreTrainedModel):
     )
     mixer_class = DenseRetNetRetention
     mixer_modes = RETENTION_MODES
-    auto_parallel_max_length = AUTO_PARALLEL_MAX_LENGTH
 
     def __init__(self, config: DenseRetNetConfig):
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         super().__init__(config)
+
+    @property
+    def auto_parallel_max_length(self) -> int:  # from the heads' sizes: see ops.retention
+        heads = self.config.num_attention_heads
+        key_dim, value_dim = self.config.query_key_dim // heads, self.config.value_dim // heads
+        chunk = self.config.chunk_size or default_chunk_size(key_dim, value_dim)
+        return auto_parallel_max_length(chunk, key_dim, value_dim)
 
     def build_embeddings(self, config: DenseRetNetConfig) -> nn.Embedding:
         return nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)

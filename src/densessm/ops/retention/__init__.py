@@ -14,6 +14,8 @@ Which implementation runs is chosen by :mod:`densessm.ops.dispatch`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from densessm.modes import check_mode
@@ -27,24 +29,40 @@ from densessm.ops.retention.step import recurrent_step_
 RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
 MODEL_MODES = ("auto", *RETENTION_MODES)
 
-# "auto" picks the parallel form up to this length when no state is kept, chunkwise beyond it: where chunkwise
-# gains nothing, parallel keeps the reference's exact training function (docs/benchmarks/chunkwise.md).
-AUTO_PARALLEL_MAX_LENGTH = 256
+TRITON_CHUNK_SIZE = 64  # the Triton kernels' tile along the sequence, when no chunk size is asked for
+
+
+def state_ratio(key_dim: int, value_dim: int) -> float:
+    """``Dk·Dv / (Dk + Dv)`` of a head: what its state costs per token (read-out and update, ``Dk·Dv``)
+    against what one more token of a chunk costs (``Dk + Dv``). The two rules below are written in it."""
+    return key_dim * value_dim / (key_dim + value_dim)
+
+
+def default_chunk_size(key_dim: int, value_dim: int) -> int:
+    """The chunk length of chunkwise retention for heads of ``key_dim × value_dim``: the power of two nearest
+    ``sqrt(80 · Dk·Dv / (Dk + Dv))``, within [16, 1024].
+
+    A longer chunk does more work inside it (``C·(Dk + Dv)`` per token); a shorter one hands the state on more
+    often (``Dk·Dv / C`` per token, through memory). Their sum is least near ``sqrt(c · ratio)``; ``c = 80`` fits
+    the fastest chunk measured on the CPU, forward and backward: 64 for heads of 64 × 256, 128 for the 1.3B's
+    320 × 1,280 and the 350M's 384 × 1,536 (docs/benchmarks/chunkwise.md).
+    """
+    best = math.sqrt(80 * state_ratio(key_dim, value_dim))
+    return int(min(1024, max(16, 2 ** round(math.log2(best)))))
+
+
+def auto_parallel_max_length(chunk_size: int, key_dim: int, value_dim: int) -> int:
+    """The longest input ``auto`` runs in the parallel form when no state is kept (chunkwise beyond it):
+    ``C + 3 · Dk·Dv / (Dk + Dv)``. Parallel costs ``L·(Dk + Dv)`` per token, chunkwise about
+    ``C·(Dk + Dv) + 3·Dk·Dv``; the crossover measured on the CPU (forward and backward) lies there: ~200 tokens
+    for heads of 64 × 256, ~1,000 for the 350M's (docs/benchmarks/chunkwise.md). Below it the parallel form
+    also keeps the reference's exact training function (its row normalisation)."""
+    return int(chunk_size + 3 * state_ratio(key_dim, value_dim))
+
 
 RetentionState = tuple[torch.Tensor, torch.Tensor]
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the Triton kernels accumulate in fp32
-
-
-def select_mode(mode: str, length: int, stateful: bool) -> str:
-    """Resolve ``auto``: with a state to carry, chunkwise (recurrent for one token); without one, parallel for
-    short sequences and chunkwise for long ones. Other modes pass through."""
-    check_mode(mode, MODEL_MODES)
-    if mode != "auto":
-        return mode
-    if stateful:
-        return "recurrent" if length == 1 else "chunkwise"
-    return "parallel" if length <= AUTO_PARALLEL_MAX_LENGTH else "chunkwise"
 
 
 def retention(
@@ -56,13 +74,14 @@ def retention(
     mask: torch.Tensor | None = None,
     state: RetentionState | None = None,
     output_state: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, RetentionState | None]:
     """Multi-scale retention of ``q, k [B, H, L, Dk]`` and ``v [B, H, L, Dv]``.
 
     ``state`` continues from an earlier call (chunkwise or recurrent: the parallel form's row
-    normalisation has no meaning across a carried state). ``inplace`` lets recurrent mode overwrite the
+    normalisation has no meaning across a carried state). ``chunk_size`` (chunkwise; None: the Triton kernels'
+    tile, or on the PyTorch path :func:`default_chunk_size` of the heads). ``inplace`` lets recurrent mode overwrite the
     given state (decoding, when the caller owns it and needs no gradient). Returns ``(out [B, H, L, Dv],
     final state or None)``.
     """
@@ -85,9 +104,11 @@ def retention(
         if path == "fla":
             out, final = fla_chunk_retention(q, k, v, log_decay, mask=mask, state=state)
         elif path == "triton":
-            out, final = load_kernels("retention").triton_chunk_retention(q, k, v, log_decay, chunk_size, mask, state)
+            chunk = TRITON_CHUNK_SIZE if chunk_size is None else chunk_size
+            out, final = load_kernels("retention").triton_chunk_retention(q, k, v, log_decay, chunk, mask, state)
         else:
-            out, final = chunkwise_retention(q, k, v, log_decay, chunk_size, mask=mask, state=state)
+            chunk = default_chunk_size(q.shape[-1], v.shape[-1]) if chunk_size is None else chunk_size
+            out, final = chunkwise_retention(q, k, v, log_decay, chunk, mask=mask, state=state)
     else:
         step = None
         if inplace:
@@ -100,11 +121,13 @@ def retention(
 
 
 __all__ = [
-    "AUTO_PARALLEL_MAX_LENGTH",
+    "TRITON_CHUNK_SIZE",
+    "auto_parallel_max_length",
     "MODEL_MODES",
     "RETENTION_MODES",
     "RetentionState",
     "chunkwise_retention",
+    "default_chunk_size",
     "empty_state",
     "recurrent_step_",
     "head_log_decays",
@@ -112,5 +135,5 @@ __all__ = [
     "rotate",
     "rotation_angles",
     "rotation_tables",
-    "select_mode",
+    "state_ratio",
 ]

@@ -32,6 +32,8 @@ def chunkwise_retention(
     ``state`` is the recurrent state ``(S [B, H, Dk, Dv] normalised, scale [B, H])`` to continue from.
     Returns ``(out [B, H, L, Dv], final state)``.
     """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | torch.SymInt):
+        raise ValueError(f"chunk_size must be a Python int, got {chunk_size!r}, a {type(chunk_size).__name__}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     batch, heads, length, key_dim = q.shape
@@ -77,12 +79,14 @@ def chunkwise_retention(
         memory = state[0] * state[1].sqrt()[..., None, None].to(state[0].dtype)
         scale = state[1].to(stat)
     entering, entering_scale = [], []
-    for n in range(chunks):
+    # one unbind, not an index per chunk: the backward of each index would fill a zero tensor the size of all
+    # the chunks' states, a cost quadratic in the number of chunks
+    steps = zip(chunk_decay.unbind(2), chunk_kv.unbind(2), chunk_scale.unbind(2), strict=True)
+    for decay, kv, added in steps:
         entering.append(memory)
         entering_scale.append(scale)
-        decay = chunk_decay[:, :, n]
-        memory = memory * decay[..., None, None].to(memory.dtype) + chunk_kv[:, :, n]
-        scale = scale * decay + chunk_scale[:, :, n]
+        memory = memory * decay[..., None, None].to(memory.dtype) + kv
+        scale = scale * decay + added
     entering = torch.stack(entering, dim=2)  # [B, H, N, Dk, Dv]
     entering_scale = torch.stack(entering_scale, dim=2)  # [B, H, N]
 

@@ -78,9 +78,11 @@ def ssd_blocked(
     into = a.cumsum(-1)  # [b, K, G, r, Q]: log-decay from a chunk's start to each of its steps (inclusive)
     h = x.new_zeros(batch, groups, r, width, size) if state is None else state.reshape(batch, groups, r, width, size)
     starts = []
-    for k in range(chunks):
+    # one unbind, not an index per chunk: the backward of each index would fill a zero tensor the size of all
+    # the chunks' states, a cost quadratic in the number of chunks
+    for end, decay in zip(ends.unbind(1), into[..., -1, None, None].exp().unbind(1), strict=True):
         starts.append(h)
-        h = torch.addcmul(ends[:, k], into[:, k, ..., -1, None, None].exp(), h)
+        h = torch.addcmul(end, decay, h)
     # 4. from each chunk's start state
     carried = torch.einsum("bktgn,bkgrpn->bktgrp", Cc, torch.stack(starts, 1))
     y = torch.addcmul(y, carried, into.exp().movedim(-1, 2)[..., None])
