@@ -104,7 +104,7 @@ def test_auto_mode_selection():
 
 @pytest.mark.parametrize(
     ("preset", "chunk", "parallel_up_to"),
-    [("dense_retnet_tiny", 32, 70), ("dense_retnet_350m", 128, 1049), ("dense_retnet_1p3b", 128, 896)],
+    [("dense_retnet_tiny", 64, 102), ("dense_retnet_350m", 128, 1049), ("dense_retnet_1p3b", 128, 896)],
 )
 def test_chunk_size_and_auto_crossover_follow_the_head_sizes(preset, chunk, parallel_up_to):
     """The measured rules (docs/benchmarks/chunkwise.md): the chunk from ``sqrt(80·Dk·Dv/(Dk+Dv))``, the parallel
@@ -116,10 +116,13 @@ def test_chunk_size_and_auto_crossover_follow_the_head_sizes(preset, chunk, para
     assert auto_parallel_max_length(chunk, key_dim, value_dim) == parallel_up_to
     if preset == "dense_retnet_tiny":
         assert DenseRetNetForCausalLM(config).model.auto_parallel_max_length == parallel_up_to
-        config.chunk_size = 64
-        assert DenseRetNetForCausalLM(config).model.auto_parallel_max_length == parallel_up_to - chunk + 64
-    assert default_chunk_size(64, 256) == 64 and default_chunk_size(1, 1) == 16
+        config.chunk_size = 16
+        assert DenseRetNetForCausalLM(config).model.auto_parallel_max_length == parallel_up_to - chunk + 16
+    assert default_chunk_size(64, 256) == 64 and default_chunk_size(1, 1) == 64
     assert default_chunk_size(10**5, 10**5) == 1024
+    # a forward alone keeps no chunk states for a backward: longer chunks
+    assert default_chunk_size(384, 1536, backward=False) == default_chunk_size(320, 1280, backward=False) == 256
+    assert default_chunk_size(64, 256, backward=False) == 64
 
 
 def test_an_unset_chunk_size_is_the_rule_and_exact(monkeypatch):
@@ -129,12 +132,17 @@ def test_an_unset_chunk_size_is_the_rule_and_exact(monkeypatch):
     original = ops.chunkwise_retention
     monkeypatch.setattr(ops, "chunkwise_retention", lambda *a, **k: sizes.append(a[4]) or original(*a, **k))
     torch.manual_seed(0)
-    q, k = torch.randn(2, 1, 2, 20, 8).unbind(0)
-    v = torch.randn(1, 2, 20, 32)
+    q, k = torch.randn(2, 1, 2, 20, 64).unbind(0)
+    v = torch.randn(1, 2, 20, 512)
     log_decay = torch.log(torch.tensor([0.9, 0.5]))
     ruled, _ = retention(q, k, v, log_decay, "chunkwise")
     explicit, _ = retention(q, k, v, log_decay, "chunkwise", chunk_size=3)
-    assert sizes == [default_chunk_size(8, 32), 3]
+    with torch.no_grad():
+        retention(q, k, v, log_decay, "chunkwise")
+    q.requires_grad_()
+    retention(q, k, v, log_decay, "chunkwise")
+    forward_only, differentiated = default_chunk_size(64, 512, backward=False), default_chunk_size(64, 512)
+    assert sizes == [forward_only, 3, forward_only, differentiated] and (forward_only, differentiated) == (128, 64)
     torch.testing.assert_close(ruled, explicit, atol=1e-5, rtol=1e-5)
 
 
