@@ -644,6 +644,25 @@ def test_atomic_write_refuses_and_replaces_only_when_asked(tmp_path):
     assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_modes_a_plain_write_would(tmp_path, umask):
+    """The temporary siblings are private (tempfile's 0600/0700); what is moved into place must not stay so: a
+    model directory written for a team would otherwise be unreadable to it."""
+    from densessm.files import atomic_output_dir, atomic_output_file, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "a")
+        with atomic_output_file(tmp_path / "b.png") as tmp:
+            tmp.write_bytes(b"b")
+        with atomic_output_dir(tmp_path / "model") as staging:
+            (staging / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("a.txt", "b.png", "model")}
+    assert modes == {"a.txt": 0o666 & ~umask, "b.png": 0o666 & ~umask, "model": 0o777 & ~umask}
+
+
 def test_atomic_output_dir_leaves_the_old_content_when_the_writer_fails(tmp_path):
     from densessm.files import atomic_output_dir
 

@@ -110,10 +110,24 @@ def _temp_sibling(path: Path, kind: str) -> Path:
     _clear_leftovers(path)
     prefix = f"{_temp_prefix(path)}{os.getpid()}-"
     if kind == "dir":
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
-    fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
-    os.close(fd)
-    return Path(name)
+        made = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+        os.close(fd)
+        made = Path(name)
+    # tempfile makes them private (0700, 0600); what is moved into place gets the modes a plain write would
+    os.chmod(made, (0o777 if kind == "dir" else 0o666) & ~_umask())
+    return made
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only be read by setting it, which
+    would race with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def _fsync_dir(path: Path) -> None:
@@ -163,7 +177,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = F
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
         _place_file(tmp, path, overwrite)
     finally:
         tmp.unlink(missing_ok=True)
@@ -207,7 +220,6 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, what: st
     tmp = _temp_sibling(path, "dir")
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
         if overwrite and (path.exists() or path.is_symlink()):
             old = _temp_sibling(path, "dir")
             os.rmdir(old)
