@@ -166,3 +166,35 @@ def test_bad_chunk_size():
     model = DenseRetNetForCausalLM(tiny_config()).eval()
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         model(torch.randint(0, 97, (1, 4)), mode="chunkwise", chunk_size=0)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_long_input_runs_the_stack_in_pieces_exactly(monkeypatch, padded):
+    """Beyond ``stack_piece_tokens`` the whole stack runs piece by piece (each piece's passes stay in the cache):
+    the same function as one piece, logits, kept state and gradients, with and without padding."""
+    torch.manual_seed(0)
+    model = DenseRetNetForCausalLM(tiny_config(dense_block_layers=2)).double()
+    assert model.model.stack_piece_tokens == 2048  # a training block
+    tokens = torch.randint(3, 97, (2, 23))
+    mask = torch.ones_like(tokens)
+    if padded:
+        mask[0, :4] = 0
+    runs = []
+    original = type(model.model)._chunk_by_chunk
+    for piece in (None, 5):
+        monkeypatch.setattr(type(model.model), "stack_piece_tokens", piece)
+        calls = []
+        monkeypatch.setattr(
+            type(model.model), "_chunk_by_chunk", lambda self, *a: calls.append(a[2]) or original(self, *a)
+        )
+        model.zero_grad()
+        out = model(tokens, attention_mask=mask, labels=tokens, mode="chunkwise", chunk_size=3, use_cache=True)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        runs.append((out.logits.detach(), out.cache.layers[-1]["state"].detach(), grads, calls))
+    (logits, state, grads, calls), (piece_logits, piece_state, piece_grads, piece_calls) = runs
+    assert calls == [] and piece_calls == [5]
+    torch.testing.assert_close(piece_logits, logits, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(piece_state, state, atol=1e-10, rtol=1e-10)
+    for a, b in zip(piece_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)

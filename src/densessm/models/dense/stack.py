@@ -120,6 +120,9 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
     auto_parallel_max_length: ClassVar[float] = math.inf
     # auto, continuing a kept state over more than one token (one token: recurrent)
     auto_carried_mode: ClassVar[str] = "chunkwise"
+    # chunkwise by a mixer's own form: inputs longer than this run the whole stack this many tokens at a time
+    # (see _chunk_by_chunk); None: in one piece
+    stack_piece_tokens: ClassVar[int | None] = None
 
     def __init__(self, config):
         config.validate()  # again: from_pretrained applies its keyword overrides after the config was validated
@@ -226,8 +229,13 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
             hidden, states, inputs = self._token_scan(hidden, step, states, output_hidden_states)
         else:
             mode = self.resolve_mode(mode, length, step.carried, cache is not None)
+            piece = self.stack_piece_tokens
             if mode == "chunkwise" and "chunkwise" not in self.mixer_modes:
                 hidden, states, inputs = self._chunk_by_chunk(hidden, step, chunk_size, states, output_hidden_states)
+            elif mode == "chunkwise" and piece is not None and length > piece:
+                hidden, states, inputs = self._chunk_by_chunk(
+                    hidden, step, piece, states, output_hidden_states, "chunkwise", chunk_size
+                )
             else:
                 hidden, states, inputs = self._layers(hidden, step, mode, chunk_size, states, output_hidden_states)
         hidden = self._modules[self.module_names.final_norm](hidden)
@@ -285,16 +293,22 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
         chunk_size: int,
         states: list[LayerState | None],
         output_hidden_states: bool,
+        inner_mode: str = "parallel",
+        inner_chunk_size: int | None = None,
     ) -> tuple[torch.Tensor, list[LayerState | None], list[torch.Tensor] | None]:
-        """Chunkwise for a mixer without a chunkwise form: the whole stack over ``chunk_size`` tokens at a
-        time (parallel inside), each chunk starting from the states the previous one left. Exact, and the
-        activations of one chunk are all that is held at a time."""
+        """The whole stack over ``chunk_size`` tokens at a time, each chunk starting from the states the previous
+        one left: exact. For a mixer without a chunkwise form this is its chunkwise mode (parallel inside: the
+        activations of one chunk are all that is held at a time). A mixer with one runs long inputs so too
+        (``inner_mode`` chunkwise, ``inner_chunk_size`` its chunk): every elementwise pass of a layer then
+        works on a piece that stays in the cache instead of streaming the whole sequence through memory, so
+        tokens/s holds as the input grows (docs/benchmarks/chunkwise_long.md)."""
         pieces, piece_inputs = [], []
         # split, not a slice per chunk: the backward of each slice would fill a zero tensor the size of the
         # whole input, a cost quadratic in the number of chunks
         for start, chunk in zip(range(0, hidden.shape[1], chunk_size), hidden.split(chunk_size, 1), strict=True):
             piece = step.piece(start, start + chunk_size)
-            out, states, inputs = self._layers(chunk, piece, "parallel", chunk_size, states, output_hidden_states, True)
+            inner = chunk_size if inner_chunk_size is None else inner_chunk_size
+            out, states, inputs = self._layers(chunk, piece, inner_mode, inner, states, output_hidden_states, True)
             pieces.append(out)
             piece_inputs.append(inputs)
         inputs = None

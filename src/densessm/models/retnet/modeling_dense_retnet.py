@@ -135,6 +135,8 @@ class DenseRetNetModel(DenseSSMModel, DenseRetNetPreTrainedModel):
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         super().__init__(config)
 
+    stack_piece_tokens = 2048  # a training block: longer inputs run the stack in pieces (measured, see the stack)
+
     @property
     def auto_parallel_max_length(self) -> int:  # from the heads' sizes: see ops.retention
         heads = self.config.num_attention_heads
