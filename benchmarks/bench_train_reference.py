@@ -34,6 +34,7 @@ from transformers.models.llama.configuration_llama import LlamaConfig
 
 from densessm import DenseRetNetForCausalLM
 from densessm.convert import map_reference_state, reference_config
+from densessm.files import atomic_write_text
 from densessm.ops.retention import auto_parallel_max_length, default_chunk_size
 from densessm_lab.bench.results import refuse_existing, write_results
 
@@ -142,8 +143,34 @@ def render(results: dict, png: str) -> str:
             f"{statistics.median(ours):.2f} | {ref_tps} | {r['tokens_per_s']['densessm (auto)']:,.0f} | {ratios} | "
             f"{speedup} |"
         )
-    lines += ["", f"![tokens per second]({png})", ""]
+    if results.get("notes"):
+        lines += ["", "## Notes", "", *(f"- {note}" for note in results["notes"])]
+    lines += ["", "## Against the targets", "", *targets(results["records"]), "", f"![tokens per second]({png})", ""]
     return "\n".join(lines)
+
+
+def targets(records: list[dict]) -> list[str]:
+    """The training targets: at 2,048 tokens (full depth) >= 1.2x the reference's step, at 8,192 >= 3x, and
+    tokens/s at 16k and 32k within 25% of the 2k figure at the same depth."""
+    lines = []
+    for length, goal in ((2048, 1.2), (8192, 3.0)):
+        for r in (r for r in records if r["length"] == length and "speedup" in r):
+            met = "met" if r["speedup"] >= goal else "not met"
+            lines.append(
+                f"- {length:,} tokens, {r['layers']} layers: {r['speedup']:.2f}× the reference (>= {goal}×: {met})"
+            )
+    for r in records:
+        if r["length"] <= 2048:
+            continue
+        base = [b for b in records if b["length"] == 2048 and b["layers"] == r["layers"]]
+        if r["length"] >= 16384 and base:
+            share = r["tokens_per_s"]["densessm (auto)"] / base[0]["tokens_per_s"]["densessm (auto)"]
+            met = "met" if share >= 0.75 else "not met"
+            lines.append(
+                f"- {r['length']:,} tokens, {r['layers']} layers: {share:.0%} of the 2,048-token tokens/s "
+                f"(>= 75%: {met})"
+            )
+    return lines or ["- no case measured a target"]
 
 
 def plot(results: dict):
@@ -169,15 +196,22 @@ def plot(results: dict):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference", type=Path, required=True, help="folder of modeling_dense_gau_retnet.py")
+    parser.add_argument("--reference", type=Path, help="folder of modeling_dense_gau_retnet.py (required to measure)")
     parser.add_argument("--cases", type=parse_case, nargs="+", default=[parse_case("2048"), parse_case("8192:4")])
     parser.add_argument("--ours-only-from", type=int, default=None, help="run only ours from this length on")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/train_reference"))
     parser.add_argument("--overwrite", action="store_true", help="replace OUT.json/.md/.png if they exist")
+    parser.add_argument("--render", action="store_true", help="only write OUT.md and OUT.png again from OUT.json")
     args = parser.parse_args()
+    if args.render:  # e.g. after adding notes to OUT.json
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        write_results(args.out, results, render(results, args.out.with_suffix(".png").name), plot(results), True)
+        return
     refuse_existing(args.out, args.overwrite)
+    if args.reference is None:
+        parser.error("--reference is required to measure (see the description)")
     module = load_reference(args.reference)
     raw = json.loads((args.reference / "config.json").read_text())
     if args.threads:
@@ -191,8 +225,11 @@ def main() -> None:
     for length, layers in tqdm(args.cases, desc="cases"):
         skip = args.ours_only_from is not None and length >= args.ours_only_from
         results["records"].append(measure(module, raw, length, layers, args.rounds, skip))
+        # what is measured so far, in case a later case is killed (the reference's L x L activations grow fast)
+        atomic_write_text(args.out.with_suffix(".partial.json"), json.dumps(results, indent=2) + "\n", True)
     markdown = render(results, args.out.with_suffix(".png").name)
     write_results(args.out, results, markdown, plot(results), args.overwrite)
+    args.out.with_suffix(".partial.json").unlink()
     print(markdown)
 
 
