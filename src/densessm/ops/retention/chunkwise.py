@@ -78,19 +78,19 @@ def chunkwise_retention(
     else:
         memory = state[0] * state[1].sqrt()[..., None, None].to(state[0].dtype)
         scale = state[1].to(stat)
-    entering, entering_scale = [], []
+    read_outs, entering_scale = [], []
     # one unbind, not an index per chunk: the backward of each index would fill a zero tensor the size of all
-    # the chunks' states, a cost quadratic in the number of chunks
-    steps = zip(chunk_decay.unbind(2), chunk_kv.unbind(2), chunk_scale.unbind(2), strict=True)
-    for decay, kv, added in steps:
-        entering.append(memory)
+    # the chunks' states, a cost quadratic in the number of chunks. Each chunk's queries read the state entering
+    # it inside the loop, so the states are never stacked into one tensor (a copy of N states, and its backward)
+    steps = zip(q.unbind(2), chunk_decay.unbind(2), chunk_kv.unbind(2), chunk_scale.unbind(2), strict=True)
+    for q_chunk, decay, kv, added in steps:
+        read_outs.append(q_chunk @ memory)  # [B, H, C, Dv]
         entering_scale.append(scale)
-        memory = memory * decay[..., None, None].to(memory.dtype) + kv
+        memory = torch.addcmul(kv, memory, decay[..., None, None].to(memory.dtype))
         scale = scale * decay + added
-    entering = torch.stack(entering, dim=2)  # [B, H, N, Dk, Dv]
     entering_scale = torch.stack(entering_scale, dim=2)  # [B, H, N]
 
-    inter = (q @ entering) * from_start[..., None].to(q.dtype)
+    inter = torch.stack(read_outs, dim=2) * from_start[..., None].to(q.dtype)
     total_scale = from_start * entering_scale[..., None] + intra_scale
     out = (inter + intra) * total_scale.clamp_min(_TINY).rsqrt()[..., None].to(q.dtype)
     out = out.flatten(2, 3)[:, :, :length]
