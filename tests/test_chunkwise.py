@@ -185,7 +185,7 @@ def test_a_long_input_runs_the_stack_in_pieces_exactly(monkeypatch, padded):
         monkeypatch.setattr(type(model.model), "stack_piece_tokens", piece)
         calls = []
         monkeypatch.setattr(
-            type(model.model), "_chunk_by_chunk", lambda self, *a: calls.append(a[2]) or original(self, *a)
+            type(model.model), "_chunk_by_chunk", lambda self, *a, calls=calls: calls.append(a[2]) or original(self, *a)
         )
         model.zero_grad()
         out = model(tokens, attention_mask=mask, labels=tokens, mode="chunkwise", chunk_size=3, use_cache=True)

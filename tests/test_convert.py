@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_config
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from densessm import DenseRetNetForCausalLM
@@ -107,8 +107,6 @@ def _error(tmp_path, match, mutate_state=None, mutate_config=None, corrupt=None)
     model = DenseRetNetForCausalLM(tiny_config())
     src = _write_reference(tmp_path, model)
     if mutate_state or corrupt:
-        from safetensors.torch import load_file
-
         state = load_file(src / "model.safetensors")
         if mutate_state:
             mutate_state(state)
@@ -210,3 +208,43 @@ def test_cli_reports_errors(tmp_path, capsys):
 
     assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("model.layers.1.input_layernorm.weight", torch.int8), ("model.layers.1.self_attn.q_proj.weight", torch.int32)],
+)
+def test_an_integer_tensor_is_named_with_its_dtype_and_nothing_is_written(tmp_path, capsys, name, dtype):
+    """Integer values would be cast into floating-point weights (or fail deep in load_state_dict): named instead,
+    under the reference's own tensor name."""
+    from densessm.cli import main
+
+    src = _write_reference(tmp_path, DenseRetNetForCausalLM(tiny_config()))
+    state = load_file(src / "model.safetensors")
+    state[name] = state[name].to(dtype)
+    save_file(state, src / "model.safetensors")
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    stored = str(dtype).removeprefix("torch.")
+    assert f"{name} stored as {stored} (the model holds floating-point values there)" in err, err
+    assert "\n" not in err and "internal error" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_destination_that_is_a_broken_symlink_is_a_usage_error_naming_it(tmp_path, capsys, kind):
+    from densessm.cli import main
+
+    src = _write_reference(tmp_path, DenseRetNetForCausalLM(tiny_config()))
+    dst = tmp_path / "dst"
+    if kind == "loop":
+        (tmp_path / "other").symlink_to(dst)
+        dst.symlink_to(tmp_path / "other")
+        reason = "is a symlink loop"
+    else:
+        dst.symlink_to(tmp_path / "missing" / "deeper")
+        reason = f"is a symlink to a missing target ({tmp_path / 'missing' / 'deeper'})"
+    assert main(["convert", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{dst} {reason}" in err and "\n" not in err, err
+    assert dst.is_symlink() and not (tmp_path / "missing").exists()

@@ -123,6 +123,24 @@ def test_an_output_dir_that_is_or_lies_under_a_file_is_refused_before_any_work(t
     assert taken.read_bytes() == b"mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_a_report_file_that_is_a_broken_symlink_is_refused_before_any_work(tmp_path, capsys):
+    """The report's .json and -curves.png siblings too: found hours later they would lose the grid's report."""
+    (tmp_path / "r.json").symlink_to(tmp_path / "r.json")
+    (tmp_path / "r-curves.png").symlink_to(tmp_path / "nowhere" / "x.png")
+    argv = ["experiment", "dense-vs-plain", "--corpus", str(tmp_path), "--output-dir", str(tmp_path / "grid")]
+    assert cli_main([*argv, "--report", str(tmp_path / "r.md")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"densessm experiment: error: --report {tmp_path / 'r.json'} is a symlink loop; name another path"
+    )
+    (tmp_path / "r.json").unlink()
+    assert cli_main([*argv, "--report", str(tmp_path / "r.md")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"densessm experiment: error: --report {tmp_path / 'r-curves.png'} is a symlink to a missing target "
+        f"({tmp_path / 'nowhere' / 'x.png'}); name another path"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r-curves.png"]
+
+
 def test_a_missing_corpus_is_named_before_the_output_dir_is_created(tmp_path, capsys):
     argv = ["experiment", "dense-vs-plain", "--corpus", str(tmp_path / "corpus"), "--output-dir", str(tmp_path / "g")]
     assert cli_main([*argv, "--scale", "smoke", "--report", str(tmp_path / "r.md")]) == 1
@@ -214,3 +232,26 @@ def test_a_grid_shape_naming_a_field_the_configuration_lacks_is_refused(monkeypa
         ValueError, match="^grid shape mamba_smoke.json names fields DenseMambaConfig does not have: typo_layers$"
     ):
         grid_configs(SCALES["smoke"], tokenizer)
+
+
+@pytest.mark.parametrize("field", ["dense_block_layers", "vocab_size"])
+def test_a_grid_shape_setting_a_field_the_grid_decides_is_refused(monkeypatch, field):
+    """A shape holding m = 0 would make the "dense" model its plain twin, and the report plain-vs-plain."""
+    import densessm_lab.experiments.dense_vs_plain as experiment
+
+    real = experiment.load_grid_shape
+
+    def overriding(family, scale):
+        shape = real(family, scale)
+        if family == "mamba" and shape is not None:
+            shape = {"dense": {**shape["dense"], field: 0 if field == "dense_block_layers" else 10}, "widen": {}}
+        return shape
+
+    monkeypatch.setattr(experiment, "load_grid_shape", overriding)
+    tokenizer = train_bpe((d["text"] for d in sotu(2)), 300)
+    with pytest.raises(ValueError) as error:
+        grid_configs(SCALES["smoke"], tokenizer)
+    assert str(error.value) == (
+        f"grid shape mamba_smoke.json sets {field}, which the grid decides (m, the tokenizer's vocabulary and "
+        "special tokens, the position limit): remove them from the file"
+    )

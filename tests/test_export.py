@@ -19,6 +19,14 @@ from transformers.exporters.configs import DynamoConfig
 from transformers.exporters.exporter_dynamo import DynamoExporter
 
 from densessm import RecurrentCache
+from densessm.inference import (
+    InferenceOnlyError,
+    Int8Linear,
+    PrepackedLinear,
+    prepack_for_cpu,
+    prepacking_available,
+    quantize_int8,
+)
 from densessm.models import FAMILIES
 from densessm.presets import load_preset
 
@@ -284,3 +292,17 @@ def test_the_pytree_node_holds_the_state_positions_and_steps():
     leaves, spec = pytree.tree_flatten(RecurrentCache(3))
     assert leaves == [None, None, None, None, 0]  # an empty cache: no state, no positions, no step yet
     assert pytree.tree_unflatten(leaves, spec).is_empty
+
+
+@pytest.mark.parametrize("transform", ["int8", "prepacked"])
+def test_a_quantized_or_prepacked_model_is_refused_by_export_naming_the_fix(transform):
+    """torch.export fails on int8 weights with a raw AttributeError before calling forward, and a prepacked
+    program cannot be saved (torch.export.save: "Cannot access storage of OpaqueTensorImpl"): both are named."""
+    if transform == "prepacked" and not prepacking_available():
+        pytest.skip("this PyTorch build has no oneDNN linear kernels")
+    model = _model(NAMES[0])
+    quantize_int8(model, min_weight=1) if transform == "int8" else prepack_for_cpu(model, min_weight=1)
+    assert any(isinstance(m, Int8Linear if transform == "int8" else PrepackedLinear) for m in model.modules())
+    fix = "export the float model" if transform == "int8" else "export the model before prepack_for_cpu"
+    with pytest.raises(InferenceOnlyError, match=f"cannot be exported: .*; {fix}$"):
+        torch.export.export(Prefill(model), _batch(model, 2, 4), strict=False)

@@ -717,7 +717,7 @@ def test_a_file_without_a_digest_still_loads_and_continues(tmp_path, saved):
     [
         (-5, "cache.steps must be a non-negative int .*, got -5"),
         ("6", "cache.steps must be a non-negative int .*, got '6'"),
-        (3, r"cache.steps is 3, but the cache's token digest covers 6 tokens it consumed"),
+        (3, r"cache.steps is 3, but cache.token_digest covers 6 tokens it consumed"),
         (8, r"the cache consumed \[6, 6\] real tokens per row, but the first 8 tokens of input_ids hold \[8, 8\]"),
     ],
 )
@@ -838,3 +838,48 @@ def test_generate_from_embeddings_refuses_a_cache_of_other_tokens(family, tmp_pa
         model.generate(flipped, cache=by_vectors.clone(), max_new_tokens=2, do_sample=False)
     other.embedding_digest = None  # the expert's override
     assert model.generate(inputs_embeds=embeds, cache=other, max_new_tokens=2, do_sample=False).shape == (2, 2)
+
+
+@pytest.mark.parametrize("family", ["retnet", "mamba", "mamba2"])
+def test_ids_are_checked_against_the_vectors_a_cache_consumed_beyond_its_token_digest(family):
+    """A state made from ids and continued by embeddings: its token digest covers only the ids, the vector digest
+    every step, so ids given to generate() later are checked against the vectors too (their embeddings)."""
+    model = _model(family)
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        cache = _cache(model, PROMPT[:, :3])
+        model(inputs_embeds=torch.randn(2, 2, embed.embedding_dim), cache=cache)  # not the embeddings of PROMPT[:, 3:5]
+        honest = _cache(model, PROMPT[:, :3])
+        model(inputs_embeds=embed(PROMPT[:, 3:5]), cache=honest)
+    assert (cache.digest_steps, cache.embedding_digest_steps) == (3, 5)
+    with pytest.raises(ValueError, match="does not begin with the 5 input vectors this cache consumed"):
+        model.generate(PROMPT, cache=cache.clone(), max_new_tokens=2, do_sample=False)
+    reference = model.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    assert torch.equal(model.generate(PROMPT, cache=honest, max_new_tokens=2, do_sample=False), reference)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("embedding_digest", torch.tensor([1, 2, 3]), r"cache.embedding_digest must be an int64 tensor with one value"),
+        ("token_digest", torch.tensor([1, 2, 3]), r"cache.token_digest must be an int64 tensor with one value per row"),
+        ("embedding_digest", [1, 2], r"cache.embedding_digest must be .* or None, got list"),
+        ("token_digest", "abc", r"cache.token_digest must be .* or None, got str"),
+        ("embedding_digest", torch.tensor([1.0, 2.0]), r"got a torch.float32 tensor of shape \(2,\)"),
+        ("embedding_digest_steps", 2.5, r"cache.embedding_digest_steps must be a non-negative int, .* got 2.5"),
+        ("digest_steps", -1, r"cache.digest_steps must be a non-negative int, .* got -1"),
+        ("embedding_digest_steps", True, r"must be a non-negative int, .* got True"),
+        ("embedding_digest_steps", 7, r"cache.steps is 6, but cache.embedding_digest covers 7 tokens"),
+    ],
+)
+def test_a_malformed_digest_is_named_by_generate_and_forward(field, value, message):
+    """A digest of another shape was skipped silently, one of another type or a fractional step count failed
+    inside the comparison: each is a ValueError naming the field, in generate() and in a forward step."""
+    model = _model("retnet")
+    cache = _cache(model)
+    setattr(cache, field, value)
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.cat([PROMPT, PROMPT[:, :1]], 1), cache=cache.clone(), max_new_tokens=1)
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(PROMPT[:, :1], cache=cache)
+    assert torch.equal(cache.positions, torch.tensor([6, 6]))  # refused before the step

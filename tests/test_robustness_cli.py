@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,34 @@ def test_demo_output_dir_that_is_a_file(tmp_path, capsys):
     code, err = run(["demo", "--output-dir", str(tmp_path / "file")], capsys)
     assert code == 2 and "is a file, not a directory" in err
     assert (tmp_path / "file").read_text() == "keep"
+
+
+def _broken_link(tmp_path: Path, name: str, kind: str) -> tuple[Path, str]:
+    """A symlink ``name`` in ``tmp_path`` that leads nowhere, and how the refusal names it."""
+    link = tmp_path / name
+    if kind == "loop":
+        (tmp_path / f"{name}-other").symlink_to(link)
+        link.symlink_to(tmp_path / f"{name}-other")
+        return link, "is a symlink loop"
+    link.symlink_to(tmp_path / "nowhere" / "deeper")
+    return link, f"is a symlink to a missing target ({tmp_path / 'nowhere' / 'deeper'})"
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_demo_output_dir_that_is_a_broken_symlink_is_named_before_the_model_is_built(
+    tmp_path, capsys, monkeypatch, kind
+):
+    monkeypatch.setattr(densessm.cli, "load_preset", lambda *a: pytest.fail("built before refusing"))
+    link, reason = _broken_link(tmp_path, "out", kind)
+    before = snapshot(tmp_path)
+    code, err = run(["demo", "--output-dir", str(link)], capsys)
+    assert (code, err.strip()) == (2, f"densessm demo: error: output directory {link} {reason}; name another path")
+    code, err = run(["demo", "--output-dir", str(link / "sub"), "--overwrite"], capsys)
+    assert (code, err.strip()) == (
+        2,
+        f"densessm demo: error: output directory {link / 'sub'} cannot be created: {link} {reason}; name another path",
+    )
+    assert snapshot(tmp_path) == before
 
 
 def test_demo_unknown_preset_is_a_usage_error(tmp_path, capsys):
@@ -613,6 +642,17 @@ def test_bench_out_where_a_directory_stands_is_refused_before_measuring(tmp_path
     assert err.strip().splitlines()[-1] == f"densessm bench: error: --out {out}: {out}.md is a directory, not a file"
 
 
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_bench_out_that_is_a_broken_symlink_is_refused_before_measuring(tmp_path, capsys, monkeypatch, kind):
+    _no_measuring(monkeypatch)
+    link, reason = _broken_link(tmp_path, "gen.md", kind)
+    argv = ["bench", "generate", "--models", "retnet_tiny", "--batch", "2", "--out", str(tmp_path / "gen")]
+    code, err = run(argv, capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"densessm bench: error: --out {link} {reason}; name another path"
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
 def test_bench_unknown_compile_backend_is_a_usage_error(tmp_path, capsys, monkeypatch):
     _no_measuring(monkeypatch)
     argv = ["bench", "generate", "--compile", "--compile-backend", "bogus", "--out", str(tmp_path / "x")]
@@ -642,6 +682,27 @@ def test_atomic_write_refuses_and_replaces_only_when_asked(tmp_path):
     assert path.read_text() == "one"
     atomic_write_text(path, "two", overwrite=True)
     assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_file_or_folder_destination_that_is_a_broken_symlink_is_named_and_replaced_only_when_asked(tmp_path, kind):
+    from densessm.errors import UsageError
+    from densessm.files import atomic_output_dir, atomic_write_text
+
+    link, reason = _broken_link(tmp_path, "a.json", kind)
+    with pytest.raises(UsageError, match=f"^{re.escape(f'output file {link} {reason}; name another path')}$"):
+        atomic_write_text(link, "one")
+    atomic_write_text(link, "one", overwrite=True)  # the link itself is replaced, its target is not created
+    assert not link.is_symlink() and link.read_text() == "one" and not (tmp_path / "nowhere").exists()
+    folder, reason = _broken_link(tmp_path, "out", kind)
+    refused = pytest.raises(UsageError, match=f"^{re.escape(f'destination {folder} {reason}; name another path')}$")
+    with refused, atomic_output_dir(folder):
+        pytest.fail("worked before refusing")
+    with atomic_output_dir(folder, overwrite=True) as staging:
+        (staging / "x").write_text("x")
+    assert not folder.is_symlink() and (folder / "x").read_text() == "x" and not (tmp_path / "nowhere").exists()
+    with pytest.raises(UsageError, match=re.escape(f"cannot be created: {link} is a file, not a directory")):
+        atomic_write_text(link / "b.json", "two", overwrite=True)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -816,6 +877,21 @@ def test_eval_report_problems_are_refused_before_evaluating(model_dir, corpus, t
     code, err = run([*argv, str(model_dir / "config")], capsys)  # would replace the model's config.json
     assert code == 2 and "inside the model directory" in err
     assert snapshot(tmp_path) == before | {"rep.md": "<dir>", "rep.json": b"{}"}
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_eval_report_file_that_is_a_broken_symlink_is_refused_before_evaluating(
+    model_dir, corpus, tmp_path, capsys, monkeypatch, kind
+):
+    import densessm.evaluation.perplexity as perplexity
+
+    monkeypatch.setattr(perplexity, "load_causal_lm", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    link, reason = _broken_link(tmp_path, "rep.json", kind)
+    before = snapshot(tmp_path)
+    argv = ["eval", "ppl", str(model_dir), "--data", str(corpus), "--window", "16", "--output", str(tmp_path / "rep")]
+    code, err = run(argv, capsys)
+    assert (code, err.strip()) == (2, f"densessm eval: error: --output {link} {reason}; name another path")
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("limit", ["1.5", "2.99"])

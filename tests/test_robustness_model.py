@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
 from densessm.errors import ModelLoadError
-from densessm.inference import InferenceOnlyError, Int8Linear, quantize_int8
+from densessm.inference import InferenceOnlyError, Int8Linear, fuse_projections, prepack_for_cpu, quantize_int8
 from densessm.loading import read_config
 from densessm.models import FAMILIES as REGISTERED
 from densessm.models.dense.mixer import MixerCall
@@ -469,6 +469,38 @@ def test_the_mamba_mixer_keeps_a_nan_padded_input_out_of_conv_and_scan(mode):
     assert torch.equal(dirty["conv"], state["conv"]) and torch.equal(dirty["ssm"], state["ssm"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prepacked_model_refuses_another_dtype_before_anything_changes(dtype):
+    """oneDNN's packed weights cannot follow ``.half()``: the conversion once failed with a raw backend error
+    after it had already rounded the modules before the first packed one to float16."""
+    model = prepack_for_cpu(_model("retnet").to(dtype), min_weight=1)
+    ids = TOKENS[:, :4]
+    with torch.no_grad():
+        expected = model(ids).logits
+    other = torch.float16
+    with pytest.raises(InferenceOnlyError, match="cannot convert PrepackedLinear: prepacked weights stay in "):
+        model.to(other)
+    with pytest.raises(InferenceOnlyError, match="prepacked weights run on the CPU only, not on meta"):
+        model.to("meta")
+    assert {t.dtype for t in model.parameters()} == {dtype}
+    assert model.to("cpu").to(dtype) is model  # what changes nothing still works
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [fuse_projections, lambda m: prepack_for_cpu(m, min_weight=1), lambda m: quantize_int8(m, min_weight=0)],
+)
+def test_a_transformed_model_refuses_a_backward_rather_than_train_nothing(transform):
+    """A backward through a transformed model would update copies its weights no longer share (prepacked: the
+    step changed nothing at all): its parameters stop requiring gradients, so a backward is an error."""
+    model = transform(_model("mamba"))
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        model(TOKENS[:, :4], labels=TOKENS[:, :4]).loss.backward()
+
+
 @pytest.mark.parametrize(
     ("convert", "problem"),
     [
@@ -483,7 +515,7 @@ def test_an_int8_model_refuses_another_dtype_before_anything_changes(convert, pr
     with torch.no_grad():
         expected = model(ids).logits
     for target in (model, next(m for m in model.modules() if isinstance(m, Int8Linear))):
-        with pytest.raises(InferenceOnlyError, match=f"int8-quantized model: int8 weights {problem}; choose the"):
+        with pytest.raises(InferenceOnlyError, match=f"cannot convert Int8Linear: int8 weights {problem}; choose the"):
             convert(target)
     assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in model.parameters())
     assert model.to("cpu").float().to(torch.float32) is model  # what changes nothing still works

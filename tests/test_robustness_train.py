@@ -53,7 +53,14 @@ from densessm.run_state import (
     rotate_checkpoints,
     write_marker,
 )
-from densessm.train import DenseTrainer, DenseTrainingArguments, main
+from densessm.train import (
+    DenseTrainer,
+    DenseTrainingArguments,
+    ModelArguments,
+    build_tokenizer,
+    main,
+    model_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # dropout > 0: a resume that restored the wrong RNG state would not end at the same weights
@@ -194,6 +201,12 @@ UNPARSABLE_OVERRIDES = [
     ("dense_retnet_tiny", "use_cache=maybe", "use_cache takes true or false, got 'maybe'"),
     ("dense_retnet_tiny", "hidden_size=16,layers", "'layers' is not KEY=VALUE (pairs are separated by commas)"),
     ("dense_retnet_tiny", "hidden_size=16=32", "'hidden_size=16=32' is not KEY=VALUE (pairs are separated by commas)"),
+    (
+        "dense_mamba2_tiny",
+        "model_type=dense_retnet",
+        "model_type cannot be overridden; choose the family with --model_name_or_path (a preset of it, see "
+        "`densessm presets`, or a directory with its config.json)",
+    ),
 ]
 
 
@@ -226,6 +239,40 @@ def test_config_overrides_the_configuration_refuses_are_a_usage_error_naming_fla
     assert err.strip().splitlines()[-1] == f"densessm train: error: --config_overrides {overrides!r}: {reason}"
     assert "Class validation error" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (
+            "vocab_size=10",
+            "vocab_size 10 is smaller than the tokenizer's 4096 tokens: drop it (the tokenizer decides the vocabulary; "
+            "a larger value pads the embedding), or pass a tokenizer of that size with --tokenizer_name",
+        ),
+        (
+            "eos_token_id=7",
+            "eos_token_id is decided by the tokenizer (2), not 7: drop it, or pass a tokenizer with that token as "
+            "--tokenizer_name",
+        ),
+    ],
+    ids=["vocab_size", "eos_token_id"],
+)
+def test_config_overrides_the_tokenizer_would_replace_are_refused_before_any_work(tmp_path, capsys, overrides, reason):
+    overrides = f"{TINY},{overrides}"
+    code, err = cli(train_argv(tmp_path, config_overrides=overrides), capsys)
+    assert (code, err) == (2, f"densessm train: error: --config_overrides {overrides!r}: {reason}")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_vocab_size_above_the_tokenizers_is_kept_and_one_equal_to_its_ids_is_accepted():
+    """A larger vocabulary pads the embedding (spare rows, as a saved model may have); the tokenizer's own ids
+    restated change nothing."""
+    tokenizer = build_tokenizer(ModelArguments())
+    padded = f"{TINY},vocab_size={len(tokenizer) + 64},eos_token_id={tokenizer.eos_token_id}"
+    config, _ = model_config(ModelArguments(config_overrides=padded), tokenizer)
+    assert (config.vocab_size, config.eos_token_id) == (len(tokenizer) + 64, tokenizer.eos_token_id)
+    config, _ = model_config(ModelArguments(config_overrides=TINY), tokenizer)
+    assert config.vocab_size == len(tokenizer)
 
 
 def test_report_to_an_integration_that_is_not_installed_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
@@ -283,6 +330,26 @@ def test_an_output_dir_under_a_file_is_refused_before_anything_is_written(tmp_pa
         f"densessm train: error: --output_dir {taken / 'run'} cannot be created: {taken} is a file, not a directory",
     )
     assert taken.read_bytes() == b"my notes\n" and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling", "dangling parent"])
+def test_an_output_dir_through_a_broken_symlink_is_a_usage_error_naming_it(tmp_path, capsys, kind):
+    link = tmp_path / "link"
+    if kind == "loop":
+        (tmp_path / "other").symlink_to(link)
+        link.symlink_to(tmp_path / "other")
+    else:
+        link.symlink_to(tmp_path / "nowhere" / "deeper")
+    out = link / "run" if kind == "dangling parent" else link
+    code, err = cli(train_argv(tmp_path, output_dir=str(out)), capsys)
+    reason = (
+        "is a symlink loop"
+        if kind == "loop"
+        else f"is a symlink to a missing target ({tmp_path / 'nowhere' / 'deeper'})"
+    )
+    where = f"{out} cannot be created: {link}" if kind == "dangling parent" else f"{out}"
+    assert (code, err) == (2, f"densessm train: error: --output_dir {where} {reason}; name another path")
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists() and not (tmp_path / "cache").exists()
 
 
 def test_an_output_dir_inside_the_corpus_directory_is_refused(tmp_path, capsys):
@@ -373,9 +440,29 @@ def test_an_explicit_incomplete_checkpoint_is_an_error_naming_what_is_missing(st
     assert snapshot(checkpoint) == before
 
 
-def test_an_explicit_checkpoint_that_does_not_exist_is_an_error(straight, tmp_path, capsys):
-    code, err = cli(straight_argv(straight, tmp_path / "new", resume_from_checkpoint=str(tmp_path / "nope")), capsys)
+def test_an_explicit_checkpoint_that_does_not_exist_is_an_error_that_leaves_nothing_created(straight, tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    code, err = cli(straight_argv(straight, out, resume_from_checkpoint=str(tmp_path / "nope")), capsys)
     assert code == 2 and f"{tmp_path / 'nope'} is not a directory" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_resume_into_a_new_directory_leaves_nothing_created(straight, tmp_path, capsys):
+    """Refused after the model is built (the arguments differ): the new --output_dir goes again."""
+    argv = straight_argv(straight, tmp_path / "new", resume_from_checkpoint=str(straight / "checkpoint-4"))
+    code, err = cli_full([*argv, "--learning_rate", "0.5"], capsys)
+    assert code == 2 and "cannot resume from" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refusal_keeps_an_output_dir_that_existed_and_what_it_holds(straight, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, _ = cli(straight_argv(straight, out / "run", resume_from_checkpoint=str(tmp_path / "nope")), capsys)
+    assert code == 2 and not (out / "run").exists()
+    code, _ = cli(straight_argv(straight, out, resume_from_checkpoint=str(tmp_path / "nope")), capsys)
+    assert code == 2 and snapshot(out) == {"notes.txt": b"keep me"}
 
 
 def test_an_explicit_checkpoint_of_another_directory_is_resumed_exactly(straight, tmp_path):

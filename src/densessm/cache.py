@@ -491,7 +491,9 @@ def _copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach().clone()
+    if not isinstance(tensor, torch.Tensor):
+        return copy.copy(tensor)  # None, or a value the model's checks will name when the cache is used
+    return tensor.detach().clone()
 
 
 def _powers(count: int, device: torch.device) -> torch.Tensor:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from densessm.files import atomic_output_dir, check_destination, check_separate, confined_file
+from densessm.loading import stored_tensor, wrong_kinds
 from densessm.models.retnet import DenseRetNetConfig, DenseRetNetForCausalLM
 from densessm.ops.retention import head_log_decays, rotation_angles
 
@@ -215,6 +216,7 @@ def map_reference_state(
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename reference tensors to ours; returns ``(our_state, dropped_names)``. Raises on anything else."""
     ours: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}  # our name -> the reference's, to name a tensor as the user's files do
     dropped: list[str] = []
     unexpected: list[str] = []
     heads = config.num_attention_heads
@@ -228,7 +230,7 @@ def map_reference_state(
             dropped.append(name)
             continue
         if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-            ours[name] = tensor
+            ours[name], source[name] = tensor, name
             continue
         match = _LAYER.match(name)
         if match is None:
@@ -236,11 +238,12 @@ def map_reference_state(
             continue
         layer, part, rest = int(match[1]), match[2], match[3]
         if part == "input_layernorm":
-            ours[name] = tensor
+            ours[name], source[name] = tensor, name
         elif rest in _DENSE_REF_NAMES and layer == 0:
             dropped.append(name)  # allocated but never used by the reference
         elif rest in _BLOCK_NAMES:
-            ours[f"model.layers.{layer}.retention.{_BLOCK_NAMES[rest]}"] = tensor
+            mapped = f"model.layers.{layer}.retention.{_BLOCK_NAMES[rest]}"
+            ours[mapped], source[mapped] = tensor, name
         else:
             unexpected.append(name)
 
@@ -256,6 +259,8 @@ def map_reference_state(
     for name in sorted(set(ours) & set(expected)):
         if ours[name].shape != expected[name].shape:
             problems.append(f"{name} has shape {tuple(ours[name].shape)}, expected {tuple(expected[name].shape)}")
+    kinds = wrong_kinds({name: stored_tensor(tensor) for name, tensor in ours.items()}, expected)
+    problems += [f"{source[name]} {why}" for name, why in kinds.items()]
     if problems:
         raise CheckpointError("the reference weights do not match their config.json: " + "; ".join(problems))
     return ours, dropped

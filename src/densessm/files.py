@@ -37,13 +37,33 @@ def _is_nonempty(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
+def _broken_link(path: Path) -> str | None:
+    """Why ``path`` is a symlink that leads nowhere (a loop, or a missing target), else None: writing through
+    it would fail late with a raw "File exists" or "Symlink loop" that does not name the cause."""
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"is a symlink to a missing target ({os.readlink(path)})"
+        raise
+    return None
+
+
 def check_path(path: str | os.PathLike, what: str = "destination") -> Path:
     """``path`` as a ``Path``, refused if it is empty (which would mean the current directory) or cannot be
-    created because one of its parents is a file."""
+    created because one of its parents is a file or a symlink that leads nowhere. (``path`` itself may be
+    such a symlink: a writer told to overwrite replaces the link; see :func:`check_link`.)"""
     if not str(path):
         raise UsageError(f"{what} is an empty path: name a file or directory")
     path = Path(path)
     for parent in path.parents:
+        broken = _broken_link(parent)
+        if broken is not None:
+            raise UsageError(f"{what} {path} cannot be created: {parent} {broken}; name another path")
         if parent.exists():
             if not parent.is_dir():
                 raise UsageError(f"{what} {path} cannot be created: {parent} is a file, not a directory")
@@ -51,9 +71,19 @@ def check_path(path: str | os.PathLike, what: str = "destination") -> Path:
     return path
 
 
+def check_link(path: str | os.PathLike, what: str = "destination", overwrite: bool = False) -> None:
+    """Refuse ``path`` if it is a symlink loop or a symlink to a missing target, unless ``overwrite`` (the
+    write then replaces the link itself): found late, it would fail as a raw "File exists" or "Symlink loop",
+    or as if another process had filled it."""
+    broken = _broken_link(Path(path))
+    if broken is not None and not overwrite:
+        raise UsageError(f"{what} {path} {broken}; name another path")
+
+
 def check_destination(path: str | os.PathLike, overwrite: bool, what: str = "destination", flag: str = "--overwrite"):
     """Refuse ``path`` if it holds data (unless ``overwrite``) or is a file where a directory is wanted."""
     path = check_path(path, what)
+    check_link(path, what, overwrite)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} {path} is a file, not a directory")
     if _is_nonempty(path) and not overwrite:
@@ -64,6 +94,9 @@ def check_destination(path: str | os.PathLike, overwrite: bool, what: str = "des
 
 def check_separate(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Refuse a destination equal to, inside, or containing its source: writing it would destroy what is read."""
+    check_path(dst)  # a symlink loop would make resolve() raise a raw RuntimeError
+    if _broken_link(Path(dst)) is not None:  # nothing to compare: the destination leads nowhere
+        return
     src_r, dst_r = Path(src).resolve(), Path(dst).resolve()
     if src_r == dst_r:
         raise UsageError(f"the destination {dst} is the source itself: choose another directory")
@@ -167,6 +200,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = F
     """Write ``data`` to ``path`` through a temporary sibling and a rename; refuse an existing file unless
     ``overwrite``."""
     path = check_path(path, "output file")
+    check_link(path, "output file", overwrite)
     if path.is_dir():
         raise UsageError(f"{path} is a directory, not a file")
     if path.exists() and not overwrite:
@@ -194,6 +228,7 @@ def atomic_output_file(path: str | os.PathLike, overwrite: bool = False) -> Iter
     """A temporary path to write ``path``'s content to (by a library that wants a file name); moved into place
     when the block ends without an error, removed otherwise."""
     path = check_path(path, "output file")
+    check_link(path, "output file", overwrite)
     if path.is_dir():
         raise UsageError(f"{path} is a directory, not a file")
     if path.exists() and not overwrite:
@@ -271,6 +306,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "check_destination",
+    "check_link",
     "check_separate",
     "confined_file",
 ]

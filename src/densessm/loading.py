@@ -14,6 +14,7 @@ behaviour.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
@@ -168,12 +169,7 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, StoredTensor]:
                 raise ModelLoadError(f"cannot read {file} safely (weights_only=True): {err}") from None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ModelLoadError(f"{file} does not hold a flat dict of tensors")
-            tensors.update(
-                {
-                    k: StoredTensor(tuple(v.shape), str(v.dtype).removeprefix("torch."), v.is_floating_point())
-                    for k, v in state.items()
-                }
-            )
+            tensors.update({k: stored_tensor(v) for k, v in state.items()})
         return tensors
     else:
         raise FileNotFoundError(f"no weights in {path}: expected {SAFETENSORS} (or {SAFETENSORS_INDEX})")
@@ -201,6 +197,21 @@ def expected_tensors(config: PretrainedConfig) -> tuple[dict[str, torch.Tensor],
     return dict(model.state_dict()), [g for g in groups.values() if len(g) > 1]
 
 
+def wrong_kinds(found: Mapping[str, StoredTensor], expected: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Name -> "stored as int8 (...)" for each tensor of both whose values are integers where the model holds
+    floating-point ones, or the reverse: loading would cast them into zeros or garbage, not refuse them."""
+    return {
+        k: f"stored as {found[k].dtype} (the model holds {'floating-point' if want else 'integer'} values there)"
+        for k in sorted(set(found) & set(expected))
+        if found[k].floating != (want := expected[k].is_floating_point())
+    }
+
+
+def stored_tensor(tensor: torch.Tensor) -> StoredTensor:
+    """What a weight file's header would say of ``tensor``."""
+    return StoredTensor(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), tensor.is_floating_point())
+
+
 def check_weights(model_dir: str | Path, config: PretrainedConfig) -> None:
     """Raise :class:`ModelLoadError` unless the weight files hold exactly the tensors ``config`` builds, each of
     its shape and, floating-point or not, of its kind."""
@@ -217,11 +228,7 @@ def check_weights(model_dir: str | Path, config: PretrainedConfig) -> None:
         for k in common
         if found[k].shape != tuple(expected[k].shape)
     ]
-    kinds = [
-        f"{k} stored as {found[k].dtype} (the model holds {'floating-point' if want else 'integer'} values there)"
-        for k in common
-        if found[k].floating != (want := expected[k].is_floating_point())
-    ]
+    kinds = [f"{k} {why}" for k, why in wrong_kinds(found, expected).items()]
     problems = []
     if missing:
         problems.append(f"missing tensors: {_names(missing)}")
@@ -295,4 +302,6 @@ __all__ = [
     "load_tokenizer_dir",
     "raise_nonfinite",
     "read_config",
+    "stored_tensor",
+    "wrong_kinds",
 ]

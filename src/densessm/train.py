@@ -58,6 +58,7 @@ from transformers.utils import get_current_accelerator, is_torch_bf16_gpu_availa
 from densessm import run_state
 from densessm.data import DataArguments, collate_blocks, find_data_files, load_blocks, tokenizer_fingerprint
 from densessm.errors import Interrupted, ModelLoadError, NonFiniteError, UsageError
+from densessm.files import check_link
 from densessm.loading import check_weights, first_nonfinite_parameter, load_causal_lm, read_config
 from densessm.presets import list_presets, load_preset
 from densessm.run_state import WEIGHT_FILES, last_complete_checkpoint
@@ -70,6 +71,7 @@ DEFAULT_BLOCK_SIZE = 1024  # for models without a max_position_embeddings
 _CONFIG_BOOKKEEPING = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache")
 _T = TypeVar("_T")
 _FIXED_ON_RESUME = ("optim", "optim_args")  # a checkpoint's optimizer state loads only into the same optimizer
+_SPECIAL_TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
 def _require(ok: bool, flag: str, wanted: str, value) -> None:
@@ -748,15 +750,22 @@ def model_source(args: ModelArguments) -> tuple[PretrainedConfig, Path | None]:
     return read_config(path), (path if any((path / f).is_file() for f in WEIGHT_FILES) else None)
 
 
-def _override(config: PretrainedConfig, overrides: str) -> None:
+def _override(config: PretrainedConfig, overrides: str) -> set[str]:
     """``config.update_from_string(overrides)``, each refusal a usage error naming the key: it converts a value
-    to the type the key holds, and sets only int, float, bool and string keys."""
+    to the type the key holds, and sets only int, float, bool and string keys. Returns the keys set."""
+    keys = set()
     for pair in overrides.split(","):
         key, equals, value = pair.partition("=")
         if not key or not equals or "=" in value:
             raise UsageError(
                 f"--config_overrides {overrides!r}: {pair!r} is not KEY=VALUE (pairs are separated by commas)"
             )
+        if key == "model_type":  # the configuration's class decides it: an override would be dropped unseen
+            raise UsageError(
+                f"--config_overrides {overrides!r}: model_type cannot be overridden; choose the family with "
+                "--model_name_or_path (a preset of it, see `densessm presets`, or a directory with its config.json)"
+            )
+        keys.add(key)
         try:
             config.update_from_string(pair)
         except ValueError as err:
@@ -771,6 +780,33 @@ def _override(config: PretrainedConfig, overrides: str) -> None:
                 "sets int, float, bool and string keys): write the value in a config.json and pass its directory "
                 "as --model_name_or_path"
             ) from None
+    return keys
+
+
+def _take_tokenizer_fields(
+    config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, overridden: set[str], overrides: str | None
+) -> None:
+    """Set the tokenizer's vocabulary size and special token ids on ``config``. An override of one of them that
+    would be replaced is refused; a larger ``vocab_size`` is kept (a padded embedding, as a saved model with
+    spare rows has: the extra ids are never fed in)."""
+    if "vocab_size" not in overridden:
+        config.vocab_size = len(tokenizer)
+    elif config.vocab_size < len(tokenizer):
+        raise UsageError(
+            f"--config_overrides {overrides!r}: vocab_size {config.vocab_size} is smaller than the tokenizer's "
+            f"{len(tokenizer)} tokens: drop it (the tokenizer decides the vocabulary; a larger value pads the "
+            "embedding), or pass a tokenizer of that size with --tokenizer_name"
+        )
+    for key in _SPECIAL_TOKEN_FIELDS:
+        value = getattr(tokenizer, key)
+        if value is None:  # the tokenizer has no such token: the configuration's (or the override's) stays
+            continue
+        if key in overridden and getattr(config, key) != value:
+            raise UsageError(
+                f"--config_overrides {overrides!r}: {key} is decided by the tokenizer ({value}), not "
+                f"{getattr(config, key)}: drop it, or pass a tokenizer with that token as --tokenizer_name"
+            )
+        setattr(config, key, value)
 
 
 def model_config(
@@ -786,13 +822,9 @@ def model_config(
                 f"--config_overrides only applies to a model trained from scratch; {weights} holds weights"
             )
         return config, weights
-    if args.config_overrides:
-        _override(config, args.config_overrides)
+    overridden = _override(config, args.config_overrides) if args.config_overrides else set()
     if tokenizer is not None:
-        config.vocab_size = len(tokenizer)
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            if getattr(tokenizer, key) is not None:
-                setattr(config, key, getattr(tokenizer, key))
+        _take_tokenizer_fields(config, tokenizer, overridden, args.config_overrides)
     try:
         config.validate()
     except (ValueError, StrictDataclassError) as err:
@@ -999,6 +1031,35 @@ def _interrupted(output_dir: str) -> Interrupted:
     return Interrupted(f"training stopped; run the same command again to resume from {last}")
 
 
+class _NewOutputDir:
+    """The directories that creating ``--output_dir`` adds: a run that ends before training starts (a refused
+    resume, bad data, Ctrl-C) removes them again with its own bookkeeping in them, so a refusal leaves nothing
+    behind. A directory that existed before the run, or that holds anything else, is kept."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        path = Path(output_dir).absolute()
+        self.path = path
+        self.created: list[Path] = []  # innermost first
+        for step in (path, *path.parents):
+            if os.path.lexists(step):
+                break
+            self.created.append(step)
+        self.training_started = False
+
+    def discard(self) -> None:
+        """Remove what this run created, with the run lock still held (so no other run has written there)."""
+        if not self.created or self.training_started:
+            return
+        shutil.rmtree(self.path / run_state.STAGING_NAME, ignore_errors=True)
+        for name in (run_state.ARGUMENTS_NAME, run_state.HOLDER_NAME, run_state.LOCK_NAME):
+            (self.path / name).unlink(missing_ok=True)
+        for directory in self.created:
+            try:
+                directory.rmdir()
+            except OSError:  # something else is in it: not ours to remove
+                return
+
+
 def train(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -1011,6 +1072,7 @@ def train(
     ends it with :class:`~densessm.errors.Interrupted` naming the checkpoint to resume from."""
     _setup_logging(training_args)
     run_state.check_output_dir(training_args.output_dir)
+    check_link(training_args.output_dir, "--output_dir")  # a run's folder cannot replace a link
     out = Path(training_args.output_dir).resolve()
     for corpus in [*(data_args.dataset_dir or []), *(data_args.validation_files or [])]:
         if Path(corpus).is_dir() and Path(corpus).resolve() in (out, *out.parents):
@@ -1028,10 +1090,16 @@ def train(
     config, weights = model_config(model_args, tokenizer)
     if weights is not None:  # the strict loader's check of the weight files' headers, without loading them
         check_weights(weights, config)
+    new_dir = _NewOutputDir(training_args.output_dir)
     lock = run_state.RunLock(training_args.output_dir)
     try:
         agree(lock.acquire, here=training_args.should_save)
-        return _train_locked(model_args, data_args, training_args, tokenizer, callbacks)
+        try:
+            return _train_locked(model_args, data_args, training_args, tokenizer, callbacks, new_dir)
+        except BaseException:
+            if training_args.should_save:
+                new_dir.discard()
+            raise
     except KeyboardInterrupt as err:
         if isinstance(err, Interrupted):
             raise
@@ -1046,6 +1114,7 @@ def _train_locked(
     training_args: DenseTrainingArguments,
     tokenizer: PreTrainedTokenizerBase,
     callbacks: Sequence[TrainerCallback],
+    new_dir: _NewOutputDir,
 ) -> dict:
     out = Path(training_args.output_dir)
     agree(lambda: prepare_output_dir(training_args), here=training_args.should_save)
@@ -1091,6 +1160,7 @@ def _train_locked(
         data_collator=collate_blocks,
         callbacks=[_ResumeState(checkpoint), *callbacks],
     )
+    new_dir.training_started = True
     try:
         result = trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
     except RunFinished:

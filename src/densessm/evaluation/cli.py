@@ -16,7 +16,7 @@ from densessm.errors import UsageError
 from densessm.evaluation.harness import DEFAULT_TASKS, run_tasks
 from densessm.evaluation.perplexity import METHODS, evaluate_perplexity
 from densessm.evaluation.report import finish_report, render_markdown, report_paths, write_report
-from densessm.files import check_path
+from densessm.files import check_link, check_path
 from densessm.inference import QUANTIZE_CHOICES, int8_problem
 from densessm.runtime import DTYPES, resolve_device
 
@@ -60,6 +60,7 @@ def _check_output(args: argparse.Namespace) -> None:
         return
     model_dir = Path(args.model_dir).resolve()
     for path in report_paths(check_path(args.output, "--output")):
+        check_link(path, "--output", args.overwrite)  # a symlink loop, or one to nowhere: refused before the work
         if model_dir == path.resolve().parent or model_dir in path.resolve().parents:
             raise UsageError(f"--output {args.output} would write {path} inside the model directory {args.model_dir}")
         if path.is_dir():

@@ -8,6 +8,9 @@ model it sits in.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +40,44 @@ class InferenceOnly(nn.Module):
             f"cannot load weights into {type(self).__name__}: {_WHY}; load them into the original model, then "
             "transform it again"
         )
+
+    def conversion_problem(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
+        """Why this module's weights cannot follow ``fn`` (what ``nn.Module._apply`` gets from ``.half()``,
+        ``.to(dtype or device)``), or None if they can. Weights in a plain layout can."""
+        return None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        refuse_conversion(self, fn)
+        return super()._apply(fn, recurse)
+
+
+def refuse_conversion(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Raise :class:`InferenceOnlyError` if a transformed module of ``model`` cannot follow the conversion
+    ``fn``, before any module changes (``nn.Module._apply`` converts the modules one by one: a refusal from the
+    first such module would come after the ones before it were converted)."""
+    for module in model.modules():
+        problem = module.conversion_problem(fn) if isinstance(module, InferenceOnly) else None
+        if problem is not None:
+            raise InferenceOnlyError(
+                f"cannot convert {type(module).__name__}: {problem}; choose the dtype and device first, then "
+                "transform (reload the model to use it in another dtype or on another device)"
+            )
+
+
+def _apply_checked(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+    refuse_conversion(model, fn)
+    return type(model)._apply(model, fn, recurse)
+
+
+def seal_for_inference(model: nn.Module) -> nn.Module:
+    """What every transform does last to the model it changed: its parameters stop requiring gradients (a
+    backward through copies of the weights would update nothing: a silent no-op training step), and a
+    conversion of the whole model is checked against its transformed modules before any module changes.
+    Returns ``model`` in eval mode."""
+    model.requires_grad_(False)
+    if not isinstance(vars(model).get("_apply"), functools.partial):
+        model._apply = functools.partial(_apply_checked, model)
+    return model.eval()
 
 
 class SiLULinear(nn.Linear):
@@ -71,4 +112,13 @@ def frozen_linear(parts: list[nn.Linear], block_diagonal: bool = False, silu: bo
     return fused.eval()
 
 
-__all__ = ["FrozenLinear", "FrozenSiLULinear", "InferenceOnly", "InferenceOnlyError", "SiLULinear", "frozen_linear"]
+__all__ = [
+    "FrozenLinear",
+    "FrozenSiLULinear",
+    "InferenceOnly",
+    "InferenceOnlyError",
+    "SiLULinear",
+    "frozen_linear",
+    "refuse_conversion",
+    "seal_for_inference",
+]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from densessm.inference.frozen import InferenceOnly
+from densessm.inference.frozen import InferenceOnly, seal_for_inference
 from densessm.inference.fusion import FusedMambaMixer, FusedRetention, fuse_projections
 from densessm.models.dense.mixer import Handoff, LayerState, MixerCall
 from densessm.models.mamba.modeling_dense_mamba import DenseMambaMixer
@@ -153,7 +153,7 @@ def fuse_decode_steps(model: nn.Module) -> bool:
             stepped = _with_step(child)
             if stepped is not None:
                 setattr(parent, name, stepped)
-    model.eval()
+    seal_for_inference(model)
     return True
 
 

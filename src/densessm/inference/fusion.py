@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densessm.inference.frozen import InferenceOnly, frozen_linear
+from densessm.inference.frozen import InferenceOnly, frozen_linear, seal_for_inference
 from densessm.models.mamba.modeling_dense_mamba import DenseMambaMixer
 from densessm.models.recurrent import state_identity_kept
 from densessm.models.retnet.modeling_dense_retnet import DenseRetNetRetention
@@ -99,7 +99,7 @@ def fuse_projections(model: nn.Module) -> nn.Module:
                 fused = _fused(child)
                 if fused is not None:
                     setattr(parent, name, fused)
-    return model.eval()
+    return seal_for_inference(model)
 
 
 __all__ = ["FusedMambaMixer", "FusedRetention", "fuse_projections"]

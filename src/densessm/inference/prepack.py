@@ -9,10 +9,12 @@ dense-tensor entry point that inductor uses for frozen CPU graphs, streams them 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from densessm.inference.frozen import InferenceOnly, SiLULinear
+from densessm.inference.frozen import InferenceOnly, InferenceOnlyError, SiLULinear, seal_for_inference
 from densessm.inference.fusion import fuse_projections
 from densessm.models.recurrent import state_identity_kept
 
@@ -41,9 +43,24 @@ class PrepackedLinear(InferenceOnly):
         self.train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():  # the program would run, but torch.export.save fails on these weights
+            raise InferenceOnlyError(
+                "a prepacked model cannot be exported: its oneDNN-packed weights cannot be saved with the program "
+                "(nor compiled by inductor); export the model before prepack_for_cpu"
+            )
         # the kernel wants the weight's dtype (autocast does not see this op), so cast as nn.Linear would
         x = x.to(self.weight.dtype).contiguous()
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, [], "")
+
+    def conversion_problem(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
+        """oneDNN's packed layout exists on the CPU and in the dtype it was packed in only."""
+        packed = self.weight.dtype
+        probe = fn(torch.zeros(1, dtype=packed))
+        if probe.device.type != "cpu":
+            return f"prepacked weights run on the CPU only, not on {probe.device}"
+        if probe.dtype != packed:
+            return f"prepacked weights stay in {str(packed).removeprefix('torch.')}, they cannot become {probe.dtype}"
+        return None
 
     def extra_repr(self) -> str:
         silu = ", silu" if self.activation == "swish" else ""
@@ -73,7 +90,7 @@ def prepack_for_cpu(model: nn.Module, min_weight: int = 2**15, batch_size_hint: 
                     and weight.dtype in (torch.float32, torch.bfloat16)
                 ):
                     setattr(parent, name, PrepackedLinear(child, batch_size_hint))
-    return model.eval()
+    return seal_for_inference(model)
 
 
 __all__ = ["PrepackedLinear", "prepack_for_cpu", "prepacking_available"]

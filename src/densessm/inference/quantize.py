@@ -28,7 +28,6 @@ another precision.
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 from collections.abc import Callable
 
@@ -38,7 +37,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
-from densessm.inference.frozen import InferenceOnly, InferenceOnlyError, SiLULinear
+from densessm.inference.frozen import InferenceOnly, InferenceOnlyError, SiLULinear, seal_for_inference
 from densessm.inference.fusion import fuse_projections
 from densessm.inference.prepack import PrepackedLinear
 from densessm.models.recurrent import state_identity_kept
@@ -86,10 +85,19 @@ class Int8Linear(InferenceOnly):
         self.register_buffer("range_rows", pinned, persistent=False)
         with warnings.catch_warnings():  # the deprecation notices of torch.ao (see the module docstring)
             warnings.filterwarnings("ignore", message=r".*(deprecated|will be removed).*")
-            self.quantized = DynamicQuantizedLinear.from_float(plain)
+            quantized = DynamicQuantizedLinear.from_float(plain)
+        # the packed weights are a TorchScript object, on which torch.export fails with a raw AttributeError
+        # before it calls forward: held outside the module tree (a tuple is no module attribute to it), forward
+        # is reached and names the cause
+        self._packed = (quantized._packed_params._packed_params,)
         self.train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            raise InferenceOnlyError(
+                "an int8-quantized model cannot be exported: torch.export cannot trace its packed int8 weights; "
+                "export the float model"
+            )
         rows = x.reshape(-1, self.in_features)
         n = rows.shape[0]
         # each row on the scale of its largest magnitude (a zero row stays zero), the fixed rows last. The kernel
@@ -98,7 +106,7 @@ class Int8Linear(InferenceOnly):
         scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp(min=1e-30)
         unit = torch.cat([(rows / scale).nan_to_num_(0.0, 0.0, 0.0), self.range_rows])
         # the library module's own forward always takes the reduced range: call its kernel with ours
-        y = torch.ops.quantized.linear_dynamic(unit, self.quantized._packed_params._packed_params, REDUCE_RANGE)[:n]
+        y = torch.ops.quantized.linear_dynamic(unit, self._packed[0], REDUCE_RANGE)[:n]
         y = y * scale if self.bias is None else torch.addcmul(self.bias, y, scale)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return F.silu(y) if self.silu else y
@@ -107,29 +115,11 @@ class Int8Linear(InferenceOnly):
         silu = ", silu" if self.silu else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8{silu}"
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
-        _refuse_conversion(fn)
-        return super()._apply(fn, recurse)
-
-
-def _refuse_conversion(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Refuse a ``.half()``, ``.to(dtype)`` or ``.to(device)`` (``fn``, as ``nn.Module._apply`` gets it) that
-    int8 weights cannot follow: their packed kernel takes float32 on the CPU, and a float16 model would fail at
-    its first call with a bare dtype error. Tried on a probe tensor, so a refusal changes nothing."""
-    probe = fn(torch.zeros(1))
-    problem = int8_problem(probe.device, probe.dtype)
-    if problem is not None:
-        raise InferenceOnlyError(
-            f"cannot convert an int8-quantized model: {problem}; choose the dtype and device first, then quantize "
-            "(reload the model to use it in another dtype)"
-        )
-
-
-def _apply_checked(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
-    """``model._apply`` of a quantized model: the conversion is checked before any module changes, not at its
-    first int8 layer after the layers before it were already converted."""
-    _refuse_conversion(fn)
-    return type(model)._apply(model, fn, recurse)
+    def conversion_problem(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
+        """int8 weights cannot follow a ``.half()`` or a move off the CPU: their kernel takes float32 on the
+        CPU (a float16 model would fail at its first call with a bare dtype error)."""
+        probe = fn(torch.zeros(1))
+        return int8_problem(probe.device, probe.dtype)
 
 
 def quantize_int8(model: nn.Module, min_weight: int = 2**15) -> nn.Module:
@@ -156,8 +146,7 @@ def quantize_int8(model: nn.Module, min_weight: int = 2**15) -> nn.Module:
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and child.weight.numel() >= min_weight:
                     setattr(parent, name, Int8Linear(child))
-    model._apply = functools.partial(_apply_checked, model)
-    return model.eval()
+    return seal_for_inference(model)
 
 
 def _has_large_linear(model: nn.Module, min_weight: int) -> bool:

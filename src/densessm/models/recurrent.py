@@ -433,6 +433,7 @@ class RecurrentBackbone:
                     )
                 self.__dict__["_accepted_identity"] = (identity, current)
         _check_state(cache, self.state_layout(dtype), batch, dtype, device)
+        check_digests(cache, batch)
 
 
 @contextlib.contextmanager
@@ -502,6 +503,44 @@ def _checked_steps(cache: RecurrentCache) -> int:
     return steps
 
 
+DIGESTS = (("token_digest", "digest_steps"), ("embedding_digest", "embedding_digest_steps"))
+"""A cache's digests of what it consumed, each with the count of steps it covers."""
+
+
+def check_digests(cache: RecurrentCache, batch: int | None) -> None:
+    """Raise unless each of the cache's digests is None or one int64 value per row of ``batch`` (None: the
+    cache's own batch) covering a whole number of steps, at most ``cache.steps``: a digest of another shape
+    used to be skipped silently, one of another type failed inside the comparison. Shapes and types only (no
+    read from the device): every forward given a cache checks them."""
+    steps = _checked_steps(cache)
+    if batch is None:  # the rows the cache's positions count (their own check names a malformed one)
+        positions = cache.positions
+        batch = positions.shape[0] if isinstance(positions, torch.Tensor) and positions.dim() == 1 else None
+    for field, steps_field in DIGESTS:
+        digest, covered = getattr(cache, field), getattr(cache, steps_field)
+        if digest is None:
+            continue
+        rows = (batch,) if batch is not None else digest.shape[:1] if isinstance(digest, torch.Tensor) else None
+        if not isinstance(digest, torch.Tensor) or digest.dtype != torch.long or digest.shape != rows:
+            kind = (
+                f"a {digest.dtype} tensor of shape {tuple(digest.shape)}"
+                if isinstance(digest, torch.Tensor)
+                else type(digest).__name__
+            )
+            raise ValueError(
+                f"cache.{field} must be an int64 tensor with one value per row of the state or None, got {kind}"
+            )
+        if isinstance(covered, bool) or not isinstance(covered, int) or covered < 0:
+            raise ValueError(
+                f"cache.{steps_field} must be a non-negative int, the steps cache.{field} covers, got {covered!r}"
+            )
+        if covered > steps:
+            raise ValueError(
+                f"cache.steps is {steps}, but cache.{field} covers {covered} tokens it consumed: cache.steps must "
+                "count every token the state consumed"
+            )
+
+
 def check_continuation(
     cache: RecurrentCache,
     consumed: torch.Tensor | None,
@@ -522,15 +561,7 @@ def check_continuation(
     device, once per ``generate()``.
     """
     steps = _checked_steps(cache)
-    for digest, covered, what in (
-        (cache.token_digest, cache.digest_steps, "token digest"),
-        (cache.embedding_digest, cache.embedding_digest_steps, "digest of input vectors"),
-    ):
-        if digest is not None and covered > steps:
-            raise ValueError(
-                f"cache.steps is {steps}, but the cache's {what} covers {covered} tokens it consumed: cache.steps "
-                "must count every token the state consumed"
-            )
+    check_digests(cache, None)  # the batch against the input's: the model's cache check
     positions = cache.positions
     if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.shape[0] != batch:
         return  # the model's cache check names the problem
@@ -744,9 +775,20 @@ class RecurrentGenerationMixin:
                 steps = cache.get_seq_length()
                 holds_ids = new < length and input_ids is not None and input_ids.shape[1] == length
                 vectors = embeds[:, :steps] if new < length and embeds is not None else None
-                made_from_vectors = cache.token_digest is None and cache.digest_steps == 0  # (not an override)
-                if vectors is None and holds_ids and made_from_vectors and cache.embedding_digest is not None:
-                    vectors = self.get_input_embeddings()(input_ids[:, :steps])  # their embeddings are checked
+                # ids whose token digest does not cover every step the vector digest covers (a state made from
+                # embeddings, or continued by some): their embeddings are checked too. A token digest set to None
+                # after it covered steps is the expert's override, not a state made from embeddings
+                check_digests(cache, None)
+                overridden = cache.token_digest is None and cache.digest_steps > 0
+                uncovered = cache.token_digest is None or cache.digest_steps < cache.embedding_digest_steps
+                if (
+                    vectors is None
+                    and holds_ids
+                    and cache.embedding_digest is not None
+                    and uncovered
+                    and not overridden
+                ):
+                    vectors = self.get_input_embeddings()(input_ids[:, :steps])
                 check_continuation(
                     cache,
                     input_ids[:, :steps] if holds_ids else None,

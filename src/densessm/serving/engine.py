@@ -275,6 +275,10 @@ def make_cache(prototype: RecurrentCache, layers: State, positions: torch.Tensor
     cache.layers = layers
     cache.positions = positions
     cache.steps = steps
+    # the rows come from different requests: the prototype's digests (of one prompt, one row) describe none of
+    # them. The engine feeds each row its own tokens, so it keeps no digest
+    cache.token_digest = cache.embedding_digest = None
+    cache.digest_steps = cache.embedding_digest_steps = 0
     return cache
 
 

@@ -10,7 +10,7 @@ import torch
 
 from densessm.argtypes import nonnegative_int, path_name, positive_int
 from densessm.errors import UsageError
-from densessm.files import check_path
+from densessm.files import check_link, check_path
 from densessm.inference import QUANTIZE_CHOICES, int8_problem
 from densessm.presets import list_presets
 from densessm.runtime import resolve_device
@@ -89,6 +89,7 @@ def bench_generate(args: argparse.Namespace) -> None:
     stems = {b: args.out if len(batches) == 1 else args.out.with_name(f"{args.out.name}_batch{b}") for b in batches}
     outputs = [stem.with_suffix(s) for stem in stems.values() for s in (".json", ".md", ".png")]
     for out in outputs:
+        check_link(out, "--out", args.overwrite)  # a symlink to nowhere: refused now, not after the measurements
         if out.is_dir():
             raise UsageError(f"--out {args.out}: {out} is a directory, not a file")
     existing = [out for out in outputs if out.exists()]

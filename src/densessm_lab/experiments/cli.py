@@ -13,7 +13,7 @@ from pathlib import Path
 from densessm.argtypes import nonnegative_int, positive_int
 from densessm.errors import UsageError
 from densessm.evaluation.harness import INSTALL_LM_EVAL, find_task_data
-from densessm.files import atomic_write_text, check_path
+from densessm.files import atomic_write_text, check_link, check_path
 from densessm.models import FAMILIES
 from densessm_lab.experiments import dense_vs_plain as exp
 from densessm_lab.experiments.results import LABELS, collect, write_report
@@ -36,11 +36,14 @@ def _seeds(text: str) -> tuple[int, ...]:
 def _check_destinations(args: argparse.Namespace) -> None:
     """Refuse an --output-dir or --report that cannot be created, before the tokenizer is trained."""
     out = check_path(args.output_dir, "--output-dir")
+    check_link(out, "--output-dir")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is a file, not a directory")
     report = check_path(args.report, "--report")
     if report.is_dir():
         raise UsageError(f"--report {report} is a directory: name the Markdown file of the report")
+    for path in (report, report.with_suffix(".json"), report.with_name(report.stem + "-curves.png")):
+        check_link(path, "--report", args.overwrite)  # a symlink loop, or one to nowhere: refused before training
 
 
 def _require_lm_eval() -> None:

@@ -253,6 +253,12 @@ def grid_configs(scale: Scale, tokenizer: PreTrainedTokenizerBase) -> dict[str, 
         given = dict(common)
         if hasattr(preset, "max_position_embeddings"):  # a family with a position limit: room for a block
             given["max_position_embeddings"] = max(512, scale.block_size)
+        decided = sorted(set(member.dense) & set(given))
+        if decided:  # laid over the grid's values, m = 0 would make the "dense" model its own plain twin
+            raise ValueError(
+                f"{where} sets {', '.join(decided)}, which the grid decides (m, the tokenizer's vocabulary and "
+                "special tokens, the position limit): remove them from the file"
+            )
         # from the preset's explicit fields: widths derived from hidden_size are derived again at the grid's
         try:
             dense = type(preset)(**(explicit_fields(preset) | given | member.dense))
