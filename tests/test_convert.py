@@ -231,6 +231,21 @@ def test_an_integer_tensor_is_named_with_its_dtype_and_nothing_is_written(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_named_and_nothing_is_written(tmp_path, capsys, value):
+    """generate and eval stop at a NaN weight; convert used to copy it silently into a new model directory."""
+    from densessm.cli import main
+
+    src = _write_reference(tmp_path, DenseRetNetForCausalLM(tiny_config()))
+    state = load_file(src / "model.safetensors")
+    state["model.layers.1.self_attn.q_proj.weight"][0, 0] = value
+    save_file(state, src / "model.safetensors")
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "the weights of model.layers.1.retention.q_proj.weight hold NaN or inf values" in err, err
+    assert "\n" not in err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("kind", ["loop", "dangling"])
 def test_a_destination_that_is_a_broken_symlink_is_a_usage_error_naming_it(tmp_path, capsys, kind):
     from densessm.cli import main

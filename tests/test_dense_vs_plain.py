@@ -127,7 +127,14 @@ def test_a_report_file_that_is_a_broken_symlink_is_refused_before_any_work(tmp_p
     """The report's .json and -curves.png siblings too: found hours later they would lose the grid's report."""
     (tmp_path / "r.json").symlink_to(tmp_path / "r.json")
     (tmp_path / "r-curves.png").symlink_to(tmp_path / "nowhere" / "x.png")
-    argv = ["experiment", "dense-vs-plain", "--corpus", str(tmp_path), "--output-dir", str(tmp_path / "grid")]
+    argv = [
+        "experiment",
+        "dense-vs-plain",
+        "--corpus",
+        str(tmp_path / "corpus"),
+        "--output-dir",
+        str(tmp_path / "grid"),
+    ]
     assert cli_main([*argv, "--report", str(tmp_path / "r.md")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"densessm experiment: error: --report {tmp_path / 'r.json'} is a symlink loop; name another path"
@@ -139,6 +146,21 @@ def test_a_report_file_that_is_a_broken_symlink_is_refused_before_any_work(tmp_p
         f"({tmp_path / 'nowhere' / 'x.png'}); name another path"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r-curves.png"]
+
+
+def test_an_output_dir_in_the_corpus_is_refused_before_any_work(tmp_path, capsys):
+    """The runs would write tokenizer/, models/ and the token cache among the data they read."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text('{"text": "a"}\n')
+    for given in (corpus, corpus / "grid"):
+        argv = ["experiment", "dense-vs-plain", "--corpus", str(corpus), "--output-dir", str(given)]
+        assert cli_main([*argv, "--report", str(tmp_path / "r.md")]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"densessm experiment: error: --output-dir {given} is the corpus directory {corpus} or lies inside it: "
+            "the runs would write among the data they read; choose another directory"
+        )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["corpus", "train.jsonl"]
 
 
 def test_a_missing_corpus_is_named_before_the_output_dir_is_created(tmp_path, capsys):

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from densessm.files import atomic_output_dir, check_destination, check_separate, confined_file
-from densessm.loading import stored_tensor, wrong_kinds
+from densessm.loading import first_nonfinite_parameter, stored_tensor, wrong_kinds
 from densessm.models.retnet import DenseRetNetConfig, DenseRetNetForCausalLM
 from densessm.ops.retention import head_log_decays, rotation_angles
 
@@ -312,6 +312,9 @@ def convert_reference_checkpoint(
     check_separate(src, dst)
     check_destination(dst, overwrite)
     model = load_reference_model(src, dtype=dtype)
+    damaged = first_nonfinite_parameter(model)
+    if damaged is not None:  # generate and eval would stop at it; a converted copy would only move the problem
+        raise CheckpointError(f"{src}: the weights of {damaged} hold NaN or inf values: nothing was written")
     present = [name for name in TOKENIZER_FILES if (src / name).exists() or (src / name).is_symlink()]
     tokenizer_files = {name: confined_file(src, name) for name in present}
     with atomic_output_dir(dst, overwrite=overwrite) as staging:

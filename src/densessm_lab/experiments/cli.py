@@ -39,6 +39,12 @@ def _check_destinations(args: argparse.Namespace) -> None:
     check_link(out, "--output-dir")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is a file, not a directory")
+    corpus = Path(args.corpus).resolve()
+    if out.resolve() == corpus or corpus in out.resolve().parents:
+        raise UsageError(
+            f"--output-dir {out} is the corpus directory {args.corpus} or lies inside it: the runs would write among "
+            "the data they read; choose another directory"
+        )
     report = check_path(args.report, "--report")
     if report.is_dir():
         raise UsageError(f"--report {report} is a directory: name the Markdown file of the report")
