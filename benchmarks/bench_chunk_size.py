@@ -78,8 +78,8 @@ def render(results: dict, png: str) -> str:
         "Retention alone (batch 1, fp32): *train* = forward and backward of the output's sum, *prefill* = the "
         "forward alone under no_grad, keeping the final state. Each cell is the parallel form's median time over "
         "the form's (> 1: faster than parallel), forms alternated round by round. The rules "
-        "(densessm.ops.retention): chunk = the power of two nearest `sqrt(c·Dk·Dv/(Dk+Dv))` within [64, 1024], "
-        "`c` = 80 for train and 160 for prefill; `auto` runs the parallel form up to `C + 3·Dk·Dv/(Dk+Dv)` tokens.",
+        "(densessm.ops.retention): chunk = the power of two nearest `sqrt(80·Dk·Dv/(Dk+Dv))` within [64, 1024]; "
+        "`auto` runs the parallel form up to `C + 3·Dk·Dv/(Dk+Dv)` tokens.",
         "",
     ]
     chunks = [f"chunk {c}" for c in CHUNKS]
@@ -153,7 +153,7 @@ def main() -> None:
         heads, key_dim, value_dim = head_shape(preset)
         rules, rows = {}, {}
         for task in TASKS:
-            chunk = default_chunk_size(key_dim, value_dim, backward=task == "train")
+            chunk = default_chunk_size(key_dim, value_dim)
             rules[task] = {"chunk": chunk, "parallel_max": auto_parallel_max_length(chunk, key_dim, value_dim)}
             rows[task] = [
                 {"length": length, "seconds": measure(heads, key_dim, value_dim, length, args.rounds, task)}

@@ -141,7 +141,7 @@ class DenseRetNetModel(DenseSSMModel, DenseRetNetPreTrainedModel):
     def auto_parallel_max_length(self) -> int:  # from the heads' sizes: see ops.retention
         heads = self.config.num_attention_heads
         key_dim, value_dim = self.config.query_key_dim // heads, self.config.value_dim // heads
-        chunk = self.config.chunk_size or default_chunk_size(key_dim, value_dim, torch.is_grad_enabled())
+        chunk = self.config.chunk_size or default_chunk_size(key_dim, value_dim)
         return auto_parallel_max_length(chunk, key_dim, value_dim)
 
     def build_embeddings(self, config: DenseRetNetConfig) -> nn.Embedding:

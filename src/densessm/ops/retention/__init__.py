@@ -38,19 +38,17 @@ def state_ratio(key_dim: int, value_dim: int) -> float:
     return key_dim * value_dim / (key_dim + value_dim)
 
 
-def default_chunk_size(key_dim: int, value_dim: int, backward: bool = True) -> int:
+def default_chunk_size(key_dim: int, value_dim: int) -> int:
     """The chunk length of chunkwise retention for heads of ``key_dim × value_dim``: the power of two nearest
-    ``sqrt(c · Dk·Dv / (Dk + Dv))``, within [64, 1024]; ``c = 80`` when the call will be differentiated
-    (``backward``), 160 for a forward alone.
+    ``sqrt(80 · Dk·Dv / (Dk + Dv))``, within [64, 1024].
 
     A longer chunk does more work inside it (``C·(Dk + Dv)`` per token); a shorter one hands the state on more
-    often (``Dk·Dv / C`` per token, through memory). Their sum is least near ``sqrt(c · ratio)``; the constants
-    fit the fastest chunks measured on the CPU (docs/benchmarks/chunk_size.md): forward and backward, 64 for
-    heads of 64 × 256 and 128 for the 1.3B's 320 × 1,280 and the 350M's 384 × 1,536; a forward alone (prefill,
-    evaluation), where no chunk state is kept for a backward, 64 and 256. Below 64 tokens a chunk's fixed
-    cost (a few operators per chunk) outweighs what it saves, whatever the heads.
+    often (``Dk·Dv / C`` per token, through memory). Their sum is least near ``sqrt(c · ratio)``; ``c = 80`` fits
+    the fastest chunks measured on the CPU (docs/benchmarks/chunk_size.md), forward and backward as well as a
+    forward alone up to 2k tokens: 128 for the 1.3B's 320 × 1,280 and the 350M's 384 × 1,536 heads. Below 64
+    tokens a chunk's fixed cost (a few operators per chunk) outweighs what it saves, whatever the heads.
     """
-    best = math.sqrt((80 if backward else 160) * state_ratio(key_dim, value_dim))
+    best = math.sqrt(80 * state_ratio(key_dim, value_dim))
     return int(min(1024, max(64, 2 ** round(math.log2(best)))))
 
 
@@ -110,8 +108,7 @@ def retention(
             chunk = TRITON_CHUNK_SIZE if chunk_size is None else chunk_size
             out, final = load_kernels("retention").triton_chunk_retention(q, k, v, log_decay, chunk, mask, state)
         else:
-            backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, log_decay))
-            chunk = default_chunk_size(q.shape[-1], v.shape[-1], backward) if chunk_size is None else chunk_size
+            chunk = default_chunk_size(q.shape[-1], v.shape[-1]) if chunk_size is None else chunk_size
             out, final = chunkwise_retention(q, k, v, log_decay, chunk, mask=mask, state=state)
     else:
         step = None
