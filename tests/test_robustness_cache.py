@@ -160,8 +160,11 @@ def test_save_names_a_directory_or_a_parent_that_is_a_file(tmp_path):
 def test_save_refuses_a_link_unless_asked(tmp_path):
     cache = _cache(_model("retnet"))
     (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "nowhere")
-    with pytest.raises(DestinationExistsError, match=r"already exists; nothing was written \(pass overwrite=True"):
+    (tmp_path / "loop.safetensors").symlink_to(tmp_path / "loop.safetensors")
+    with pytest.raises(UsageError, match=r"cache file .*dangling.safetensors is a symlink to a missing target"):
         cache.save(tmp_path / "dangling.safetensors")
+    with pytest.raises(UsageError, match=r"cache file .*loop.safetensors is a symlink loop; name another path"):
+        cache.save(tmp_path / "loop.safetensors")
     assert not (tmp_path / "nowhere").exists()
     cache.save(tmp_path / "dangling.safetensors", overwrite=True)
     assert RecurrentCache.load(tmp_path / "dangling.safetensors").steps == PROMPT.shape[1]
@@ -180,6 +183,16 @@ def test_save_refuses_a_link_unless_asked(tmp_path):
 def test_a_cache_needs_a_positive_number_of_layers(num_layers, error, message):
     with pytest.raises(error, match=message):
         RecurrentCache(num_layers)
+
+
+@pytest.mark.parametrize("repeats", [2.5, -1, 0, True, "2"])
+def test_batch_repeat_interleave_names_a_count_that_is_no_positive_int(repeats):
+    cache = _cache(_model("retnet"))
+    with pytest.raises(ValueError, match=r"repeats must be a positive int \(copies of each row\), got"):
+        cache.batch_repeat_interleave(repeats)
+    assert cache.batch_size == 2
+    cache.batch_repeat_interleave(2)
+    assert cache.batch_size == 4 and cache.token_digest.shape == (4,)
 
 
 def test_a_clone_is_detached_from_the_graph_that_made_the_state():

@@ -502,6 +502,40 @@ def test_a_transformed_model_refuses_a_backward_rather_than_train_nothing(transf
 
 
 @pytest.mark.parametrize(
+    "transform",
+    [fuse_projections, lambda m: prepack_for_cpu(m, min_weight=1), lambda m: quantize_int8(m, min_weight=0)],
+)
+def test_a_transformed_model_made_to_require_gradients_again_refuses_to_train(transform):
+    """``requires_grad_(True)`` on a transformed model made its backward run again, a step that changed nothing
+    (prepacked): its forward with gradients on refuses instead; under no_grad, or frozen, it still runs."""
+    model = transform(_model("mamba"))
+    ids = TOKENS[:, :4]
+    assert model(ids).logits.shape[1] == 4  # frozen: a forward with gradients on is inference
+    model.requires_grad_(True)
+    with pytest.raises(InferenceOnlyError, match="cannot train .*a parameter was made to require gradients again"):
+        model(ids, labels=ids)
+    with torch.no_grad():
+        assert model(ids).logits.shape[1] == 4
+
+
+def test_a_prepacked_model_refuses_to_be_copied_or_pickled(tmp_path):
+    """oneDNN's packed weights have no storage: copy.deepcopy and torch.save failed with a raw backend error."""
+    import copy
+    import pickle
+
+    model = prepack_for_cpu(_model("retnet"), min_weight=1)
+    for attempt in (
+        lambda: copy.deepcopy(model),
+        lambda: pickle.dumps(model),
+        lambda: torch.save(model, tmp_path / "m"),
+    ):
+        with pytest.raises(
+            InferenceOnlyError, match="cannot copy or pickle PrepackedLinear: .* copy or save the original"
+        ):
+            attempt()
+
+
+@pytest.mark.parametrize(
     ("convert", "problem"),
     [
         (lambda m: m.half(), "compute in float32, not in float16"),

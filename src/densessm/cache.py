@@ -56,7 +56,7 @@ from safetensors.torch import save
 from transformers import Cache
 
 from densessm.errors import UsageError
-from densessm.files import DestinationExistsError, atomic_write_bytes, check_path
+from densessm.files import DestinationExistsError, atomic_write_bytes, check_link, check_path
 
 _FORMAT = "densessm.RecurrentCache/2"
 _UNCHECKED_FORMATS = ("densessm.RecurrentCache/1",)  # no identity recorded: readable with check_model=False
@@ -305,6 +305,8 @@ class RecurrentCache(Cache):
         self._map_batch(lambda t: t[indices.to(t.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be a positive int (copies of each row), got {repeats!r}")
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def to(self, device: str | torch.device) -> RecurrentCache:
@@ -361,6 +363,7 @@ class RecurrentCache(Cache):
                 "this cache records no model identity (it was built by hand, or loaded or marked unchecked): "
                 "set cache.identity = model.state_identity() for the model it belongs to, then save"
             )
+        check_link(path, "cache file", overwrite)  # a symlink loop or one to nowhere: named, not "already exists"
         if (path.exists() or path.is_symlink()) and not overwrite:
             raise _exists(path)
         # contiguous copies: a state tensor may be a strided view sharing memory with another (safetensors refuses)

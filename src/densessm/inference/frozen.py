@@ -77,7 +77,18 @@ def seal_for_inference(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     if not isinstance(vars(model).get("_apply"), functools.partial):
         model._apply = functools.partial(_apply_checked, model)
+        model.register_forward_pre_hook(_refuse_training_forward)
     return model.eval()
+
+
+def _refuse_training_forward(model: nn.Module, args: tuple) -> None:
+    """A forward that could start a training step (gradients on, a parameter made to require them again) is
+    refused: the transformed modules' weights are copies a step would not update. Free under no_grad."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        raise InferenceOnlyError(
+            f"cannot train {type(model).__name__}: {_WHY}, and a parameter was made to require gradients again; "
+            "train the original model instead"
+        )
 
 
 class SiLULinear(nn.Linear):

@@ -24,6 +24,12 @@ def prepacking_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+_NO_COPY = (
+    "cannot copy or pickle PrepackedLinear: oneDNN's packed weights have no storage to copy; copy or save the "
+    "original model, then prepack the copy"
+)
+
+
 class PrepackedLinear(InferenceOnly):
     """A linear layer whose weight is stored in oneDNN's blocked layout (fp32 or bf16, CPU only). Made from a
     :class:`~densessm.inference.frozen.SiLULinear`, it applies the silu in the kernel (oneDNN's ``swish``
@@ -51,6 +57,12 @@ class PrepackedLinear(InferenceOnly):
         # the kernel wants the weight's dtype (autocast does not see this op), so cast as nn.Linear would
         x = x.to(self.weight.dtype).contiguous()
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, [], "")
+
+    def __deepcopy__(self, memo: dict) -> PrepackedLinear:
+        raise InferenceOnlyError(_NO_COPY)
+
+    def __reduce_ex__(self, protocol: int):  # pickle, torch.save
+        raise InferenceOnlyError(_NO_COPY)
 
     def conversion_problem(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
         """oneDNN's packed layout exists on the CPU and in the dtype it was packed in only."""
