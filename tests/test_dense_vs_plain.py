@@ -256,6 +256,29 @@ def test_a_grid_shape_naming_a_field_the_configuration_lacks_is_refused(monkeypa
         grid_configs(SCALES["smoke"], tokenizer)
 
 
+@pytest.mark.parametrize("part", ["dense", "widen"])
+def test_a_grid_shape_naming_another_family_is_refused(monkeypatch, part):
+    """A model_type in a shape was dropped without a word (the family's class decides it)."""
+    import densessm_lab.experiments.dense_vs_plain as experiment
+
+    real = experiment.load_grid_shape
+
+    def other_family(family, scale):
+        shape = real(family, scale)
+        if family == "mamba2" and shape is not None:
+            shape = {**shape, part: {**shape[part], "model_type": "dense_retnet"}}
+        return shape
+
+    monkeypatch.setattr(experiment, "load_grid_shape", other_family)
+    tokenizer = train_bpe((d["text"] for d in sotu(2)), 300)
+    with pytest.raises(ValueError) as error:
+        grid_configs(SCALES["smoke"], tokenizer)
+    assert str(error.value) == (
+        "grid shape mamba2_smoke.json sets model_type, which the file's name decides (the mamba2 family): remove "
+        "them from the file"
+    )
+
+
 @pytest.mark.parametrize("field", ["dense_block_layers", "vocab_size"])
 def test_a_grid_shape_setting_a_field_the_grid_decides_is_refused(monkeypatch, field):
     """A shape holding m = 0 would make the "dense" model its plain twin, and the report plain-vs-plain."""

@@ -231,6 +231,10 @@ def prepare_tokenizer(corpus: Path, out: Path, vocab_size: int) -> PreTrainedTok
     return tokenizer
 
 
+FAMILY_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version")
+"""Configuration keys a grid shape cannot set: the family's class decides them."""
+
+
 def grid_configs(scale: Scale, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreTrainedConfig]:
     """The configurations of the grid: each member's dense model (its grid shape laid over its family's tiny
     preset, ``dense_<family>_tiny``) and its ``m = 0`` baseline widened to match."""
@@ -250,6 +254,12 @@ def grid_configs(scale: Scale, tokenizer: PreTrainedTokenizerBase) -> dict[str, 
         unknown = sorted((set(member.dense) | set(member.widen)) - known)
         if unknown:  # a misspelt field would be stored in the config and change nothing
             raise ValueError(f"{where} names fields {type(preset).__name__} does not have: {', '.join(unknown)}")
+        named = sorted(set(FAMILY_FIELDS) & (set(member.dense) | set(member.widen)))
+        if named:  # the class decides them: a value here would be dropped without a word
+            raise ValueError(
+                f"{where} sets {', '.join(named)}, which the file's name decides (the {member.family.name} family): "
+                "remove them from the file"
+            )
         given = dict(common)
         if hasattr(preset, "max_position_embeddings"):  # a family with a position limit: room for a block
             given["max_position_embeddings"] = max(512, scale.block_size)
