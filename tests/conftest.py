@@ -53,6 +53,16 @@ def golden_dir() -> Path:
     return GOLDEN
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (training runs on 2 shared cores: oversubscribed threads wait on each
+    other), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -23,12 +23,7 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _numbers(value, path: str = "") -> list[tuple[str, float]]:

@@ -20,13 +20,7 @@ from densessm.presets import load_preset
 from densessm.run_state import last_complete_checkpoint
 from densessm.train import NonFiniteLossError, main, parse_args
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_training_lowers_the_loss_and_writes_model_metrics_sample_and_plot(tmp_path, capsys):

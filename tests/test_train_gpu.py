@@ -19,12 +19,7 @@ from densessm.train import NonFiniteGuard, NonFiniteLossError, main, parse_args
 CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -325,7 +325,12 @@ def prepare_step(
             position_ids = start[:, None] + mask.long().cumsum(-1) - 1
     elif not compiling:
         _check_position_ids(position_ids, batch, length)
-    vectors = None if cache is None or compiling else embedding_values(hidden)
+    # the input vectors as integers, only where the vector digest will be extended by them (a fresh cache, or one
+    # whose digest covers every step so far): a server's batch cache keeps none, and its steps skip the work
+    extended = cache is not None and (
+        not carried or (cache.embedding_digest is not None and cache.embedding_digest_steps == cache.steps)
+    )
+    vectors = embedding_values(hidden) if extended and not compiling else None
     return StepInputs(cache, carried, mask, start, position_ids.to(device), input_ids, vectors)
 
 

@@ -124,7 +124,7 @@ DRY_RUN = Plan(
     matmul_size=256,
 )
 
-# The issue's targets (one H200, bf16): (section, model, what, at, minimum or maximum, value).
+# The GPU path's targets (one H200, bf16): (section, model, what, at, minimum or maximum, value).
 TARGETS = (
     ("train", "dense_retnet_350m", "tokens/s", None, "min", 60_000),
     ("train", "dense_mamba_360m", "tokens/s", None, "min", 40_000),
@@ -551,7 +551,7 @@ def _decode_batch(plan: Plan, pair, models, batch: int, config, copy_gb_s, resul
 
 
 def check_targets(results: dict) -> list[dict]:
-    """The issue's targets against what was measured (``met`` is None where nothing was)."""
+    """The GPU path's targets against what was measured (``met`` is None where nothing was)."""
     rows = []
     for section, model, what, at, kind, value in TARGETS:
         measured = None

@@ -40,7 +40,7 @@ def treatment(
 
 def write_json(results: dict, out: Path) -> None:
     """The results as ``out.json``: at the end, and after each model (``meta.complete`` false until done), so a
-    run cut short (a GPU session's time limit) leaves what it measured."""
+    run cut short (a GPU machine's time limit) leaves what it measured."""
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n", overwrite=True)
 
