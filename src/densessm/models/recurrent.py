@@ -327,10 +327,13 @@ def prepare_step(
         _check_position_ids(position_ids, batch, length)
     # the input vectors as integers, only where the vector digest will be extended by them (a fresh cache, or one
     # whose digest covers every step so far): a server's batch cache keeps none, and its steps skip the work
-    extended = cache is not None and (
-        not carried or (cache.embedding_digest is not None and cache.embedding_digest_steps == cache.steps)
+    # (never inside a compiled step: reading cache.steps there would specialise the compiled code on its value)
+    extended = (
+        not compiling
+        and cache is not None
+        and (not carried or (cache.embedding_digest is not None and cache.embedding_digest_steps == cache.steps))
     )
-    vectors = embedding_values(hidden) if extended and not compiling else None
+    vectors = embedding_values(hidden) if extended else None
     return StepInputs(cache, carried, mask, start, position_ids.to(device), input_ids, vectors)
 
 
