@@ -236,8 +236,7 @@ def test_a_grid_shape_the_configuration_rejects_is_one_line_naming_the_file(monk
     assert message.endswith("must equal num_heads * head_dim (94)") and "\n" not in message, message
 
 
-def test_a_grid_shape_naming_a_field_the_configuration_lacks_is_refused(monkeypatch):
-    """A misspelt field in a shape file would be stored in the config and change nothing: named instead."""
+def _misspell_the_mamba_shape(monkeypatch) -> None:
     import densessm_lab.experiments.dense_vs_plain as experiment
 
     real = experiment.load_grid_shape
@@ -249,6 +248,11 @@ def test_a_grid_shape_naming_a_field_the_configuration_lacks_is_refused(monkeypa
         return shape
 
     monkeypatch.setattr(experiment, "load_grid_shape", misspelt)
+
+
+def test_a_grid_shape_naming_a_field_the_configuration_lacks_is_refused(monkeypatch):
+    """A misspelt field in a shape file would be stored in the config and change nothing: named instead."""
+    _misspell_the_mamba_shape(monkeypatch)
     tokenizer = train_bpe((d["text"] for d in sotu(2)), 300)
     with pytest.raises(
         ValueError, match="^grid shape mamba_smoke.json names fields DenseMambaConfig does not have: typo_layers$"
@@ -300,3 +304,22 @@ def test_a_grid_shape_setting_a_field_the_grid_decides_is_refused(monkeypatch, f
         f"grid shape mamba_smoke.json sets {field}, which the grid decides (m, the tokenizer's vocabulary and "
         "special tokens, the position limit): remove them from the file"
     )
+
+
+def test_a_bad_grid_shape_is_refused_before_the_tokenizer_is_trained(monkeypatch, tmp_path):
+    """The shape checks ran after the BPE training (minutes at the larger scales) and left its folders behind."""
+    import densessm_lab.experiments.dense_vs_plain as experiment
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained before the grid shapes were checked")
+
+    _misspell_the_mamba_shape(monkeypatch)
+    monkeypatch.setattr(experiment, "train_bpe", no_training)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in experiment.SPLITS:
+        (corpus / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in sotu(2)))
+    out = tmp_path / "grid"
+    with pytest.raises(ValueError, match="^grid shape mamba_smoke.json names fields DenseMambaConfig does not have"):
+        experiment.prepare(corpus, out, SCALES["smoke"])
+    assert not out.exists()

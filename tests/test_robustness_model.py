@@ -344,6 +344,8 @@ def test_bad_retnet_configs_are_named(overrides, message):
         ({"time_step_floor": -1.0}, "time_step_floor must be a finite number >= 0"),
         ({"time_step_scale": float("nan")}, "time_step_scale must be a finite number >= 0"),
         ({"initializer_range": -0.1}, "initializer_range must be a finite number >= 0"),
+        ({"pad_token_id": -1}, r"pad_token_id -1 is not a token id of the vocabulary \[0, 97\)"),
+        ({"pad_token_id": 97}, "pad_token_id 97 is not a token id"),
     ],
 )
 def test_bad_mamba_configs_are_named(overrides, message):
@@ -555,3 +557,28 @@ def test_an_int8_model_refuses_another_dtype_before_anything_changes(convert, pr
     assert model.to("cpu").float().to(torch.float32) is model  # what changes nothing still works
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected)
+
+
+def test_a_mamba2_pad_token_outside_the_vocabulary_is_named():
+    from densessm import DenseMamba2Config
+
+    with pytest.raises(StrictDataclassClassValidationError, match="pad_token_id -1 is not a token id") as error:
+        DenseMamba2Config(vocab_size=97, pad_token_id=-1)
+    assert isinstance(error.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_refuses_a_right_padded_prompt_batch(family):
+    """Decoding continues each row from its last position: a row ending in padding continued from the pad token
+    (a silently wrong answer, transformers only warns). Left padding gives the per-row answers."""
+    model = _model(family)
+    tokens = torch.randint(3, 90, (2, 6))
+    right = torch.ones_like(tokens)
+    right[1, 4:] = 0
+    with pytest.raises(ValueError, match=r"^row 1 of the attention_mask ends in padding \(right padding\).*'left'"):
+        model.generate(tokens, attention_mask=right, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    left = right.flip(1)
+    padded = torch.cat([tokens[1:, 4:], tokens[1:, :4]], dim=1)  # the row's 4 tokens, on the right of 2 pads
+    out = model.generate(torch.cat([tokens[:1], padded]), attention_mask=left, max_new_tokens=2, do_sample=False)
+    alone = model.generate(tokens[1:, :4], max_new_tokens=2, do_sample=False)
+    assert torch.equal(out[1, -2:], alone[0, -2:])

@@ -49,6 +49,7 @@ from importlib import import_module
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 from densessm.files import DestinationExistsError, atomic_output_dir
@@ -202,7 +203,10 @@ class FamilyTester:
 
     def prepare_config_and_inputs_for_common(self):
         input_ids = common.ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
-        attention_mask = common.random_attention_mask([self.batch_size, self.seq_length])
+        # left padding, as generation takes it (a row ending in padding is refused); transformers' random mask may
+        # end a row in padding
+        starts = torch.randint(0, self.seq_length, (self.batch_size, 1))
+        attention_mask = (torch.arange(self.seq_length) >= starts).long().to(input_ids.device)
         return self.get_config(), {"input_ids": input_ids, "attention_mask": attention_mask}
 
 

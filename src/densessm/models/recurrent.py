@@ -676,6 +676,21 @@ def _checked_positions(positions: torch.Tensor, length: int) -> torch.Tensor:
     return positions.to(torch.long)
 
 
+def check_left_padded(attention_mask: object) -> None:
+    """Refuse a prompt batch whose padding is on the right: decoding continues every row from its last position,
+    so a row ending in padding would continue from a pad token instead of its text, a silently wrong answer
+    (transformers only warns)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or attention_mask.numel() == 0:
+        return
+    ended = attention_mask[:, -1] == 0
+    if bool(ended.any()):
+        row = int(ended.nonzero()[0, 0])
+        raise ValueError(
+            f"row {row} of the attention_mask ends in padding (right padding): generation continues each row from "
+            "its last position, so pad the prompts on the left (tokenizer padding_side='left')"
+        )
+
+
 class RecurrentGenerationMixin:
     """``GenerationMixin`` hooks for models whose cache is a :class:`RecurrentCache` they create themselves,
     and the LM head's part of their forward."""
@@ -735,6 +750,7 @@ class RecurrentGenerationMixin:
                 "prefill_chunk_size is not taken by this model: pass mode='chunkwise' (and chunk_size=N), which "
                 "prefills chunk by chunk inside one forward, holding one chunk's activations at a time"
             )
+        check_left_padded(kwargs.get("attention_mask"))
         if isinstance(cache, RecurrentCache) and not cache.is_empty:
             if kwargs.get("use_cache") is False:
                 raise ValueError("generate() was given a cache and use_cache=False: pass use_cache=True to continue it")

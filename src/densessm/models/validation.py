@@ -45,3 +45,13 @@ def check_dense_block_layers(config: PreTrainedConfig) -> None:
             f"dense_block_layers={m} exceeds the {layers - 1} layer(s) below the top of a {layers}-layer model: "
             f"use at most {layers - 1} (0 for a plain model)"
         )
+
+
+def check_pad_token_id(config: PreTrainedConfig) -> None:
+    """``pad_token_id`` is None or a token of the vocabulary: the embedding's padding row and the padded positions
+    of generated batches are indexed by it (transformers only warns)."""
+    pad = config.pad_token_id
+    if pad is None:
+        return
+    if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or not 0 <= pad < config.vocab_size:
+        raise ValueError(f"pad_token_id {pad!r} is not a token id of the vocabulary [0, {config.vocab_size})")

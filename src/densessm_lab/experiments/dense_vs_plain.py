@@ -40,7 +40,7 @@ from densessm.files import atomic_write_text
 from densessm.models import FAMILIES, Family
 from densessm.presets import load_grid_shape, load_preset
 from densessm.run_state import last_complete_checkpoint
-from densessm.tokenizer import load_tokenizer, train_bpe
+from densessm.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_bpe
 from densessm_lab.experiments.matching import explicit_fields, matched_baseline, non_embedding_parameters
 
 logger = logging.getLogger(__name__)
@@ -235,16 +235,23 @@ FAMILY_FIELDS = ("model_type", "architectures", "auto_map", "transformers_versio
 """Configuration keys a grid shape cannot set: the family's class decides them."""
 
 
-def grid_configs(scale: Scale, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreTrainedConfig]:
+def grid_configs(scale: Scale, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, PreTrainedConfig]:
     """The configurations of the grid: each member's dense model (its grid shape laid over its family's tiny
-    preset, ``dense_<family>_tiny``) and its ``m = 0`` baseline widened to match."""
-    common = {
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "dense_block_layers": scale.dense_block_layers,
-    }
+    preset, ``dense_<family>_tiny``) and its ``m = 0`` baseline widened to match. With ``tokenizer=None``, for
+    the tokenizer the grid will train (the scale's vocabulary, special tokens first): a bad grid shape is refused
+    before minutes of BPE training."""
+    if tokenizer is None:
+        special = ("pad_token_id", "bos_token_id", "eos_token_id")
+        token_fields = dict(zip(special, range(len(SPECIAL_TOKENS)), strict=True))
+        token_fields["vocab_size"] = scale.vocab_size
+    else:
+        token_fields = {
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+    common = token_fields | {"dense_block_layers": scale.dense_block_layers}
     configs = {}
     for member in scale.members():
         dense_name, plain_name = model_names(member.family)
@@ -318,6 +325,7 @@ def prepare(corpus: Path, out: Path, scale: Scale) -> dict:
     for split in SPLITS:  # before anything is created
         split_file(corpus, split)
     check_same_grid(out, corpus, scale)
+    grid_configs(scale, None)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = prepare_tokenizer(corpus, out / "tokenizer", scale.vocab_size)
     held_out = {}

@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from densessm.models.validation import check_dense_block_layers, check_positive_float, check_positive_int, is_number
+from densessm.models.validation import (
+    check_dense_block_layers,
+    check_pad_token_id,
+    check_positive_float,
+    check_positive_int,
+    is_number,
+)
 from densessm.modes import MODES
 
 
@@ -136,6 +142,7 @@ class DenseMamba2Config(PreTrainedConfig):
                 f"{self.num_heads}"
             )
         check_dense_block_layers(self)
+        check_pad_token_id(self)
         check_positive_float(self, "layer_norm_epsilon")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (the Mamba-2 block), got {self.hidden_act!r}")

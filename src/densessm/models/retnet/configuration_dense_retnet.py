@@ -9,6 +9,7 @@ from transformers import PreTrainedConfig
 
 from densessm.models.validation import (
     check_dense_block_layers,
+    check_pad_token_id,
     check_positive_float,
     check_positive_int,
     is_number,
@@ -121,10 +122,7 @@ class DenseRetNetConfig(PreTrainedConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not is_number(self.initializer_range) or not 0 <= self.initializer_range < math.inf:
             raise ValueError(f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(
-                f"pad_token_id {self.pad_token_id} is not a token id of the vocabulary [0, {self.vocab_size})"
-            )
+        check_pad_token_id(self)
         if self.forward_mode not in MODES:
             raise ValueError(f"unknown forward_mode {self.forward_mode!r}: expected one of {', '.join(MODES)}")
 
