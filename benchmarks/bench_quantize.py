@@ -1,10 +1,12 @@
 """int8 weights against float32: decode step speed at the real model sizes, and the perplexity they cost.
 
 Speed: each preset is built once (random weights: a step's cost does not depend on their values) and copied;
-one copy decodes as ``densessm generate`` runs it (fp32, prepacked), the other as ``densessm generate
---quantize int8`` does (int8, the layers left in float prepacked). Single decode steps of the two alternate
-in one process (which goes first alternates too), so the drift of a shared machine hits both alike; the
-ratio reported is the median of the per-round ratios, at each batch size and intra-op thread count.
+one copy decodes as ``densessm generate`` runs it (fp32, prepacked, the fused decode step), the other as
+``densessm generate --quantize int8`` does (int8, the layers left in float prepacked, the fused decode step):
+both through :func:`~densessm.inference.decoding.prepare_for_decoding`, the commands' own preparation. Single
+decode steps of the two alternate in one process (which goes first alternates too), so the drift of a shared
+machine hits both alike; the ratio reported is the median of the per-round ratios, at each batch size and
+intra-op thread count.
 
 Perplexity: for each trained model directory, the trainer's validation split of the bundled corpus (the
 same blocks ``densessm train`` evaluated on, rebuilt with the model's tokenizer), every block scored whole,
@@ -33,13 +35,16 @@ from transformers import AutoTokenizer
 
 from densessm.data import DataArguments, load_blocks
 from densessm.evaluation.perplexity import score_carried
-from densessm.inference import Int8Linear, PrepackedLinear, prepack_for_cpu, quantize_int8
+from densessm.inference import Int8Linear, PrepackedLinear, quantize_int8
+from densessm.inference.decoding import prepare_for_decoding
+from densessm.inference.fused_step import FusedStepMambaMixer, FusedStepRetention
 from densessm.loading import load_causal_lm
 from densessm_lab.bench.measure import WARMUP_ROUNDS, alternate, copy_bandwidth, decoder
 from densessm_lab.bench.models import build
 from densessm_lab.bench.results import refuse_existing, write_results
 
 PRESETS = ("dense_retnet_350m", "dense_mamba_360m")
+FUSED_STEP_MIXERS = (FusedStepMambaMixer, FusedStepRetention)
 PRODUCT = (1536, 7776)  # DenseRetNet-350M's fused projection: q, k, v and its gate, the dense gates' first layers
 
 
@@ -82,9 +87,10 @@ def products(batches: list[int], threads: list[int], rounds: int) -> dict:
 def speed(name: str, batches: list[int], threads: list[int], rounds: int, context: int) -> list[dict]:
     """Alternating fp32 / int8 decode steps of preset ``name``: one record per (threads, batch)."""
     fp32 = build(name, torch.float32)
-    int8 = quantize_int8(copy.deepcopy(fp32))
-    for model in (fp32, int8):
-        prepack_for_cpu(model)
+    int8 = copy.deepcopy(fp32)
+    for model, quantize in ((fp32, None), (int8, "int8")):
+        prepare_for_decoding(model, quantize, prepack=True, compiled=False)
+    fused = any(isinstance(m, FUSED_STEP_MIXERS) for m in fp32.modules())
     records = []
     for count in threads:
         torch.set_num_threads(count)
@@ -104,6 +110,7 @@ def speed(name: str, batches: list[int], threads: list[int], rounds: int, contex
                     "fp32_step_s": statistics.median(times[0]),
                     "int8_step_s": statistics.median(times[1]),
                     "speedup": statistics.median(a / b for a, b in zip(*times, strict=True)),
+                    "fused_step": fused,
                 }
             )
             print(
@@ -166,15 +173,16 @@ def render(results: dict, png: str) -> str:
         "",
         f"`{results['command']}` — {results['date']}, {results['machine']}",
         "",
-        "Decode step, float32 (prepacked) against int8 weights (the rest prepacked), alternating single steps; "
+        "Decode step as the commands prepare it (`prepare_for_decoding`): float32 (prepacked) against int8 "
+        "weights (the rest prepacked), both with the fused decode step where it builds; alternating single steps; "
         "the speed-up is the median of the per-round ratios.",
         "",
-        "| model | threads | batch | copy GB/s | fp32 step (ms) | int8 step (ms) | speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | threads | batch | fused step | copy GB/s | fp32 step (ms) | int8 step (ms) | speed-up |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['model']} | {r['threads']} | {r['batch']} | {r['copy_gb_s']:.0f} | {r['fp32_step_s'] * 1e3:.1f} | "
-        f"{r['int8_step_s'] * 1e3:.1f} | {r['speedup']:.2f}× |"
+        f"| {r['model']} | {r['threads']} | {r['batch']} | {'yes' if r.get('fused_step') else 'no'} | "
+        f"{r['copy_gb_s']:.0f} | {r['fp32_step_s'] * 1e3:.1f} | {r['int8_step_s'] * 1e3:.1f} | {r['speedup']:.2f}× |"
         for r in results["speed"]
     ]
     fewest = {(r["model"], r["batch"]): r for r in sorted(results["speed"], key=lambda r: -r["threads"])}

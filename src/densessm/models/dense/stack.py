@@ -299,15 +299,16 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
         """The whole stack over ``chunk_size`` tokens at a time, each chunk starting from the states the previous
         one left: exact. For a mixer without a chunkwise form this is its chunkwise mode (parallel inside: the
         activations of one chunk are all that is held at a time). A mixer with one runs long inputs so too
-        (``inner_mode`` chunkwise, ``inner_chunk_size`` its chunk): every elementwise pass of a layer then
-        works on a piece that stays in the cache instead of streaming the whole sequence through memory, so
+        (``inner_mode`` chunkwise, ``inner_chunk_size`` its chunk, None: the mixer's own choice, never the
+        piece: a piece taken as one chunk would be quadratic in its length): every elementwise pass of a layer
+        then works on a piece that stays in the cache instead of streaming the whole sequence through memory, so
         tokens/s holds as the input grows (docs/benchmarks/chunkwise_long.md)."""
+        inner = chunk_size if inner_mode == "parallel" else inner_chunk_size
         pieces, piece_inputs = [], []
         # split, not a slice per chunk: the backward of each slice would fill a zero tensor the size of the
         # whole input, a cost quadratic in the number of chunks
         for start, chunk in zip(range(0, hidden.shape[1], chunk_size), hidden.split(chunk_size, 1), strict=True):
             piece = step.piece(start, start + chunk_size)
-            inner = chunk_size if inner_chunk_size is None else inner_chunk_size
             out, states, inputs = self._layers(chunk, piece, inner_mode, inner, states, output_hidden_states, True)
             pieces.append(out)
             piece_inputs.append(inputs)
