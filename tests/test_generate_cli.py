@@ -49,6 +49,10 @@ def test_sampling_with_seed_is_reproducible(model_dir, capsys):
     ("extra", "message"),
     [
         (["--temperature", "0"], "argument --temperature: must be greater than 0, got 0"),
+        (
+            ["--do-sample", "--temperature", "1e-300"],
+            "argument --temperature: must be at least 1e-06, got 1e-300: a smaller one overflows the logits",
+        ),
         (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
         (["--top-k", "-1"], "argument --top-k: must be 0 or more, got -1"),
         (["--max-new-tokens", "0"], "argument --max-new-tokens: must be a positive integer, got 0"),

@@ -8,6 +8,7 @@ at masked positions, which must change nothing for the real tokens in any mode o
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -577,8 +578,28 @@ def test_generate_refuses_a_right_padded_prompt_batch(family):
     right[1, 4:] = 0
     with pytest.raises(ValueError, match=r"^row 1 of the attention_mask ends in padding \(right padding\).*'left'"):
         model.generate(tokens, attention_mask=right, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    # no mask: generate() infers it from the padding token, and the refusal stands
+    padded_right = tokens.clone()
+    padded_right[1, 4:] = 0
+    with pytest.raises(ValueError, match=r"^row 1 of the attention_mask ends in padding"):
+        model.generate(padded_right, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=2)
+    for wrong in (right.numpy(), right.tolist()):
+        with pytest.raises(ValueError, match="^attention_mask must be a torch.Tensor, got "):
+            model.generate(tokens, attention_mask=wrong, max_new_tokens=2, do_sample=False)
     left = right.flip(1)
     padded = torch.cat([tokens[1:, 4:], tokens[1:, :4]], dim=1)  # the row's 4 tokens, on the right of 2 pads
     out = model.generate(torch.cat([tokens[:1], padded]), attention_mask=left, max_new_tokens=2, do_sample=False)
     alone = model.generate(tokens[1:, :4], max_new_tokens=2, do_sample=False)
     assert torch.equal(out[1, -2:], alone[0, -2:])
+
+
+@pytest.mark.parametrize("transform", ["quantize_int8", "prepack_for_cpu"])
+@pytest.mark.parametrize("min_weight", ["x", None, 2.5, -1, True])
+def test_a_transform_names_a_min_weight_that_is_no_count(transform, min_weight):
+    """A string or None failed inside with a bare comparison error; the model is left as it was."""
+    model = _model("retnet")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"^min_weight must be an integer >= 0, got {re.escape(repr(min_weight))}$"):
+        {"quantize_int8": quantize_int8, "prepack_for_cpu": prepack_for_cpu}[transform](model, min_weight=min_weight)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())

@@ -357,6 +357,17 @@ def test_compiled_decode_steps_give_the_same_tokens(engines):
     assert set(engine.slots._views) <= {1, 2, 4}
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-45])
+def test_a_tiny_temperature_draws_the_most_likely_token(temperature):
+    """Dividing the logits by a subnormal temperature overflowed them all (a NaN distribution, an internal
+    error): the largest is subtracted first, so the distribution is the most likely token's."""
+    from densessm.serving.sampling import Sampler, SamplingParams
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.0])
+    sampler = Sampler(SamplingParams(max_tokens=1, temperature=temperature), seed=1, device=torch.device("cpu"))
+    assert [sampler(logits)[0] for _ in range(5)] == [1] * 5
+
+
 def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token():
     """top_p = 1e-300 reads as 0 in float32: the nucleus is then the most likely token alone, never empty."""
     from densessm.serving.sampling import Sampler, SamplingParams

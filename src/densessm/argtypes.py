@@ -42,6 +42,21 @@ def positive_float(text: str) -> float:
     return value
 
 
+MIN_TEMPERATURE = 1e-6
+
+
+def temperature(text: str) -> float:
+    """A sampling temperature: the logits are divided by it, so one below ``MIN_TEMPERATURE`` overflows them
+    (a NaN distribution); the most likely token is greedy decoding's."""
+    value = positive_float(text)
+    if value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_TEMPERATURE:g}, got {text}: a smaller one overflows the logits (for the most "
+            "likely token, leave out --do-sample)"
+        )
+    return value
+
+
 def finite_float(text: str) -> float:
     return _number(text, float)
 
@@ -61,4 +76,13 @@ def path_name(text: str) -> str:
     return text
 
 
-__all__ = ["finite_float", "nonnegative_int", "path_name", "positive_float", "positive_int", "seed"]
+__all__ = [
+    "MIN_TEMPERATURE",
+    "finite_float",
+    "nonnegative_int",
+    "path_name",
+    "positive_float",
+    "positive_int",
+    "seed",
+    "temperature",
+]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, TextStreamer
 
-from densessm.argtypes import nonnegative_int, path_name, positive_float, positive_int, seed
+from densessm.argtypes import nonnegative_int, path_name, positive_float, positive_int, seed, temperature
 from densessm.errors import UsageError
 from densessm.inference import QUANTIZE_CHOICES, int8_problem, prepare_for_decoding
 from densessm.loading import load_causal_lm, load_tokenizer_dir, raise_nonfinite, read_config
@@ -66,7 +66,7 @@ def add_generate_parser(sub) -> None:
     parser.add_argument("--tokenizer", type=path_name, help="tokenizer directory (default: MODEL_DIR)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--temperature", type=temperature, default=1.0)
     parser.add_argument("--top-k", type=nonnegative_int, default=50)
     parser.add_argument("--top-p", type=positive_float, default=1.0, help="in (0, 1]")
     parser.add_argument("--repetition-penalty", type=positive_float, default=1.0)

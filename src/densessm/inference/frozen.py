@@ -9,6 +9,7 @@ model it sits in.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -89,6 +90,13 @@ def _refuse_training_forward(model: nn.Module, args: tuple) -> None:
             f"cannot train {type(model).__name__}: {_WHY}, and a parameter was made to require gradients again; "
             "train the original model instead"
         )
+
+
+def check_count(name: str, value: object, minimum: int = 0) -> None:
+    """A transform's size argument is an int of at least ``minimum`` (a string or float would fail deep inside
+    with a bare comparison error)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 class SiLULinear(nn.Linear):

@@ -750,11 +750,12 @@ class RecurrentGenerationMixin:
                 "prefill_chunk_size is not taken by this model: pass mode='chunkwise' (and chunk_size=N), which "
                 "prefills chunk by chunk inside one forward, holding one chunk's activations at a time"
             )
-        check_left_padded(kwargs.get("attention_mask"))
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise ValueError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
         if isinstance(cache, RecurrentCache) and not cache.is_empty:
             if kwargs.get("use_cache") is False:
                 raise ValueError("generate() was given a cache and use_cache=False: pass use_cache=True to continue it")
-            mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 # generate() drops an all-ones mask before the first step: its length says what the input holds
                 kwargs["_mask_length"] = mask.shape[1]
@@ -784,6 +785,8 @@ class RecurrentGenerationMixin:
         if cache is not None and not isinstance(cache, RecurrentCache):
             raise TypeError(f"cache must be a densessm RecurrentCache, got {type(cache).__name__}")
         kwargs.pop("position_ids", None)
+        if is_first_iteration:  # the mask given, or the one generate() inferred from the padding token
+            check_left_padded(attention_mask)
         embeds = inputs_embeds if is_first_iteration else None  # embeddings stand for the prompt only
         inputs, what = (input_ids, "input_ids") if embeds is None else (embeds, "inputs_embeds")
         if cache is not None and not cache.is_empty:

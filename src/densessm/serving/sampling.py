@@ -81,7 +81,15 @@ class Sampler:
         if params.greedy:
             token = int(scores.argmax())
         else:
-            probs = torch.softmax(scores / params.temperature, dim=-1)
+            # shifted by the largest score first (the same distribution): a tiny temperature then sends the
+            # others to -inf instead of every score to +-inf (a NaN distribution). One that is 0 in the scores'
+            # precision gives the limit: the most likely tokens, equally
+            shifted = scores - scores.max()
+            if params.temperature >= torch.finfo(scores.dtype).tiny:
+                probs = torch.softmax(shifted / params.temperature, dim=-1)
+            else:
+                probs = (shifted == 0).to(scores.dtype)
+                probs /= probs.sum()
             if params.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
                 # keep the smallest set whose mass reaches top_p (the most likely token always stays)
