@@ -134,6 +134,20 @@ def test_demo_overwrites_only_when_asked(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary sibling left
 
 
+@pytest.mark.parametrize("relative", [".", ".."])
+def test_demo_cannot_replace_the_working_directory(tmp_path, capsys, monkeypatch, relative):
+    """A rename cannot replace the directory a process works in: this was a raw OSError ("Device or resource
+    busy") after the model was built."""
+    work = tmp_path / "dm" / "work"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path)
+    code, err = run(["demo", "--output-dir", relative, "--new-tokens", "2", "--overwrite"], capsys)
+    assert code == 2 and f"output directory {relative} is the working directory or holds it" in err, err
+    assert snapshot(tmp_path) == before
+
+
 def test_demo_output_dir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("keep")
     code, err = run(["demo", "--output-dir", str(tmp_path / "file")], capsys)
@@ -879,6 +893,25 @@ def test_eval_report_problems_are_refused_before_evaluating(model_dir, corpus, t
     assert snapshot(tmp_path) == before | {"rep.md": "<dir>", "rep.json": b"{}"}
 
 
+def test_eval_report_never_replaces_the_data_it_evaluates(model_dir, tmp_path, capsys, monkeypatch):
+    """--overwrite replaces an earlier report, never the corpus: ``--data X.json --output X`` once evaluated X
+    and then wrote the report over it."""
+    import densessm.evaluation.perplexity as perplexity
+
+    monkeypatch.setattr(perplexity, "load_causal_lm", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"text": " ".join(f"w{i % 90}" for i in range(200))}]))
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("w1 w2 w3\n")
+    before = snapshot(tmp_path)
+    for source, stem, where in ((data, tmp_path / "data", "over"), (folder, folder / "report", "inside")):
+        argv = ["eval", "ppl", str(model_dir), "--data", str(source), "--window", "16", "--overwrite"]
+        code, err = run([*argv, "--output", str(stem)], capsys)
+        assert code == 2 and f"--output {stem} would write {stem}.json {where} the --data {source}" in err, err
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("kind", ["loop", "dangling"])
 def test_eval_report_file_that_is_a_broken_symlink_is_refused_before_evaluating(
     model_dir, corpus, tmp_path, capsys, monkeypatch, kind
@@ -944,6 +977,23 @@ def test_generate_refuses_a_broken_generation_config(model_dir, capsys):
     (model_dir / "generation_config.json").write_text("{oops")
     code, err = run(["generate", str(model_dir), "--prompt", "w1", "--max-new-tokens", "2"], capsys)
     assert code == 1 and "generation_config.json is not valid JSON" in err
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_new_tokens": -3}, "generation_config.json: `max_new_tokens` must be greater than 0, but is -3."),
+        ({"bad_words_ids": [[5000]]}, "generation_config.json: bad_words_ids holds 5000, which is no token id"),
+        ({"eos_token_id": [2, -1]}, "generation_config.json: eos_token_id holds -1, which is no token id"),
+        ([1, 2], "generation_config.json holds a JSON list, not an object of settings"),
+    ],
+)
+def test_generate_names_the_generation_config_that_holds_a_bad_value(model_dir, capsys, settings, message):
+    """These once failed at generation with transformers' words, blaming the command's own flags (the user gave
+    --max-new-tokens 2) or naming no file."""
+    (model_dir / "generation_config.json").write_text(json.dumps(settings))
+    code, err = run(["generate", str(model_dir), "--prompt", "w1", "--max-new-tokens", "2"], capsys)
+    assert code == 1 and message in err and str(model_dir) in err, err
 
 
 def test_a_model_directory_without_tokenizer_files_is_one_line(tmp_path, corpus, capsys):

@@ -16,7 +16,6 @@ inside the source.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -27,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from densessm.files import atomic_output_dir, check_destination, check_separate, confined_file
-from densessm.loading import first_nonfinite_parameter, stored_tensor, wrong_kinds
+from densessm.loading import first_nonfinite_parameter, json_object, stored_tensor, wrong_kinds
 from densessm.models.retnet import DenseRetNetConfig, DenseRetNetForCausalLM
 from densessm.ops.retention import head_log_decays, rotation_angles
 
@@ -65,13 +64,7 @@ class CheckpointError(ValueError):
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
-    return data
+    return json_object(path, CheckpointError)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

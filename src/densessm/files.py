@@ -90,6 +90,13 @@ def check_destination(path: str | os.PathLike, overwrite: bool, what: str = "des
         raise DestinationExistsError(
             f"{what} {path} already holds files; nothing was written. Choose another, or pass {flag} to replace it"
         )
+    if overwrite and path.exists():
+        here, target = Path.cwd().resolve(), path.resolve()
+        if target == here or target in here.parents:  # replaced by a rename, which the working directory blocks
+            raise UsageError(
+                f"{what} {path} is the working directory or holds it: it cannot be replaced from inside; "
+                "run from elsewhere or name another path"
+            )
 
 
 def check_separate(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -25,6 +25,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -54,12 +55,7 @@ def read_config(model_dir: str | Path) -> PretrainedConfig:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a model saved with save_pretrained()")
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelLoadError(f"{config_file} is not valid JSON: {err}") from None
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{config_file} holds a JSON {type(raw).__name__}, not an object of settings")
+    raw = json_object(config_file)
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ModelLoadError(
@@ -107,15 +103,55 @@ def load_tokenizer_dir(directory: str | Path, **kwargs) -> PreTrainedTokenizerBa
         raise ValueError(f"cannot load the tokenizer in {path}: {first}") from None
 
 
-def _check_generation_config(path: Path) -> None:
+def json_object(file: Path, error: type[ValueError] = ModelLoadError) -> dict:
+    """The JSON object of a settings file, or ``error`` naming the file."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise error(f"{file} holds a JSON {type(data).__name__}, not an object of settings")
+    return data
+
+
+GENERATION_TOKEN_FIELDS = (
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "bos_token_id",
+    "decoder_start_token_id",
+)
+"""The fields of a ``generation_config.json`` that hold token ids (an int, or lists of them)."""
+
+
+def _token_ids(value: object) -> list[object]:
+    if isinstance(value, list | tuple):
+        return [i for item in value for i in _token_ids(item)]
+    return [] if value is None else [value]
+
+
+def _check_generation_config(path: Path, vocab_size: int) -> None:
     """A ``generation_config.json`` that is there must be readable: ``from_pretrained`` would skip a broken
-    one without a word, and generate with other settings than the ones saved."""
+    one without a word, and generate with other settings than the ones saved. Its values and token ids are
+    checked here too, so that an error names the file (at generation it blamed the command's own flags)."""
     file = path / "generation_config.json"
-    if file.is_file():
-        try:
-            json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ModelLoadError(f"{file} is not valid JSON: {err}") from None
+    if not file.is_file():
+        return
+    data = json_object(file)
+    try:
+        GenerationConfig.from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise ModelLoadError(f"{file}: {str(err).strip().splitlines()[0]}") from None
+    for field in GENERATION_TOKEN_FIELDS:
+        for token in _token_ids(data.get(field)):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+                raise ModelLoadError(
+                    f"{file}: {field} holds {token!r}, which is no token id of the model's vocabulary [0, {vocab_size})"
+                )
 
 
 def _shard_files(path: Path, index_name: str) -> list[Path]:
@@ -254,7 +290,7 @@ def load_causal_lm(
     """The causal LM saved in ``model_dir``, checked strictly first (see the module docstring), in eval mode."""
     config = config if config is not None else read_config(model_dir)
     check_weights(model_dir, config)
-    _check_generation_config(Path(model_dir))
+    _check_generation_config(Path(model_dir), config.vocab_size)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the checks above replace transformers' load report
     try:

@@ -59,10 +59,15 @@ def _check_output(args: argparse.Namespace) -> None:
     if not args.output:
         return
     model_dir = Path(args.model_dir).resolve()
+    data = Path(args.data).resolve() if getattr(args, "data", None) else None
     for path in report_paths(check_path(args.output, "--output")):
         check_link(path, "--output", args.overwrite)  # a symlink loop, or one to nowhere: refused before the work
         if model_dir == path.resolve().parent or model_dir in path.resolve().parents:
             raise UsageError(f"--output {args.output} would write {path} inside the model directory {args.model_dir}")
+        if data is not None and (path.resolve() == data or data in path.resolve().parents):
+            # even with --overwrite: that asks to replace an earlier report, never the data being evaluated
+            where = "over" if path.resolve() == data else "inside"
+            raise UsageError(f"--output {args.output} would write {path} {where} the --data {args.data}")
         if path.is_dir():
             raise UsageError(f"--output {args.output}: {path} is a directory, not a file")
         if path.exists() and not args.overwrite:
