@@ -163,6 +163,20 @@ def test_an_output_dir_in_the_corpus_is_refused_before_any_work(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["corpus", "train.jsonl"]
 
 
+def test_a_report_in_the_corpus_is_refused_even_with_overwrite(tmp_path, capsys):
+    """--report CORPUS/train.jsonl --overwrite would have replaced the training data with the report's JSON."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text('{"text": "a"}\n')
+    argv = ["experiment", "dense-vs-plain", "--corpus", str(corpus), "--output-dir", str(tmp_path / "grid")]
+    assert cli_main([*argv, "--report", str(corpus / "train.md"), "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"densessm experiment: error: --report {corpus / 'train.md'} would write {corpus / 'train.md'} inside the "
+        f"corpus directory {corpus}: choose another path"
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["corpus", "train.jsonl"]
+
+
 def test_a_missing_corpus_is_named_before_the_output_dir_is_created(tmp_path, capsys):
     argv = ["experiment", "dense-vs-plain", "--corpus", str(tmp_path / "corpus"), "--output-dir", str(tmp_path / "g")]
     assert cli_main([*argv, "--scale", "smoke", "--report", str(tmp_path / "r.md")]) == 1

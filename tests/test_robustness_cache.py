@@ -836,6 +836,8 @@ def test_generate_from_embeddings_refuses_a_cache_of_other_tokens(family, tmp_pa
         assert torch.equal(continued, reference)
     with pytest.raises(ValueError, match="inputs_embeds does not begin with the 5 input vectors this cache consumed"):
         model.generate(inputs_embeds=embeds, cache=other.clone(), max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match=r"^inputs_embeds is torch.float64 but the model's weights are torch.float32"):
+        model.generate(inputs_embeds=embeds.double(), cache=by_ids.clone(), max_new_tokens=2, do_sample=False)
     nudged = embeds.clone()
     nudged[0, 2, 0] += 1e-3
     with pytest.raises(ValueError, match="does not begin with the 5 input vectors"):

@@ -355,6 +355,21 @@ def test_an_output_dir_inside_the_corpus_directory_is_refused(tmp_path, capsys):
     assert snapshot(corpus) == before
 
 
+@pytest.mark.parametrize("where", ["itself", "inside", "holding"])
+def test_an_output_dir_overlapping_the_model_it_starts_from_is_refused(tmp_path, capsys, where):
+    """--output_dir equal to --model_name_or_path with --overwrite_output_dir once replaced the model it trained
+    from with the fine-tuned weights (convert refuses such a destination even with --overwrite)."""
+    home = tmp_path / "models"
+    source = home / "base"
+    AutoModelForCausalLM.from_config(load_preset("dense_retnet_tiny")).save_pretrained(source)
+    out = {"itself": source, "inside": source / "run", "holding": home}[where]
+    before = snapshot(home)
+    argv = train_argv(tmp_path, output_dir=str(out), model_name_or_path=str(source), config_overrides=None)
+    code, err = cli([*argv, "--overwrite_output_dir"], capsys)
+    assert code == 2 and "is, lies inside or holds the model directory --model_name_or_path" in err, err
+    assert snapshot(home) == before
+
+
 def test_a_directory_with_other_files_is_left_byte_identical(tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()

@@ -1080,6 +1080,15 @@ def train(
                 f"--output_dir {training_args.output_dir} lies inside the corpus directory {corpus}: a later run "
                 "would read its checkpoints and logs as training text; choose an --output_dir outside it"
             )
+    source = Path(model_args.model_name_or_path)
+    if source.is_dir():  # even with --overwrite_output_dir: the run's final save would replace the model it read
+        source = source.resolve()
+        if source == out or source in out.parents or out in source.parents:
+            raise UsageError(
+                f"--output_dir {training_args.output_dir} is, lies inside or holds the model directory "
+                f"--model_name_or_path {model_args.model_name_or_path}: the run would write over the model it "
+                "starts from; choose an --output_dir outside it"
+            )
     check_engine(training_args)
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps: the length of a streamed corpus is not known in advance")

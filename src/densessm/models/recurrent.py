@@ -97,16 +97,20 @@ def check_inputs(
     return input_ids, batch, length
 
 
-def check_embeds(inputs_embeds: torch.Tensor, weight_dtype: torch.dtype, mask: torch.Tensor | None) -> None:
-    """``inputs_embeds`` must be in the model's dtype (unless autocast casts it) and finite where it is real;
-    masked positions may hold anything, since they are never read."""
-    if torch.compiler.is_compiling():
-        return
+def check_embeds_dtype(inputs_embeds: torch.Tensor, weight_dtype: torch.dtype) -> None:
     if inputs_embeds.dtype != weight_dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
         raise ValueError(
             f"inputs_embeds is {inputs_embeds.dtype} but the model's weights are {weight_dtype}: "
             f"pass inputs_embeds.to({weight_dtype})"
         )
+
+
+def check_embeds(inputs_embeds: torch.Tensor, weight_dtype: torch.dtype, mask: torch.Tensor | None) -> None:
+    """``inputs_embeds`` must be in the model's dtype (unless autocast casts it) and finite where it is real;
+    masked positions may hold anything, since they are never read."""
+    if torch.compiler.is_compiling():
+        return
+    check_embeds_dtype(inputs_embeds, weight_dtype)
     real = inputs_embeds if mask is None else torch.where(mask[..., None], inputs_embeds, 0)
     if not bool(torch.isfinite(real).all()):
         raise ValueError("inputs_embeds holds NaN or infinite values at real (unmasked) positions")
@@ -799,6 +803,8 @@ class RecurrentGenerationMixin:
                 whole = _mask_length if is_first_iteration and _mask_length is not None else length
             new = new_tokens(cache, length, whole, what, bool(is_first_iteration))
             if is_first_iteration:
+                if embeds is not None:  # named as such, before the digest of the vectors it changes
+                    check_embeds_dtype(embeds, self.get_input_embeddings().weight.dtype)
                 steps = cache.get_seq_length()
                 holds_ids = new < length and input_ids is not None and input_ids.shape[1] == length
                 vectors = embeds[:, :steps] if new < length and embeds is not None else None

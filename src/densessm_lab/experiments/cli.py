@@ -50,6 +50,10 @@ def _check_destinations(args: argparse.Namespace) -> None:
         raise UsageError(f"--report {report} is a directory: name the Markdown file of the report")
     for path in (report, report.with_suffix(".json"), report.with_name(report.stem + "-curves.png")):
         check_link(path, "--report", args.overwrite)  # a symlink loop, or one to nowhere: refused before training
+        if corpus in path.resolve().parents:  # even with --overwrite, which replaces an earlier report only
+            raise UsageError(
+                f"--report {report} would write {path} inside the corpus directory {args.corpus}: choose another path"
+            )
 
 
 def _require_lm_eval() -> None:
