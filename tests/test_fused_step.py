@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,6 +268,34 @@ def test_a_failing_build_is_a_notice_not_an_error(monkeypatch, caplog, tmp_path,
     (notice,) = [r.getMessage() for r in caplog.records if r.name == "densessm.ops.fused"]
     assert "its build failed" in notice and "\n" not in notice
     assert type(model.backbone.layers[0].mixer) is DenseMambaMixer
+
+
+def test_a_build_lock_left_by_a_killed_process_is_cleared(monkeypatch, tmp_path, fresh_loader):
+    """torch's loader guards a build folder with a plain file that a process killed while loading leaves behind:
+    every later load waited on it forever, silently. Loads are serialised by a lock the OS releases with its
+    holder, under which a leftover file is stale and removed."""
+    import filelock
+
+    import densessm.ops.fused as fused
+
+    monkeypatch.setenv("DENSESSM_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / fused.extension_name()
+    folder.mkdir()
+    (folder / "lock").touch()  # what a killed load leaves
+    seen = []
+
+    def load(name, sources, build_directory, **kwargs):
+        seen.append((Path(build_directory) / "lock").exists())
+        with pytest.raises(filelock.Timeout):  # held while loading: another process waits for it
+            filelock.FileLock(Path(build_directory) / fused.BUILD_LOCK).acquire(timeout=0)
+
+    monkeypatch.setattr(fused.cpp_extension, "load", load)
+    monkeypatch.setattr(fused, "_LOADED", set())
+    assert fused.fused_ops() is not None
+    assert seen == [False]
+    after = filelock.FileLock(folder / fused.BUILD_LOCK)
+    after.acquire(timeout=0)  # released once loaded
+    after.release()
 
 
 def test_bench_generate_reports_each_batch_size(tmp_path):

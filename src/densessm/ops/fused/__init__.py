@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from torch.utils import cpp_extension
 
 SOURCE = Path(__file__).with_name("step.cpp")
 NAMESPACE = "densessm_fused"
+BUILD_LOCK = "densessm-build.lock"
 logger = logging.getLogger(__name__)
 
 
@@ -96,17 +98,22 @@ def fused_ops() -> Any | None:
         return getattr(torch.ops, NAMESPACE)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / f"{name}.so").exists():
-            logger.info("building the fused CPU decode step in %s (first use only, under a minute)", folder)
-        cpp_extension.load(
-            name,
-            [str(SOURCE)],
-            extra_cflags=_flags(),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(folder),
-            is_python_module=False,
-            verbose=False,
-        )
+        # torch's own guard is a file ("lock") that a killed process leaves behind, after which every later
+        # load waits on it forever; a lock the OS releases with its holder serialises the loads instead, so a
+        # "lock" found while holding it is stale
+        with FileLock(folder / BUILD_LOCK):
+            (folder / "lock").unlink(missing_ok=True)
+            if not (folder / f"{name}.so").exists():
+                logger.info("building the fused CPU decode step in %s (first use only, under a minute)", folder)
+            cpp_extension.load(
+                name,
+                [str(SOURCE)],
+                extra_cflags=_flags(),
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(folder),
+                is_python_module=False,
+                verbose=False,
+            )
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
         reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
         return _unavailable(f"its build failed: {reason}")
