@@ -898,3 +898,15 @@ def test_a_malformed_digest_is_named_by_generate_and_forward(field, value, messa
     with pytest.raises(ValueError, match=message), torch.no_grad():
         model(PROMPT[:, :1], cache=cache)
     assert torch.equal(cache.positions, torch.tensor([6, 6]))  # refused before the step
+
+
+@pytest.mark.parametrize("family", ["retnet", "mamba", "mamba2"])
+def test_a_cache_given_with_use_cache_false_is_refused(family):
+    """The forward advanced the given cache in place and returned none: a later call that took the cache for
+    unchanged was silently wrong."""
+    model = _model(family)
+    cache = _cache(model, PROMPT[:, :4])
+    steps = cache.steps
+    with pytest.raises(ValueError, match="^a cache was given with use_cache=False: .* pass use_cache=True"):
+        model(PROMPT[:, 4:], cache=cache, use_cache=False)
+    assert cache.steps == steps

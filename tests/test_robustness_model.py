@@ -55,6 +55,12 @@ def test_chunk_size_must_be_a_positive_int(model, chunk_size):
         model(TOKENS, mode="chunkwise", chunk_size=chunk_size)
 
 
+def test_a_huge_chunk_size_is_named(model):
+    """10**30 failed in the Mamba families with torch's "Overflow when unpacking long long"."""
+    with pytest.raises(ValueError, match=r"^chunk_size must be at most 2147483647 \(2\*\*31 - 1\), got 10{30}"):
+        model(torch.randint(3, 90, (1, 5)), mode="chunkwise", chunk_size=10**30)
+
+
 @pytest.mark.parametrize(
     ("chunk_size", "kind"), [(torch.tensor(3), "Tensor"), (2.5, "float"), ("8", "str"), (True, "bool")]
 )
@@ -583,6 +589,9 @@ def test_generate_refuses_a_right_padded_prompt_batch(family):
     padded_right[1, 4:] = 0
     with pytest.raises(ValueError, match=r"^row 1 of the attention_mask ends in padding"):
         model.generate(padded_right, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=2)
+    # the padding token is also the end-of-text token: transformers infers no mask, and cannot tell them apart
+    with pytest.raises(ValueError, match=r"^row 1 ends in token 0, the padding token and also the end-of-text token"):
+        model.generate(padded_right, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=0)
     for wrong in (right.numpy(), right.tolist()):
         with pytest.raises(ValueError, match="^attention_mask must be a torch.Tensor, got "):
             model.generate(tokens, attention_mask=wrong, max_new_tokens=2, do_sample=False)
@@ -603,3 +612,12 @@ def test_a_transform_names_a_min_weight_that_is_no_count(transform, min_weight):
         {"quantize_int8": quantize_int8, "prepack_for_cpu": prepack_for_cpu}[transform](model, min_weight=min_weight)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", [family.name for family in REGISTERED])
+def test_a_config_claiming_a_billion_layers_is_named_before_memory_runs_out(family):
+    """A one-field crafted config.json made the configuration build per-layer lists of 10**9 items (8 GB, then
+    an empty MemoryError)."""
+    config_class = next(f.config for f in REGISTERED if f.name == family)
+    with pytest.raises(ValueError, match="num_hidden_layers=1000000000 is beyond 10,000: no model has that many"):
+        config_class(num_hidden_layers=10**9)

@@ -751,6 +751,25 @@ def test_allow_changed_args_resumes_with_the_differences_listed(straight, tmp_pa
     assert not torch.equal(weights(out)["lm_head.weight"], weights(straight)["lm_head.weight"])
 
 
+def test_damaged_stored_arguments_are_no_permission_to_change_them(straight, tmp_path, capsys, caplog):
+    """A run_arguments.json overwritten with garbage was read as absent: the resume passed with a note and a
+    changed learning rate trained on. Refused instead, unless changes are allowed."""
+    out = resumable(straight, tmp_path / "out")
+    for path in (out / ARGUMENTS_NAME, out / "checkpoint-4" / ARGUMENTS_NAME):
+        path.write_bytes(b"x" * path.stat().st_size)  # same size: the completeness marker cannot tell
+    before = snapshot(out)
+    code, err = cli(straight_argv(straight, out, learning_rate=0.1), capsys)
+    assert (
+        code == 1 and f"cannot resume from {out / 'checkpoint-4'}: {out / 'checkpoint-4' / ARGUMENTS_NAME} is " in err
+    )
+    assert "--allow_changed_args to resume anyway" in err
+    assert snapshot(out) == before
+    with caplog.at_level(logging.WARNING, logger="densessm.train"):
+        main(straight_argv(straight, out, allow_changed_args=True))
+    assert "resuming without comparing the arguments (--allow_changed_args)" in caplog.text
+    assert_same_weights(straight, out)
+
+
 def test_another_model_type_is_refused_clearly_even_when_changes_are_allowed(straight, tmp_path, capsys):
     out = resumable(straight, tmp_path / "out")
     before = snapshot(out)

@@ -417,13 +417,23 @@ def write_arguments(directory: str | os.PathLike, arguments: dict) -> Path:
     )
 
 
-def read_arguments(directory: str | os.PathLike) -> dict | None:
-    """The arguments stored in ``directory``, or None if it has none (or they are unreadable)."""
-    try:
-        stored = json.loads((Path(directory) / ARGUMENTS_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+def read_arguments(directory: str | os.PathLike, strict: bool = False) -> dict | None:
+    """The arguments stored in ``directory``, or None if it has none. A file that is there but unreadable is
+    None too, unless ``strict``: then a ValueError naming it (a resume must not take it for a run without them)."""
+    path = Path(directory) / ARGUMENTS_NAME
+    if not path.exists():
         return None
-    return stored if isinstance(stored, dict) else None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        if strict:
+            raise ValueError(f"{path} is unreadable ({type(err).__name__}: {err})") from None
+        return None
+    if not isinstance(stored, dict):
+        if strict:
+            raise ValueError(f"{path} holds a JSON {type(stored).__name__}, not the run's arguments")
+        return None
+    return stored
 
 
 _MISSING = object()

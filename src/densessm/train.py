@@ -982,32 +982,7 @@ def check_resume(checkpoint: Path, arguments: dict, model: PreTrainedModel, allo
     step, max_steps = run_state.checkpoint_global_step(checkpoint), arguments["max_steps"]
     if 0 < max_steps < step:
         raise UsageError(past_the_end(checkpoint, step, max_steps))
-    stored = run_state.read_arguments(checkpoint)
-    if stored is None:
-        logger.warning(f"{checkpoint} has no stored arguments ({run_state.ARGUMENTS_NAME}): they cannot be compared")
-    else:
-        changed, harmless = run_state.compare_arguments(stored, arguments)
-        if harmless:
-            logger.info(
-                f"resuming with other values that do not change the result:\n{run_state.format_table(harmless)}"
-            )
-        fixed = [row for row in changed if row[0] in _FIXED_ON_RESUME]
-        if fixed:
-            raise UsageError(
-                f"cannot resume from {checkpoint} with another optimizer: its state loads only into the one that "
-                f"saved it (stored -> now):\n{run_state.format_table(fixed)}"
-            )
-        if changed and not allow_changed:
-            names = run_state.list_names(dict.fromkeys(name.split("[")[0] for name, _, _ in changed))
-            raise UsageError(
-                f"cannot resume from {checkpoint}: {len(changed)} argument(s) that change the result differ from "
-                f"the run's ({names}); pass the same values, --allow_changed_args to resume anyway, or "
-                f"--overwrite_output_dir to start afresh (stored -> now):\n{run_state.format_table(changed)}"
-            )
-        if changed:
-            logger.warning(
-                f"resuming with changed arguments (--allow_changed_args):\n{run_state.format_table(changed)}"
-            )
+    _check_stored_arguments(checkpoint, arguments, allow_changed)
     saved_type = read_config(checkpoint).model_type
     if saved_type != model.config.model_type:
         raise UsageError(
@@ -1020,6 +995,41 @@ def check_resume(checkpoint: Path, arguments: dict, model: PreTrainedModel, allo
         raise UsageError(f"cannot resume: {err}") from None
     if step == max_steps:
         raise RunFinished
+
+
+def _check_stored_arguments(checkpoint: Path, arguments: dict, allow_changed: bool) -> None:
+    """Compare ``arguments`` with those stored in ``checkpoint`` (see :func:`check_resume`)."""
+    try:
+        stored = run_state.read_arguments(checkpoint, strict=True)
+    except ValueError as err:  # there, but damaged: the arguments cannot be compared, which is no permission
+        if not allow_changed:
+            raise ValueError(
+                f"cannot resume from {checkpoint}: {err}, so the arguments cannot be compared with the run's; pass "
+                "--allow_changed_args to resume anyway, or --overwrite_output_dir to start afresh"
+            ) from None
+        logger.warning(f"{err}: resuming without comparing the arguments (--allow_changed_args)")
+        return
+    if stored is None:
+        logger.warning(f"{checkpoint} has no stored arguments ({run_state.ARGUMENTS_NAME}): they cannot be compared")
+        return
+    changed, harmless = run_state.compare_arguments(stored, arguments)
+    if harmless:
+        logger.info(f"resuming with other values that do not change the result:\n{run_state.format_table(harmless)}")
+    fixed = [row for row in changed if row[0] in _FIXED_ON_RESUME]
+    if fixed:
+        raise UsageError(
+            f"cannot resume from {checkpoint} with another optimizer: its state loads only into the one that "
+            f"saved it (stored -> now):\n{run_state.format_table(fixed)}"
+        )
+    if changed and not allow_changed:
+        names = run_state.list_names(dict.fromkeys(name.split("[")[0] for name, _, _ in changed))
+        raise UsageError(
+            f"cannot resume from {checkpoint}: {len(changed)} argument(s) that change the result differ from "
+            f"the run's ({names}); pass the same values, --allow_changed_args to resume anyway, or "
+            f"--overwrite_output_dir to start afresh (stored -> now):\n{run_state.format_table(changed)}"
+        )
+    if changed:
+        logger.warning(f"resuming with changed arguments (--allow_changed_args):\n{run_state.format_table(changed)}")
 
 
 def _interrupted(output_dir: str) -> Interrupted:
@@ -1139,6 +1149,11 @@ def _train_locked(
         except RunFinished:
             agree(lambda: finish_run(checkpoint, out, model.config.use_cache), here=training_args.should_save)
             return {"output_dir": str(out), "finished_from": str(checkpoint)}
+        if data_args.streaming:
+            logger.warning(
+                "resuming a --streaming run: the batches after a resume are not those an uninterrupted run reads, "
+                "so the final weights differ from theirs (a cached corpus resumes exactly)"
+            )
     agree(lambda: run_state.write_arguments(out, arguments), here=training_args.should_save)
     if training_args.local_process_index != 0:  # --overwrite_cache: the node's first process rebuilt them just now
         data_args = dataclasses.replace(data_args, overwrite_cache=False)

@@ -162,6 +162,11 @@ def check_chunk_size(chunk_size: object) -> None:
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (a positive integer), got {chunk_size!r}")
+    if chunk_size > MAX_CHUNK_SIZE:  # torch's sizes are 64-bit: beyond that it fails with its own words
+        raise ValueError(f"chunk_size must be at most {MAX_CHUNK_SIZE} (2**31 - 1), got {chunk_size!r}")
+
+
+MAX_CHUNK_SIZE = 2**31 - 1
 
 
 def check_labels(labels: object, expected_shape: tuple[int, ...], vocab_size: int, ignore_index: int) -> torch.Tensor:
@@ -695,6 +700,27 @@ def check_left_padded(attention_mask: object) -> None:
         )
 
 
+def check_unmasked_padding(input_ids: object, kwargs: dict, config) -> None:
+    """Without an attention mask transformers infers one from the padding token, except where that token is also
+    the end-of-text token: a batch row ending in it then continued from the padding, silently. Refused: only a
+    mask tells padding from text there."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] < 2:
+        return
+    pad = kwargs.get("pad_token_id", config.pad_token_id)
+    eos = kwargs.get("eos_token_id", config.eos_token_id)
+    eos = set(eos.tolist() if isinstance(eos, torch.Tensor) else eos if isinstance(eos, list | tuple) else [eos])
+    if pad is None or int(pad) not in eos:
+        return
+    ended = input_ids[:, -1] == int(pad)
+    if bool(ended.any()):
+        row = int(ended.nonzero()[0, 0])
+        raise ValueError(
+            f"row {row} ends in token {int(pad)}, the padding token and also the end-of-text token, and no "
+            "attention_mask was given, so padding cannot be told from text: pass attention_mask (with the padding "
+            "on the left)"
+        )
+
+
 class RecurrentGenerationMixin:
     """``GenerationMixin`` hooks for models whose cache is a :class:`RecurrentCache` they create themselves,
     and the LM head's part of their forward."""
@@ -757,6 +783,9 @@ class RecurrentGenerationMixin:
         mask = kwargs.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise ValueError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask is None:
+            ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            check_unmasked_padding(ids, kwargs, config)
         if isinstance(cache, RecurrentCache) and not cache.is_empty:
             if kwargs.get("use_cache") is False:
                 raise ValueError("generate() was given a cache and use_cache=False: pass use_cache=True to continue it")

@@ -55,3 +55,18 @@ def check_pad_token_id(config: PreTrainedConfig) -> None:
         return
     if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or not 0 <= pad < config.vocab_size:
         raise ValueError(f"pad_token_id {pad!r} is not a token id of the vocabulary [0, {config.vocab_size})")
+
+
+MAX_LAYERS = 10_000
+"""More layers than any model here has: a ``config.json`` claiming a billion would exhaust memory (the per-layer
+lists a configuration builds) before a weight is read."""
+
+
+def layer_count(config: PreTrainedConfig) -> int:
+    """``num_hidden_layers``, checked to be a positive integer of at most :data:`MAX_LAYERS`."""
+    check_positive_int(config, "num_hidden_layers")
+    if config.num_hidden_layers > MAX_LAYERS:
+        raise ValueError(
+            f"num_hidden_layers={config.num_hidden_layers} is beyond {MAX_LAYERS:,}: no model has that many layers"
+        )
+    return config.num_hidden_layers

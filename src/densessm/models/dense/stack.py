@@ -211,6 +211,11 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
         check_chunk_size(chunk_size)
         if use_cache is None:
             use_cache = config.use_cache and not self.training
+        elif not use_cache and cache is not None:  # it would advance in place and be returned to no one
+            raise ValueError(
+                "a cache was given with use_cache=False: the forward advances a given cache in place, so pass "
+                "use_cache=True to continue it (or no cache)"
+            )
         embeddings = self.get_input_embeddings()
         hidden = embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         step = prepare_step(self, batch, length, hidden, cache, use_cache, attention_mask, position_ids, input_ids)

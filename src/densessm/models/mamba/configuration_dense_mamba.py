@@ -15,6 +15,7 @@ from densessm.models.validation import (
     check_positive_float,
     check_positive_int,
     is_number,
+    layer_count,
 )
 from densessm.modes import MODES
 
@@ -121,6 +122,7 @@ class DenseMambaConfig(PreTrainedConfig):
         )
         for name in positive:
             check_positive_int(self, name)
+        layer_count(self)
         check_dense_block_layers(self)
         check_pad_token_id(self)
         check_positive_float(self, "layer_norm_epsilon")
@@ -145,7 +147,7 @@ class DenseMambaConfig(PreTrainedConfig):
 
     @property
     def layer_types(self) -> list[str]:
-        return ["linear_attention"] * self.num_hidden_layers
+        return ["linear_attention"] * layer_count(self)
 
 
 __all__ = ["DenseMambaConfig"]

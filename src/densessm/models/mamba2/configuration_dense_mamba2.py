@@ -16,6 +16,7 @@ from densessm.models.validation import (
     check_positive_float,
     check_positive_int,
     is_number,
+    layer_count,
 )
 from densessm.modes import MODES
 
@@ -141,6 +142,7 @@ class DenseMamba2Config(PreTrainedConfig):
                 f"num_heads={self.num_heads} does not split into n_groups={self.n_groups}: use a divisor of "
                 f"{self.num_heads}"
             )
+        layer_count(self)
         check_dense_block_layers(self)
         check_pad_token_id(self)
         check_positive_float(self, "layer_norm_epsilon")
@@ -162,7 +164,7 @@ class DenseMamba2Config(PreTrainedConfig):
 
     @property
     def layer_types(self) -> list[str]:
-        return ["linear_attention"] * self.num_hidden_layers
+        return ["linear_attention"] * layer_count(self)
 
 
 def check_time_step_limit(limit: Sequence[float]) -> None:

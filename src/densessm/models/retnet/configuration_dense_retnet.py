@@ -13,6 +13,7 @@ from densessm.models.validation import (
     check_positive_float,
     check_positive_int,
     is_number,
+    layer_count,
 )
 from densessm.modes import MODES
 
@@ -113,6 +114,7 @@ class DenseRetNetConfig(PreTrainedConfig):
             )
         if self.value_dim % heads:
             raise ValueError(f"hidden_size * v_factor ({self.value_dim}) must be divisible by {heads} heads")
+        layer_count(self)
         check_dense_block_layers(self)
         for name, ratio in (("k_gate_reduction", self.k_gate_reduction), ("v_gate_reduction", self.v_gate_reduction)):
             if self.dense_block_layers and self.hidden_size // ratio < 1:
@@ -128,7 +130,7 @@ class DenseRetNetConfig(PreTrainedConfig):
 
     @property
     def layer_types(self) -> list[str]:
-        return ["linear_attention"] * self.num_hidden_layers
+        return ["linear_attention"] * layer_count(self)
 
 
 __all__ = ["DenseRetNetConfig"]
