@@ -621,3 +621,21 @@ def test_a_config_claiming_a_billion_layers_is_named_before_memory_runs_out(fami
     config_class = next(f.config for f in REGISTERED if f.name == family)
     with pytest.raises(ValueError, match="num_hidden_layers=1000000000 is beyond 10,000: no model has that many"):
         config_class(num_hidden_layers=10**9)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_ids_without_a_mask_get_transformers_note(family, monkeypatch):
+    """Padding tokens given without an attention mask are read as text (transformers' convention): that was
+    silent; the model now says so once, as transformers' own models do."""
+    import transformers.modeling_utils
+
+    model = _model(family)
+    tokens = torch.randint(3, 90, (2, 6))
+    tokens[1, :2] = model.config.pad_token_id
+    notes = []
+    monkeypatch.setattr(transformers.modeling_utils.logger, "warning_once", notes.append)
+    model(tokens)
+    assert len(notes) == 1 and "We strongly recommend passing in an `attention_mask`" in notes[0]
+    model(tokens, attention_mask=(tokens != model.config.pad_token_id).long())
+    model(tokens[:1])
+    assert len(notes) == 1

@@ -840,6 +840,13 @@ def test_a_second_lock_on_the_same_directory_names_the_holder(tmp_path):
     second.release()
 
 
+def test_a_directory_where_the_lock_file_belongs_is_named(tmp_path):
+    """It was a raw "[Errno 21] Is a directory"."""
+    (tmp_path / ".densessm-train.lock").mkdir()
+    with pytest.raises(UsageError, match=r"\.densessm-train\.lock is a directory where the run's lock file belongs"):
+        RunLock(tmp_path).acquire()
+
+
 def test_a_holder_without_its_details_is_still_refused(tmp_path):
     first = RunLock(tmp_path)
     first.acquire()

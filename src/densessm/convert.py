@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from densessm.files import atomic_output_dir, check_destination, check_separate, confined_file
-from densessm.loading import first_nonfinite_parameter, json_object, stored_tensor, wrong_kinds
+from densessm.loading import first_nonfinite_parameter, json_object, stored_tensor, unsafe_pickle, wrong_kinds
 from densessm.models.retnet import DenseRetNetConfig, DenseRetNetForCausalLM
 from densessm.ops.retention import head_log_decays, rotation_angles
 
@@ -78,7 +78,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for unreadable or unsafe pickles
-        raise CheckpointError(f"cannot read {path} safely (weights_only=True): {err}") from err
+        raise CheckpointError(unsafe_pickle(path, err)) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors")
     return state

@@ -103,6 +103,19 @@ def load_tokenizer_dir(directory: str | Path, **kwargs) -> PreTrainedTokenizerBa
         raise ValueError(f"cannot load the tokenizer in {path}: {first}") from None
 
 
+def unsafe_pickle(file: Path, err: Exception) -> str:
+    """One line for a pickle that a weights-only load refused: torch's own text is several lines and advises
+    loading without ``weights_only``, which must never happen to an untrusted file."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
+    if marker is not None:
+        rest = lines[marker].split("WeightsUnpickler error:", 1)[1].strip() or " ".join(lines[marker + 1 : marker + 2])
+        reason = f"it holds what a weights-only load refuses ({rest})"
+    else:
+        reason = lines[0] if lines else type(err).__name__
+    return f"cannot read {file} safely (weights_only=True): {reason}; it was not loaded (no code in it ran)"
+
+
 def json_object(file: Path, error: type[ValueError] = ModelLoadError) -> dict:
     """The JSON object of a settings file, or ``error`` naming the file."""
     try:
@@ -202,7 +215,7 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, StoredTensor]:
             try:  # weights_only: no code from the file runs; meta: no memory for the values
                 state = torch.load(file, map_location="meta", weights_only=True)
             except Exception as err:  # torch raises several types for unreadable or unsafe pickles
-                raise ModelLoadError(f"cannot read {file} safely (weights_only=True): {err}") from None
+                raise ModelLoadError(unsafe_pickle(file, err)) from None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ModelLoadError(f"{file} does not hold a flat dict of tensors")
             tensors.update({k: stored_tensor(v) for k, v in state.items()})

@@ -83,7 +83,10 @@ class RunLock:
 
     def acquire(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.output_dir / LOCK_NAME), timeout=0)
+        path = self.output_dir / LOCK_NAME
+        if path.is_dir() and not path.is_symlink():
+            raise UsageError(f"{path} is a directory where the run's lock file belongs; remove it, then run again")
+        lock = FileLock(str(path), timeout=0)
         try:
             lock.acquire()
         except Timeout:

@@ -221,6 +221,8 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
         step = prepare_step(self, batch, length, hidden, cache, use_cache, attention_mask, position_ids, input_ids)
         if inputs_embeds is not None:
             check_embeds(inputs_embeds, embeddings.weight.dtype, step.mask)
+        if input_ids is not None and not step.carried:  # a prompt or training input: transformers' one-time note
+            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
         hidden = step.hide_padding(hidden)
         cache = step.cache
         chunk_size = config.chunk_size if chunk_size is None else chunk_size
