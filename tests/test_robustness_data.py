@@ -95,7 +95,7 @@ BAD_FILES = {
         "a.json",
         json.dumps({"data": [{"text": TEXT}]}, indent=2).encode(),
         CorpusError,
-        r"a\.json line 1 is not valid JSON .*; expected JSON lines: one object with a 'text' field per line",
+        r"no 'text' field in .*a\.json its one object \(fields found: data\)",
     ),
     ".json array with a bad record": (
         "a.json",
@@ -570,3 +570,17 @@ def test_a_cache_folder_inside_the_corpus_is_refused(tmp_path, tokenizer):
     )
     train, _ = load_blocks(hidden, tokenizer, 8, seed=0)  # a hidden folder is never read as corpus: allowed
     assert len(train) > 0
+
+
+def test_a_json_file_holding_one_object_over_several_lines_is_one_document(tmp_path, tokenizer):
+    """It was refused as "line 1 is not valid JSON": the file is valid JSON, written over several lines."""
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps({"text": TEXT * 3}, indent=2))
+    one_line = tmp_path / "one" / "line.jsonl"
+    one_line.parent.mkdir()
+    one_line.write_text(json.dumps({"text": TEXT * 3}) + "\n")
+    blocks = [
+        build_blocks(find_data_files([path]), tokenizer, 8, tmp_path / f"cache-{path.stem}", num_proc=1)
+        for path in (pretty, one_line)
+    ]
+    assert blocks[0]["input_ids"] == blocks[1]["input_ids"]

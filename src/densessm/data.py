@@ -392,6 +392,16 @@ def _json_rows(path: Path) -> Iterator[dict]:
             try:
                 record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
+                if first and line.lstrip().startswith("{"):  # one object written over several lines
+                    rest = f.read()
+                    try:
+                        record = json.loads(line + rest)
+                    except json.JSONDecodeError:
+                        pass
+                    else:
+                        text = _record_text(path, record, "its one object")
+                        yield {"text": text, "end": bool(text)}
+                        return
                 raise CorpusError(
                     f"{path} line {number} is not valid JSON ({_json_problem(err)} column {err.colno})"
                     + (hint if first else "")
