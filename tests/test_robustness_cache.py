@@ -381,6 +381,8 @@ def test_corrupt_and_truncated_files_are_refused(tmp_path, saved):
         RecurrentCache.load(tmp_path / "absent.safetensors")
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         RecurrentCache.load(saved[0], device="gpu")
+    with pytest.raises(ValueError, match="^a cache cannot be loaded onto the meta device"):  # generate failed later
+        RecurrentCache.load(saved[0], device="meta")
 
 
 def test_a_pipe_is_named_as_not_a_regular_file(tmp_path):

@@ -321,13 +321,14 @@ def test_a_row_with_non_finite_logits_fails_alone(engines):
 
 def test_queue_bound_and_shutdown(engines):
     engine = engines(make_model("retnet"), max_batch=1, max_queue=1)
-    submit(engine, [4], max_tokens=3)
-    with pytest.raises(QueueFull, match="--max-queue 1"):
-        submit(engine, [5], max_tokens=3)
+    submit(engine, [4], max_tokens=3)  # for the free slot: not waiting (it was refused while the slot was free)
+    submit(engine, [5], max_tokens=3)  # the one queue place
+    with pytest.raises(QueueFull, match=r"1 requests are already waiting for a slot \(--max-queue 1\)"):
+        submit(engine, [6], max_tokens=3)
     engine.start()
     engine.stop()
     with pytest.raises(EngineClosed):
-        submit(engine, [6], max_tokens=3)
+        submit(engine, [7], max_tokens=3)
 
 
 def test_stopping_ends_open_requests_with_503(engines):

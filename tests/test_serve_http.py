@@ -326,6 +326,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny-retnet", "prompt": "w1", "logit_bias": {"97": 1}}, 400, "outside"),
     ("/v1/completions", {"model": "tiny-retnet", "prompt": "w1", "stream_options": {}}, 400, "stream=true"),
     ("/v1/completions", {"model": "tiny-retnet", "prompt": "w1", "seed": 2**64}, 400, "'seed'"),
+    ("/v1/completions", {"model": "tiny-retnet", "prompt": "w1", "seed": 2**32}, 400, "'seed'"),  # drew as seed 0
+    ("/v1/completions", {"model": "tiny-retnet", "prompt": "w1", "seed": -1}, 400, "'seed'"),
+    ("/v1/completions", {"model": "tiny-retnet", "prompt": "w1", "seed": 2**32 - 1, "n": 2}, 400, "seed + n"),
     (
         "/v1/chat/completions",
         {"model": "tiny-retnet", "messages": [{"role": "user", "content": "w1 " * 2100}]},

@@ -409,6 +409,8 @@ class RecurrentCache(Cache):
             device = torch.device(device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"unknown device {device!r}: use e.g. 'cpu', 'cuda' or 'cuda:1'") from err
+        if device.type == "meta":  # a state without values: every read of it would fail later, far from here
+            raise ValueError("a cache cannot be loaded onto the meta device (its state would hold no values)")
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a directory: name the cache file to read")
         if not path.exists():

@@ -70,3 +70,13 @@ def layer_count(config: PreTrainedConfig) -> int:
             f"num_hidden_layers={config.num_hidden_layers} is beyond {MAX_LAYERS:,}: no model has that many layers"
         )
     return config.num_hidden_layers
+
+
+def linear_layer_types(config: PreTrainedConfig) -> list[str]:
+    """``layer_types`` of a recurrent model: every layer ``"linear_attention"``. transformers reads it before the
+    validators run, so a layer count beyond :data:`MAX_LAYERS` is refused here before the list is built; other bad
+    counts give an empty list and the validators name them."""
+    count = config.num_hidden_layers
+    if isinstance(count, int) and not isinstance(count, bool) and count <= MAX_LAYERS:
+        return ["linear_attention"] * max(count, 0)
+    return ["linear_attention"] * layer_count(config)

@@ -353,11 +353,14 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EngineClosed("the server is shutting down")
-            if self._queued >= self.config.max_queue:
+            # waiting: the submitted requests not yet in the batch, beyond the slots free for them (the engine
+            # thread seats them at its next step; counting them all refused requests while slots were free)
+            waiting = self._queued - self.slots.free
+            if waiting >= self.config.max_queue:
                 if self.metrics:
                     self.metrics.rejected.inc()
                 raise QueueFull(
-                    f"the server is busy: {self._queued} requests are already waiting (--max-queue "
+                    f"the server is busy: {waiting} requests are already waiting for a slot (--max-queue "
                     f"{self.config.max_queue}); retry later"
                 )
             self._queued += 1

@@ -143,7 +143,9 @@ class _Sampling(_Strict):
     presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
     logit_bias: dict[str, Annotated[Float, Field(ge=-100, le=100)]] | None = None
-    seed: Annotated[Int, Field(ge=-(2**63), lt=2**63)] | None = None  # a signed 64-bit integer, as OpenAI's
+    # the sampler's generator (torch's CPU Mersenne Twister) keeps 32 bits of a seed: wider ones gave other seeds'
+    # samples (2**32 drew as 0), so they are refused, as the CLI refuses them
+    seed: Annotated[Int, Field(ge=0, lt=2**32)] | None = None
     user: Text | None = None  # a label of the end user (OpenAI uses it for abuse monitoring): accepted, unused
 
     @field_validator("stop")
@@ -170,6 +172,8 @@ class _Sampling(_Strict):
     def _stream_options(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")
+        if self.seed is not None and self.seed + (self.n or 1) > 2**32:  # completion i draws with seed + i
+            raise ValueError(f"seed + n must be at most 2**32 (completion i draws with seed + i), got {self.seed}")
         return self
 
 

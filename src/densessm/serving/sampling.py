@@ -56,7 +56,7 @@ class Sampler:
         self.generator: torch.Generator | None = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(seed % 2**64 if seed is not None else secrets.randbits(63))
+            self.generator.manual_seed(seed if seed is not None else secrets.randbits(32))  # 32 bits are kept
         self._bias: torch.Tensor | None = None
 
     def _biased(self, logits: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from densessm.models.validation import (
     check_positive_int,
     is_number,
     layer_count,
+    linear_layer_types,
 )
 from densessm.modes import MODES
 
@@ -147,7 +148,7 @@ class DenseMambaConfig(PreTrainedConfig):
 
     @property
     def layer_types(self) -> list[str]:
-        return ["linear_attention"] * layer_count(self)
+        return linear_layer_types(self)
 
 
 __all__ = ["DenseMambaConfig"]

@@ -17,6 +17,7 @@ from densessm.models.validation import (
     check_positive_int,
     is_number,
     layer_count,
+    linear_layer_types,
 )
 from densessm.modes import MODES
 
@@ -164,7 +165,7 @@ class DenseMamba2Config(PreTrainedConfig):
 
     @property
     def layer_types(self) -> list[str]:
-        return ["linear_attention"] * layer_count(self)
+        return linear_layer_types(self)
 
 
 def check_time_step_limit(limit: Sequence[float]) -> None:

@@ -14,6 +14,7 @@ from densessm.models.validation import (
     check_positive_int,
     is_number,
     layer_count,
+    linear_layer_types,
 )
 from densessm.modes import MODES
 
@@ -130,7 +131,7 @@ class DenseRetNetConfig(PreTrainedConfig):
 
     @property
     def layer_types(self) -> list[str]:
-        return ["linear_attention"] * layer_count(self)
+        return linear_layer_types(self)
 
 
 __all__ = ["DenseRetNetConfig"]
