@@ -912,3 +912,17 @@ def test_a_cache_given_with_use_cache_false_is_refused(family):
     with pytest.raises(ValueError, match="^a cache was given with use_cache=False: .* pass use_cache=True"):
         model(PROMPT[:, 4:], cache=cache, use_cache=False)
     assert cache.steps == steps
+
+
+@pytest.mark.parametrize("family", ["retnet", "mamba", "mamba2"])
+def test_a_flipped_byte_in_a_saved_state_is_refused(family, tmp_path):
+    """Every structural check passed a state with one byte flipped: the continuation was silently wrong. The
+    file records a checksum of its tensors."""
+    model = _model(family)
+    path = _cache(model).save(tmp_path / "c.safetensors")
+    assert RecurrentCache.load(path).steps == PROMPT.shape[1]  # intact: loads
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="the state's bytes do not match the checksum recorded when it was saved"):
+        RecurrentCache.load(path)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import numbers
 import re
@@ -375,6 +376,7 @@ class RecurrentCache(Cache):
         ]
         metadata = {
             "format": _FORMAT,
+            "tensors_sha256": _checksum(tensors),
             "num_layers": str(len(self.layers)),
             "steps": str(self.steps),
             "layout": json.dumps(layout, separators=(",", ":")),
@@ -441,6 +443,12 @@ class RecurrentCache(Cache):
                     f"{path}: tensor {key} holds NaN or infinite values; a state computed by a model with finite "
                     "weights is finite: compute it again"
                 )
+        recorded = metadata.get("tensors_sha256")  # checked after the named checks; older files record none
+        if recorded is not None and recorded != _checksum({**tensors, "positions": positions}):
+            raise ValueError(
+                f"{path}: the state's bytes do not match the checksum recorded when it was saved (the file was "
+                "damaged or edited): compute the state again"
+            )
         cache = cls(num_layers, identity)
         cache.steps = steps
         cache.positions = positions
@@ -453,6 +461,16 @@ class RecurrentCache(Cache):
             except (RuntimeError, AssertionError) as err:  # torch's ways of saying the device is not there
                 raise ValueError(f"cannot place the cache on {device}: {err}") from None
         return cache
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names and bytes, in name order: a flipped bit in a state passes every structural
+    check (a wrong answer, silently) but not this."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(memoryview(tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 # ---- the pytree node (torch.export) ---------------------------------------------------------------------------
