@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -501,6 +502,27 @@ def test_generate_names_a_prompt_that_is_not_utf8(model_dir, capsys, prompt, wha
 def test_generate_on_a_missing_gpu(model_dir, capsys):
     code, err = run(["generate", str(model_dir), "--prompt", "w1", "--device", "cuda"], capsys)
     assert code == 2 and "no CUDA GPU is available on this machine" in err
+
+
+def test_a_prompt_file_with_a_byte_order_mark_reads_as_its_text(model_dir, tmp_path, capsys):
+    """An editor's UTF-8 BOM stayed in the first prompt and changed its answer without a word."""
+    answers = []
+    for name, content in (("bom.txt", b"\xef\xbb\xbfw1 w2\r\nw3\r\n"), ("plain.txt", b"w1 w2\nw3\n")):
+        (tmp_path / name).write_bytes(content)
+        argv = ["generate", str(model_dir), "--prompt-file", str(tmp_path / name), "--max-new-tokens", "3"]
+        assert main([*argv, "--no-stream"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and "\ufeff" not in answers[0]
+
+
+def test_the_recorded_eval_command_runs_again(model_dir, corpus, tmp_path, capsys):
+    """It spelled the --overwrite switch as "--overwrite False", which the parser refuses."""
+    argv = ["eval", "ppl", str(model_dir), "--data", str(corpus), "--window", "16", "--method", "carried"]
+    assert main([*argv, "--output", str(tmp_path / "r")]) == 0
+    recorded = json.loads((tmp_path / "r.json").read_text())["command"]
+    assert "--overwrite" not in recorded
+    again = shlex.split(recorded)[1:]
+    assert main([*again, "--overwrite"]) == 0  # the same report's files: replaced as asked
 
 
 def test_generate_prompt_file_problems(model_dir, tmp_path, capsys):

@@ -115,7 +115,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         if not args.prompt_file.is_file():
             raise UsageError(f"prompt file {args.prompt_file} is not a regular file (a directory, device or pipe)")
         try:
-            text = args.prompt_file.read_text(encoding="utf-8")
+            text = args.prompt_file.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is no text
         except UnicodeDecodeError as err:
             where = f"{err.reason} at byte {err.start}"
             raise ValueError(f"prompt file {args.prompt_file} is not UTF-8 text: {where}") from None

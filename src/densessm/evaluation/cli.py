@@ -39,8 +39,10 @@ def _command(args: argparse.Namespace) -> str:
     """The command line of this run with every setting spelled out (defaults too), to record with the results."""
     parts = ["densessm", "eval", args.eval_command, args.model_dir]
     for key, value in vars(args).items():
-        if key not in ("command", "eval_command", "model_dir", "func") and value is not None:
-            parts += [f"--{key.replace('_', '-')}", str(value)]
+        if key in ("command", "eval_command", "model_dir", "func") or value is None or value is False:
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        parts += [flag] if value is True else [flag, str(value)]  # a switch is spelled without a value
     return shlex.join(parts)
 
 
