@@ -228,18 +228,23 @@ def test_smoke_grid_end_to_end_and_restart(tmp_path):
     assert result.stat().st_mtime_ns == before  # nothing was trained again
 
 
-def test_a_grid_shape_the_configuration_rejects_is_one_line_naming_the_file(monkeypatch):
+def _edit_grid_shape(monkeypatch, family: str, part: str, **fields) -> None:
+    """Lay ``fields`` over ``part`` ("dense" or "widen") of ``family``'s grid shapes, as a hand-edited file would."""
     import densessm_lab.experiments.dense_vs_plain as experiment
 
     real = experiment.load_grid_shape
 
-    def bad_head_dim(family, scale):
-        shape = real(family, scale)
-        if family == "mamba2" and shape is not None:
-            shape = {"dense": {**shape["dense"], "head_dim": 47}, "widen": shape["widen"]}
+    def edited(name, scale):
+        shape = real(name, scale)
+        if name == family and shape is not None:
+            shape = {**shape, part: {**shape[part], **fields}}
         return shape
 
-    monkeypatch.setattr(experiment, "load_grid_shape", bad_head_dim)
+    monkeypatch.setattr(experiment, "load_grid_shape", edited)
+
+
+def test_a_grid_shape_the_configuration_rejects_is_one_line_naming_the_file(monkeypatch):
+    _edit_grid_shape(monkeypatch, "mamba2", "dense", head_dim=47)
     tokenizer = train_bpe((d["text"] for d in sotu(2)), 300)
     with pytest.raises(ValueError) as error:
         grid_configs(SCALES["smoke"], tokenizer)
@@ -250,23 +255,9 @@ def test_a_grid_shape_the_configuration_rejects_is_one_line_naming_the_file(monk
     assert message.endswith("must equal num_heads * head_dim (94)") and "\n" not in message, message
 
 
-def _misspell_the_mamba_shape(monkeypatch) -> None:
-    import densessm_lab.experiments.dense_vs_plain as experiment
-
-    real = experiment.load_grid_shape
-
-    def misspelt(family, scale):
-        shape = real(family, scale)
-        if family == "mamba" and shape is not None:
-            shape = {"dense": {**shape["dense"], "typo_layers": 5}, "widen": shape["widen"]}
-        return shape
-
-    monkeypatch.setattr(experiment, "load_grid_shape", misspelt)
-
-
 def test_a_grid_shape_naming_a_field_the_configuration_lacks_is_refused(monkeypatch):
     """A misspelt field in a shape file would be stored in the config and change nothing: named instead."""
-    _misspell_the_mamba_shape(monkeypatch)
+    _edit_grid_shape(monkeypatch, "mamba", "dense", typo_layers=5)
     tokenizer = train_bpe((d["text"] for d in sotu(2)), 300)
     with pytest.raises(
         ValueError, match="^grid shape mamba_smoke.json names fields DenseMambaConfig does not have: typo_layers$"
@@ -277,17 +268,7 @@ def test_a_grid_shape_naming_a_field_the_configuration_lacks_is_refused(monkeypa
 @pytest.mark.parametrize("part", ["dense", "widen"])
 def test_a_grid_shape_naming_another_family_is_refused(monkeypatch, part):
     """A model_type in a shape was dropped without a word (the family's class decides it)."""
-    import densessm_lab.experiments.dense_vs_plain as experiment
-
-    real = experiment.load_grid_shape
-
-    def other_family(family, scale):
-        shape = real(family, scale)
-        if family == "mamba2" and shape is not None:
-            shape = {**shape, part: {**shape[part], "model_type": "dense_retnet"}}
-        return shape
-
-    monkeypatch.setattr(experiment, "load_grid_shape", other_family)
+    _edit_grid_shape(monkeypatch, "mamba2", part, model_type="dense_retnet")
     tokenizer = train_bpe((d["text"] for d in sotu(2)), 300)
     with pytest.raises(ValueError) as error:
         grid_configs(SCALES["smoke"], tokenizer)
@@ -300,17 +281,7 @@ def test_a_grid_shape_naming_another_family_is_refused(monkeypatch, part):
 @pytest.mark.parametrize("field", ["dense_block_layers", "vocab_size"])
 def test_a_grid_shape_setting_a_field_the_grid_decides_is_refused(monkeypatch, field):
     """A shape holding m = 0 would make the "dense" model its plain twin, and the report plain-vs-plain."""
-    import densessm_lab.experiments.dense_vs_plain as experiment
-
-    real = experiment.load_grid_shape
-
-    def overriding(family, scale):
-        shape = real(family, scale)
-        if family == "mamba" and shape is not None:
-            shape = {"dense": {**shape["dense"], field: 0 if field == "dense_block_layers" else 10}, "widen": {}}
-        return shape
-
-    monkeypatch.setattr(experiment, "load_grid_shape", overriding)
+    _edit_grid_shape(monkeypatch, "mamba", "dense", **{field: 0 if field == "dense_block_layers" else 10})
     tokenizer = train_bpe((d["text"] for d in sotu(2)), 300)
     with pytest.raises(ValueError) as error:
         grid_configs(SCALES["smoke"], tokenizer)
@@ -327,7 +298,7 @@ def test_a_bad_grid_shape_is_refused_before_the_tokenizer_is_trained(monkeypatch
     def no_training(*args, **kwargs):
         raise AssertionError("the tokenizer was trained before the grid shapes were checked")
 
-    _misspell_the_mamba_shape(monkeypatch)
+    _edit_grid_shape(monkeypatch, "mamba", "dense", typo_layers=5)
     monkeypatch.setattr(experiment, "train_bpe", no_training)
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -151,6 +151,10 @@ def check_no_other_arguments(model: torch.nn.Module, kwargs: dict, accepted: fro
         raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword argument(s): {', '.join(unknown)}")
 
 
+MAX_CHUNK_SIZE = 2**31 - 1
+"""The largest chunk size taken: torch's sizes beyond it fail with its own words."""
+
+
 def check_chunk_size(chunk_size: object) -> None:
     """A chunk size, if given, is a positive integer (it only schedules the computation: any one gives the same
     result, and modes that do not cut the input into chunks ignore it)."""
@@ -162,11 +166,8 @@ def check_chunk_size(chunk_size: object) -> None:
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (a positive integer), got {chunk_size!r}")
-    if chunk_size > MAX_CHUNK_SIZE:  # torch's sizes are 64-bit: beyond that it fails with its own words
+    if chunk_size > MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be at most {MAX_CHUNK_SIZE} (2**31 - 1), got {chunk_size!r}")
-
-
-MAX_CHUNK_SIZE = 2**31 - 1
 
 
 def check_labels(labels: object, expected_shape: tuple[int, ...], vocab_size: int, ignore_index: int) -> torch.Tensor:

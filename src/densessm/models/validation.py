@@ -80,3 +80,10 @@ def linear_layer_types(config: PreTrainedConfig) -> list[str]:
     if isinstance(count, int) and not isinstance(count, bool) and count <= MAX_LAYERS:
         return ["linear_attention"] * max(count, 0)
     return ["linear_attention"] * layer_count(config)
+
+
+def check_stack(config: PreTrainedConfig) -> None:
+    """The fields every family's dense stack reads alike: the layer count, ``m`` and the padding token."""
+    layer_count(config)
+    check_dense_block_layers(config)
+    check_pad_token_id(config)

@@ -10,12 +10,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from densessm.models.validation import (
-    check_dense_block_layers,
-    check_pad_token_id,
     check_positive_float,
     check_positive_int,
+    check_stack,
     is_number,
-    layer_count,
     linear_layer_types,
 )
 from densessm.modes import MODES
@@ -123,9 +121,7 @@ class DenseMambaConfig(PreTrainedConfig):
         )
         for name in positive:
             check_positive_int(self, name)
-        layer_count(self)
-        check_dense_block_layers(self)
-        check_pad_token_id(self)
+        check_stack(self)
         check_positive_float(self, "layer_norm_epsilon")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (the Mamba-1 block), got {self.hidden_act!r}")

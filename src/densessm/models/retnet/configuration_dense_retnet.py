@@ -8,12 +8,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from densessm.models.validation import (
-    check_dense_block_layers,
-    check_pad_token_id,
     check_positive_float,
     check_positive_int,
+    check_stack,
     is_number,
-    layer_count,
     linear_layer_types,
 )
 from densessm.modes import MODES
@@ -115,8 +113,7 @@ class DenseRetNetConfig(PreTrainedConfig):
             )
         if self.value_dim % heads:
             raise ValueError(f"hidden_size * v_factor ({self.value_dim}) must be divisible by {heads} heads")
-        layer_count(self)
-        check_dense_block_layers(self)
+        check_stack(self)
         for name, ratio in (("k_gate_reduction", self.k_gate_reduction), ("v_gate_reduction", self.v_gate_reduction)):
             if self.dense_block_layers and self.hidden_size // ratio < 1:
                 raise ValueError(f"{name}={ratio} leaves no gate width for hidden_size={self.hidden_size}")
@@ -125,7 +122,6 @@ class DenseRetNetConfig(PreTrainedConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not is_number(self.initializer_range) or not 0 <= self.initializer_range < math.inf:
             raise ValueError(f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}")
-        check_pad_token_id(self)
         if self.forward_mode not in MODES:
             raise ValueError(f"unknown forward_mode {self.forward_mode!r}: expected one of {', '.join(MODES)}")
 
