@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, tiny_mamba_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from densessm import DenseRetNetForCausalLM
+from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
 from densessm.convert import _BLOCK_NAMES, CheckpointError, convert_reference_checkpoint
 from densessm.ops.retention import head_log_decays, rotation_angles
 
@@ -194,6 +194,20 @@ def test_missing_directory(tmp_path):
 
 def test_not_a_dense_retnet_config(tmp_path):
     _error(tmp_path, "missing query_key_dim", mutate_config=lambda c: c.pop("query_key_dim"))
+
+
+@pytest.mark.parametrize("make", [DenseRetNetForCausalLM, DenseMambaForCausalLM])
+def test_a_directory_already_converted_is_named_so(tmp_path, make):
+    """Converting our own save_pretrained output was blamed on a missing reference tensor."""
+    config = tiny_config() if make is DenseRetNetForCausalLM else tiny_mamba_config()
+    make(config).save_pretrained(tmp_path / "ours")
+    with pytest.raises(CheckpointError) as error:
+        convert_reference_checkpoint(tmp_path / "ours", tmp_path / "out")
+    assert str(error.value) == (
+        f"{tmp_path / 'ours'} already holds a densessm model ({config.model_type}): it loads as it is; convert "
+        "reads only the public reference's checkpoints (model_type llama)"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_reference_m0_is_refused(tmp_path):

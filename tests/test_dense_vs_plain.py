@@ -177,6 +177,18 @@ def test_a_report_in_the_corpus_is_refused_even_with_overwrite(tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["corpus", "train.jsonl"]
 
 
+def test_a_corpus_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    """--corpus train.jsonl was reported as a missing train.jsonl/train.jsonl."""
+    (tmp_path / "train.jsonl").write_text('{"text": "a"}\n')
+    argv = ["experiment", "dense-vs-plain", "--corpus", str(tmp_path / "train.jsonl"), "--output-dir"]
+    assert cli_main([*argv, str(tmp_path / "g"), "--report", str(tmp_path / "r.md")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"densessm experiment: error: --corpus {tmp_path / 'train.jsonl'} is a file; it names the directory of "
+        "train/validation/test.jsonl that scripts/build_experiment_corpus.py writes"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
+
+
 def test_a_missing_corpus_is_named_before_the_output_dir_is_created(tmp_path, capsys):
     argv = ["experiment", "dense-vs-plain", "--corpus", str(tmp_path / "corpus"), "--output-dir", str(tmp_path / "g")]
     assert cli_main([*argv, "--scale", "smoke", "--report", str(tmp_path / "r.md")]) == 1
@@ -289,6 +301,28 @@ def test_a_grid_shape_setting_a_field_the_grid_decides_is_refused(monkeypatch, f
         f"grid shape mamba_smoke.json sets {field}, which the grid decides (m, the tokenizer's vocabulary and "
         "special tokens, the position limit): remove them from the file"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "grid shape x_y.json is not valid JSON: "),
+        ('{"dense": {"hidden_size": 8}}', "must be an object with exactly the keys dense and widen"),
+        ('{"dense": {"hidden_size": 0}, "widen": {}}', "dense must be an object of configuration fields with a posi"),
+        ('{"dense": {"hidden_size": 8}, "widen": []}', "widen must be an object of field: step, got list"),
+        ('{"dense": {"hidden_size": 8}, "widen": {"hidden_size": 2}}', "widen.hidden_size is the width the search"),
+        ('{"dense": {"hidden_size": 8}, "widen": {"head_dim": 2}}', "widen.head_dim must be a positive integer step"),
+    ],
+)
+def test_a_grid_shape_file_that_cannot_work_is_named(monkeypatch, tmp_path, text, message):
+    import densessm.presets
+
+    (tmp_path / "grid").mkdir()
+    (tmp_path / "grid" / "x_y.json").write_text(text)
+    monkeypatch.setattr(densessm.presets.resources, "files", lambda package: tmp_path)
+    with pytest.raises(ValueError) as error:
+        load_grid_shape("x", "y")
+    assert message in str(error.value)
 
 
 def test_a_bad_grid_shape_is_refused_before_the_tokenizer_is_trained(monkeypatch, tmp_path):

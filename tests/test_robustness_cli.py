@@ -540,6 +540,20 @@ def test_generate_with_a_tokenizer_larger_than_the_vocabulary(tmp_path, word_tok
     assert code == 1 and "beyond the model's vocab_size 50" in err and "--tokenizer" in err
 
 
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_a_config_at_odds_with_its_weights_is_blamed_on_the_config(tmp_path, word_tokenizer, capsys, command):
+    """A config.json whose vocab_size disagrees with the embedding is named as such, not as a tokenizer problem."""
+    directory = tmp_path / "model"
+    DenseRetNetForCausalLM(tiny_config()).save_pretrained(directory)
+    word_tokenizer.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "vocab_size": 50}))
+    argv = ["generate", str(directory), "--prompt", "w90 w1"] if command == "generate" else ["serve", str(directory)]
+    code, err = run([*argv, "--port", "0"] if command == "serve" else argv, capsys)
+    assert code == 1 and "does not hold the model its config.json describes" in err
+    assert "model.embed_tokens.weight (97, 32) (config.json gives (50, 32))" in err and "tokenizer" not in err
+
+
 def test_generate_tokenizer_dir_missing(model_dir, tmp_path, capsys):
     code, err = run(["generate", str(model_dir), "--prompt", "w1", "--tokenizer", str(tmp_path / "nope")], capsys)
     assert code == 1 and "tokenizer directory" in err and "does not exist" in err
@@ -912,7 +926,11 @@ def test_eval_report_problems_are_refused_before_evaluating(model_dir, corpus, t
     assert (tmp_path / "rep.json").read_text() == "{}"
     code, err = run([*argv, str(model_dir / "config")], capsys)  # would replace the model's config.json
     assert code == 2 and "inside the model directory" in err
-    assert snapshot(tmp_path) == before | {"rep.md": "<dir>", "rep.json": b"{}"}
+    (tmp_path / "reports").mkdir()
+    for folder in (str(tmp_path / "reports"), str(tmp_path / "new") + "/"):  # a stem, not a folder to write into
+        code, err = run([*argv, folder], capsys)
+        assert code == 2 and f"--output {folder} is a directory; --output names a stem for STEM.json" in err
+    assert snapshot(tmp_path) == before | {"rep.md": "<dir>", "rep.json": b"{}", "reports": "<dir>"}
 
 
 def test_eval_report_never_replaces_the_data_it_evaluates(model_dir, tmp_path, capsys, monkeypatch):

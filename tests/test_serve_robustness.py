@@ -404,6 +404,24 @@ def test_a_body_that_is_not_utf8_is_named_so_with_the_byte_offset(app, endpoint)
     }
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            b'{"model": "tiny", "prompt": "w1", "max_tokens": ' + b"9" * 5000 + b"}",
+            "the request body holds an integer of more than 4300 digits; no field of this API takes one",
+        ),
+        (
+            b'{"model": "tiny", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "the request body nests arrays or objects too deeply to parse; no field of this API needs that depth",
+        ),
+    ],
+)
+def test_json_the_decoder_gives_up_on_is_named(app, body, message):
+    code, answer = app.post("/v1/completions", body)
+    assert code == 400 and answer["error"]["message"] == message
+
+
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_an_empty_body_is_named_as_such(app, endpoint):
     code, answer = app.post(endpoint, b"")

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from densessm.files import atomic_output_dir, check_destination, check_separate, confined_file
 from densessm.loading import first_nonfinite_parameter, json_object, stored_tensor, unsafe_pickle, wrong_kinds
+from densessm.models import MODEL_TYPES
 from densessm.models.retnet import DenseRetNetConfig, DenseRetNetForCausalLM
 from densessm.ops.retention import head_log_decays, rotation_angles
 
@@ -149,6 +150,11 @@ def reference_config(src: str | Path, state: dict[str, torch.Tensor]) -> DenseRe
     except FileNotFoundError:
         raise CheckpointError(f"no config.json in reference directory {src}") from None
     ref = _read_json(path)
+    if ref.get("model_type") in MODEL_TYPES:
+        raise CheckpointError(
+            f"{src} already holds a densessm model ({ref['model_type']}): it loads as it is; convert reads only "
+            "the public reference's checkpoints (model_type llama)"
+        )
     absent = [name for name in (*_REQUIRED_FIELDS, "v_factor", "dense_block_layers") if name not in ref]
     if absent:
         raise CheckpointError(f"{path} is not a DenseRetNet reference config: missing {', '.join(absent)}")

@@ -19,7 +19,7 @@ from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, Te
 from densessm.argtypes import nonnegative_int, path_name, positive_float, positive_int, seed, temperature
 from densessm.errors import UsageError
 from densessm.inference import QUANTIZE_CHOICES, int8_problem, prepare_for_decoding
-from densessm.loading import load_causal_lm, load_tokenizer_dir, raise_nonfinite, read_config
+from densessm.loading import check_weights, load_causal_lm, load_tokenizer_dir, raise_nonfinite, read_config
 from densessm.runtime import DTYPES, resolve_device
 
 
@@ -66,9 +66,9 @@ def add_generate_parser(sub) -> None:
     parser.add_argument("--tokenizer", type=path_name, help="tokenizer directory (default: MODEL_DIR)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=temperature, default=1.0)
-    parser.add_argument("--top-k", type=nonnegative_int, default=50)
-    parser.add_argument("--top-p", type=positive_float, default=1.0, help="in (0, 1]")
+    parser.add_argument("--temperature", type=temperature, help="with --do-sample (default 1.0)")
+    parser.add_argument("--top-k", type=nonnegative_int, help="with --do-sample (default 50; 0: no limit)")
+    parser.add_argument("--top-p", type=positive_float, help="with --do-sample, in (0, 1] (default 1.0)")
     parser.add_argument("--repetition-penalty", type=positive_float, default=1.0)
     parser.add_argument("--num-beams", type=positive_int, default=1)
     parser.add_argument("--seed", type=seed, default=0)
@@ -102,8 +102,20 @@ def check_quantize(args: argparse.Namespace, device: torch.device, dtype: torch.
         raise UsageError(f"--quantize {args.quantize} cannot be compiled: drop --compile or --quantize")
 
 
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
 def check_sampling(args: argparse.Namespace) -> None:
-    """What the flag types cannot say alone: ``--top-p`` is a probability mass, at most 1."""
+    """What the flag types cannot say alone: ``--top-p`` is a probability mass, at most 1, and the sampling flags
+    mean nothing to greedy or beam decoding (transformers would drop them with a notice; a user who typed one
+    expects it to act). Fills in the defaults of those not given."""
+    given = [name for name in SAMPLING_DEFAULTS if getattr(args, name) is not None]
+    if given and not args.do_sample:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise UsageError(f"{flags} act only when sampling: add --do-sample, or drop {flags}")
+    for name, default in SAMPLING_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.top_p > 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
 
@@ -147,6 +159,7 @@ def run_generate(args: argparse.Namespace) -> None:
     check_quantize(args, device, DTYPES[args.dtype])
     prompts = _read_prompts(args)
     config = read_config(args.model_dir)  # before the tokenizer, which would blame itself for a bad config.json
+    check_weights(args.model_dir, config)  # a config.json at odds with its weights is not the tokenizer's fault
     tokenizer = _load_tokenizer(Path(args.tokenizer or args.model_dir), config.vocab_size)
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     real = batch["input_ids"][batch["attention_mask"].bool()]

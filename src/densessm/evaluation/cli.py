@@ -6,6 +6,7 @@ Heavy imports (``datasets``, ``lm_eval``) happen in the handlers, so ``densessm 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def _check_output(args: argparse.Namespace) -> None:
         return
     model_dir = Path(args.model_dir).resolve()
     data = Path(args.data).resolve() if getattr(args, "data", None) else None
+    if args.output.endswith(("/", os.sep)) or Path(args.output).is_dir():
+        # a stem, not a folder: "ev/" would write ev.json beside the folder, not in it
+        stem = Path(args.output) / "report"
+        raise UsageError(
+            f"--output {args.output} is a directory; --output names a stem for STEM.json and STEM.md (e.g. {stem})"
+        )
     for path in report_paths(check_path(args.output, "--output")):
         check_link(path, "--output", args.overwrite)  # a symlink loop, or one to nowhere: refused before the work
         if model_dir == path.resolve().parent or model_dir in path.resolve().parents:

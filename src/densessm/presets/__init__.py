@@ -64,6 +64,10 @@ def load_grid_shape(family: str, scale: str) -> dict | None:
     if not isinstance(widen, dict):
         raise ValueError(f"{where}: widen must be an object of field: step, got {type(widen).__name__}")
     for name, step in widen.items():
+        if name == "hidden_size":  # the width searched over; a step for it would be overwritten without effect
+            raise ValueError(
+                f"{where}: widen.hidden_size is the width the search varies; widen names the fields that follow it"
+            )
         if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (step, dense.get(name))):
             raise ValueError(
                 f"{where}: widen.{name} must be a positive integer step for a positive integer field "

@@ -19,6 +19,7 @@ import email.message
 import hmac
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -405,6 +406,23 @@ async def _event_stream(
         server.engine.cancel(request.id)
 
 
+def _unparsable_body(cause: BaseException) -> str:
+    """Why the JSON decoder gave up on a body, in the client's terms (FastAPI says only that parsing failed)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"the request body is not valid UTF-8 JSON: byte 0x{cause.object[cause.start]:02x} at offset "
+            f"{cause.start} ({cause.reason}); send JSON encoded as UTF-8"
+        )
+    if isinstance(cause, RecursionError):
+        return "the request body nests arrays or objects too deeply to parse; no field of this API needs that depth"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return (
+            f"the request body holds an integer of more than {sys.get_int_max_str_digits()} digits; "
+            "no field of this API takes one"
+        )
+    return f"the request body cannot be parsed as JSON ({type(cause).__name__}: {cause})"
+
+
 def create_app(
     engine: Engine,
     tokenizer: PreTrainedTokenizerBase,
@@ -437,15 +455,8 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
-        if isinstance(err.__cause__, UnicodeDecodeError):  # FastAPI's "There was an error parsing the body"
-            bad = err.__cause__
-            return _error_response(
-                APIError(
-                    400,
-                    f"the request body is not valid UTF-8 JSON: byte 0x{bad.object[bad.start]:02x} at offset "
-                    f"{bad.start} ({bad.reason}); send JSON encoded as UTF-8",
-                )
-            )
+        if err.__cause__ is not None and err.status_code == 400:  # FastAPI's "There was an error parsing the body"
+            return _error_response(APIError(400, _unparsable_body(err.__cause__)))
         message = f"no route {request.method} {request.url.path}" if err.status_code == 404 else str(err.detail)
         return _error_response(APIError(err.status_code, message, code="not_found" if err.status_code == 404 else None))
 

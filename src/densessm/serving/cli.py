@@ -21,7 +21,7 @@ from pathlib import Path
 from densessm.errors import UsageError
 from densessm.generation import check_quantize
 from densessm.inference import QUANTIZE_CHOICES, prepare_for_decoding
-from densessm.loading import load_causal_lm, load_tokenizer_dir, read_config
+from densessm.loading import check_weights, load_causal_lm, load_tokenizer_dir, read_config
 from densessm.runtime import DTYPES, resolve_device
 
 log = logging.getLogger("densessm.serve")
@@ -199,6 +199,7 @@ def run_serve(args: argparse.Namespace) -> None:
     check_quantize(args, device, DTYPES[args.dtype])
     model_dir = Path(args.model_dir)
     config = read_config(model_dir)
+    check_weights(model_dir, config)  # before the tokenizer and the port: a broken model directory is named first
     _check(args, getattr(config, "max_position_embeddings", None) or UNBOUNDED_CONTEXT)
     if not _is_loopback(args.host) and args.api_key is None:
         log.warning(

@@ -40,6 +40,11 @@ def _check_destinations(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is a file, not a directory")
     corpus = Path(args.corpus).resolve()
+    if corpus.is_file():
+        raise UsageError(
+            f"--corpus {args.corpus} is a file; it names the directory of train/validation/test.jsonl that "
+            "scripts/build_experiment_corpus.py writes"
+        )
     if out.resolve() == corpus or corpus in out.resolve().parents:
         raise UsageError(
             f"--output-dir {out} is the corpus directory {args.corpus} or lies inside it: the runs would write among "
