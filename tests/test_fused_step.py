@@ -152,6 +152,19 @@ def test_scan_step_matches_the_pytorch_step(counted, batch, state_size, dense, p
     _assert_same_decoding(reference, fused, batch, padding, counted, 1e-6)
 
 
+@pytest.mark.parametrize("family", ["retnet", "mamba"])
+def test_wider_shapes_match_the_pytorch_step(counted, family):
+    """Wider layers at a batch of 9: retention's dense tail over 300 key and 64 value columns, its state
+    rows split across work items; the scan's 168 channels in blocks of 64 with a ragged last one. At these
+    widths fp32's rounding in the longer sums is about 1e-6 on its own (either step's), hence 1e-5."""
+    if family == "retnet":
+        shape = dict(num_attention_heads=2, query_key_dim=300)
+    else:
+        shape = dict(hidden_size=56, expand=3, dense_gate_reduction=4)  # 168 channels: 64 + 64 + 40
+    reference, fused = _model(family, num_hidden_layers=3, dense_block_layers=2, **shape)
+    _assert_same_decoding(reference, fused, 9, True, counted, 1e-5)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_shapes_match_the_pytorch_step(counted, seed):
     """Shapes drawn at random (seeded): both families, any batch, heads, widths, depth and ``m``."""

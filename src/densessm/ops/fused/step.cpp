@@ -74,17 +74,38 @@ at::Tensor rows(const at::Tensor& t, int64_t batch, at::ScalarType acc) {
   return t.reshape({batch, -1}).to(acc).contiguous();
 }
 
+// A [batch, n] view of t's rows for reading: the rows of a split or chunk of a wider product stay where they
+// are (a row stride, unit stride within), copied only when the dtype or the inner layout differs.
+template <typename A>
+struct RowView {
+  at::Tensor held;
+  const A* p = nullptr;
+  int64_t stride = 0;
+  const A* row(int64_t b) const { return p + b * stride; }
+};
+
+template <typename A>
+RowView<A> row_view(const at::Tensor& t, int64_t batch) {
+  const auto acc = c10::CppTypeToScalarType<A>::value;
+  at::Tensor r = t.reshape({batch, -1});
+  if (r.scalar_type() != acc || (r.size(1) > 1 && r.stride(1) != 1)) r = r.to(acc).contiguous();
+  return {r, r.data_ptr<A>(), r.stride(0)};
+}
+
 template <typename A>
 const A* opt_ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<A>() : nullptr;
 }
 
 // x <- rmsnorm(x) * w over n elements (as F.rms_norm: x * rsqrt(mean(x^2) + eps) * w)
+// (the sum in vector lanes: a serial chain of dependent adds cost more than the rest of a dense layer's tail)
 template <typename A>
 inline void rms_norm(A* x, const A* w, int64_t n, double eps) {
   A sum = 0;
+#pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
-  A inv = A(1) / std::sqrt(sum / A(n) + A(eps));
+  const A inv = A(1) / std::sqrt(sum / A(n) + A(eps));
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] * inv * w[i];
 }
 
@@ -102,20 +123,24 @@ at::Tensor retention_step_impl(const at::Tensor& q_in, const at::Tensor& k_in, c
   const auto acc = c10::CppTypeToScalarType<A>::value;
   const int64_t B = state.size(0), H = state.size(1), Dk = state.size(2), Dv = state.size(3);
   const int64_t QK = H * Dk, V = H * Dv;
-  at::Tensor q = rows(q_in, B, acc), k = rows(k_in, B, acc), v = rows(v_in, B, acc);
-  at::Tensor gate = rows(gate_in, B, acc);
-  TORCH_CHECK(q.size(1) == QK && k.size(1) == QK && v.size(1) == V && gate.size(1) == V,
+  const auto q = row_view<A>(q_in, B), k = row_view<A>(k_in, B), v = row_view<A>(v_in, B);
+  const auto gate = row_view<A>(gate_in, B);
+  TORCH_CHECK(q.held.size(1) == QK && k.held.size(1) == QK && v.held.size(1) == V && gate.held.size(1) == V,
               "retention_step: q, k, v or gate do not match the state's shape");
   const bool dense = !k_shallow.empty();
   TORCH_CHECK(k_shallow.size() == v_shallow.size(), "retention_step: as many shallow k as shallow v");
-  std::vector<at::Tensor> ks, vs;
-  at::Tensor kg, vg, kw, vw;
+  std::vector<RowView<A>> ks, vs;
+  RowView<A> kg, vg;
+  at::Tensor kw, vw;
   if (dense) {
     TORCH_CHECK(k_gate_in && v_gate_in && k_norm_in && v_norm_in, "retention_step: dense inputs need gates and norms");
-    for (const auto& t : k_shallow) ks.push_back(rows(t, B, acc));
-    for (const auto& t : v_shallow) vs.push_back(rows(t, B, acc));
-    kg = rows(*k_gate_in, B, acc);
-    vg = rows(*v_gate_in, B, acc);
+    for (const auto& t : k_shallow) ks.push_back(row_view<A>(t, B));
+    for (const auto& t : v_shallow) vs.push_back(row_view<A>(t, B));
+    for (const auto& t : ks) TORCH_CHECK(t.held.size(1) == QK, "retention_step: a shallow k of another shape");
+    for (const auto& t : vs) TORCH_CHECK(t.held.size(1) == V, "retention_step: a shallow v of another shape");
+    kg = row_view<A>(*k_gate_in, B);
+    vg = row_view<A>(*v_gate_in, B);
+    TORCH_CHECK(kg.held.size(1) == QK && vg.held.size(1) == V, "retention_step: gates of another shape");
     kw = k_norm_in->to(acc).contiguous();
     vw = v_norm_in->to(acc).contiguous();
   }
@@ -130,19 +155,16 @@ at::Tensor retention_step_impl(const at::Tensor& q_in, const at::Tensor& k_in, c
   at::Tensor decay = log_decay.to(scale.scalar_type()).exp().to(acc).contiguous();
 
   // per row: the token's k (kick = rotated k * fresh), q and v ready for the state pass; the scale advances
-  at::Tensor kick = at::empty({B, QK}, q.options()), qr = at::empty({B, QK}, q.options());
-  at::Tensor vv = at::empty({B, V}, q.options()), carry = at::empty({B, H}, q.options());
+  const auto options = q.held.options();
+  at::Tensor kick = at::empty({B, QK}, options), qr = at::empty({B, QK}, options);
+  at::Tensor vv = at::empty({B, V}, options), carry = at::empty({B, H}, options);
   A* kick_p = kick.data_ptr<A>();
   A* qr_p = qr.data_ptr<A>();
   A* vv_p = vv.data_ptr<A>();
   A* carry_p = carry.data_ptr<A>();
-  const A *q_p = q.data_ptr<A>(), *k_p = k.data_ptr<A>(), *v_p = v.data_ptr<A>();
   const A *sin_p = sin_t.data_ptr<A>(), *cos_p = cos_t.data_ptr<A>(), *decay_p = decay.data_ptr<A>();
   const bool* mask_p = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  std::vector<const A*> ks_p, vs_p;
-  for (auto& t : ks) ks_p.push_back(t.data_ptr<A>());
-  for (auto& t : vs) vs_p.push_back(t.data_ptr<A>());
-  const A *kg_p = opt_ptr<A>(kg), *vg_p = opt_ptr<A>(vg), *kw_p = opt_ptr<A>(kw), *vw_p = opt_ptr<A>(vw);
+  const A *kw_p = opt_ptr<A>(kw), *vw_p = opt_ptr<A>(vw);
   // small and serial: one parallel region per call, since on a busy machine each region's barrier can wait
   // a scheduler slice for a descheduled thread
   auto scale_update = [&](auto* scale_p) {
@@ -150,13 +172,17 @@ at::Tensor retention_step_impl(const at::Tensor& q_in, const at::Tensor& k_in, c
       std::vector<A> kf(QK);
       for (int64_t b = 0; b < B; ++b) {
         const bool real = mask_p == nullptr || mask_p[b];
-        std::copy(k_p + b * QK, k_p + (b + 1) * QK, kf.begin());
+        std::copy(k.row(b), k.row(b) + QK, kf.begin());
         A* vrow = vv_p + b * V;
-        std::copy(v_p + b * V, v_p + (b + 1) * V, vrow);
+        std::copy(v.row(b), v.row(b) + V, vrow);
         if (dense) {  // hidden fusion, oldest layer first, then the norms
-          for (size_t i = 0; i < ks_p.size(); ++i) {
-            for (int64_t j = 0; j < QK; ++j) kf[j] = kf[j] + kg_p[b * QK + j] * ks_p[i][b * QK + j];
-            for (int64_t j = 0; j < V; ++j) vrow[j] = vrow[j] + vg_p[b * V + j] * vs_p[i][b * V + j];
+          const A *kgb = kg.row(b), *vgb = vg.row(b);
+          for (size_t i = 0; i < ks.size(); ++i) {
+            const A *ksb = ks[i].row(b), *vsb = vs[i].row(b);
+#pragma omp simd
+            for (int64_t j = 0; j < QK; ++j) kf[j] = kf[j] + kgb[j] * ksb[j];
+#pragma omp simd
+            for (int64_t j = 0; j < V; ++j) vrow[j] = vrow[j] + vgb[j] * vsb[j];
           }
           rms_norm(kf.data(), kw_p, QK, kv_eps);
           rms_norm(vrow, vw_p, V, kv_eps);
@@ -173,7 +199,7 @@ at::Tensor retention_step_impl(const at::Tensor& q_in, const at::Tensor& k_in, c
           carry_p[b * H + h] = std::sqrt(old) * dec * inv;
           const A fresh = add * inv;
           *sc = fresh_scale;
-          const A* qh = q_p + b * QK + h * Dk;
+          const A* qh = q.row(b) + h * Dk;
           const A* kh = kf.data() + h * Dk;
           A* kick_h = kick_p + b * QK + h * Dk;
           A* q_h = qr_p + b * QK + h * Dk;
@@ -202,16 +228,16 @@ at::Tensor retention_step_impl(const at::Tensor& q_in, const at::Tensor& k_in, c
   const int64_t items = B * H;
   const int64_t splits = std::max<int64_t>(
       1, std::min<int64_t>((2 * at::get_num_threads() + items - 1) / items, Dk / kMinRows));
-  at::Tensor out = at::empty({B, V}, q.options());
-  at::Tensor partial = splits > 1 ? at::empty({items * splits, Dv}, q.options()) : out;
+  at::Tensor out = at::empty({B, V}, options);
+  at::Tensor partial = splits > 1 ? at::empty({items * splits, Dv}, options) : out;
   A* out_p = out.data_ptr<A>();
   A* partial_p = partial.data_ptr<A>();
   S* state_p = state.data_ptr<S>();
   const A* head_p = head_w.data_ptr<A>();
-  const A* gate_p = gate.data_ptr<A>();
   auto head_out = [&](A* o, int64_t bh) {  // per-head RMSNorm, then the output gate
     rms_norm(o, head_p, Dv, head_eps);
-    const A* g = gate_p + bh * Dv;
+    const A* g = gate.row(bh / H) + (bh % H) * Dv;
+#pragma omp simd
     for (int64_t j = 0; j < Dv; ++j) o[j] *= g[j];
   };
   at::parallel_for(0, items * splits, 1, [&](int64_t i0, int64_t i1) {
