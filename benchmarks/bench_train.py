@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 
 from densessm.presets import load_preset
 from densessm.train import main as train
+from densessm_lab.bench.results import suffixed
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks" / "train_throughput"
@@ -190,9 +191,9 @@ def main() -> None:
         "load_after": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    plot(results, args.out.with_suffix(".png"))
-    write_report(results, meta, args.out.with_suffix(".md"))
+    suffixed(args.out, ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    plot(results, suffixed(args.out, ".png"))
+    write_report(results, meta, suffixed(args.out, ".md"))
     print(f"wrote {args.out.with_suffix('.md')}")
 
 

@@ -36,7 +36,7 @@ from densessm import DenseRetNetForCausalLM
 from densessm.convert import map_reference_state, reference_config
 from densessm.files import atomic_write_text
 from densessm.ops.retention import auto_parallel_max_length, default_chunk_size
-from densessm_lab.bench.results import refuse_existing, write_results
+from densessm_lab.bench.results import refuse_existing, suffixed, write_results
 
 
 def load_reference(folder: Path):
@@ -206,8 +206,8 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only write OUT.md and OUT.png again from OUT.json")
     args = parser.parse_args()
     if args.render:  # e.g. after adding notes to OUT.json
-        results = json.loads(args.out.with_suffix(".json").read_text())
-        write_results(args.out, results, render(results, args.out.with_suffix(".png").name), plot(results), True)
+        results = json.loads(suffixed(args.out, ".json").read_text())
+        write_results(args.out, results, render(results, suffixed(args.out, ".png").name), plot(results), True)
         return
     refuse_existing(args.out, args.overwrite)
     if args.reference is None:
@@ -226,10 +226,10 @@ def main() -> None:
         skip = args.ours_only_from is not None and length >= args.ours_only_from
         results["records"].append(measure(module, raw, length, layers, args.rounds, skip))
         # what is measured so far, in case a later case is killed (the reference's L x L activations grow fast)
-        atomic_write_text(args.out.with_suffix(".partial.json"), json.dumps(results, indent=2) + "\n", True)
-    markdown = render(results, args.out.with_suffix(".png").name)
+        atomic_write_text(suffixed(args.out, ".partial.json"), json.dumps(results, indent=2) + "\n", True)
+    markdown = render(results, suffixed(args.out, ".png").name)
     write_results(args.out, results, markdown, plot(results), args.overwrite)
-    args.out.with_suffix(".partial.json").unlink()
+    suffixed(args.out, ".partial.json").unlink()
     print(markdown)
 
 

@@ -189,6 +189,34 @@ def test_a_corpus_that_is_a_file_is_named_as_such(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
 
 
+@pytest.mark.parametrize("name", ["rep.json", "run.v2", "report"])
+def test_a_report_not_named_as_markdown_is_refused(tmp_path, capsys, name):
+    """Its data went to ``with_suffix(".json")``: for rep.json the report's own path (the Markdown then replaced
+    the data), for run.v2 a run.json the user never named."""
+    (tmp_path / "run.json").write_text("a user's file")
+    argv = ["experiment", "dense-vs-plain", "--corpus", str(tmp_path / "c"), "--output-dir", str(tmp_path / "g")]
+    assert cli_main([*argv, "--report", str(tmp_path / name), "--overwrite"]) == 2
+    assert f"--report {tmp_path / name} must name a Markdown file ending in .md" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+def test_an_output_dir_holding_files_of_no_grid_is_refused(tmp_path, capsys):
+    """A folder without the grid's plan (a user's, with its own tokenizer/) had its tokenizer replaced by the
+    grid's BPE."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "validation", "test"):
+        (corpus / f"{split}.jsonl").write_text('{"text": "a b c"}\n')
+    mine = tmp_path / "mine"
+    (mine / "tokenizer").mkdir(parents=True)
+    (mine / "tokenizer" / "tokenizer.json").write_text("my tokenizer")
+    argv = ["experiment", "dense-vs-plain", "--corpus", str(corpus), "--output-dir", str(mine), "--scale", "smoke"]
+    assert cli_main([*argv, "--report", str(tmp_path / "r.md"), "--tasks-limit", "0"]) == 1
+    assert f"--output-dir {mine} holds files but no grid of this command (no plan.json)" in capsys.readouterr().err
+    assert (mine / "tokenizer" / "tokenizer.json").read_text() == "my tokenizer"
+    assert sorted(p.name for p in mine.rglob("*")) == ["tokenizer", "tokenizer.json"]
+
+
 def test_a_missing_corpus_is_named_before_the_output_dir_is_created(tmp_path, capsys):
     argv = ["experiment", "dense-vs-plain", "--corpus", str(tmp_path / "corpus"), "--output-dir", str(tmp_path / "g")]
     assert cli_main([*argv, "--scale", "smoke", "--report", str(tmp_path / "r.md")]) == 1

@@ -460,7 +460,7 @@ def test_an_empty_cache_takes_the_identity_of_the_model_that_fills_it():
         (lambda c: c.layers[0].update(state=c.layers[0]["state"].double()), "is torch.float64, but this model"),
         (lambda c: c.layers[2].pop("scale"), "layer 2 of the cache holds state, but this model's layers keep"),
         (lambda c: setattr(c, "positions", c.positions.float()), "cache.positions must be an int64 tensor"),
-        (lambda c: c.to("meta"), "the cache is on meta but the model computes on cpu: cache.to"),
+        (lambda c: c._map_batch(lambda t: t.to("meta")), "the cache is on meta but the model computes on cpu"),
         (lambda c: c.layers[0].update(scale=c.layers[0]["scale"].to("meta")), "layers.0.scale is on meta"),
         (lambda c: setattr(c, "identity", "dense_retnet"), "cache.identity must be a CacheIdentity or None"),
         (lambda c: c.layers.append(None), "cache holds the state of 4 layers but the model has 3"),
@@ -472,6 +472,26 @@ def test_a_damaged_cache_is_refused(damage, message):
     damage(cache)
     with pytest.raises(ValueError, match=message):
         model(PROMPT[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize(
+    ("target", "error", "message"),
+    [
+        (torch.float16, TypeError, "RecurrentCache.to takes a device .* got torch.float16: a cache keeps the dtypes"),
+        ("meta", ValueError, "a cache cannot be moved to the meta device: its state would be lost"),
+    ],
+)
+def test_a_cache_moves_only_to_a_device_that_keeps_it(target, error, message):
+    """``cache.to(torch.float16)`` cast the positions and token digests too (ruining the cache in place), and
+    the error came only at its next use, blaming the positions."""
+    model = _model("retnet")
+    cache = _cache(model)
+    kept = cache.clone()
+    with pytest.raises(error, match=message):
+        cache.to(target)
+    for name in ("positions", "token_digest"):
+        assert torch.equal(getattr(cache, name), getattr(kept, name))
+    torch.testing.assert_close(model(PROMPT[:, :1], cache=cache).logits, model(PROMPT[:, :1], cache=kept).logits)
 
 
 @pytest.mark.parametrize(

@@ -692,6 +692,37 @@ def test_bench_out_where_a_directory_stands_is_refused_before_measuring(tmp_path
     assert err.strip().splitlines()[-1] == f"densessm bench: error: --out {out}: {out}.md is a directory, not a file"
 
 
+def test_bench_out_naming_a_folder_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    """``--out DIR`` or ``--out DIR/`` wrote DIR_batch1.json and the rest beside the folder, not in it."""
+    _no_measuring(monkeypatch)
+    (tmp_path / "results").mkdir()
+    argv = ["bench", "generate", "--models", "retnet_tiny", "--out"]
+    code, err = run([*argv, str(tmp_path / "results")], capsys)
+    assert code == 2 and f"--out {tmp_path / 'results'} is a directory; --out names a stem for STEM.json" in err
+    code, err = run([*argv, str(tmp_path / "new") + "/"], capsys)
+    assert code == 2 and f"argument --out: {tmp_path / 'new'}/ names a folder; --out names a stem" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_bench_out_with_a_dot_in_its_name_keeps_every_file_apart(tmp_path, monkeypatch):
+    """``--out run.v2`` wrote run.json for both batch sizes (``with_suffix`` replaced ".v2"): the second
+    batch's results replaced the first's, and a user's run.json could be replaced."""
+    from densessm_lab.bench import cli as bench_cli
+    from densessm_lab.bench.results import output_stem, suffixed
+
+    def write_report(results, stem):
+        suffixed(stem, ".md").write_text(f"batch {results['batch']}")
+
+    monkeypatch.setattr(bench_cli.measure, "run", lambda args, checkpoint: {"batch": args.batch})
+    monkeypatch.setattr(bench_cli.report, "write_report", write_report)
+    (tmp_path / "run.json").write_text("a user's file")
+    assert main(["bench", "generate", "--models", "retnet_tiny", "--out", str(tmp_path / "run.v2")]) == 0
+    assert (tmp_path / "run.v2_batch1.md").read_text() == "batch 1"
+    assert (tmp_path / "run.v2_batch6.md").read_text() == "batch 6"
+    assert (tmp_path / "run.json").read_text() == "a user's file"
+    assert output_stem(str(tmp_path / "run.json")) == tmp_path / "run"  # a suffix given names the stem's files
+
+
 @pytest.mark.parametrize("kind", ["loop", "dangling"])
 def test_bench_out_that_is_a_broken_symlink_is_refused_before_measuring(tmp_path, capsys, monkeypatch, kind):
     _no_measuring(monkeypatch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config, tiny_mamba_config
@@ -62,7 +63,8 @@ def test_a_huge_chunk_size_is_named(model):
 
 
 @pytest.mark.parametrize(
-    ("chunk_size", "kind"), [(torch.tensor(3), "Tensor"), (2.5, "float"), ("8", "str"), (True, "bool")]
+    ("chunk_size", "kind"),
+    [(torch.tensor(3), "Tensor"), (2.5, "float"), ("8", "str"), (True, "bool"), (np.int64(4), "int64")],
 )
 def test_a_chunk_size_of_another_type_is_named_by_its_type(model, chunk_size, kind):
     with pytest.raises(ValueError, match=rf"^chunk_size must be a Python int, got .*, a {kind} \(pass int"):

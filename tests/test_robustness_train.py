@@ -49,6 +49,7 @@ from densessm.run_state import (
     RunLock,
     RunLockedError,
     checkpoint_problems,
+    discard_checkpoint,
     last_complete_checkpoint,
     rotate_checkpoints,
     write_marker,
@@ -618,6 +619,22 @@ def test_rotation_protects_the_best_checkpoint_and_drops_cut_short_ones_first(st
     (tmp_path / "checkpoint-8").mkdir()  # cut short: no marker
     rotate_checkpoints(tmp_path, 2, tmp_path / "checkpoint-6", best=str(tmp_path / "checkpoint-2"))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-6"]
+
+
+def test_a_checkpoint_that_is_a_link_to_another_run_is_never_deleted_or_written_through(straight, tmp_path):
+    """Rotation (and replacing a folder of the step being saved) removed the marker of the checkpoint a
+    ``checkpoint-N`` link pointed to, in another run's folder."""
+    other = tmp_path / "other"
+    shutil.copytree(straight / "checkpoint-2", other / "checkpoint-2")
+    before = snapshot(other)
+    run = tmp_path / "run"
+    shutil.copytree(straight / "checkpoint-4", run / "checkpoint-4")
+    (run / "checkpoint-2").symlink_to(other / "checkpoint-2", target_is_directory=True)
+    rotate_checkpoints(run, 1, run / "checkpoint-4", best=None)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-4"] and snapshot(other) == before
+    (run / "checkpoint-6").symlink_to(other / "checkpoint-2", target_is_directory=True)
+    discard_checkpoint(run / "checkpoint-6")  # as a save of step 6 clears the way
+    assert not (run / "checkpoint-6").exists() and snapshot(other) == before
 
 
 # ---- resume checks its arguments ------------------------------------------------------------------------------------

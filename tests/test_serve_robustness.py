@@ -571,6 +571,8 @@ def test_a_model_directory_with_integer_weights_is_refused(model_dir, tmp_path, 
             "or drop --quantize)",
         ),
         (["--quantize", "int8", "--compile"], "--quantize int8 cannot be compiled: drop --compile or --quantize"),
+        (["--shutdown-timeout", "nan"], "argument --shutdown-timeout: expected a finite number, got 'nan'"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0, got -1.0"),
     ],
 )
 def test_values_that_cannot_work_are_refused_before_loading(model_dir, capsys, monkeypatch, flags, message):

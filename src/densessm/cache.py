@@ -311,7 +311,16 @@ class RecurrentCache(Cache):
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def to(self, device: str | torch.device) -> RecurrentCache:
-        """Move the state to ``device``, in place; returns the cache."""
+        """Move the state to ``device``, in place; returns the cache. Only a device: the states keep the dtypes
+        the model's layout gives them, and positions and digests are integers a cast would ruin."""
+        if not isinstance(device, str | torch.device):
+            raise TypeError(
+                f"RecurrentCache.to takes a device (such as 'cpu' or 'cuda'), got {device!r}: a cache keeps the "
+                "dtypes its model gives it"
+            )
+        device = torch.device(device)
+        if device.type == "meta":
+            raise ValueError("a cache cannot be moved to the meta device: its state would be lost")
         self._map_batch(lambda t: t.to(device))
         return self
 

@@ -155,8 +155,13 @@ def write_marker(checkpoint: str | os.PathLike, world_size: int) -> Path:
 
 
 def discard_checkpoint(checkpoint: str | os.PathLike) -> None:
-    """Remove a checkpoint folder, its marker first: a removal cut short leaves an incomplete checkpoint."""
+    """Remove a checkpoint folder, its marker first: a removal cut short leaves an incomplete checkpoint. A
+    ``checkpoint-N`` that is a symlink loses the link only: what it points to (another run's checkpoint) is not
+    this run's to delete, nor to write into."""
     root = Path(checkpoint)
+    if root.is_symlink():
+        root.unlink()
+        return
     (root / MARKER_NAME).unlink(missing_ok=True)
     shutil.rmtree(root, ignore_errors=True)
 

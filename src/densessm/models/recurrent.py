@@ -160,7 +160,7 @@ def check_chunk_size(chunk_size: object) -> None:
     result, and modes that do not cut the input into chunks ignore it)."""
     if chunk_size is None:
         return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):  # numpy's ints fail in torch's split
         raise ValueError(
             f"chunk_size must be a Python int, got {chunk_size!r}, a {type(chunk_size).__name__} (pass int(...))"
         )

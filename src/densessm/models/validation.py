@@ -19,7 +19,7 @@ def is_number(value: object) -> bool:
 def check_positive_int(config: PreTrainedConfig, name: str) -> None:
     """``config.<name>`` is an integer >= 1 (``True`` is not a size)."""
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if isinstance(value, bool) or not isinstance(value, int):  # numpy's ints: no JSON, and torch splits refuse them
         raise ValueError(
             f"{name} must be a positive integer, got {value!r}: a {type(value).__name__}, not a Python int"
         )

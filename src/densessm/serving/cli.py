@@ -18,6 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
+from densessm.argtypes import finite_float
 from densessm.errors import UsageError
 from densessm.generation import check_quantize
 from densessm.inference import QUANTIZE_CHOICES, prepare_for_decoding
@@ -114,7 +115,7 @@ def add_serve_parser(sub) -> None:
     )
     parser.add_argument(
         "--shutdown-timeout",
-        type=float,
+        type=finite_float,
         default=60.0,
         help="seconds to let running requests finish after Ctrl-C / SIGTERM (default 60)",
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from densessm.argtypes import nonnegative_int, path_name, positive_int
+from densessm.argtypes import nonnegative_int, positive_int
 from densessm.errors import UsageError
 from densessm.files import check_link, check_path
 from densessm.inference import QUANTIZE_CHOICES, int8_problem
@@ -16,6 +16,7 @@ from densessm.presets import list_presets
 from densessm.runtime import resolve_device
 from densessm_lab.bench import measure, report
 from densessm_lab.bench.models import DTYPES, LLAMAS, STOCK
+from densessm_lab.bench.results import SUFFIXES, output_stem, suffixed
 
 
 def compile_backend(name: str) -> str:
@@ -67,7 +68,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--overhead-context", type=positive_int, default=1024, help="context of the dense-overhead measurement"
     )
-    gen.add_argument("--out", type=lambda text: Path(path_name(text)), default=Path("docs/benchmarks/generation"))
+    gen.add_argument(
+        "--out", type=output_stem, default=Path("docs/benchmarks/generation"), help="stem of OUT.json/.md/.png"
+    )
     gen.add_argument("--overwrite", action="store_true", help="replace OUT.json/.md/.png if they exist")
     gen.set_defaults(func=bench_generate)
 
@@ -86,8 +89,10 @@ def bench_generate(args: argparse.Namespace) -> None:
             raise UsageError(f"--quantize {args.quantize} cannot be compiled: drop --compile or --quantize")
     batches = list(dict.fromkeys(args.batch))
     check_path(args.out, "--out")  # a parent that is a file: refused now, not after the measurements
+    if args.out.is_dir():  # the files would land beside it, not in it
+        raise UsageError(f"--out {args.out} is a directory; --out names a stem for STEM.json, STEM.md and STEM.png")
     stems = {b: args.out if len(batches) == 1 else args.out.with_name(f"{args.out.name}_batch{b}") for b in batches}
-    outputs = [stem.with_suffix(s) for stem in stems.values() for s in (".json", ".md", ".png")]
+    outputs = [suffixed(stem, s) for stem in stems.values() for s in SUFFIXES]
     for out in outputs:
         check_link(out, "--out", args.overwrite)  # a symlink to nowhere: refused now, not after the measurements
         if out.is_dir():
@@ -104,4 +109,4 @@ def bench_generate(args: argparse.Namespace) -> None:
         run = argparse.Namespace(**{**vars(args), "batch": batch})
         results = measure.run(run, checkpoint=lambda partial, stem=stem: report.write_json(partial, stem))
         report.write_report(results, stem)
-        print(stem.with_suffix(".md").read_text())
+        print(suffixed(stem, ".md").read_text())

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from densessm.files import atomic_output_file, atomic_write_text
 from densessm_lab.bench.measure import WARMUP_ROUNDS
 from densessm_lab.bench.models import LLAMAS, is_stock
+from densessm_lab.bench.results import suffixed
 
 
 def treatment(
@@ -42,7 +43,7 @@ def write_json(results: dict, out: Path) -> None:
     """The results as ``out.json``: at the end, and after each model (``meta.complete`` false until done), so a
     run cut short (a GPU machine's time limit) leaves what it measured."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n", overwrite=True)
+    atomic_write_text(suffixed(out, ".json"), json.dumps(results, indent=2) + "\n", overwrite=True)
 
 
 def render_markdown(results: dict) -> str:
@@ -160,8 +161,8 @@ def plot(results: dict) -> Figure:
 def write_report(results: dict, out: Path) -> None:
     """``out.json``, ``out.md`` and ``out.png``, each written atomically."""
     write_json(results, out)
-    atomic_write_text(out.with_suffix(".md"), render_markdown(results), overwrite=True)
-    with atomic_output_file(out.with_suffix(".png"), overwrite=True) as png:
+    atomic_write_text(suffixed(out, ".md"), render_markdown(results), overwrite=True)
+    with atomic_output_file(suffixed(out, ".png"), overwrite=True) as png:
         plot(results).savefig(png, dpi=110, format="png")
 
 

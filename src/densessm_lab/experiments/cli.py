@@ -53,6 +53,11 @@ def _check_destinations(args: argparse.Namespace) -> None:
     report = check_path(args.report, "--report")
     if report.is_dir():
         raise UsageError(f"--report {report} is a directory: name the Markdown file of the report")
+    if report.suffix != ".md":  # its data and plot take the same name with .json and -curves.png
+        raise UsageError(
+            f"--report {report} must name a Markdown file ending in .md (its data and plot are written beside it "
+            "as .json and -curves.png)"
+        )
     for path in (report, report.with_suffix(".json"), report.with_name(report.stem + "-curves.png")):
         check_link(path, "--report", args.overwrite)  # a symlink loop, or one to nowhere: refused before training
         if corpus in path.resolve().parents:  # even with --overwrite, which replaces an earlier report only

@@ -291,12 +291,22 @@ def grid_configs(scale: Scale, tokenizer: PreTrainedTokenizerBase | None) -> dic
     return configs
 
 
+GRID_MARKER = "densessm_grid.json"
+"""Written first into a grid's folder, so that a grid cut short before its plan.json is still known as one."""
+
+
 def check_same_grid(out: Path, corpus: Path, scale: Scale) -> None:
-    """Refuse to continue a grid in ``out`` that was started with another corpus or scale: its finished runs
-    would be reported next to runs of different models or budgets. Other seeds may be added, and families the
-    grid did not have (their runs are new)."""
+    """Refuse a folder that holds files but no grid of this command (the grid would write its tokenizer, models
+    and caches among them, replacing files of the same names), and a grid in ``out`` that was started with
+    another corpus or scale: its finished runs would be reported next to runs of different models or budgets.
+    Other seeds may be added, and families the grid did not have (their runs are new)."""
     plan_file = out / "plan.json"
     if not plan_file.is_file():
+        if out.is_dir() and any(out.iterdir()) and not (out / GRID_MARKER).is_file():
+            raise ValueError(
+                f"--output-dir {out} holds files but no grid of this command (no plan.json): the grid would write "
+                "its tokenizer, models and caches among them; use another --output-dir, or an empty one"
+            )
         return
     try:
         plan = json.loads(plan_file.read_text())
@@ -327,6 +337,8 @@ def prepare(corpus: Path, out: Path, scale: Scale) -> dict:
     check_same_grid(out, corpus, scale)
     grid_configs(scale, None)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / GRID_MARKER).is_file():
+        atomic_write_text(out / GRID_MARKER, json.dumps({"written_by": "densessm experiment dense-vs-plain"}) + "\n")
     tokenizer = prepare_tokenizer(corpus, out / "tokenizer", scale.vocab_size)
     held_out = {}
     for split in SPLITS[1:]:
