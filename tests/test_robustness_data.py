@@ -5,6 +5,7 @@ sound when builders run at once, are killed, or find a damaged cache."""
 from __future__ import annotations
 
 import bz2
+import copy
 import gzip
 import json
 import logging
@@ -540,6 +541,21 @@ def test_leftovers_of_killed_builders_are_cleared_and_a_folder_without_marker_is
     expected = build_blocks(groups, tokenizer, 8, tmp_path / "fresh", num_proc=1)
     assert blocks["input_ids"] == expected["input_ids"]
     assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [target.name]
+
+
+def test_a_tokenizer_with_another_end_of_text_token_builds_its_own_blocks(tmp_path, tokenizer):
+    """Two tokenizers of one vocabulary, one without an EOS: the blocks of the first, without EOS between the
+    documents, were reused for the second (one cache key), so its documents ran into each other."""
+    (tmp_path / "a.txt").write_text(TEXT * 4)
+    (tmp_path / "b.txt").write_text(TEXT * 4)
+    groups, cache = find_data_files([tmp_path / "a.txt", tmp_path / "b.txt"]), tmp_path / "cache"
+    bare = copy.deepcopy(tokenizer)
+    bare.eos_token = None
+    assert bare.eos_token_id is None and tokenizer.eos_token_id is not None
+    build_blocks(groups, bare, 8, cache, num_proc=1)
+    blocks = build_blocks(groups, tokenizer, 8, cache, num_proc=1)["input_ids"]
+    fresh = build_blocks(groups, tokenizer, 8, tmp_path / "fresh", num_proc=1)["input_ids"]
+    assert list(blocks) == list(fresh) and any(tokenizer.eos_token_id in block for block in blocks)
 
 
 def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path, tokenizer, caplog):

@@ -173,6 +173,18 @@ def test_warmup_ratio_and_steps_together_are_refused(tmp_path, capsys):
     assert (code, err) == (2, "densessm train: error: pass --warmup_ratio or --warmup_steps, not both")
 
 
+def test_evaluating_without_a_validation_set_is_a_usage_error_before_the_corpus_is_read(tmp_path, capsys):
+    """The Trainer said so only after the corpus was tokenized and the model built (exit 1)."""
+    argv = train_argv(tmp_path, validation_split_percentage=0, eval_strategy="steps", eval_steps=1)
+    code, err = cli(argv, capsys)
+    assert (code, err) == (
+        2,
+        "densessm train: error: --eval_strategy steps needs a validation set, and --validation_split_percentage 0 "
+        "holds none out: give --validation_files, a percentage above 0, or --eval_strategy no",
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 def test_a_flag_of_the_wrong_type_is_argparses_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["train", *train_argv(tmp_path, max_steps="ten")])

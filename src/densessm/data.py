@@ -559,10 +559,12 @@ def pack(
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash that changes when the tokenizer's output can change."""
+    """A hash that changes when the token blocks made with the tokenizer can change: its backend, and the
+    end-of-text token set between documents (:func:`_end_of_document`), which the backend does not hold (one
+    tokenizer without it once reused the blocks of another, whose documents then ran into each other)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state = backend.to_str() if backend is not None else datasets.fingerprint.Hasher.hash(tokenizer)
-    return hashlib.sha256(f"{type(tokenizer).__name__}\n{state}".encode()).hexdigest()
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{state}\neos={tokenizer.eos_token_id}".encode()).hexdigest()
 
 
 def _file_states(files: Iterable[str]) -> list[list]:

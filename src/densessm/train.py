@@ -1102,6 +1102,13 @@ def train(
     check_engine(training_args)
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps: the length of a streamed corpus is not known in advance")
+    no_validation = data_args.validation_split_percentage <= 0 and not data_args.validation_files
+    if training_args.eval_strategy != "no" and no_validation:  # the Trainer says so after the corpus is tokenized
+        raise UsageError(
+            f"--eval_strategy {training_args.eval_strategy.value} needs a validation set, and "
+            "--validation_split_percentage 0 holds none out: give --validation_files, a percentage above 0, "
+            "or --eval_strategy no"
+        )
     # A model, tokenizer or --config_overrides that cannot work is refused before the lock creates anything; the
     # config.json is checked before the tokenizer reads it, so it gets the blame.
     model_config(model_args)
