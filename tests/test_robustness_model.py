@@ -505,11 +505,16 @@ def test_a_prepacked_model_refuses_another_dtype_before_anything_changes(dtype):
 )
 def test_a_transformed_model_refuses_a_backward_rather_than_train_nothing(transform):
     """A backward through a transformed model would update copies its weights no longer share (prepacked: the
-    step changed nothing at all): its parameters stop requiring gradients, so a backward is an error."""
+    step changed nothing at all): its parameters stop requiring gradients, and a loss asked for with gradients
+    on is refused naming the transform (its backward failed with torch's "does not require grad" only)."""
     model = transform(_model("mamba"))
     assert not any(p.requires_grad for p in model.parameters())
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        model(TOKENS[:, :4], labels=TOKENS[:, :4]).loss.backward()
+    with pytest.raises(InferenceOnlyError, match="cannot train .* compute the loss under torch.no_grad"):
+        model(TOKENS[:, :4], labels=TOKENS[:, :4])
+    with pytest.raises(RuntimeError, match="does not require grad"):  # no labels: a backward still fails
+        model(TOKENS[:, :4]).logits.sum().backward()
+    with torch.no_grad():
+        assert torch.isfinite(model(TOKENS[:, :4], labels=TOKENS[:, :4]).loss)  # evaluating a loss: allowed
 
 
 @pytest.mark.parametrize(

@@ -78,17 +78,25 @@ def seal_for_inference(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     if not isinstance(vars(model).get("_apply"), functools.partial):
         model._apply = functools.partial(_apply_checked, model)
-        model.register_forward_pre_hook(_refuse_training_forward)
+        model.register_forward_pre_hook(_refuse_training_forward, with_kwargs=True)
     return model.eval()
 
 
-def _refuse_training_forward(model: nn.Module, args: tuple) -> None:
-    """A forward that could start a training step (gradients on, a parameter made to require them again) is
-    refused: the transformed modules' weights are copies a step would not update. Free under no_grad."""
-    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+def _refuse_training_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A forward that could start a training step (gradients on, and labels given or a parameter made to
+    require gradients again) is refused: the transformed modules' weights are copies a step would not update
+    (a loss from them has no gradient, and its backward failed with torch's words only). Free under no_grad."""
+    if not torch.is_grad_enabled():
+        return
+    if any(p.requires_grad for p in model.parameters()):
         raise InferenceOnlyError(
             f"cannot train {type(model).__name__}: {_WHY}, and a parameter was made to require gradients again; "
             "train the original model instead"
+        )
+    if kwargs.get("labels") is not None:
+        raise InferenceOnlyError(
+            f"cannot train {type(model).__name__}: {_WHY}, so a loss computed with gradients enabled has none to "
+            "give; train the original model, or compute the loss under torch.no_grad() to evaluate"
         )
 
 
