@@ -97,6 +97,36 @@ def test_other_shapes_and_layouts_round_trip(tmp_path, layout, shape):
     assert list(dst.glob("*.bin")) == [] and (dst / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("stored_head", [True, False])
+def test_a_reference_with_tied_embeddings_converts_to_a_tied_model(tmp_path, stored_head):
+    """The reference ties its head to the embeddings at load when its config says so: a stored lm_head (another
+    tensor) was converted as the head, so the converted logits differed from the reference's; without a stored
+    head the conversion failed blaming a missing tensor."""
+    model = DenseRetNetForCausalLM(tiny_config()).eval()
+    src = _write_reference(tmp_path, model)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    state = load_file(src / "model.safetensors")
+    if not stored_head:
+        del state["lm_head.weight"]
+    save_file(state, src / "model.safetensors")
+    dst = convert_reference_checkpoint(src, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(dst).eval()
+    assert loaded.config.tie_word_embeddings
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(loaded.lm_head.weight, state["model.embed_tokens.weight"])
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9))
+    model.lm_head.weight = model.model.embed_tokens.weight  # what the reference computes with
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_a_tie_word_embeddings_that_is_not_a_boolean_is_named(tmp_path):
+    _error(
+        tmp_path, "tie_word_embeddings must be true or false", mutate_config=lambda c: c.update(tie_word_embeddings=1)
+    )
+
+
 def test_dtype_option(tmp_path):
     model = DenseRetNetForCausalLM(tiny_config()).eval()
     dst = convert_reference_checkpoint(_write_reference(tmp_path, model), tmp_path / "out", dtype=torch.bfloat16)

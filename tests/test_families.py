@@ -162,3 +162,18 @@ def test_sequence_classification_scores_the_last_real_token(name):
         left = model(padded, attention_mask=(padded != 0).long()).logits
     assert alone.shape == (1, 3)
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sequence_classification_takes_narrow_integer_class_ids(name):
+    """int8 class ids were taken for multi-label targets (transformers infers the problem from the dtype) and
+    failed on their shape: they give the loss long ids give."""
+    config = load_preset(f"dense_{name}_tiny", num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    model = _family(name).sequence_classification(config).eval()
+    tokens = torch.randint(3, config.vocab_size, (2, 5))
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        expected = model(tokens, labels=labels).loss
+        for dtype in (torch.int8, torch.int16, torch.uint8):
+            torch.testing.assert_close(model(tokens, labels=labels.to(dtype)).loss, expected)

@@ -174,6 +174,9 @@ def reference_config(src: str | Path, state: dict[str, torch.Tensor]) -> DenseRe
             "reference checkpoints with dense_block_layers=0 still RMS-normalise k and v in layers >= 1, "
             "which densessm's plain RetNet (m=0) does not: converting would change the model"
         )
+    tied = ref.get("tie_word_embeddings", False)  # LlamaConfig's default
+    if not isinstance(tied, bool):
+        raise CheckpointError(f"{path}: tie_word_embeddings must be true or false, got {tied!r}")
     hidden, layers = ref["hidden_size"], ref["num_hidden_layers"]
     fields = {
         name: ref[name]
@@ -196,7 +199,7 @@ def reference_config(src: str | Path, state: dict[str, torch.Tensor]) -> DenseRe
             **fields,
             k_gate_reduction=_gate_reduction(state, "k", hidden, layers),
             v_gate_reduction=_gate_reduction(state, "v", hidden, layers),
-            tie_word_embeddings=False,
+            tie_word_embeddings=tied,
             architectures=["DenseRetNetForCausalLM"],
         )
     except CheckpointError:
@@ -246,6 +249,12 @@ def map_reference_state(
         else:
             unexpected.append(name)
 
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in ours:
+        # the reference ties its head to the embeddings at load: a stored lm_head is not what it computes with
+        if "lm_head.weight" in ours:
+            dropped.append("lm_head.weight")
+        ours["lm_head.weight"] = ours["model.embed_tokens.weight"]
+        source["lm_head.weight"] = "model.embed_tokens.weight"
     with torch.device("meta"):
         expected = DenseRetNetForCausalLM(config).state_dict()
     missing = sorted(set(expected) - set(ours))

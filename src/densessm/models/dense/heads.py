@@ -161,6 +161,8 @@ class DenseSSMForSequenceClassification(DenseSSMPreTrainedModel):
         pooled = self._pool(logits, real)
         loss = None
         if labels is not None:
+            if labels.dtype in (torch.int8, torch.int16, torch.uint8):  # class ids, as long ones: transformers
+                labels = labels.long()  # takes any other dtype for multi-label targets and fails on their shape
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
         if not return_dict:
             output = (pooled,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
