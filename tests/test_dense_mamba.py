@@ -399,6 +399,9 @@ def test_cache_of_another_batch_is_refused():
     ("overrides", "message"),
     [
         ({"dense_block_layers": -1}, "dense_block_layers must be >= 0"),
+        ({"dense_block_layers": 2.0}, "dense_block_layers must be an integer >= 0, got 2.0: a float, not a Python int"),
+        ({"use_bias": "false"}, "use_bias must be true or false, got 'false'"),
+        ({"residual_in_fp32": 1}, "residual_in_fp32 must be true or false, got 1"),
         ({"hidden_size": 0}, "hidden_size must be a positive integer"),
         ({"state_size": -4}, "state_size must be a positive integer"),
         ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),

@@ -377,6 +377,8 @@ def test_save_and_load_through_auto_classes(tmp_path, tie):
     ("overrides", "message"),
     [
         ({"dense_block_layers": -1}, "dense_block_layers must be >= 0"),
+        ({"dense_block_layers": 2.0}, "dense_block_layers must be an integer >= 0, got 2.0: a float, not a Python int"),
+        ({"use_conv_bias": "no"}, "use_conv_bias must be true or false, got 'no'"),
         ({"dense_block_layers": 3}, "dense_block_layers=3 exceeds the 2 layer"),
         ({"num_heads": 0}, "num_heads must be a positive integer"),
         ({"head_dim": 3}, "hidden_size \\* expand \\(32\\) must equal num_heads \\* head_dim \\(24\\)"),

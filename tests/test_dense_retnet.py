@@ -162,6 +162,8 @@ def test_bad_input_is_named(kwargs, message):
     ("overrides", "message"),
     [
         ({"dense_block_layers": -1}, "dense_block_layers must be >= 0"),
+        ({"dense_block_layers": 2.0}, "dense_block_layers must be an integer >= 0, got 2.0: a float, not a Python int"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
         ({"hidden_size": 0}, "hidden_size must be a positive integer"),
         ({"query_key_dim": 15}, "query_key_dim"),
         ({"forward_mode": "fast"}, "unknown forward_mode 'fast'"),

@@ -217,6 +217,43 @@ def test_an_output_dir_holding_files_of_no_grid_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in mine.rglob("*")) == ["tokenizer", "tokenizer.json"]
 
 
+def test_a_corpus_split_linked_from_outside_is_refused(tmp_path, capsys):
+    """A train.jsonl that is a link out of the corpus directory was read (every other corpus directory refuses
+    such links)."""
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    corpus.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "train.jsonl").write_text('{"text": "a b c"}\n')
+    (corpus / "train.jsonl").symlink_to(elsewhere / "train.jsonl")
+    for split in ("validation", "test"):
+        (corpus / f"{split}.jsonl").write_text('{"text": "a b c"}\n')
+    argv = ["experiment", "dense-vs-plain", "--corpus", str(corpus), "--output-dir", str(tmp_path / "g")]
+    assert cli_main([*argv, "--report", str(tmp_path / "r.md"), "--tasks-limit", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"'train.jsonl' (in {corpus}) leads outside it, to {elsewhere / 'train.jsonl'}: refused" in err
+    assert not (tmp_path / "g").exists()
+
+
+def test_two_grids_in_one_folder_at_once_are_refused(tmp_path, capsys):
+    """Two grids in one --output-dir collided on their runs' files, the second failing with an internal error."""
+    from densessm.run_state import RunLock
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "validation", "test"):
+        (corpus / f"{split}.jsonl").write_text('{"text": "a b c"}\n')
+    holder = RunLock(tmp_path / "g", what="experiment grid", flag="--output-dir")
+    holder.acquire()
+    try:
+        argv = ["experiment", "dense-vs-plain", "--corpus", str(corpus), "--output-dir", str(tmp_path / "g")]
+        assert cli_main([*argv, "--report", str(tmp_path / "r.md"), "--tasks-limit", "0"]) == 1
+    finally:
+        holder.release()
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'g'} is in use by another experiment grid (pid {os.getpid()}" in err
+    assert "choose another --output-dir" in err
+
+
 def test_a_missing_corpus_is_named_before_the_output_dir_is_created(tmp_path, capsys):
     argv = ["experiment", "dense-vs-plain", "--corpus", str(tmp_path / "corpus"), "--output-dir", str(tmp_path / "g")]
     assert cli_main([*argv, "--scale", "smoke", "--report", str(tmp_path / "r.md")]) == 1

@@ -75,10 +75,13 @@ def _describe_holder(holder_file: Path) -> str:
 
 
 class RunLock:
-    """The lock on a run's output directory; :meth:`acquire` fails at once (no waiting) if another run holds it."""
+    """The lock on a run's output directory; :meth:`acquire` fails at once (no waiting) if another run holds it.
+    ``what`` and ``flag`` name the holder and the option in the refusal (a training run's ``--output_dir``, an
+    experiment grid's ``--output-dir``)."""
 
-    def __init__(self, output_dir: str | os.PathLike):
+    def __init__(self, output_dir: str | os.PathLike, what: str = "training run", flag: str = "--output_dir"):
         self.output_dir = Path(output_dir)
+        self.what, self.flag = what, flag
         self._lock: FileLock | None = None
 
     def acquire(self) -> None:
@@ -92,8 +95,8 @@ class RunLock:
         except Timeout:
             holder = _describe_holder(self.output_dir / HOLDER_NAME)
             raise RunLockedError(
-                f"{self.output_dir} is in use by another training run ({holder}); nothing was changed. Wait for it "
-                "to finish, or choose another --output_dir"
+                f"{self.output_dir} is in use by another {self.what} ({holder}); nothing was changed. Wait for it "
+                f"to finish, or choose another {self.flag}"
             ) from None
         self._lock = lock
         holder = {

@@ -6,6 +6,7 @@ They run as the configs' ``validate_*`` methods, i.e. when a configuration is bu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -38,7 +39,11 @@ def check_dense_block_layers(config: PreTrainedConfig) -> None:
     """``m = dense_block_layers`` is in ``[0, num_hidden_layers - 1]``: layer ``l`` receives the states of the
     ``min(m, l)`` layers below it, so the top layer, with ``L - 1`` below it, is the most any layer can take."""
     m, layers = config.dense_block_layers, config.num_hidden_layers
-    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0:
+    if isinstance(m, bool) or not isinstance(m, int):
+        raise ValueError(
+            f"dense_block_layers must be an integer >= 0, got {m!r}: a {type(m).__name__}, not a Python int"
+        )
+    if m < 0:
         raise ValueError(f"dense_block_layers must be >= 0, got {m!r}")
     if m > layers - 1:
         raise ValueError(
@@ -82,8 +87,20 @@ def linear_layer_types(config: PreTrainedConfig) -> list[str]:
     return ["linear_attention"] * layer_count(config)
 
 
+def check_switches(config: PreTrainedConfig) -> None:
+    """Every field the configuration declares ``bool`` holds ``True`` or ``False``: a config.json saying
+    ``"use_bias": "false"`` would be taken as true (a non-empty string), and its weights then blamed."""
+    for field in dataclasses.fields(config):
+        if field.type in (bool, "bool"):
+            value = getattr(config, field.name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{field.name} must be true or false, got {value!r}")
+
+
 def check_stack(config: PreTrainedConfig) -> None:
-    """The fields every family's dense stack reads alike: the layer count, ``m`` and the padding token."""
+    """The fields every family's dense stack reads alike: the layer count, ``m``, the padding token and the
+    switches."""
+    check_switches(config)
     layer_count(config)
     check_dense_block_layers(config)
     check_pad_token_id(config)

