@@ -60,6 +60,8 @@ def test_sampling_with_seed_is_reproducible(model_dir, capsys):
         (["--top-k", "-1"], "argument --top-k: must be 0 or more, got -1"),
         (["--max-new-tokens", "0"], "argument --max-new-tokens: must be a positive integer, got 0"),
         (["--num-beams", "0"], "argument --num-beams: must be a positive integer, got 0"),
+        (["--num-beams", "9" * 20], f"argument --num-beams: must be at most 2147483647 (2**31 - 1), got {'9' * 20}"),
+        (["--max-new-tokens", str(2**31)], "argument --max-new-tokens: must be at most 2147483647 (2**31 - 1)"),
     ],
 )
 def test_bad_sampling_values(model_dir, capsys, extra, message):

@@ -662,6 +662,8 @@ def test_bench_refuses_to_replace_results(tmp_path, capsys):
 def test_bench_numbers_must_be_positive(tmp_path, capsys, flag):
     code, err = run(["bench", "generate", flag, "0", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and f"argument {flag}: must be a positive integer" in err
+    code, err = run(["bench", "generate", flag, "9" * 20, "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and f"argument {flag}: must be at most 2147483647 (2**31 - 1), got {'9' * 20}" in err
 
 
 def _no_measuring(monkeypatch):

@@ -649,6 +649,24 @@ def test_a_checkpoint_that_is_a_link_to_another_run_is_never_deleted_or_written_
     assert not (run / "checkpoint-6").exists() and snapshot(other) == before
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_links_in_the_output_dir_are_refused_before_anything_is_written_through_them(
+    straight, tmp_path, capsys, overwrite
+):
+    """The Trainer writes train_results.json, trainer_state.json and the rest with open(), the loss curve with
+    savefig: a link of that name in the run's folder replaced the user's file it pointed to."""
+    corpus, out = resumable_on_a_copy(straight, tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.json").write_text("my notes")
+    (out / "train_results.json").symlink_to(mine / "notes.json")
+    before = snapshot(out)
+    flags = {**FLAGS, "overwrite_output_dir": True} if overwrite else FLAGS
+    code, err = cli(train_argv(tmp_path, **flags), capsys)
+    assert code == 2 and f"--output_dir {out} holds symlinks (train_results.json -> {mine / 'notes.json'})" in err
+    assert (mine / "notes.json").read_text() == "my notes" and snapshot(out) == before
+
+
 # ---- resume checks its arguments ------------------------------------------------------------------------------------
 
 CHANGED = {

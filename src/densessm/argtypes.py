@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import math
 
+MAX_COUNT = 2**31 - 1
+"""The largest count a flag takes: beyond it torch's sizes and Python's slices overflow (with their own words,
+naming no flag, after the model is loaded); no count of steps, tokens, beams or rows comes near it."""
 
-def _number(text: str, kind: type) -> int | float:
+
+def _number(text: str, kind: type, counted: bool = True) -> int | float:
     try:
         value = kind(text)
     except ValueError:
@@ -18,6 +22,8 @@ def _number(text: str, kind: type) -> int | float:
         raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if kind is int and counted and value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT} (2**31 - 1), got {text}")
     return value
 
 
@@ -63,7 +69,7 @@ def finite_float(text: str) -> float:
 
 def seed(text: str) -> int:
     """A random seed: what ``torch.manual_seed`` and numpy take, ``[0, 2**32)``."""
-    value = _number(text, int)
+    value = _number(text, int, counted=False)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
     return value
@@ -77,6 +83,7 @@ def path_name(text: str) -> str:
 
 
 __all__ = [
+    "MAX_COUNT",
     "MIN_TEMPERATURE",
     "finite_float",
     "nonnegative_int",

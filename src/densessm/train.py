@@ -673,6 +673,14 @@ def prepare_output_dir(args: DenseTrainingArguments) -> None:
     """On the writing process, with the lock held: remove a crashed final save's staging folder and, for
     ``--overwrite_output_dir``, the old checkpoints (never the one an explicit --resume_from_checkpoint names)."""
     out = Path(args.output_dir)
+    links = [p for p in out.iterdir() if p.is_symlink() and run_state.checkpoint_step(p) is None]
+    if links:  # the Trainer writes its results and state with open(): through a link, into a file elsewhere
+        shown = ", ".join(f"{p.name} -> {os.readlink(p)}" for p in sorted(links)[:5])
+        raise UsageError(
+            f"--output_dir {out} holds symlinks ({shown}{', ...' if len(links) > 5 else ''}): a run writes its "
+            "results, state and model there and would write through them into files outside the run; remove "
+            "them, or choose another --output_dir"
+        )
     shutil.rmtree(out / run_state.STAGING_NAME, ignore_errors=True)
     if not args.overwrite_output_dir:
         return

@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from densessm.argtypes import finite_float
+from densessm.argtypes import finite_float, positive_int
 from densessm.errors import UsageError
 from densessm.generation import check_quantize
 from densessm.inference import QUANTIZE_CHOICES, prepare_for_decoding
@@ -38,16 +38,6 @@ def parse_bytes(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB, 0)")
     return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_serve_parser(sub) -> None:
@@ -81,21 +71,21 @@ def add_serve_parser(sub) -> None:
         "--quantize", choices=QUANTIZE_CHOICES, help="int8 weights (CPU, float32 activations): faster decoding"
     )
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-batch", type=_positive, default=16, help="completions decoded together (default 16)")
+    limits.add_argument("--max-batch", type=positive_int, default=16, help="completions decoded together (default 16)")
     limits.add_argument(
-        "--max-queue", type=_positive, default=64, help="requests waiting for the batch before 429 (default 64)"
+        "--max-queue", type=positive_int, default=64, help="requests waiting for the batch before 429 (default 64)"
     )
     limits.add_argument(
         "--max-model-len",
-        type=_positive,
+        type=positive_int,
         help=f"prompt + completion tokens (default: max_position_embeddings, or {UNBOUNDED_CONTEXT} without)",
     )
-    limits.add_argument("--max-prompt-tokens", type=_positive, help="prompt tokens (default: max-model-len - 1)")
+    limits.add_argument("--max-prompt-tokens", type=positive_int, help="prompt tokens (default: max-model-len - 1)")
     limits.add_argument(
-        "--max-tokens", type=_positive, default=1024, help="max_tokens a request may ask (default 1024)"
+        "--max-tokens", type=positive_int, default=1024, help="max_tokens a request may ask (default 1024)"
     )
     limits.add_argument(
-        "--max-n", type=_positive, help="completions per prompt, n (default: 8, or --max-batch if smaller)"
+        "--max-n", type=positive_int, help="completions per prompt, n (default: 8, or --max-batch if smaller)"
     )
     limits.add_argument(
         "--max-request-bytes", type=parse_bytes, default=4 * 2**20, help="request body size (default 4MiB)"
@@ -103,7 +93,7 @@ def add_serve_parser(sub) -> None:
     engine = parser.add_argument_group("engine")
     engine.add_argument(
         "--prefill-chunk",
-        type=_positive,
+        type=positive_int,
         default=256,
         help="prompt tokens read between two decode steps; also the prompt cache's block (default 256)",
     )
