@@ -558,6 +558,19 @@ def test_a_tokenizer_with_another_end_of_text_token_builds_its_own_blocks(tmp_pa
     assert list(blocks) == list(fresh) and any(tokenizer.eos_token_id in block for block in blocks)
 
 
+def test_a_symlink_where_the_cache_lock_belongs_is_named(tmp_path, tokenizer):
+    """It was "Too many levels of symbolic links; choose a writable --data_cache_dir" (the folder was writable)."""
+    (tmp_path / "a.txt").write_text(TEXT * 5)
+    groups, cache = find_data_files([tmp_path / "a.txt"]), tmp_path / "cache"
+    cache.mkdir()
+    (tmp_path / "mine.txt").write_text("mine")
+    target = _target(cache, groups, tokenizer, 8)
+    (cache / f".{target.name}.lock").symlink_to(tmp_path / "mine.txt")
+    with pytest.raises(UsageError, match=r"\.lock is a symlink where the token-block cache's lock file belongs"):
+        build_blocks(groups, tokenizer, 8, cache, num_proc=1)
+    assert (tmp_path / "mine.txt").read_text() == "mine"
+
+
 def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path, tokenizer, caplog):
     corpus, cache = tmp_path / "a.txt", tmp_path / "cache"
     corpus.write_text(TEXT * 20)

@@ -156,6 +156,8 @@ BAD_FLAGS = [
     ("warmup_steps", "-1", "warmup_steps >= 0"),
     ("block_size", "1", "block_size must be at least 2"),
     ("validation_split_percentage", "100", "validation_split_percentage must be in [0, 100)"),
+    ("per_device_train_batch_size", "9" * 20, f"must be at most 2147483647 (2**31 - 1), got {'9' * 20}"),
+    ("max_steps", str(2**31), f"--max_steps must be at most 2147483647 (2**31 - 1), got {2**31}"),
 ]
 
 
@@ -892,6 +894,16 @@ def test_a_directory_where_the_lock_file_belongs_is_named(tmp_path):
     (tmp_path / ".densessm-train.lock").mkdir()
     with pytest.raises(UsageError, match=r"\.densessm-train\.lock is a directory where the run's lock file belongs"):
         RunLock(tmp_path).acquire()
+
+
+def test_a_symlink_where_a_lock_file_belongs_is_named(tmp_path):
+    """It was "[Errno 40] Too many levels of symbolic links" (filelock does not follow the link, which stays)."""
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("mine")
+    (tmp_path / ".densessm-train.lock").symlink_to(target)
+    with pytest.raises(UsageError, match=r"\.densessm-train\.lock is a symlink where the run's lock file belongs"):
+        RunLock(tmp_path).acquire()
+    assert target.read_text() == "mine"
 
 
 def test_a_holder_without_its_details_is_still_refused(tmp_path):

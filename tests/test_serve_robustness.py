@@ -422,6 +422,19 @@ def test_json_the_decoder_gives_up_on_is_named(app, body, message):
     assert code == 400 and answer["error"]["message"] == message
 
 
+def test_content_parts_other_than_text_are_named(app):
+    """An image part was answered "messages.0.content: Input should be a valid string"."""
+    image = {"type": "image_url", "image_url": {"url": "http://x/cat.png"}}
+    code, answer = app.post("/v1/chat/completions", chat({"content": [{"type": "text", "text": "w1"}, image]}))
+    assert code == 400
+    assert answer["error"]["message"] == (
+        "invalid 'messages.0.content.1': content parts of type \"image_url\" are not supported: this model reads "
+        "text only"
+    )
+    code, answer = app.post("/v1/chat/completions", chat({"content": [{"type": "text", "text": "w1"}]}))
+    assert code == 200, answer
+
+
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_an_empty_body_is_named_as_such(app, endpoint):
     code, answer = app.post(endpoint, b"")

@@ -649,7 +649,12 @@ def _remove_leftovers(root: Path, own: str) -> None:
 @contextlib.contextmanager
 def _build_lock(root: Path, target: Path) -> Iterator[bool]:
     """Hold the lock of ``target`` (released by the OS if this process dies); yields whether it had to wait."""
-    lock = FileLock(root / f".{target.name}.lock")
+    path = root / f".{target.name}.lock"
+    if path.is_symlink():  # filelock refuses to follow it ("too many levels of symbolic links"), naming nothing
+        raise UsageError(
+            f"{path} is a symlink where the token-block cache's lock file belongs: remove it, then run again"
+        )
+    lock = FileLock(path)
     waited = False
     try:
         try:

@@ -56,6 +56,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import get_current_accelerator, is_torch_bf16_gpu_available
 
 from densessm import run_state
+from densessm.argtypes import MAX_COUNT
 from densessm.data import DataArguments, collate_blocks, find_data_files, load_blocks, tokenizer_fingerprint
 from densessm.errors import Interrupted, ModelLoadError, NonFiniteError, UsageError
 from densessm.files import check_link
@@ -175,8 +176,13 @@ class DenseTrainingArguments(TrainingArguments):
 
     def _check_numbers(self) -> None:
         """Refuse flag values that cannot work, before anything is loaded (transformers accepts most of them)."""
-        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        sizes = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+        for flag in sizes:
             _require(getattr(self, flag) >= 1, flag, "a positive integer", getattr(self, flag))
+        for flag in (*sizes, "max_steps", "save_total_limit", "sample_max_new_tokens", "eval_accumulation_steps"):
+            value = getattr(self, flag, None)  # larger counts overflow in torch or Python once training runs
+            if value is not None:
+                _require(value <= MAX_COUNT, flag, f"at most {MAX_COUNT} (2**31 - 1)", value)
         _require(
             self.max_steps == -1 or self.max_steps >= 1,
             "max_steps",

@@ -238,6 +238,14 @@ class TextPart(_Strict):
     type: Literal["text"]
     text: Text
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind is not None and kind != "text":  # an image or audio part: named, not "Input should be a valid string"
+            raise ValueError(f"content parts of type {_shown(kind)} are not supported: this model reads text only")
+        return data
+
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
