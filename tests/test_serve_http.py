@@ -406,10 +406,12 @@ def test_mamba_server_queue_pushback_and_graceful_shutdown(tmp_path, tokenizer):
     torch.manual_seed(0)
     model = DenseMambaForCausalLM(tiny_mamba_config(eos_token_id=EOS)).eval()
     directory = save(model, tmp_path / "tiny-mamba", tokenizer)
-    # the hog below may run 8000 tokens: it must still hold the slot when the third request comes, however
-    # slowly a loaded machine gets there
+    # the hog below may run a million tokens (it is closed long before): it must still hold the slot when the
+    # third request comes, however slowly a loaded machine gets there (8,000 once ran out first)
     server = Server(
-        directory, "--max-batch", "1", "--max-queue", "1", "--max-tokens", "8000", "--shutdown-timeout", "60"
+        directory,
+        *("--max-batch", "1", "--max-queue", "1", "--shutdown-timeout", "60"),
+        *("--max-model-len", "1000001", "--max-tokens", "1000000"),
     )
     try:
         client = server.client(key=None)
@@ -421,7 +423,7 @@ def test_mamba_server_queue_pushback_and_graceful_shutdown(tmp_path, tokenizer):
         )
 
         hog = client.completions.create(
-            model="tiny-mamba", prompt="w1", max_tokens=8000, temperature=0, logit_bias=NO_EOS, stream=True
+            model="tiny-mamba", prompt="w1", max_tokens=1_000_000, temperature=0, logit_bias=NO_EOS, stream=True
         )
         next(iter(hog))
         with ThreadPoolExecutor(1) as pool:
