@@ -1011,6 +1011,18 @@ def test_eval_tasks_data_that_is_a_file(model_dir, corpus, capsys):
     assert code == 1 and "is a file, not a directory" in err
 
 
+def test_eval_tasks_report_inside_its_task_data_is_refused(model_dir, tmp_path, capsys):
+    """eval ppl refused a report inside its --data; eval tasks wrote one inside its --task-data."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "piqa.jsonl").write_text("{}\n")
+    before = snapshot(tmp_path)
+    argv = ["eval", "tasks", str(model_dir), "--tasks", "piqa", "--task-data", str(tasks), "--overwrite"]
+    code, err = run([*argv, "--output", str(tasks / "report")], capsys)
+    assert code == 2 and f"would write {tasks / 'report'}.json inside the --task-data {tasks}" in err
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -62,7 +62,8 @@ def _check_output(args: argparse.Namespace) -> None:
     if not args.output:
         return
     model_dir = Path(args.model_dir).resolve()
-    data = Path(args.data).resolve() if getattr(args, "data", None) else None
+    given = getattr(args, "data", None) or getattr(args, "task_data", None)  # eval ppl's corpus, eval tasks' data
+    data = Path(given).resolve() if given else None
     if args.output.endswith(("/", os.sep)) or Path(args.output).is_dir():
         # a stem, not a folder: "ev/" would write ev.json beside the folder, not in it
         stem = Path(args.output) / "report"
@@ -76,7 +77,8 @@ def _check_output(args: argparse.Namespace) -> None:
         if data is not None and (path.resolve() == data or data in path.resolve().parents):
             # even with --overwrite: that asks to replace an earlier report, never the data being evaluated
             where = "over" if path.resolve() == data else "inside"
-            raise UsageError(f"--output {args.output} would write {path} {where} the --data {args.data}")
+            flag = "--data" if getattr(args, "data", None) else "--task-data"
+            raise UsageError(f"--output {args.output} would write {path} {where} the {flag} {given}")
         if path.is_dir():
             raise UsageError(f"--output {args.output}: {path} is a directory, not a file")
         if path.exists() and not args.overwrite:
