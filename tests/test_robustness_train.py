@@ -187,6 +187,15 @@ def test_evaluating_without_a_validation_set_is_a_usage_error_before_the_corpus_
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
+def test_accumulating_more_batches_than_an_epoch_holds_is_said(tmp_path, caplog):
+    """The Trainer ends an accumulation at the end of an epoch: a larger --gradient_accumulation_steps was capped
+    without a word, and the start-up line stated more tokens per step than a step held."""
+    with caplog.at_level(logging.WARNING, logger="densessm.train"):
+        main(train_argv(tmp_path, max_steps=1, gradient_accumulation_steps=10_000, sample_max_new_tokens=0))
+    assert "--gradient_accumulation_steps 10000 exceeds the " in caplog.text
+    assert "batch(es) of an epoch: each optimizer step accumulates only those" in caplog.text
+
+
 def test_a_flag_of_the_wrong_type_is_argparses_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["train", *train_argv(tmp_path, max_steps="ten")])

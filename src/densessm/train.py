@@ -1187,6 +1187,14 @@ def _train_locked(
         * training_args.gradient_accumulation_steps
         * training_args.world_size
     )
+    rows = training_args.per_device_train_batch_size * training_args.world_size
+    batches = math.ceil(len(train_set) / rows) if isinstance(train_set, datasets.Dataset) else None
+    if batches is not None and batches < training_args.gradient_accumulation_steps:
+        logger.warning(
+            f"--gradient_accumulation_steps {training_args.gradient_accumulation_steps} exceeds the {batches} "
+            f"batch(es) of an epoch: each optimizer step accumulates only those {batches} (the Trainer ends an "
+            "accumulation at the end of an epoch), so a step holds fewer tokens than the line below says"
+        )
     n_params = count_parameters(model)
     logger.info(
         f"{model.config.model_type}: {n_params:,d} parameters; {tokens_per_step:,d} tokens per optimizer step "
