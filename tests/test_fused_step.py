@@ -311,6 +311,36 @@ def test_a_build_lock_left_by_a_killed_process_is_cleared(monkeypatch, tmp_path,
     after.release()
 
 
+def test_waiting_for_another_build_is_said(monkeypatch, tmp_path, fresh_loader, caplog):
+    """A command started while another process built the step waited up to a minute without a word."""
+    import threading
+
+    import filelock
+
+    import densessm.ops.fused as fused
+
+    monkeypatch.setenv("DENSESSM_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / fused.extension_name()
+    folder.mkdir()
+    monkeypatch.setattr(fused.cpp_extension, "load", lambda *args, **kwargs: None)
+    monkeypatch.setattr(fused, "_LOADED", set())
+    other = filelock.FileLock(folder / fused.BUILD_LOCK)
+    other.acquire()
+    result = []
+    with caplog.at_level(logging.WARNING, logger="densessm.ops.fused"):
+        waiter = threading.Thread(target=lambda: result.append(fused.fused_ops()))
+        waiter.start()
+        for _ in range(200):
+            if "waiting for another process that is building the fused CPU decode step" in caplog.text:
+                break
+            waiter.join(0.05)
+        assert "waiting for another process that is building the fused CPU decode step" in caplog.text
+        assert waiter.is_alive()  # still waiting
+        other.release()
+        waiter.join(30)
+    assert result and result[0] is not None
+
+
 def test_bench_generate_reports_each_batch_size(tmp_path):
     """``densessm bench generate --batch 1 6``: batch 1 (interactive use) is measured beside batch 6, each with
     its own report; existing results of any of them are refused before anything is measured."""

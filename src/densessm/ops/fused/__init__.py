@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from torch.utils import cpp_extension
 
 SOURCE = Path(__file__).with_name("step.cpp")
@@ -101,7 +101,13 @@ def fused_ops() -> Any | None:
         # torch's own guard is a file ("lock") that a killed process leaves behind, after which every later
         # load waits on it forever; a lock the OS releases with its holder serialises the loads instead, so a
         # "lock" found while holding it is stale
-        with FileLock(folder / BUILD_LOCK):
+        lock = FileLock(folder / BUILD_LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # said, not a silent wait of up to a minute
+            logger.warning("waiting for another process that is building the fused CPU decode step in %s", folder)
+            lock.acquire()
+        try:
             (folder / "lock").unlink(missing_ok=True)
             if not (folder / f"{name}.so").exists():
                 logger.info("building the fused CPU decode step in %s (first use only, under a minute)", folder)
@@ -114,6 +120,8 @@ def fused_ops() -> Any | None:
                 is_python_module=False,
                 verbose=False,
             )
+        finally:
+            lock.release()
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
         reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
         return _unavailable(f"its build failed: {reason}")
