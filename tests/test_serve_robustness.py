@@ -480,6 +480,23 @@ def model_dir(tmp_path_factory) -> Path:
     return directory
 
 
+def test_a_tokenizer_larger_than_the_vocabulary_is_said_at_start(model_dir, tmp_path, caplog, monkeypatch):
+    """The server starts (prompts within the vocabulary are served), but said nothing until a request failed."""
+
+    class Started(Exception):
+        pass
+
+    word_tokenizer(VOCAB + 20).save_pretrained(tmp_path / "larger")
+
+    def bind(host, port):
+        raise Started
+
+    monkeypatch.setattr(densessm.serving.cli, "_bind", bind)
+    with caplog.at_level("WARNING"):
+        main(["serve", str(model_dir), "--port", "0", "--tokenizer", str(tmp_path / "larger")])
+    assert f"the tokenizer has {VOCAB + 20} tokens, beyond the model's vocabulary of {VOCAB}: prompts" in caplog.text
+
+
 def test_a_tokenizer_with_custom_code_is_refused_without_asking(model_dir, tmp_path, capsys, monkeypatch):
     """transformers would print 'Do you wish to run the custom code? [y/N]' and read the terminal."""
     tokenizer_dir = tmp_path / "custom"

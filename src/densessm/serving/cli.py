@@ -199,6 +199,13 @@ def run_serve(args: argparse.Namespace) -> None:
             API_KEY_ENV,
         )
     tokenizer = load_tokenizer_dir(args.tokenizer or model_dir)  # never runs code shipped with it
+    if len(tokenizer) > config.vocab_size:  # served, but a prompt holding the extra tokens fails (a 500)
+        log.warning(
+            "the tokenizer has %d tokens, beyond the model's vocabulary of %d: prompts holding the extra ones will "
+            "be refused as a server error (pass the tokenizer the model was trained with: --tokenizer DIR)",
+            len(tokenizer),
+            config.vocab_size,
+        )
     sock = _bind(args.host, args.port)
     disable_progress_bar()  # a server's log is read later: one line per event, no progress bars
     model = load_causal_lm(model_dir, dtype=DTYPES[args.dtype], device=device, config=config)
