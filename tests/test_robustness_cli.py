@@ -1006,6 +1006,12 @@ def test_eval_tasks_limit_above_one_must_be_whole(model_dir, capsys, limit):
     assert code == 2 and "must be whole" in err
 
 
+def test_eval_tasks_limit_is_at_most_the_largest_count(model_dir, capsys):
+    """10**20 failed in Python's islice after the contexts were built, naming no flag."""
+    code, err = run(["eval", "tasks", str(model_dir), "--limit", "9" * 20], capsys)
+    assert code == 2 and f"argument --limit: must be at most 2147483647 (2**31 - 1), got {'9' * 20}" in err
+
+
 def test_eval_tasks_data_that_is_a_file(model_dir, corpus, capsys):
     code, err = run(["eval", "tasks", str(model_dir), "--tasks", "piqa", "--task-data", str(corpus)], capsys)
     assert code == 1 and "is a file, not a directory" in err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from densessm.argtypes import nonnegative_int, path_name, positive_float, positive_int
+from densessm.argtypes import MAX_COUNT, nonnegative_int, path_name, positive_float, positive_int
 from densessm.errors import UsageError
 from densessm.evaluation.harness import DEFAULT_TASKS, run_tasks
 from densessm.evaluation.perplexity import METHODS, evaluate_perplexity
@@ -26,6 +26,8 @@ def _limit(text: str) -> float:
     value = positive_float(text)
     if value >= 1 and not value.is_integer():
         raise argparse.ArgumentTypeError(f"a number of documents (>= 1) must be whole, or a fraction below 1: {text}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT} (2**31 - 1), got {text}")
     return int(value) if value >= 1 else value
 
 
