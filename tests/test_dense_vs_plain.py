@@ -254,6 +254,19 @@ def test_two_grids_in_one_folder_at_once_are_refused(tmp_path, capsys):
     assert "choose another --output-dir" in err
 
 
+def test_task_data_given_where_no_tasks_run_is_checked_and_said_unused(tmp_path, capsys):
+    """At a scale without zero-shot tasks a --task-data that does not exist was ignored without a word."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "validation", "test"):
+        (corpus / f"{split}.jsonl").write_text('{"text": "a b c"}\n')
+    argv = ["experiment", "dense-vs-plain", "--corpus", str(corpus), "--output-dir", str(tmp_path / "g")]
+    argv += ["--report", str(tmp_path / "r.md"), "--scale", "smoke", "--tasks-limit", "0"]
+    assert cli_main([*argv, "--task-data", str(tmp_path / "nowhere")]) == 1
+    assert f"task data folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+
+
 def test_a_missing_corpus_is_named_before_the_output_dir_is_created(tmp_path, capsys):
     argv = ["experiment", "dense-vs-plain", "--corpus", str(tmp_path / "corpus"), "--output-dir", str(tmp_path / "g")]
     assert cli_main([*argv, "--scale", "smoke", "--report", str(tmp_path / "r.md")]) == 1

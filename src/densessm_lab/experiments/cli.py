@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shlex
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -88,6 +89,11 @@ def _dense_vs_plain(args: argparse.Namespace) -> None:
     for split in exp.SPLITS:  # named before the output directory is created
         exp.split_file(corpus, split)
     exp.check_grid_folder(out)  # before the lock writes its file there
+    if args.task_data is not None:  # a folder given is checked, and said to be unused where the scale has no tasks
+        find_task_data(args.task_data)
+        if not scale.tasks_limit or args.plan:
+            why = "--plan runs no tasks" if args.plan else f"--scale {args.scale} runs none (--tasks-limit N adds them)"
+            print(f"note: --task-data {args.task_data} is not read: {why}", file=sys.stderr)
     lock = RunLock(out, what="experiment grid", flag="--output-dir")  # one grid per folder: runs would collide
     lock.acquire()
     try:
