@@ -87,10 +87,9 @@ class RunLock:
     def acquire(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / LOCK_NAME
-        if path.is_dir() and not path.is_symlink():
-            raise UsageError(f"{path} is a directory where the run's lock file belongs; remove it, then run again")
-        if path.is_symlink():  # filelock refuses to follow it ("too many levels of symbolic links"), naming nothing
-            raise UsageError(f"{path} is a symlink where the run's lock file belongs; remove it, then run again")
+        if path.is_symlink() or path.is_dir():  # filelock would fail on either, naming nothing
+            kind = "a symlink" if path.is_symlink() else "a directory"
+            raise UsageError(f"{path} is {kind} where the run's lock file belongs; remove it, then run again")
         lock = FileLock(str(path), timeout=0)
         try:
             lock.acquire()

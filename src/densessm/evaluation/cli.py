@@ -64,7 +64,9 @@ def _check_output(args: argparse.Namespace) -> None:
     if not args.output:
         return
     model_dir = Path(args.model_dir).resolve()
-    given = getattr(args, "data", None) or getattr(args, "task_data", None)  # eval ppl's corpus, eval tasks' data
+    # what the command reads and its report must never replace: eval ppl's corpus, eval tasks' data
+    flag = "--data" if getattr(args, "data", None) else "--task-data"
+    given = getattr(args, flag[2:].replace("-", "_"), None)
     data = Path(given).resolve() if given else None
     if args.output.endswith(("/", os.sep)) or Path(args.output).is_dir():
         # a stem, not a folder: "ev/" would write ev.json beside the folder, not in it
@@ -79,7 +81,6 @@ def _check_output(args: argparse.Namespace) -> None:
         if data is not None and (path.resolve() == data or data in path.resolve().parents):
             # even with --overwrite: that asks to replace an earlier report, never the data being evaluated
             where = "over" if path.resolve() == data else "inside"
-            flag = "--data" if getattr(args, "data", None) else "--task-data"
             raise UsageError(f"--output {args.output} would write {path} {where} the {flag} {given}")
         if path.is_dir():
             raise UsageError(f"--output {args.output}: {path} is a directory, not a file")

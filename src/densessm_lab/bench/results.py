@@ -10,6 +10,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from densessm.argtypes import path_name
 from densessm.files import atomic_output_file, atomic_write_text
 
 SUFFIXES = (".json", ".md", ".png")
@@ -24,9 +25,7 @@ def suffixed(out: Path, suffix: str) -> Path:
 def output_stem(text: str) -> Path:
     """An ``--out`` value as the stem of its files: one of their suffixes, if given, is dropped (``--out
     r.json`` means ``r``); a name ending in a path separator means a folder, which a stem is not."""
-    if not text:
-        raise argparse.ArgumentTypeError("an empty path: name a file or directory")
-    if text.endswith(("/", os.sep)):
+    if path_name(text).endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(
             f"{text} names a folder; --out names a stem for STEM.json, STEM.md and STEM.png (e.g. {text}results)"
         )
