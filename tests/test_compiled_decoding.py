@@ -108,3 +108,26 @@ def test_compiling_prepacked_weights_is_refused_with_a_reason():
 @pytest.mark.parametrize("family", ["retnet", "mamba"])
 def test_inductor_compiled_decoding_matches_eager(family):
     _compare(family, "inductor", do_sample=False)
+
+
+def test_a_compiled_step_that_moves_the_state_is_an_error(monkeypatch):
+    """A captured graph reads and writes the state where it was at capture: a step that puts new tensors into
+    the cache instead of updating them in place would leave the next replay working on memory nobody reads."""
+    from densessm.models.dense.stack import DenseSSMModel
+
+    def replace(cache, step, states):
+        if not step.carried:  # the prompt, run eagerly: the cache takes its first state as always
+            cache.layers = states
+            return
+        for kept, new in zip(cache.layers, states, strict=True):
+            for name, tensor in new.items():
+                kept[name] = tensor + 0  # a new tensor where the old one was
+
+    monkeypatch.setattr(DenseSSMModel, "_advance", staticmethod(replace))
+    model = _model("retnet")
+    decoder = CompiledDecoder(model, CompileConfig(fullgraph=True, dynamic=False, backend="aot_eager"))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        cache = model(torch.randint(3, 97, (2, 5)), use_cache=True).cache
+        with pytest.raises(RuntimeError, match="replaced a state tensor instead of updating it in place"):
+            decoder(torch.randint(3, 97, (2, 1)), cache=cache, use_cache=True)

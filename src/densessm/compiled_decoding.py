@@ -9,8 +9,12 @@ What makes the step capturable:
 * nothing inside reads a tensor's value on the host: the token-range check and the all-real-mask shortcut
   are skipped while tracing (the step's tokens are the model's own samples, and the new tokens' mask is
   passed on as a tensor);
-* the Python step counter (``RecurrentCache.steps``) is advanced here, outside the compiled function;
-  reading it inside would specialise the compiled code on its value and recompile at every token.
+* the compiled function is given the state's tensors, not the cache object: it rebuilds a bare cache around
+  them, so no Python value of the caller's cache (its step counter above all, which would specialise the
+  compiled code and recompile at every token) can become a guard; the step counter is advanced here, outside;
+* on a GPU each call starts a new CUDA-graph step and the logits are copied out of the graph's memory: a
+  replay (of this model or of another compiled model) reuses that memory, and logits still held by the
+  caller would read as overwritten.
 
 Use it through transformers' own switch: ``model.generate(..., compile_config=CompileConfig())``. The prompt
 runs eagerly; the first decode steps trace and compile (tens of seconds), later ones replay.
@@ -56,7 +60,15 @@ class CompiledDecoder:
         self._step = torch.compile(self._decode, **options)
         self._checked: weakref.ref[RecurrentCache] | None = None  # the cache last checked (see _check)
 
-    def _decode(self, input_ids: torch.Tensor, mask: torch.Tensor | None, cache: RecurrentCache) -> torch.Tensor:
+    def _decode(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        layers: list[dict[str, torch.Tensor]],
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        cache = RecurrentCache(len(layers))  # bare: the caller checked the real one (_check)
+        cache.layers, cache.positions = layers, positions  # updated in place, where the caller's cache holds them
         out = self.model(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True, return_dict=True)
         return out.logits
 
@@ -79,12 +91,19 @@ class CompiledDecoder:
         if not self.is_decode_step(input_ids, cache, kwargs):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
         self._check(cache, input_ids.shape[0])
-        if self.model.device.type == "cuda":
+        cuda = self.model.device.type == "cuda"
+        if cuda:
             _mark_static(cache)
+            torch.compiler.cudagraph_mark_step_begin()
         # fixed shapes and strides, or every token would recompile: generate() passes views of growing tensors,
         # and a [1, 1] view keeps its parent's row stride through .contiguous()
         mask = None if attention_mask is None else _fresh(attention_mask[:, -1:])
-        logits = self._step(_fresh(input_ids), mask, cache)
+        kept = _addresses(cache)
+        logits = self._step(_fresh(input_ids), mask, list(cache.layers), cache.positions)
+        if cuda:
+            logits = logits.clone()
+        if _addresses(cache) != kept:  # a captured graph would go on writing where the state no longer is
+            raise RuntimeError("the compiled decode step replaced a state tensor instead of updating it in place")
         cache.steps += 1
         return CausalLMOutputWithPast(logits=logits, cache=cache)
 
@@ -101,6 +120,10 @@ class CompiledDecoder:
 
 def _fresh(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _addresses(cache: RecurrentCache) -> list[int]:
+    return [layer[name].data_ptr() for layer, name in cache._tensors()] + [cache.positions.data_ptr()]
 
 
 def _mark_static(cache: RecurrentCache) -> None:
