@@ -244,6 +244,21 @@ def test_reference_m0_is_refused(tmp_path):
     _error(tmp_path, "dense_block_layers=0", mutate_config=lambda c: c.__setitem__("dense_block_layers", 0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_reference_saved_in_half_precision_converts(tmp_path, dtype):
+    """``model.half().save_pretrained()`` rounds the fixed decays and angles too: they were refused as "not the
+    standard RetNet constants" under a tolerance meant for fp32."""
+    model = DenseRetNetForCausalLM(tiny_config()).eval()
+    src = _write_reference(tmp_path, model)
+    state = {name: tensor.to(dtype) for name, tensor in load_file(src / "model.safetensors").items()}
+    save_file(state, src / "model.safetensors")
+    dst = convert_reference_checkpoint(src, tmp_path / "out")
+    converted = AutoModelForCausalLM.from_pretrained(dst)
+    assert converted.dtype == dtype
+    ours = converted.state_dict()["model.layers.1.retention.q_proj.weight"]
+    assert torch.equal(ours, model.state_dict()["model.layers.1.retention.q_proj.weight"].to(dtype))
+
+
 def test_nonstandard_decay_is_refused(tmp_path):
     _error(
         tmp_path,

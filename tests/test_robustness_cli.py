@@ -1159,3 +1159,77 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly():
         process.stdout.close()  # as `| head -1` does
         code, err = process.wait(timeout=120), process.stderr.read()
     assert code == 141 and not err.strip()
+
+
+# --- crafted JSON and long names ----------------------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's JSON parser follows (it raises RecursionError)
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json"])
+def test_a_settings_file_nested_too_deep_is_named(model_dir, name, capsys):
+    """A crafted settings file whose JSON nests 100,000 deep ended in an internal error (RecursionError)."""
+    file = model_dir / name
+    settings = json.loads(file.read_text()) if file.is_file() else {}
+    file.write_text(json.dumps(settings)[:-1] + (", " if settings else "") + f'"deep": {DEEP}}}')
+    code, err = run(["generate", str(model_dir), "--prompt", "w1", "--max-new-tokens", "1"], capsys)
+    assert code == 1 and "internal error" not in err, err
+    assert f"{file} is not valid JSON: its JSON nests deeper than Python's parser can follow" in err, err
+
+
+def test_long_names_are_refused_before_the_work_and_fit_when_allowed(model_dir, tmp_path, capsys):
+    """The temporary sibling of a long (valid) name was longer than the file system allows, so the write failed
+    after the work, naming that sibling; a name that cannot exist at all is refused before the work."""
+    stem = tmp_path / ("r" * 248)  # STEM.json is 253 bytes: allowed
+    ppl = ["eval", "ppl", str(model_dir), "--data", str(tmp_path / "c.txt"), "--output"]
+    code, err = run([*ppl, str(stem)], capsys)
+    assert code == 1 and "c.txt" in err  # the missing corpus, not the name
+    (tmp_path / "c.txt").write_text(" ".join(f"w{i % 90}" for i in range(60)) + "\n")
+    code, err = run([*ppl, str(stem)], capsys)
+    assert code == 0, err
+    assert json.loads(stem.with_name(stem.name + ".json").read_text())["kind"] == "perplexity"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    too_long = tmp_path / ("s" * 252)  # STEM.json would be 257 bytes
+    code, err = run([*ppl, str(too_long)], capsys)
+    assert code == 2 and "is 257 bytes long, and this file system allows at most 255" in err, err
+    demo = tmp_path / ("d" * 255)
+    code, err = run(["demo", "--output-dir", str(demo), "--new-tokens", "1"], capsys)
+    assert code == 0 and (demo / "config.json").is_file(), err
+
+
+@pytest.mark.parametrize("kind", ["directory", "dangling symlink"])
+def test_weights_that_are_there_but_not_a_file_are_named(model_dir, kind, capsys):
+    """A model.safetensors that is a directory, or a symlink to nothing, was reported as no weights at all."""
+    weights = model_dir / "model.safetensors"
+    weights.unlink()
+    if kind == "directory":
+        weights.mkdir()
+    else:
+        weights.symlink_to(model_dir / "gone.safetensors")
+    code, err = run(["generate", str(model_dir), "--prompt", "w1", "--max-new-tokens", "1"], capsys)
+    expected = "is a symlink to a missing target" if kind != "directory" else "is not a regular file"
+    assert code == 1 and f"{weights} {expected}" in err, err
+
+
+def test_a_saved_dtype_that_is_not_floating_point_is_blamed_on_the_config(model_dir, capsys):
+    config = json.loads((model_dir / "config.json").read_text())
+    config["dtype"] = "int8"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    code, err = run(["generate", str(model_dir), "--prompt", "w1", "--max-new-tokens", "1"], capsys)
+    assert code == 1 and f"{model_dir / 'config.json'}: dtype 'int8' is not a floating-point dtype" in err, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "ppl", "M", "--data", "a.txt", "--data", "b.txt"], "argument --data: given more than once; name one"),
+        (["generate", "M", "--prompt-file", "a.txt", "--prompt-file", "b.txt"], "argument --prompt-file: given more"),
+    ],
+)
+def test_a_flag_naming_one_input_given_twice_is_refused(model_dir, tmp_path, argv, message, capsys):
+    """argparse kept the last value: the first corpus or prompt file was dropped without a word."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("w1 w2 w3\n")
+    argv = [str(model_dir) if a == "M" else str(tmp_path / a) if a.endswith(".txt") else a for a in argv]
+    code, err = run(argv, capsys)
+    assert code == 2 and message in err, err

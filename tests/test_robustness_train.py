@@ -442,6 +442,11 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _zero(path: Path) -> None:
+    """Bytes damaged in place: the size the marker recorded, none of the content."""
+    path.write_bytes(bytes(path.stat().st_size))
+
+
 def _save_only_model(checkpoint: Path) -> None:
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         (checkpoint / name).unlink()
@@ -457,6 +462,9 @@ DAMAGE = {
     "weights truncated": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors is truncated or changed ("),
     "trainer state truncated": (lambda c: _truncate(c / "trainer_state.json"), "trainer_state.json is truncated"),
     "saved with --save_only_model": (_save_only_model, "optimizer.pt (saved with --save_only_model?"),
+    "optimizer.pt zeroed": (lambda c: _zero(c / "optimizer.pt"), "optimizer.pt is damaged (not the archive"),
+    "scheduler.pt zeroed": (lambda c: _zero(c / "scheduler.pt"), "scheduler.pt is damaged (not the archive"),
+    "rng state zeroed": (lambda c: _zero(c / "rng_state.pth"), "rng_state.pth is damaged (not the archive"),
 }
 
 
@@ -1260,3 +1268,22 @@ def test_accelerate_launch_with_the_fsdp_config_on_cpu_is_refused_by_every_proce
     assert launched.returncode != 0
     assert launched.stderr.count("accelerate runs FSDP only on GPUs") == 2, launched.stderr[-3000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_run_files_nested_too_deep_are_damage_not_an_internal_error(tmp_path):
+    """A checkpoint's marker, trainer state or stored arguments whose JSON nests deeper than Python's parser
+    follows ended a resume in an internal error (RecursionError): they are damaged files like any other."""
+    from densessm import run_state
+
+    deep = "[" * 100_000 + "]" * 100_000
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / run_state.MARKER_NAME).write_text(deep)
+    assert run_state.checkpoint_problems(checkpoint) == [f"its {run_state.MARKER_NAME} is damaged"]
+    (checkpoint / run_state.TRAINER_STATE_NAME).write_text(deep)
+    step, damage = run_state._trainer_state_step(checkpoint)
+    assert step is None and "nests deeper than Python's parser can follow" in damage
+    (tmp_path / run_state.ARGUMENTS_NAME).write_text(deep)
+    assert run_state.read_arguments(tmp_path) is None
+    with pytest.raises(ValueError, match="is unreadable .*nests deeper than Python's parser can follow"):
+        run_state.read_arguments(tmp_path, strict=True)

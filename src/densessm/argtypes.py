@@ -93,3 +93,24 @@ __all__ = [
     "seed",
     "temperature",
 ]
+
+
+class Once(argparse.Action):
+    """A flag that names one thing and may be given once: argparse keeps the last of repeated values without a
+    word, where a user repeating ``--data`` or ``--prompt-file`` (as ``--prompt`` repeats for a batch) meant
+    them all."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:  # its default is None: given before
+            parser.error(f"argument {option_string}: given more than once; {self.help_once}")
+        setattr(namespace, self.dest, values)
+
+    help_once = "give it once"
+
+
+class OnceCorpus(Once):
+    help_once = "name one file, or a folder holding all the files to evaluate"
+
+
+class OncePromptFile(Once):
+    help_once = "put every prompt in one file, one per line"

@@ -209,7 +209,10 @@ def reference_config(src: str | Path, state: dict[str, torch.Tensor]) -> DenseRe
 
 
 def _check_constant(name: str, tensor: torch.Tensor, expected: torch.Tensor) -> None:
-    if tensor.shape != expected.shape or not torch.allclose(tensor.float(), expected, rtol=1e-4, atol=1e-6):
+    """The reference's fixed decays and angles, as saved: in its dtype (a checkpoint saved in half precision
+    holds them rounded), while a changed constant differs by far more than a rounding."""
+    rtol = max(1e-4, 4 * torch.finfo(tensor.dtype).eps) if tensor.is_floating_point() else 1e-4
+    if tensor.shape != expected.shape or not torch.allclose(tensor.float(), expected, rtol=rtol, atol=1e-6):
         raise CheckpointError(f"{name} differs from the standard RetNet constants; this model cannot reproduce it")
 
 

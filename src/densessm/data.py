@@ -366,6 +366,14 @@ def _record_text(path: Path, record, where: str) -> str:
     return text
 
 
+def _json(text: str) -> object:
+    """``json.loads``, with nesting deeper than Python's parser follows reported as the JSON error it is."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nesting deeper than Python's JSON parser can follow", text, 0) from None
+
+
 def _json_problem(err: json.JSONDecodeError) -> str:
     return f"{err.msg.removesuffix(' at')} at"
 
@@ -381,7 +389,7 @@ def _json_rows(path: Path) -> Iterator[dict]:
             if first and line.lstrip().startswith("["):
                 whole = line + f.read()
                 try:
-                    records = json.loads(whole)
+                    records = _json(whole)
                 except json.JSONDecodeError as err:
                     where = f"line {number + err.lineno - 1} column {err.colno}"
                     raise CorpusError(f"{path} is not valid JSON ({_json_problem(err)} {where})" + hint) from None
@@ -390,12 +398,12 @@ def _json_rows(path: Path) -> Iterator[dict]:
                     yield {"text": text, "end": bool(text)}
                 return
             try:
-                record = json.loads(line.rstrip("\r\n"))
+                record = _json(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 if first and line.lstrip().startswith("{"):  # one object written over several lines
                     rest = f.read()
                     try:
-                        record = json.loads(line + rest)
+                        record = _json(line + rest)
                     except json.JSONDecodeError:
                         pass
                     else:

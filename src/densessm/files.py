@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -53,13 +55,43 @@ def _broken_link(path: Path) -> str | None:
     return None
 
 
+def read_json(path: str | os.PathLike) -> object:
+    """The JSON value in the UTF-8 file ``path``. Whatever makes it unreadable as such is a ``ValueError``:
+    invalid UTF-8 or JSON, and also nesting deeper than Python's parser follows (a ``RecursionError`` from
+    the parser: a crafted file would otherwise end a command with an internal error)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("its JSON nests deeper than Python's parser can follow") from None
+
+
+def name_max(directory: Path) -> int:
+    """The longest file name (in bytes) the file system of ``directory`` (or of its nearest existing parent)
+    allows; 255, the common limit, where it cannot be asked."""
+    for place in (directory, *directory.parents):
+        with contextlib.suppress(OSError, ValueError):  # a name too long to ask about: try its parent
+            if place.is_dir():
+                return os.pathconf(place, "PC_NAME_MAX")
+    return 255
+
+
 def check_path(path: str | os.PathLike, what: str = "destination") -> Path:
     """``path`` as a ``Path``, refused if it is empty (which would mean the current directory) or cannot be
-    created because one of its parents is a file or a symlink that leads nowhere. (``path`` itself may be
-    such a symlink: a writer told to overwrite replaces the link; see :func:`check_link`.)"""
+    created because one of its parents is a file or a symlink that leads nowhere, or one of its names is
+    longer than the file system allows. (``path`` itself may be such a symlink: a writer told to overwrite
+    replaces the link; see :func:`check_link`.)"""
     if not str(path):
         raise UsageError(f"{what} is an empty path: name a file or directory")
     path = Path(path)
+    longest = name_max(path.parent)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > longest:
+            raise UsageError(
+                f"{what} {path} cannot be created: its name {part[:24]}... is {size} bytes long, and this file "
+                f"system allows at most {longest}; name a shorter path"
+            )
     for parent in path.parents:
         broken = _broken_link(parent)
         if broken is not None:
@@ -117,7 +149,15 @@ _HOST = socket.gethostname()
 
 
 def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.tmp-{_HOST}-"
+    """The start of the temporary siblings' names of ``path``: its name, this machine; a long name is cut and
+    a digest of it added, so that the sibling's name stays within the file system's limit whenever the
+    name itself does."""
+    name = path.name
+    room = name_max(path.parent) - len(os.fsencode(f"..tmp-{_HOST}-")) - 32  # a pid, a dash, tempfile's 8
+    if len(os.fsencode(name)) > room:
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+        name = f"{os.fsencode(name)[: max(room - 13, 0)].decode(errors='ignore')}~{digest}"
+    return f".{name}.tmp-{_HOST}-"
 
 
 def _remove(path: Path) -> None:

@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, TextStreamer
 
-from densessm.argtypes import nonnegative_int, path_name, positive_float, positive_int, seed, temperature
+from densessm.argtypes import (
+    OncePromptFile,
+    nonnegative_int,
+    path_name,
+    positive_float,
+    positive_int,
+    seed,
+    temperature,
+)
 from densessm.errors import UsageError
 from densessm.inference import QUANTIZE_CHOICES, int8_problem, prepare_for_decoding
 from densessm.loading import check_weights, load_causal_lm, load_tokenizer_dir, raise_nonfinite, read_config
@@ -62,7 +70,9 @@ def add_generate_parser(sub) -> None:
     parser.add_argument("model_dir", type=path_name, help="directory written by save_pretrained (with tokenizer files)")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", type=_prompt_text, help="a prompt; repeat for a batch")
-    prompts.add_argument("--prompt-file", type=Path, help="a UTF-8 text file with one prompt per line")
+    prompts.add_argument(
+        "--prompt-file", type=Path, action=OncePromptFile, help="a UTF-8 text file with one prompt per line"
+    )
     parser.add_argument("--tokenizer", type=path_name, help="tokenizer directory (default: MODEL_DIR)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")

@@ -13,7 +13,7 @@ behaviour.
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from densessm.errors import ModelLoadError, NonFiniteError
+from densessm.files import read_json
 from densessm.models import MODEL_TYPES
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -45,9 +46,15 @@ def _names(keys) -> str:
     return ", ".join(keys[:_SHOWN]) + more
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
+"""The values a saved config's ``dtype`` may take."""
+
+
 def read_config(model_dir: str | Path) -> PretrainedConfig:
     """The configuration in ``model_dir/config.json``, which must describe a densessm model."""
     path = Path(model_dir)
+    if not path.exists() and path.is_symlink():  # a loop, or a link to a missing target
+        raise FileNotFoundError(f"model directory {path} is a symlink that leads nowhere (to {os.readlink(path)})")
     if not path.exists():
         raise FileNotFoundError(f"model directory {path} does not exist")
     if not path.is_dir():
@@ -62,6 +69,13 @@ def read_config(model_dir: str | Path) -> PretrainedConfig:
             f"{config_file} describes model_type {model_type!r}, not a densessm model ({', '.join(MODEL_TYPES)}); "
             "a public-reference DenseRetNet checkpoint is imported with `densessm convert`"
         )
+    for key in ("dtype", "torch_dtype"):  # transformers' own refusal, at instantiation, names no file
+        value = raw.get(key)
+        if value is not None and value not in FLOAT_DTYPES:
+            raise ModelLoadError(
+                f"{config_file}: {key} {value!r} is not a floating-point dtype the weights can have "
+                f"({', '.join(FLOAT_DTYPES)})"
+            )
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as err:  # the config classes raise ValueError, TypeError or a strict-dataclass error
@@ -88,8 +102,8 @@ def load_tokenizer_dir(directory: str | Path, **kwargs) -> PreTrainedTokenizerBa
     settings = path / "tokenizer_config.json"
     if settings.is_file():
         try:
-            config = json.loads(settings.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            config = read_json(settings)
+        except ValueError as err:
             raise ValueError(f"{settings} is not valid JSON: {err}") from None
         if isinstance(config, dict) and "auto_map" in config:
             raise ValueError(
@@ -119,8 +133,8 @@ def unsafe_pickle(file: Path, err: Exception) -> str:
 def json_object(file: Path, error: type[ValueError] = ModelLoadError) -> dict:
     """The JSON object of a settings file, or ``error`` naming the file."""
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = read_json(file)
+    except ValueError as err:
         raise error(f"{file} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise error(f"{file} holds a JSON {type(data).__name__}, not an object of settings")
@@ -170,12 +184,12 @@ def _check_generation_config(path: Path, vocab_size: int) -> None:
 def _shard_files(path: Path, index_name: str) -> list[Path]:
     index_file = path / index_name
     try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
+        index = read_json(index_file)
         weight_map = index["weight_map"]
         if not isinstance(index.get("metadata"), dict):
             raise ModelLoadError(f"{index_file} has no 'metadata' object (transformers needs one, e.g. {{}})")
         shards = sorted(set(weight_map.values()))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ModelLoadError(f"{index_file} is not a valid weight index: {err!r}") from None
     files = []
     for shard in shards:
@@ -221,6 +235,12 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, StoredTensor]:
             tensors.update({k: stored_tensor(v) for k, v in state.items()})
         return tensors
     else:
+        for name in (SAFETENSORS, SAFETENSORS_INDEX, BIN, BIN_INDEX):  # there, but not a file to read
+            there = path / name
+            if there.is_symlink() and not there.exists():
+                raise ModelLoadError(f"{there} is a symlink to a missing target ({os.readlink(there)})")
+            if there.exists():
+                raise ModelLoadError(f"{there} is not a regular file (a directory, a pipe or a device)")
         raise FileNotFoundError(f"no weights in {path}: expected {SAFETENSORS} (or {SAFETENSORS_INDEX})")
     tensors = {}
     for file in files:

@@ -28,6 +28,7 @@ import shlex
 import shutil
 import socket
 import sys
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from densessm.errors import UsageError
-from densessm.files import atomic_write_text, check_path
+from densessm.files import atomic_write_text, check_path, read_json
 
 LOCK_NAME = ".densessm-train.lock"
 HOLDER_NAME = ".densessm-train.lock.json"
@@ -68,7 +69,7 @@ class RunLockedError(OSError):
 
 def _describe_holder(holder_file: Path) -> str:
     try:
-        info = json.loads(holder_file.read_text(encoding="utf-8"))
+        info = read_json(holder_file)
         return f"pid {info['pid']} on {info['host']}, started {info['started']}, command: {info['command']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "its pid and command are not recorded yet"
@@ -214,8 +215,8 @@ def _trainer_state_step(checkpoint: Path) -> tuple[int | None, str | None]:
     """The step in a checkpoint's trainer state, or None and why it cannot be read (a file of the size it was
     saved with can still be damaged, and the Trainer would fail on it with a ``KeyError`` or ``TypeError``)."""
     try:
-        state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        state = read_json(checkpoint / TRAINER_STATE_NAME)
+    except (OSError, ValueError) as err:
         return None, f"{TRAINER_STATE_NAME} is damaged: {err}"
     if not isinstance(state, dict):
         return None, f"{TRAINER_STATE_NAME} is damaged: it holds no JSON object"
@@ -235,7 +236,7 @@ def checkpoint_problems(checkpoint: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         return [f"{root} is not a directory"]
     try:
-        marker = json.loads((root / MARKER_NAME).read_text(encoding="utf-8"))
+        marker = read_json(root / MARKER_NAME)
         files, world_size = dict(marker["files"]), int(marker["world_size"])
     except FileNotFoundError:
         return [f"it has no {MARKER_NAME} (its save was cut short, or it was not written by densessm train)"]
@@ -248,6 +249,10 @@ def checkpoint_problems(checkpoint: str | os.PathLike) -> list[str]:
             problems.append(f"{name} is missing")
         elif path.stat().st_size != size:
             problems.append(f"{name} is truncated or changed ({path.stat().st_size} bytes, {size} when saved)")
+        elif path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
+            # torch.save writes a zip archive, whose directory at the end is cheap to find; a file of the right
+            # size without one (overwritten in place, zeroed) failed in torch.load after the resume began
+            problems.append(f"{name} is damaged (not the archive torch.save writes)")
     problems += [f"{part} is missing" for part in _missing_parts(set(files), world_size)]
     if not problems:
         step, damage = _trainer_state_step(root)
@@ -290,8 +295,8 @@ def _weight_files(checkpoint: Path) -> list[Path]:
             return [checkpoint / single]
         if (checkpoint / index).is_file():
             try:
-                shards = set(json.loads((checkpoint / index).read_text(encoding="utf-8"))["weight_map"].values())
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                shards = set(read_json(checkpoint / index)["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise ValueError(f"{checkpoint / index} is not a valid weight index ({err!r})") from None
             return [checkpoint / Path(str(name)).name for name in sorted(shards, key=str)]
     return []
@@ -436,7 +441,7 @@ def read_arguments(directory: str | os.PathLike, strict: bool = False) -> dict |
     if not path.exists():
         return None
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored = read_json(path)
     except (OSError, ValueError) as err:
         if strict:
             raise ValueError(f"{path} is unreadable ({type(err).__name__}: {err})") from None

@@ -6,12 +6,12 @@ bundled corpus by ``scripts/train_tokenizer.py``; it needs no network and no ext
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from densessm.files import read_json
 from densessm.loading import load_tokenizer_dir
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "resources" / "tokenizer"
@@ -33,8 +33,8 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> PreTrainedTokenize
     vocabulary = source / "tokenizer.json"
     if vocabulary.is_file():
         try:
-            json.loads(vocabulary.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            read_json(vocabulary)
+        except ValueError as err:
             raise ValueError(f"{vocabulary} is not valid JSON ({err}): the tokenizer is damaged") from None
     return load_tokenizer_dir(source)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from densessm.argtypes import MAX_COUNT, nonnegative_int, path_name, positive_float, positive_int
+from densessm.argtypes import MAX_COUNT, OnceCorpus, nonnegative_int, path_name, positive_float, positive_int
 from densessm.errors import UsageError
 from densessm.evaluation.harness import DEFAULT_TASKS, run_tasks
 from densessm.evaluation.perplexity import METHODS, evaluate_perplexity
@@ -75,6 +75,7 @@ def _check_output(args: argparse.Namespace) -> None:
             f"--output {args.output} is a directory; --output names a stem for STEM.json and STEM.md (e.g. {stem})"
         )
     for path in report_paths(check_path(args.output, "--output")):
+        check_path(path, "--output")  # STEM.json may be too long a name where STEM is not
         check_link(path, "--output", args.overwrite)  # a symlink loop, or one to nowhere: refused before the work
         if model_dir == path.resolve().parent or model_dir in path.resolve().parents:
             raise UsageError(f"--output {args.output} would write {path} inside the model directory {args.model_dir}")
@@ -142,7 +143,11 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     ppl.add_argument("model_dir", type=path_name, help="a model saved with save_pretrained, tokenizer included")
     ppl.add_argument(
-        "--data", type=path_name, required=True, help="a .txt/.jsonl/.json/.parquet file (.gz/.xz/.bz2 too) or a folder"
+        "--data",
+        type=path_name,
+        required=True,
+        action=OnceCorpus,
+        help="a .txt/.jsonl/.json/.parquet file (.gz/.xz/.bz2 too) or a folder",
     )
     ppl.add_argument("--window", type=_window, default=512, help="tokens per forward call (default: 512)")
     ppl.add_argument("--stride", type=positive_int, help="sliding: tokens between window starts (default: window / 2)")

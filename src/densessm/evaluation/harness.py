@@ -184,9 +184,61 @@ def write_task_configs(out_dir: str | Path, tasks: Sequence[LocalTask], task_dat
     return out
 
 
+def _cause(err: BaseException) -> str:
+    """The innermost error behind ``err`` in one line (``datasets`` wraps a reader's error in a generic one)."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    if isinstance(err, KeyError):
+        return f"a row lacks the field {err}"
+    if isinstance(err, StopIteration):  # a reader that found nothing to read
+        return "it holds no data"
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def check_task_data(tasks: Sequence[LocalTask], root: Path) -> None:
+    """Read each task's documents as the harness will (the same reader, the same ``process_docs``), so that a
+    damaged, truncated or foreign data file is named here, before the model loads; inside lm-eval it ended in
+    an error naming no file, or an internal one. ``datasets`` caches what it read: the harness reads it again
+    from that cache."""
+    import datasets
+
+    quiet = datasets.is_progress_bar_enabled()  # a read for a check: no bars (the harness shows its own)
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        for task in tasks:
+            _check_documents(task, root.resolve() / task.data, datasets)
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _check_documents(task: LocalTask, data: Path, datasets) -> None:
+    try:
+        documents = datasets.load_dataset(
+            "arrow" if data.suffix == ".arrow" else "json", data_files={task.split: str(data)}, split=task.split
+        )
+        if task.process_docs:
+            documents = globals()[task.process_docs](documents)
+        if len(documents) == 0:
+            raise ValueError("it holds no documents")
+    except Exception as err:  # noqa: BLE001 (datasets, pyarrow, gzip and json each raise their own)
+        raise ValueError(f"the {task.name} data {data} cannot be read: {_cause(err)}") from None
+
+
 def _one_row_per_document(dataset):
     """OLMES files hold one request per answer choice (``idx``) and, for ARC, answer-only requests too."""
-    return dataset.filter(lambda row: row["idx"] == 0 and row["doc_id"] < UNCONDITIONED)
+    return dataset.filter(lambda row: _number(row, "idx") == 0 and _number(row, "doc_id") < UNCONDITIONED)
+
+
+def _number(row: dict, field: str) -> int:
+    """A request's integer field; a row without it is damage to name (a JSON file's missing field reads as
+    None, and a filter would drop the row without a word)."""
+    value = row.get(field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"a request has {field} {value!r}, not an integer (request: {str(row)[:80]})")
+    return value
 
 
 def lambada_docs(dataset):
@@ -291,6 +343,7 @@ def run_tasks(
         model_args["max_length"] = max_length
     with tempfile.TemporaryDirectory(prefix="densessm-tasks-") as configs, _continuations_fit(max_length):
         write_task_configs(configs, selected, root)
+        check_task_data(selected, root)
         out = lm_eval.simple_evaluate(
             model="hf",
             model_args=model_args,

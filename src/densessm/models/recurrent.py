@@ -512,6 +512,13 @@ def _check_state(
                     f"cache tensor layers.{index}.{name} is on {tensor.device} but the model computes on {device}: "
                     f"cache.to({str(device)!r})"
                 )
+    if not torch.is_inference_mode_enabled() and (
+        positions.is_inference() or any(t.is_inference() for layer in cache.layers for t in layer.values())
+    ):  # found only at the first update, after some layers had taken theirs: the cache would be ruined
+        raise ValueError(
+            "this cache was filled under torch.inference_mode(), and its tensors can be updated only there: "
+            "continue it under torch.inference_mode() too"
+        )
 
 
 def _checked_steps(cache: RecurrentCache) -> int:

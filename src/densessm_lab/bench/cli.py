@@ -94,6 +94,7 @@ def bench_generate(args: argparse.Namespace) -> None:
     stems = {b: args.out if len(batches) == 1 else args.out.with_name(f"{args.out.name}_batch{b}") for b in batches}
     outputs = [suffixed(stem, s) for stem in stems.values() for s in SUFFIXES]
     for out in outputs:
+        check_path(out, "--out")  # STEM.json may be too long a name where STEM is not
         check_link(out, "--out", args.overwrite)  # a symlink to nowhere: refused now, not after the measurements
         if out.is_dir():
             raise UsageError(f"--out {args.out}: {out} is a directory, not a file")

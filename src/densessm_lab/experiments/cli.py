@@ -27,7 +27,9 @@ def _seeds(text: str) -> tuple[int, ...]:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected at least one seed (comma-separated integers), got {text!r}")
+    if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
     out_of_range = [seed for seed in seeds if not 0 <= seed < 2**32]
     if out_of_range:
