@@ -247,3 +247,45 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+"""The Tensor methods that hand a value to Python: on a GPU, each waits for the device."""
+
+
+@pytest.mark.parametrize("preset", [None, "dense_mamba_tiny", "dense_mamba2_tiny"])
+def test_the_model_reads_no_value_back_while_training(tmp_path, monkeypatch, preset):
+    """The forward pass of a training step reads nothing back to the host: its token ids and labels are the run's
+    own blocks, checked against the vocabulary when the run starts. (Per step on a GPU, the range checks were
+    synchronisations that left the device idle while the host waited.) Outside training they still run."""
+    reads = []
+    inside = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if inside:
+                reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+
+    class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.register_forward_pre_hook(lambda *_: inside.append(True))
+            model.register_forward_hook(lambda *_: inside.clear())
+
+    family = {} if preset is None else {"model_name_or_path": preset, "config_overrides": None}
+    argv = train_argv(tmp_path, max_steps=3, logging_steps=100, validation_split_percentage=0, **family)
+    main([*argv, "--sample_max_new_tokens", "0"], callbacks=[Watch()])
+    assert reads == []
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    model.register_forward_pre_hook(lambda *_: inside.append(True))
+    model.register_forward_hook(lambda *_: inside.clear())
+    with pytest.raises(ValueError, match="out of range"):
+        model(torch.tensor([[1, 2, model.config.vocab_size]]))
+    assert reads  # a call of its own: the ids are checked, reading them

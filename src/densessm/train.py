@@ -61,6 +61,7 @@ from densessm.data import DataArguments, collate_blocks, find_data_files, load_b
 from densessm.errors import Interrupted, ModelLoadError, NonFiniteError, UsageError
 from densessm.files import check_link
 from densessm.loading import check_weights, first_nonfinite_parameter, load_causal_lm, read_config
+from densessm.models.recurrent import trusted_values
 from densessm.presets import list_presets, load_preset
 from densessm.run_state import WEIGHT_FILES, last_complete_checkpoint
 from densessm.tokenizer import has_tokenizer, load_tokenizer
@@ -423,6 +424,13 @@ class DenseTrainer(Trainer):
                 "device (fused AdamW without --fp16 can)"
             )
         return optimizer
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        """The model's loss on a batch of the run's token blocks, whose ids the model's vocabulary covers (the
+        tokenizer is checked against it when the run starts): no per-step range check reads them back
+        (:func:`~densessm.models.recurrent.trusted_values`)."""
+        with trusted_values():
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

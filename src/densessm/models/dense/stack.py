@@ -42,6 +42,7 @@ from densessm.models.recurrent import (
     check_no_other_arguments,
     given_cache,
     prepare_step,
+    values_trusted,
 )
 from densessm.modes import MODES, check_mode
 
@@ -221,7 +222,8 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
         step = prepare_step(self, batch, length, hidden, cache, use_cache, attention_mask, position_ids, input_ids)
         if inputs_embeds is not None:
             check_embeds(inputs_embeds, embeddings.weight.dtype, step.mask)
-        if input_ids is not None and not step.carried:  # a prompt or training input: transformers' one-time note
+        if input_ids is not None and not step.carried and not values_trusted():
+            # a prompt or training input: transformers' one-time note (it reads the first and last ids)
             self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
         hidden = step.hide_padding(hidden)
         cache = step.cache
