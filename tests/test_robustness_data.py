@@ -77,6 +77,18 @@ BAD_FILES = {
         CorpusError,
         r"a\.jsonl line 3 is not valid JSON \(Unterminated string",
     ),
+    "jsonl line nested too deep": (
+        "a.jsonl",
+        jsonl({"text": TEXT}) + b'{"text": "x", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+        CorpusError,
+        r"a\.jsonl line 2 is not valid JSON \(nesting deeper than Python's JSON parser can follow",
+    ),
+    "json document nested too deep": (
+        "a.json",
+        b"[" * 100_000 + b"]" * 100_000,
+        CorpusError,
+        r"a\.json is not valid JSON \(nesting deeper than Python's JSON parser can follow",
+    ),
     "record without text": (
         "a.jsonl",
         jsonl({"text": TEXT}, {"body": "x", "id": 2}),

@@ -36,7 +36,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
 
 from densessm.data import build_blocks, find_data_files
-from densessm.files import atomic_write_text, confined_file
+from densessm.files import atomic_write_text, confined_file, read_json
 from densessm.models import FAMILIES, Family
 from densessm.presets import load_grid_shape, load_preset
 from densessm.run_state import HOLDER_NAME, LOCK_NAME, last_complete_checkpoint
@@ -189,8 +189,16 @@ def split_file(corpus: Path, split: str) -> Path:
 
 
 def read_split(corpus: Path, split: str) -> list[dict]:
-    with open(split_file(corpus, split), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    path = split_file(corpus, split)
+    documents = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                documents.append(json.loads(line))
+            except (json.JSONDecodeError, RecursionError) as err:
+                why = "nests deeper than Python's JSON parser can follow" if isinstance(err, RecursionError) else err
+                raise ValueError(f"{path} line {number} is not a JSON document ({why})") from None
+    return documents
 
 
 def held_out_subset(documents: list[dict], max_bytes: int | None, seed: int = 0) -> list[dict]:
@@ -218,11 +226,19 @@ def write_if_changed(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _stamp(path: Path) -> object:
+    """What a stamp file records; a damaged one records nothing (what it stamps is made again)."""
+    try:
+        return read_json(path)
+    except ValueError:
+        return None
+
+
 def prepare_tokenizer(corpus: Path, out: Path, vocab_size: int) -> PreTrainedTokenizerBase:
     """The BPE of the grid, trained on the training split only (reused when the split and size are unchanged)."""
     source = {"train_sha256": _sha256(corpus / "train.jsonl"), "vocab_size": vocab_size}
     stamp = out / "densessm_tokenizer_source.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == source:
+    if stamp.is_file() and _stamp(stamp) == source:
         logger.info(f"reusing the tokenizer in {out}")
         return load_tokenizer(out)
     logger.info(f"training a {vocab_size}-token byte-level BPE on {corpus / 'train.jsonl'}")
@@ -316,10 +332,10 @@ def check_same_grid(out: Path, corpus: Path, scale: Scale) -> None:
         check_grid_folder(out)
         return
     try:
-        plan = json.loads(plan_file.read_text())
+        plan = read_json(plan_file)
         earlier = {k: v for k, v in plan["scale"].items() if k != "seeds"}
         earlier_corpus = plan["corpus_train_sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{plan_file} is not a plan this command wrote ({err!r}): use another --output-dir") from None
     now = {k: v for k, v in scale.record().items() if k != "seeds"}
     added = {member.family.name for member in scale.members()} - set(earlier)
