@@ -8,6 +8,7 @@ with the tokens a cache consumed.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tracemalloc
@@ -968,3 +969,50 @@ def test_a_cache_filled_under_inference_mode_is_refused_outside_it_before_any_up
         step = model(token, cache=cache, use_cache=True).logits[:, -1]
         whole = model(torch.cat([PROMPT, token], dim=1)).logits[:, -1]
     torch.testing.assert_close(step, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["retnet", "mamba", "mamba2"])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"labels": torch.tensor([[99999, 1], [1, 2]])}, "label 99999 is out of range"),
+        ({"labels": torch.tensor([[1.0, 2.0], [1.0, 2.0]])}, "labels must be integer token ids"),
+        ({"labels": torch.tensor([[1, 2, 3], [1, 2, 3]])}, r"labels must have shape \(2, 2\)"),
+        ({"logits_to_keep": -1}, "logits_to_keep must be a number of last positions"),
+        ({"logits_to_keep": torch.tensor([5])}, "logits_to_keep lists position 5, outside the input's 2 positions"),
+    ],
+    ids=["label out of range", "float labels", "labels of another shape", "negative count", "position outside"],
+)
+def test_a_call_refused_for_its_labels_or_logits_to_keep_leaves_the_cache_as_it_was(family, arguments, message):
+    """They were checked after the backbone had advanced the cache: the error read as "nothing happened", and a
+    retry fed the tokens a second time (logits off, no error)."""
+    model = _model(family)
+    cache = _cache(model, PROMPT[:2])
+    layers = [{name: t.clone() for name, t in layer.items()} for layer in cache.layers]
+    steps, positions = cache.steps, cache.positions.clone()
+    step = torch.randint(3, 97, (2, 2))
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        model(step, cache=cache, use_cache=True, **arguments)
+    assert cache.steps == steps and torch.equal(cache.positions, positions)
+    for layer, kept in zip(cache.layers, layers, strict=True):
+        assert all(torch.equal(layer[name], tensor) for name, tensor in kept.items())
+    with torch.no_grad():
+        retried = model(step, cache=cache, use_cache=True).logits
+        whole = model(torch.cat([PROMPT[:2], step], dim=1)).logits[:, -2:]
+    torch.testing.assert_close(retried, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["retnet", "mamba", "mamba2"])
+def test_copy_copy_of_a_cache_is_independent(family):
+    """A shallow copy shared the state tensors, which a step updates in place: stepping the copy changed the
+    original's state while its counters stayed, and its next logits were off without an error."""
+    model = _model(family)
+    cache = _cache(model)
+    twin = copy.copy(cache)
+    step = torch.randint(3, 97, (2, 1))
+    with torch.no_grad():
+        model(step, cache=twin, use_cache=True)
+        continued = model(step, cache=cache, use_cache=True).logits
+        whole = model(torch.cat([PROMPT, step], dim=1)).logits[:, -1:]
+    torch.testing.assert_close(continued, whole, atol=1e-5, rtol=1e-5)
+    assert twin.identity is cache.identity

@@ -646,3 +646,21 @@ def test_quantize_int8_serves_int8_weights(tmp_path, monkeypatch):
         assert result["tokens"][0] == reference(model, prompt, 6)  # what the int8 model itself generates
     finally:
         engine.stop()
+
+
+BROKEN_TEMPLATE = "{% for m in messages %}{{ m.content.nope.deeper }}{% endfor %}"
+STRICT_TEMPLATE = (  # refuses a conversation without a system message first, on purpose
+    "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message must come first') }}{% endif %}"
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+)
+
+
+def test_a_chat_template_that_renders_nothing_is_refused_at_start(word_tokenizer):
+    """A broken template made every chat request a 400 that blamed the client's messages."""
+    from densessm.serving.chat import ChatPrompt
+
+    word_tokenizer.chat_template = BROKEN_TEMPLATE
+    with pytest.raises(ValueError, match="the tokenizer's chat template renders no conversation .*UndefinedError"):
+        ChatPrompt(word_tokenizer)
+    word_tokenizer.chat_template = STRICT_TEMPLATE  # one of the plain conversations renders: it starts
+    assert ChatPrompt(word_tokenizer).own_template

@@ -333,11 +333,17 @@ class RecurrentCache(Cache):
         self.embedding_digest = None
         self.embedding_digest_steps = 0
 
+    def __copy__(self) -> RecurrentCache:
+        """``copy.copy`` gives an independent copy (:meth:`clone`): a shallow one would share the state tensors,
+        which a step updates in place, while each copy counted its own steps."""
+        return self.clone()
+
     def clone(self) -> RecurrentCache:
         """An independent copy, e.g. to branch several continuations from one prefix. Detached from any
         autograd graph: a clone is a state to continue from (the cache of a forward run with gradients
         enabled clones too)."""
-        twin = copy.copy(self)
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
         twin.layers = [
             None if layer is None else {name: _detached(t) for name, t in layer.items()} for layer in self.layers
         ]

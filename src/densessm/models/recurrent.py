@@ -906,6 +906,30 @@ class RecurrentGenerationMixin:
         names = inspect.signature(cls.forward).parameters
         return frozenset(names) | LOSS_ARGUMENTS | IGNORED_FORWARD_ARGUMENTS | frozenset(CACHE_ALIASES)
 
+    def check_head_arguments(
+        self,
+        input_ids: object,
+        inputs_embeds: object,
+        labels: object,
+        logits_to_keep: object,
+        loss_kwargs: dict,
+    ) -> torch.Tensor | None:
+        """``labels`` (widened to int64) and ``logits_to_keep`` checked before the backbone runs: found after it,
+        an error left a carried cache advanced by the tokens of a call that failed, and a retry fed them twice.
+        Returns the labels; inputs of a shape the backbone refuses are left to it."""
+        given = input_ids if input_ids is not None else inputs_embeds
+        if not isinstance(given, torch.Tensor) or given.dim() < 2:
+            return labels
+        batch, length = given.shape[:2]
+        kept = length
+        if isinstance(logits_to_keep, torch.Tensor):
+            kept = _checked_positions(logits_to_keep, length).shape[0]
+        elif logits_to_keep:
+            kept = min(_checked_count(logits_to_keep), length)
+        if labels is None:
+            return None
+        return check_labels(labels, (batch, kept), self.config.vocab_size, loss_kwargs.get("ignore_index", -100))
+
     def causal_lm_output(
         self,
         outputs: BaseModelOutputWithPast,
@@ -915,18 +939,17 @@ class RecurrentGenerationMixin:
         **loss_kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits of the backbone's output (or of its last ``logits_to_keep`` positions, or of the positions a 1-D
-        tensor ``logits_to_keep`` lists, as transformers takes it) and, with ``labels``, the shifted LM loss."""
+        tensor ``logits_to_keep`` lists, as transformers takes it) and, with ``labels``, the shifted LM loss
+        (``labels`` and ``logits_to_keep`` as :meth:`check_head_arguments` returned and checked them)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, torch.Tensor):
-            hidden = hidden[:, _checked_positions(logits_to_keep, hidden.shape[1])]
+            hidden = hidden[:, logits_to_keep.to(torch.long)]
         elif logits_to_keep:
-            hidden = hidden[:, -_checked_count(logits_to_keep) :]
+            hidden = hidden[:, -int(logits_to_keep) :]
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         loss = None
         if labels is not None:
-            ignore_index = loss_kwargs.get("ignore_index", -100)
-            labels = check_labels(labels, tuple(logits.shape[:2]), self.config.vocab_size, ignore_index)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         if not return_dict:
             output = (logits,) + tuple(x for x in (outputs.cache, outputs.hidden_states) if x is not None)

@@ -68,6 +68,7 @@ class DenseSSMForCausalLM(RecurrentGenerationMixin, DenseSSMPreTrainedModel, Gen
         lists); ``labels`` give the shifted LM loss."""
         cache = given_cache(cache, kwargs)
         check_no_other_arguments(self, kwargs, accepted=LOSS_ARGUMENTS)
+        labels = self.check_head_arguments(input_ids, inputs_embeds, labels, logits_to_keep, kwargs)
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
