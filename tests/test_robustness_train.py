@@ -1122,6 +1122,29 @@ def test_ctrl_c_before_the_first_checkpoint_says_so(tmp_path):
     lock.release()
 
 
+class _SwallowedCtrlCAt(TrainerCallback):
+    """Ctrl-C that lands where Python swallows it (a finalizer or weakref callback: "Exception ignored")."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs here
+            except KeyboardInterrupt:
+                pass
+
+
+def test_ctrl_c_that_python_swallows_still_stops_the_run_at_the_end_of_its_step(tmp_path):
+    """Such a Ctrl-C was lost and the run went on training (once for minutes, until a test's timeout)."""
+    with pytest.raises(Interrupted, match="training stopped; run the same command again to resume from"):
+        main(train_argv(tmp_path, **FLAGS), callbacks=[_SwallowedCtrlCAt(3)])
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+
+
 # ---- strict loading of --model_name_or_path DIR ---------------------------------------------------------------------
 
 

@@ -24,6 +24,8 @@ import math
 import os
 import pickle
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -580,6 +582,33 @@ class RunFinished(Exception):  # noqa: N818 (a signal, not an error)
 
     The Trainer would train one step past ``--max_steps`` (it checks the limit only after a step), or nothing
     at all and report a loss of 0.0; instead :func:`finish_run` completes the final save if it was cut short."""
+
+
+class _StickyInterrupt(TrainerCallback):
+    """Ctrl-C that stops the run even where Python swallows it: a ``KeyboardInterrupt`` raised while a finalizer
+    or a weakref callback runs is printed as "Exception ignored" and lost, and the run went on training. The
+    handler still raises it at once, as Python's own does; it also keeps a flag that the end of the step reads."""
+
+    def __init__(self):
+        self.pressed = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.pressed:
+            raise KeyboardInterrupt
 
 
 class _ResumeState(TrainerCallback):
@@ -1219,14 +1248,17 @@ def _train_locked(
         eval_dataset=eval_set,
         processing_class=tokenizer,
         data_collator=collate_blocks,
-        callbacks=[_ResumeState(checkpoint), *callbacks],
+        callbacks=[_ResumeState(checkpoint), interrupt := _StickyInterrupt(), *callbacks],
     )
     new_dir.training_started = True
+    interrupt.install()
     try:
         result = trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
     except RunFinished:
         agree(lambda: finish_run(checkpoint, out, use_cache), here=training_args.should_save)
         return {"output_dir": str(out), "finished_from": str(checkpoint)}
+    finally:
+        interrupt.restore()
     trainer.model.config.use_cache = use_cache
     trainer.save_model()
     metrics = dict(result.metrics)
