@@ -50,6 +50,12 @@ def model(request):
 # --- forward arguments ------------------------------------------------------------------------------------------
 
 
+def test_token_ids_on_the_meta_device_are_named(model):
+    """They failed in the range check with torch's "Tensor.item() cannot be called on meta tensors"."""
+    with pytest.raises(ValueError, match="input_ids are on meta but the model is on cpu: move them there"):
+        model(TOKENS.to("meta"))
+
+
 @pytest.mark.parametrize("chunk_size", [0, -1])
 def test_chunk_size_must_be_a_positive_int(model, chunk_size):
     with pytest.raises(ValueError, match=rf"chunk_size must be >= 1 \(a positive integer\), got {chunk_size!r}"):

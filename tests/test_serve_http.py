@@ -249,6 +249,27 @@ def test_client_that_disconnects_frees_its_slot(server):
         time.sleep(0.05)
 
 
+def test_a_client_that_leaves_before_its_whole_answer_is_cancelled_while_tokens_still_come(server):
+    """A request waiting for its whole answer was checked for a departed client only when no event had come for
+    a while: a busy batch kept its rows generating to max_tokens for no one."""
+    cancelled = metric(server, "densessm_requests_cancelled_total")
+    host, port = server.url.removeprefix("http://").split(":")
+    body = {"model": "tiny-retnet", "prompt": "w1 w2", "max_tokens": 1000, "n": 4, "temperature": 0}
+    body["logit_bias"] = NO_EOS
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    connection.request("POST", "/v1/completions", json.dumps(body), headers)
+    time.sleep(0.5)
+    connection.close()  # gone before the answer
+    deadline = time.monotonic() + 20
+    while not (
+        metric(server, "densessm_requests_cancelled_total") == cancelled + 1
+        and json.loads(server.get("/health")[1])["running"] == 0
+    ):
+        assert time.monotonic() < deadline, "the departed client was not cancelled while its rows generated"
+        time.sleep(0.05)
+
+
 # --- the API around it ------------------------------------------------------------------------------------------
 
 

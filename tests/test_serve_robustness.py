@@ -662,5 +662,8 @@ def test_a_chat_template_that_renders_nothing_is_refused_at_start(word_tokenizer
     word_tokenizer.chat_template = BROKEN_TEMPLATE
     with pytest.raises(ValueError, match="the tokenizer's chat template renders no conversation .*UndefinedError"):
         ChatPrompt(word_tokenizer)
+    word_tokenizer.chat_template = "{% for m in messages %}{% endfor %}"  # renders nothing, raises nothing
+    with pytest.raises(ValueError, match="renders no conversation .it leaves the message out: ''."):
+        ChatPrompt(word_tokenizer)
     word_tokenizer.chat_template = STRICT_TEMPLATE  # one of the plain conversations renders: it starts
     assert ChatPrompt(word_tokenizer).own_template

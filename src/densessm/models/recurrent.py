@@ -68,6 +68,7 @@ def check_inputs(
     attention_mask: torch.Tensor | None,
     vocab_size: int,
     hidden_size: int,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor | None, int, int]:
     """Validate a forward call's inputs; returns ``(input_ids, batch, length)`` or raises a ValueError naming the
     problem. Narrow integer ids (int8, uint8, int16...) come back widened to int64, which the embedding takes."""
@@ -82,6 +83,9 @@ def check_inputs(
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise ValueError(f"empty input: input_ids has shape {tuple(input_ids.shape)}")
+        if device is not None and input_ids.device != device and "meta" in (input_ids.device.type, device.type):
+            # the range check below cannot read meta values; other pairs are torch's to refuse, naming both
+            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}: move them there")
         if input_ids.dtype not in (torch.int32, torch.int64):
             input_ids = input_ids.long()
         if torch.compiler.is_exporting():  # kept in the program as an assertion node (it cannot read the id)

@@ -321,15 +321,20 @@ class _Server:
     async def events(
         self, request: GenerationRequest, queue: asyncio.Queue, http: Request | None
     ) -> AsyncIterator[Event]:
-        """The request's events until it is done. ``http`` is polled for a disconnect (a request waiting for
-        its whole answer; a stream notices when it writes): then the events just end."""
+        """The request's events until it is done. ``http`` is polled for a disconnect every ``_POLL`` seconds,
+        whether events come or not (a request waiting for its whole answer; a stream notices when it writes):
+        then the events just end."""
+        loop = asyncio.get_running_loop()
+        polled = loop.time()
         while True:
             try:
                 batch = await asyncio.wait_for(queue.get(), _POLL) if http is not None else await queue.get()
             except TimeoutError:
+                batch = []
+            if http is not None and loop.time() - polled >= _POLL:
+                polled = loop.time()
                 if await http.is_disconnected():
                     return
-                continue
             for event in batch:
                 if isinstance(event, Failed):
                     status_type = "service_unavailable" if event.status == 503 else "server_error"

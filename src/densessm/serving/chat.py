@@ -41,19 +41,23 @@ class ChatPrompt:
             self._check_template()
 
     def _check_template(self) -> None:
-        """A template that renders no conversation at all is broken (a typo, an attribute the messages lack):
-        found at the first chat request, each one would be a 400 blaming the client's messages. A template
-        may refuse some conversations on purpose (roles out of order): one of two plain ones must render."""
+        """A template that renders no conversation at all is broken (a typo, an attribute the messages lack, a
+        loop that writes nothing): found at the first chat request, each one would be a 400 blaming the client's
+        messages. A template may refuse some conversations on purpose (roles out of order): one of two plain
+        ones must render, with the message's text in it."""
         problems = []
         for probe in (
             [{"role": "user", "content": "Hello"}],
             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
         ):
             try:
-                self.tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
-                return
+                text = self.tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
             except Exception as err:  # noqa: BLE001 (jinja and transformers raise several kinds)
                 problems.append(f"{type(err).__name__}: {err}")
+                continue
+            if "Hello" in text:
+                return
+            problems.append(f"it leaves the message out: {text[:60]!r}")
         raise ValueError(
             f"the tokenizer's chat template renders no conversation ({problems[0]}): fix or remove chat_template "
             "in its tokenizer_config.json (without one, chat uses plain 'role: content' lines)"

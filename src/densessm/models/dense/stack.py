@@ -207,7 +207,12 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
         check_no_other_arguments(self, kwargs)
         config = self.config
         input_ids, batch, length = check_inputs(
-            input_ids, inputs_embeds, attention_mask, config.vocab_size, config.hidden_size
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            config.vocab_size,
+            config.hidden_size,
+            self.get_input_embeddings().weight.device,
         )
         check_chunk_size(chunk_size)
         if use_cache is None:
