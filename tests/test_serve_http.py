@@ -240,12 +240,17 @@ def test_client_that_disconnects_frees_its_slot(server):
     stream.close()
     # both are awaited: the first token reaches the client just before its row joins the batch, so "no row
     # running" alone may be seen before the request ever ran in it
+    await_cancelled(server, cancelled, "the departed client was not cancelled, or its slot not freed")
+
+
+def await_cancelled(server: Server, before: float, why: str) -> None:
+    """Wait until one more request was cancelled and no row runs (at most 20 s)."""
     deadline = time.monotonic() + 20
     while not (
-        metric(server, "densessm_requests_cancelled_total") == cancelled + 1
+        metric(server, "densessm_requests_cancelled_total") == before + 1
         and json.loads(server.get("/health")[1])["running"] == 0
     ):
-        assert time.monotonic() < deadline, "the departed client was not cancelled, or its slot not freed"
+        assert time.monotonic() < deadline, why
         time.sleep(0.05)
 
 
@@ -261,13 +266,7 @@ def test_a_client_that_leaves_before_its_whole_answer_is_cancelled_while_tokens_
     connection.request("POST", "/v1/completions", json.dumps(body), headers)
     time.sleep(0.5)
     connection.close()  # gone before the answer
-    deadline = time.monotonic() + 20
-    while not (
-        metric(server, "densessm_requests_cancelled_total") == cancelled + 1
-        and json.loads(server.get("/health")[1])["running"] == 0
-    ):
-        assert time.monotonic() < deadline, "the departed client was not cancelled while its rows generated"
-        time.sleep(0.05)
+    await_cancelled(server, cancelled, "the departed client was not cancelled while its rows generated")
 
 
 # --- the API around it ------------------------------------------------------------------------------------------
