@@ -1139,10 +1139,14 @@ class _SwallowedCtrlCAt(TrainerCallback):
 
 def test_ctrl_c_that_python_swallows_still_stops_the_run_at_the_end_of_its_step(tmp_path):
     """Such a Ctrl-C was lost and the run went on training (once for minutes, until a test's timeout)."""
-    with pytest.raises(Interrupted, match="training stopped; run the same command again to resume from"):
-        main(train_argv(tmp_path, **FLAGS), callbacks=[_SwallowedCtrlCAt(3)])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts (not a background job)
+    try:
+        with pytest.raises(Interrupted, match="training stopped; run the same command again to resume from"):
+            main(train_argv(tmp_path, **FLAGS), callbacks=[_SwallowedCtrlCAt(3)])
+    finally:
+        restored = signal.signal(signal.SIGINT, previous)
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+    assert restored is signal.default_int_handler  # Python's own handler was back after the run
 
 
 # ---- strict loading of --model_name_or_path DIR ---------------------------------------------------------------------

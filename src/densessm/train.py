@@ -598,7 +598,12 @@ class _StickyInterrupt(TrainerCallback):
         raise KeyboardInterrupt
 
     def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        """In place of Python's own handler only: a process started with Ctrl-C ignored (a background job) or
+        with a handler of its own keeps it. Only the main thread may set handlers."""
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
             self._previous = signal.signal(signal.SIGINT, self._handler)
 
     def restore(self) -> None:
