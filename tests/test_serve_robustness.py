@@ -580,6 +580,18 @@ def test_a_model_directory_with_integer_weights_is_refused(model_dir, tmp_path, 
     )
 
 
+UNSENDABLE_KEYS = [("abc\n", "'\\n'"), ("abc ", "' '"), ("ключ", "'к', 'л', 'ч', 'ю'")]
+"""API keys no client can send (a header carries printable ASCII without spaces), and how the refusal shows them."""
+
+
+def _unsendable_key(shown: str) -> str:
+    return (
+        f"the API key (--api-key or $DENSESSM_API_KEY) holds {shown}: a client's 'Authorization: Bearer KEY' header "
+        "carries printable ASCII without spaces, so no request could match it; use such a key (a trailing newline "
+        "or space from a file is the usual cause)"
+    )
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -603,6 +615,7 @@ def test_a_model_directory_with_integer_weights_is_refused(model_dir, tmp_path, 
         (["--quantize", "int8", "--compile"], "--quantize int8 cannot be compiled: drop --compile or --quantize"),
         (["--shutdown-timeout", "nan"], "argument --shutdown-timeout: expected a finite number, got 'nan'"),
         (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0, got -1.0"),
+        *((["--api-key", key], _unsendable_key(shown)) for key, shown in UNSENDABLE_KEYS),
     ],
 )
 def test_values_that_cannot_work_are_refused_before_loading(model_dir, capsys, monkeypatch, flags, message):

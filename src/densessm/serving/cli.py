@@ -172,6 +172,15 @@ def _check(args: argparse.Namespace, max_position_embeddings: int) -> None:
         )
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError(f"the API key (--api-key or ${API_KEY_ENV}) is empty")
+    if args.api_key is not None:
+        unsendable = sorted({c for c in args.api_key if not "!" <= c <= "~"})  # printable ASCII, no space
+        if unsendable:
+            shown = ", ".join(repr(c) for c in unsendable[:4])
+            raise UsageError(
+                f"the API key (--api-key or ${API_KEY_ENV}) holds {shown}: a client's 'Authorization: Bearer KEY' "
+                "header carries printable ASCII without spaces, so no request could match it; use such a key "
+                "(a trailing newline or space from a file is the usual cause)"
+            )
 
 
 def run_serve(args: argparse.Namespace) -> None:
