@@ -475,6 +475,36 @@ def test_mamba_server_queue_pushback_and_graceful_shutdown(tmp_path, tokenizer):
         server.stop()
 
 
+def test_requests_still_running_at_the_shutdown_timeout_end_with_an_answer(retnet):
+    """uvicorn cancelled them: a bare "Internal Server Error" for a request waiting for its whole answer, and a
+    stream cut without an error event or [DONE]."""
+    limits = ("--max-model-len", "1000001", "--max-tokens", "1000000")
+    server = Server(retnet[1], "--max-batch", "2", "--shutdown-timeout", "1", *limits)
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        headers = {"Content-Type": "application/json"}
+        long = {"model": "tiny-retnet", "prompt": "w1", "max_tokens": 1_000_000, "temperature": 0}
+        long["logit_bias"] = NO_EOS
+        streaming = http.client.HTTPConnection(host, int(port), timeout=60)
+        streaming.request("POST", "/v1/completions", json.dumps({**long, "stream": True}), headers)
+        stream = streaming.getresponse()
+        assert stream.readline().startswith(b"data: ")
+        whole = http.client.HTTPConnection(host, int(port), timeout=60)
+        whole.request("POST", "/v1/completions", json.dumps(long), headers)
+        deadline = time.monotonic() + 20
+        while json.loads(server.get("/health")[1])["running"] != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        answer = whole.getresponse()
+        assert answer.status == 503 and "shutting down" in json.loads(answer.read())["error"]["message"]
+        events = [line for line in stream.read().decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and "shutting down" in json.loads(events[-2][6:])["error"]["message"]
+        assert server.proc.wait(30) is not None
+    finally:
+        server.stop()
+
+
 # --- the command line before serving -------------------------------------------------------------------------------
 
 

@@ -642,7 +642,7 @@ def test_quantize_int8_serves_int8_weights(tmp_path, monkeypatch):
     word_tokenizer(VOCAB).save_pretrained(directory)
     served = []
 
-    def serve(server, sock, engine) -> None:
+    def serve(server, sock, engine, shutdown_timeout) -> None:
         sock.close()
         served.append(engine)
 

@@ -264,21 +264,33 @@ def run_serve(args: argparse.Namespace) -> None:
         uvicorn.Config(
             app,
             log_level=args.log_level,
-            timeout_graceful_shutdown=args.shutdown_timeout,
+            # a backstop only: at --shutdown-timeout the engine ends the open requests itself (see _serve)
+            timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_BACKSTOP,
             lifespan="on",
         )
     )
-    _serve(server, sock, engine)
+    _serve(server, sock, engine, args.shutdown_timeout)
 
 
-def _serve(server, sock: socket.socket, engine) -> None:
+SHUTDOWN_BACKSTOP = 10.0
+"""Seconds uvicorn waits beyond ``--shutdown-timeout`` before it cancels what is left: by then the engine has
+ended every open request with an answer the client can read."""
+
+
+def _serve(server, sock: socket.socket, engine, shutdown_timeout: float) -> None:
     """uvicorn in a thread, the engine's loop in this (the main) thread, which loaded the model: one OpenMP team
     does all the model's work (see :meth:`Engine.run`). Ctrl-C and SIGTERM start uvicorn's graceful shutdown
-    (a second Ctrl-C forces it); once it is done, the signal takes its usual course (exit status 130 for
-    Ctrl-C, termination for SIGTERM)."""
+    (a second Ctrl-C forces it); requests still running ``shutdown_timeout`` seconds later end with a 503 (an
+    error event and ``[DONE]`` in a stream): cancelled by uvicorn, they ended in a bare "Internal Server Error"
+    and a cut stream. Once it is done, the signal takes its usual course (exit status 130 for Ctrl-C,
+    termination for SIGTERM)."""
     captured: list[int] = []
 
     def on_signal(sig: int, frame) -> None:
+        if not captured:
+            timer = threading.Timer(shutdown_timeout, engine.stop)
+            timer.daemon = True
+            timer.start()
         captured.append(sig)
         server.handle_exit(sig, frame)
 
