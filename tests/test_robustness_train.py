@@ -27,6 +27,7 @@ from tiny_training import (
     SENTENCES,
     SUBPROCESS_ENV,
     TINY,
+    ctrl_c_as_in_a_terminal,
     driver_command,
     losses,
     run_driver,
@@ -1036,6 +1037,7 @@ def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_to_resume_from(tmp_pat
             env=SUBPROCESS_ENV,
             stdout=subprocess.DEVNULL,
             stderr=err_file,
+            preexec_fn=ctrl_c_as_in_a_terminal,
         )
     deadline = time.monotonic() + 240
     while not list(out.glob(f"checkpoint-*/{MARKER_NAME}")):  # any: with save_total_limit 2 each lives briefly
@@ -1089,6 +1091,7 @@ def test_a_real_ctrl_c_to_the_process_group_while_worker_processes_tokenize(tmp_
             stdout=subprocess.DEVNULL,
             stderr=err_file,
             start_new_session=True,  # a process group, as a terminal's Ctrl-C reaches it
+            preexec_fn=ctrl_c_as_in_a_terminal,
         )
     deadline = time.monotonic() + 240
     while "Tokenizing" not in (tmp_path / "err").read_text():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,13 @@ SENTENCES = [
 # One thread each: the test processes share two cores with the rest of the suite, and oversubscribed
 # OpenMP threads slow these tiny steps down a hundredfold without changing a single number.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    """``preexec_fn`` of a child that a test interrupts: Ctrl-C at its default, as a terminal's foreground job has
+    it. A test run started as a background job ignores it, its children inherit that, and Python then keeps it
+    ignored: the child would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_corpus(root: Path, copies: int = 30) -> Path:
