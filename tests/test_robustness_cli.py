@@ -1107,7 +1107,12 @@ def test_a_tokenizer_with_custom_code_is_refused_without_asking(model_dir, capsy
     assert code == 1 and "never runs code from a model or tokenizer directory" in err
 
 
-def test_a_padding_token_beyond_the_vocabulary_is_named(tmp_path, capsys):
+@pytest.mark.parametrize("role", ["pad_token", "eos_token"])
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_special_token_beyond_the_vocabulary_is_named(tmp_path, capsys, role, command):
+    """A special token tokenizer_config.json names but the vocabulary lacks is added at load, beyond the model's
+    ids: eval blamed the whole tokenizer ("not the tokenizer the model was trained with"), and generate ran
+    without a word where only the end-of-text token was such."""
     from transformers import PreTrainedTokenizerFast
 
     from densessm.tokenizer import load_tokenizer
@@ -1115,10 +1120,14 @@ def test_a_padding_token_beyond_the_vocabulary_is_named(tmp_path, capsys):
     directory = tmp_path / "model"
     DenseRetNetForCausalLM(tiny_config(vocab_size=4096)).save_pretrained(directory)
     tokenizer: PreTrainedTokenizerFast = load_tokenizer()
-    tokenizer.pad_token = tokenizer.eos_token = "<added-pad>"  # a new token: id 4096
+    setattr(tokenizer, role, "<added>")  # a new token: id 4096
     tokenizer.save_pretrained(directory)
-    code, err = run(["generate", str(directory), "--prompt", "a", "--prompt", "b c"], capsys)
-    assert code == 1 and "padding token '<added-pad>' has id 4096, beyond the model's vocab_size 4096" in err
+    (tmp_path / "c.txt").write_text("a b c d e f g\n")
+    argv = ["generate", str(directory), "--prompt", "a", "--prompt", "b c"]
+    if command == "eval":
+        argv = ["eval", "ppl", str(directory), "--data", str(tmp_path / "c.txt")]
+    code, err = run(argv, capsys)
+    assert code == 1 and f"its {role} '<added>' has id 4096, beyond the model's vocab_size 4096" in err, err
 
 
 def test_a_shard_index_without_metadata_is_named(tmp_path, capsys, word_tokenizer):

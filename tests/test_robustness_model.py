@@ -652,3 +652,27 @@ def test_padding_ids_without_a_mask_get_transformers_note(family, monkeypatch):
     model(tokens, attention_mask=(tokens != model.config.pad_token_id).long())
     model(tokens[:1])
     assert len(notes) == 1
+
+
+@pytest.mark.parametrize("mode", ["parallel", "recurrent"])
+def test_a_kernel_path_that_does_not_exist_is_refused_by_dense_mamba2_too(mode, monkeypatch):
+    """DenseMamba2's SSD has no kernel of its own and never read DENSESSM_KERNELS: "cuda" ran without a word,
+    where the other families refuse it."""
+    from densessm import DenseMamba2Config, DenseMamba2ForCausalLM
+    from densessm.errors import UsageError
+
+    shape = dict(hidden_size=16, num_heads=4, head_dim=8, n_groups=2, state_size=4, num_hidden_layers=3)
+    config = DenseMamba2Config(**shape, vocab_size=97, dense_gate_reduction=4, chunk_size=4)
+    model = DenseMamba2ForCausalLM(config).eval()
+    monkeypatch.setenv("DENSESSM_KERNELS", "cuda")
+    with pytest.raises(UsageError, match=r"DENSESSM_KERNELS='cuda' is not a kernel path: use one of auto, torch"):
+        model(TOKENS, mode=mode)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_names_a_batch_row_without_any_real_token(family):
+    """It was blamed on right padding, which no left padding could fix."""
+    model = _model(family)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])
+    with pytest.raises(ValueError, match=r"^row 1 of the attention_mask holds no real token: give each row a prompt"):
+        model.generate(TOKENS[:, :4], attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)

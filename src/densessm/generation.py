@@ -27,7 +27,14 @@ from densessm.argtypes import (
 )
 from densessm.errors import UsageError
 from densessm.inference import QUANTIZE_CHOICES, int8_problem, prepare_for_decoding
-from densessm.loading import check_weights, load_causal_lm, load_tokenizer_dir, raise_nonfinite, read_config
+from densessm.loading import (
+    check_weights,
+    load_causal_lm,
+    load_tokenizer_dir,
+    raise_nonfinite,
+    read_config,
+    special_token_beyond,
+)
 from densessm.runtime import DTYPES, resolve_device
 
 
@@ -155,10 +162,11 @@ def _load_tokenizer(directory: Path, vocab_size: int):
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token is None:
         raise ValueError(f"the tokenizer in {directory} has neither a pad nor an end-of-text token to pad prompts with")
-    if tokenizer.pad_token_id >= vocab_size:
+    special = special_token_beyond(tokenizer, vocab_size)
+    if special is not None:
         raise ValueError(
-            f"the tokenizer's padding token {tokenizer.pad_token!r} has id {tokenizer.pad_token_id}, beyond the "
-            f"model's vocab_size {vocab_size}: pass the tokenizer the model was trained with (--tokenizer DIR)"
+            f"the tokenizer in {directory}: {special} (a special token its tokenizer_config.json names that the "
+            "vocabulary lacks?): pass the tokenizer the model was trained with (--tokenizer DIR)"
         )
     return tokenizer
 

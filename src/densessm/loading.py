@@ -117,6 +117,17 @@ def load_tokenizer_dir(directory: str | Path, **kwargs) -> PreTrainedTokenizerBa
         raise ValueError(f"cannot load the tokenizer in {path}: {first}") from None
 
 
+def special_token_beyond(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> str | None:
+    """A special token of ``tokenizer`` (padding, end or start of text, unknown) whose id the model's vocabulary
+    lacks, named with its id; None if there is none. Such a token is typically one ``tokenizer_config.json``
+    names but the vocabulary does not hold: transformers then adds it at load, beyond the model's ids."""
+    for role in ("eos_token", "bos_token", "pad_token", "unk_token"):
+        token, token_id = getattr(tokenizer, role, None), getattr(tokenizer, f"{role}_id", None)
+        if token is not None and isinstance(token_id, int) and token_id >= vocab_size:
+            return f"its {role} {str(token)!r} has id {token_id}, beyond the model's vocab_size {vocab_size}"
+    return None
+
+
 def unsafe_pickle(file: Path, err: Exception) -> str:
     """One line for a pickle that a weights-only load refused: torch's own text is several lines and advises
     loading without ``weights_only``, which must never happen to an untrusted file."""

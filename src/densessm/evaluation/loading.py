@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from densessm.loading import check_weights, load_tokenizer_dir, read_config
+from densessm.loading import check_weights, load_tokenizer_dir, read_config, special_token_beyond
 
 
 def check_model_dir(model_dir: str | Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
@@ -20,6 +20,12 @@ def check_model_dir(model_dir: str | Path) -> tuple[PretrainedConfig, PreTrained
     config = read_config(path)
     check_weights(path, config)
     tokenizer = load_tokenizer_dir(path)
+    special = special_token_beyond(tokenizer, config.vocab_size)
+    if special is not None:
+        raise ValueError(
+            f"the tokenizer in {path}: {special} (a special token its tokenizer_config.json names that the "
+            "vocabulary lacks?)"
+        )
     if len(tokenizer) > config.vocab_size:
         raise ValueError(
             f"the tokenizer in {path} has {len(tokenizer)} tokens but the model only {config.vocab_size} "

@@ -728,6 +728,8 @@ def check_left_padded(attention_mask: object) -> None:
     ended = attention_mask[:, -1] == 0
     if bool(ended.any()):
         row = int(ended.nonzero()[0, 0])
+        if not bool((attention_mask[row] != 0).any()):
+            raise ValueError(f"row {row} of the attention_mask holds no real token: give each row a prompt")
         raise ValueError(
             f"row {row} of the attention_mask ends in padding (right padding): generation continues each row from "
             "its last position, so pad the prompts on the left (tokenizer padding_side='left')"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from densessm.modes import check_mode
+from densessm.ops.dispatch import forced_path
 from densessm.ops.ssd.blocked import segment_sums, ssd_blocked
 from densessm.ops.ssd.reference import heads_per_group, ssd_reference
 from densessm.ops.ssd.step import ssd_step, ssd_steps
@@ -52,6 +53,8 @@ def ssd(
     mode only -- the blocked form never forms them), else None.
     """
     check_mode(mode, SSD_MODES)
+    if not torch.compiler.is_compiling():  # no kernel of its own, but a DENSESSM_KERNELS naming no path is refused
+        forced_path()
     if mode == "parallel":
         if keep_states:
             raise ValueError("the blocked SSD forms no per-position states: use mode='recurrent' to keep them")
