@@ -104,6 +104,19 @@ ARGUMENT_ERRORS = {
 }
 
 
+@pytest.mark.parametrize("name", ["plan.md", "densessm_grid.md"])
+def test_a_report_named_as_a_file_of_the_grid_is_refused(tmp_path, capsys, name):
+    """--report OUT/plan.md wrote its data as OUT/plan.json, over the grid's own plan (its next start then refused
+    the folder as no grid of this command)."""
+    out = tmp_path / "grid"
+    argv = ["experiment", "dense-vs-plain", "--scale", "smoke", "--output-dir", str(out), "--overwrite"]
+    assert cli_main([*argv, "--report", str(out / name)]) == 2
+    json_name = name.removesuffix(".md") + ".json"
+    message = f"would write {out / json_name}, a file of the grid itself in --output-dir {out}: choose another name"
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("case", list(ARGUMENT_ERRORS))
 def test_values_a_run_would_refuse_hours_later_are_usage_errors_at_parse_time(tmp_path, capsys, case):
     flags, message = ARGUMENT_ERRORS[case]

@@ -980,8 +980,18 @@ def test_a_cache_filled_under_inference_mode_is_refused_outside_it_before_any_up
         ({"labels": torch.tensor([[1, 2, 3], [1, 2, 3]])}, r"labels must have shape \(2, 2\)"),
         ({"logits_to_keep": -1}, "logits_to_keep must be a number of last positions"),
         ({"logits_to_keep": torch.tensor([5])}, "logits_to_keep lists position 5, outside the input's 2 positions"),
+        ({"labels": torch.tensor([[1, 2], [1, 2]]), "ignore_index": "x"}, "ignore_index must be an int"),
+        ({"labels": torch.tensor([[1, 2], [1, 2]]), "num_items_in_batch": "abc"}, "num_items_in_batch must be"),
     ],
-    ids=["label out of range", "float labels", "labels of another shape", "negative count", "position outside"],
+    ids=[
+        "label out of range",
+        "float labels",
+        "labels of another shape",
+        "negative count",
+        "position outside",
+        "ignore_index not an int",
+        "num_items_in_batch not a count",
+    ],
 )
 def test_a_call_refused_for_its_labels_or_logits_to_keep_leaves_the_cache_as_it_was(family, arguments, message):
     """They were checked after the backbone had advanced the cache: the error read as "nothing happened", and a
@@ -1016,3 +1026,33 @@ def test_copy_copy_of_a_cache_is_independent(family):
         whole = model(torch.cat([PROMPT, step], dim=1)).logits[:, -1:]
     torch.testing.assert_close(continued, whole, atol=1e-5, rtol=1e-5)
     assert twin.identity is cache.identity
+
+
+class _Failure(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("family", ["retnet", "mamba", "mamba2"])
+@pytest.mark.parametrize("where", ["a middle layer", "the LM head"])
+def test_an_error_in_the_middle_of_a_step_leaves_a_cache_that_refuses_to_continue(family, where):
+    """An error raised after some layers had taken their new state (out of memory for the logits, Ctrl-C) left
+    the cache half-advanced: a retry fed the tokens again and its logits were off, without an error."""
+    model = _model(family)
+    cache = _cache(model, PROMPT)
+    layers = model.base_model.layers
+    module = layers[len(layers) // 2] if where == "a middle layer" else model.lm_head
+
+    def fail(*args):
+        raise _Failure("CUDA out of memory (simulated)")
+
+    hook = module.register_forward_hook(fail)
+    with torch.no_grad(), pytest.raises(_Failure):
+        model(PROMPT[:, -2:], cache=cache, use_cache=True)
+    hook.remove()
+    message = r"left half-updated by an error in the middle of an earlier step \(_Failure: CUDA out of memory"
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        model(PROMPT[:, -2:], cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="nothing to save: this cache was left half-updated"):
+        cache.save("/nonexistent/never-written.safetensors")
+    with torch.no_grad(), pytest.raises(ValueError, match=message):  # a clone is as broken as its source
+        model(PROMPT[:, -2:], cache=cache.clone(), use_cache=True)

@@ -1242,3 +1242,13 @@ def test_a_flag_naming_one_input_given_twice_is_refused(model_dir, tmp_path, arg
     argv = [str(model_dir) if a == "M" else str(tmp_path / a) if a.endswith(".txt") else a for a in argv]
     code, err = run(argv, capsys)
     assert code == 2 and message in err, err
+
+
+def test_a_model_directory_holding_two_sets_of_weights_is_refused(model_dir, capsys):
+    """A sharded save over a single-file one leaves the old model.safetensors, which transformers reads first:
+    the CLI generated from the stale weights without a word."""
+    model = DenseRetNetForCausalLM.from_pretrained(model_dir)
+    model.save_pretrained(model_dir, max_shard_size="20KB")
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "model.safetensors.index.json").is_file()
+    code, err = run(["generate", str(model_dir), "--prompt", "w1", "--max-new-tokens", "1"], capsys)
+    assert code == 1 and "holds two sets of weights (model.safetensors and model.safetensors.index.json" in err, err

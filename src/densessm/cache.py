@@ -130,6 +130,8 @@ class RecurrentCache(Cache):
         # [B] the same for the input vectors consumed (see digest_embeddings), over `embedding_digest_steps`
         self.embedding_digest: torch.Tensor | None = None
         self.embedding_digest_steps = 0
+        # why the state is unusable: an error raised in the middle of a step, after some layers had taken theirs
+        self.broken: str | None = None
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -372,6 +374,8 @@ class RecurrentCache(Cache):
             raise UsageError(f"{path} is a directory: name the cache file to write, e.g. {path / 'prompt.safetensors'}")
         if self.is_empty:
             raise ValueError("nothing to save: the cache holds no state yet")
+        if self.broken is not None:
+            raise ValueError(f"nothing to save: {self.broken}")
         if any(layer is None for layer in self.layers):
             raise ValueError("cannot save a partial state: some layers hold no state")
         if self.identity is None:

@@ -229,6 +229,13 @@ def _safetensors_floating(dtype: str) -> bool:
 def checkpoint_tensors(model_dir: str | Path) -> dict[str, StoredTensor]:
     """Name -> shape and dtype of every tensor in a saved model's weight files, read from their headers only."""
     path = Path(model_dir)
+    present = [name for name in (SAFETENSORS, SAFETENSORS_INDEX, BIN, BIN_INDEX) if (path / name).is_file()]
+    if len(present) > 1:  # transformers would read the first and ignore the rest without a word
+        newest = max(present, key=lambda name: (path / name).stat().st_mtime)
+        raise ModelLoadError(
+            f"{path} holds two sets of weights ({' and '.join(present)}; {newest} is the newest): a save in "
+            "another layout over an earlier one leaves the old files; remove the stale ones"
+        )
     if (path / SAFETENSORS).is_file():
         files = [path / SAFETENSORS]
     elif (path / SAFETENSORS_INDEX).is_file():

@@ -451,6 +451,8 @@ class RecurrentBackbone:
         """
         if not isinstance(cache, RecurrentCache):
             raise TypeError(f"cache must be a densessm RecurrentCache, got {type(cache).__name__}")
+        if cache.broken is not None:
+            raise ValueError(cache.broken)
         num_layers = self.config.num_hidden_layers
         if len(cache) != num_layers:
             raise ValueError(f"cache holds the state of {len(cache)} layers but the model has {num_layers}")
@@ -719,6 +721,15 @@ def _checked_positions(positions: torch.Tensor, length: int) -> torch.Tensor:
     return positions.to(torch.long)
 
 
+def broken_by(err: BaseException) -> str:
+    """Why a cache is unusable after ``err`` was raised in the middle of a step (see :attr:`RecurrentCache.broken`)."""
+    what = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return (
+        f"this cache was left half-updated by an error in the middle of an earlier step ({type(err).__name__}"
+        f"{': ' + what[:200] if what else ''}): compute the state again from the tokens"
+    )
+
+
 def check_left_padded(attention_mask: object) -> None:
     """Refuse a prompt batch whose padding is on the right: decoding continues every row from its last position,
     so a row ending in padding would continue from a pad token instead of its text, a silently wrong answer
@@ -934,7 +945,13 @@ class RecurrentGenerationMixin:
             kept = min(_checked_count(logits_to_keep), length)
         if labels is None:
             return None
-        return check_labels(labels, (batch, kept), self.config.vocab_size, loss_kwargs.get("ignore_index", -100))
+        ignore_index = loss_kwargs.get("ignore_index", -100)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an int (the label of a position without loss): {ignore_index!r}")
+        count = loss_kwargs.get("num_items_in_batch")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int | torch.Tensor)):
+            raise ValueError(f"num_items_in_batch must be an int or a tensor (the tokens counted), got {count!r}")
+        return check_labels(labels, (batch, kept), self.config.vocab_size, ignore_index)
 
     def causal_lm_output(
         self,

@@ -16,7 +16,7 @@ from densessm.errors import UsageError
 from densessm.evaluation.harness import INSTALL_LM_EVAL, find_task_data
 from densessm.files import atomic_write_text, check_link, check_path
 from densessm.models import FAMILIES
-from densessm.run_state import RunLock
+from densessm.run_state import HOLDER_NAME, LOCK_NAME, RunLock
 from densessm_lab.experiments import dense_vs_plain as exp
 from densessm_lab.experiments.results import LABELS, collect, write_report
 
@@ -62,11 +62,17 @@ def _check_destinations(args: argparse.Namespace) -> None:
             f"--report {report} must name a Markdown file ending in .md (its data and plot are written beside it "
             "as .json and -curves.png)"
         )
+    grid_files = {exp.GRID_MARKER, "plan.json", LOCK_NAME, HOLDER_NAME}  # what the grid keeps at its top level
     for path in (report, report.with_suffix(".json"), report.with_name(report.stem + "-curves.png")):
         check_link(path, "--report", args.overwrite)  # a symlink loop, or one to nowhere: refused before training
         if corpus in path.resolve().parents:  # even with --overwrite, which replaces an earlier report only
             raise UsageError(
                 f"--report {report} would write {path} inside the corpus directory {args.corpus}: choose another path"
+            )
+        if path.resolve().parent == out.resolve() and path.name in grid_files:  # even with --overwrite
+            raise UsageError(
+                f"--report {report} would write {path}, a file of the grid itself in --output-dir {out}: "
+                "choose another name"
             )
 
 

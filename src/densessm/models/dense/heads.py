@@ -15,7 +15,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassi
 
 from densessm.cache import RecurrentCache
 from densessm.models.dense.stack import DenseSSMModel, DenseSSMPreTrainedModel
-from densessm.models.recurrent import LOSS_ARGUMENTS, RecurrentGenerationMixin, check_no_other_arguments, given_cache
+from densessm.models.recurrent import (
+    LOSS_ARGUMENTS,
+    RecurrentGenerationMixin,
+    broken_by,
+    check_no_other_arguments,
+    given_cache,
+)
 
 
 class DenseSSMForCausalLM(RecurrentGenerationMixin, DenseSSMPreTrainedModel, GenerationMixin):
@@ -81,7 +87,13 @@ class DenseSSMForCausalLM(RecurrentGenerationMixin, DenseSSMPreTrainedModel, Gen
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        return self.causal_lm_output(outputs, labels, logits_to_keep, return_dict, **kwargs)
+        if cache is None or torch.compiler.is_compiling():
+            return self.causal_lm_output(outputs, labels, logits_to_keep, return_dict, **kwargs)
+        try:
+            return self.causal_lm_output(outputs, labels, logits_to_keep, return_dict, **kwargs)
+        except BaseException as err:  # out of memory for the logits, Ctrl-C...: the state has taken this step
+            cache.broken = broken_by(err)
+            raise
 
 
 class DenseSSMForSequenceClassification(DenseSSMPreTrainedModel):

@@ -36,6 +36,7 @@ from densessm.models.precision import at_least_fp32
 from densessm.models.recurrent import (
     RecurrentBackbone,
     StepInputs,
+    broken_by,
     check_chunk_size,
     check_embeds,
     check_inputs,
@@ -236,13 +237,46 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
 
-        states = list(cache.layers) if step.carried else [None] * config.num_hidden_layers
-        if torch.compiler.is_exporting() and isinstance(batch * length, torch.SymInt):  # shapes the program leaves free
+        scan = torch.compiler.is_exporting() and isinstance(batch * length, torch.SymInt)  # shapes left free
+        if scan:
             if mode is not None:
                 check_mode(mode, MODES)  # any mode computes what the scan does
-            hidden, states, inputs = self._token_scan(hidden, step, states, output_hidden_states)
         else:
             mode = self.resolve_mode(mode, length, step.carried, cache is not None)
+        schedule = None if scan else mode
+        if cache is None or torch.compiler.is_compiling():
+            hidden, inputs = self._run(hidden, step, schedule, chunk_size, length, output_hidden_states)
+        else:
+            try:
+                hidden, inputs = self._run(hidden, step, schedule, chunk_size, length, output_hidden_states)
+            except BaseException as err:  # Ctrl-C, out of memory...: some layers may have taken their new state
+                if step.carried or any(layer is not None for layer in cache.layers):
+                    cache.broken = broken_by(err)
+                raise
+
+        all_hidden = (*inputs, hidden) if output_hidden_states else None
+        if not return_dict:
+            return tuple(x for x in (hidden, cache if use_cache else None, all_hidden) if x is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden, cache=cache if use_cache else None, hidden_states=all_hidden
+        )
+
+    def _run(
+        self,
+        hidden: torch.Tensor,
+        step: StepInputs,
+        mode: str | None,
+        chunk_size: int,
+        length: int,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Every layer over the input (by the schedule ``mode`` names; None: the token scan of an exported
+        program), the final norm, and the cache advanced past it: the part of a step that changes the cache."""
+        cache = step.cache
+        states = list(cache.layers) if step.carried else [None] * self.config.num_hidden_layers
+        if mode is None:
+            hidden, states, inputs = self._token_scan(hidden, step, states, output_hidden_states)
+        else:
             piece = self.stack_piece_tokens
             if mode == "chunkwise" and "chunkwise" not in self.mixer_modes:
                 hidden, states, inputs = self._chunk_by_chunk(hidden, step, chunk_size, states, output_hidden_states)
@@ -256,13 +290,7 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
         if cache is not None:
             self._advance(cache, step, states)
         step.finish(length)
-
-        all_hidden = (*inputs, hidden) if output_hidden_states else None
-        if not return_dict:
-            return tuple(x for x in (hidden, cache if use_cache else None, all_hidden) if x is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden, cache=cache if use_cache else None, hidden_states=all_hidden
-        )
+        return hidden, inputs
 
     def _layers(
         self,
