@@ -540,6 +540,21 @@ def test_generate_with_a_tokenizer_larger_than_the_vocabulary(tmp_path, word_tok
     assert code == 1 and "beyond the model's vocab_size 50" in err and "--tokenizer" in err
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_generated_ids_the_tokenizer_lacks_are_named(tmp_path, word_tokenizer, capsys, stream):
+    """A tokenizer smaller than the model's vocabulary (another model's) decoded the ids it lacks to nothing:
+    an empty answer, exit 0."""
+    torch.manual_seed(0)
+    model = DenseRetNetForCausalLM(tiny_config(vocab_size=4096))
+    with torch.no_grad():
+        model.lm_head.weight[:97] -= 100  # every id the tokenizer has is unlikely: greedy picks one it lacks
+    model.save_pretrained(tmp_path / "big")
+    word_tokenizer.save_pretrained(tmp_path / "big")
+    argv = ["generate", str(tmp_path / "big"), "--prompt", "w1 w2", "--max-new-tokens", "3"]
+    code, err = run(argv if stream else [*argv, "--no-stream"], capsys)
+    assert code == 1 and "which the tokenizer in" in err and "(97 tokens; the model's vocab_size 4096)" in err, err
+
+
 @pytest.mark.parametrize("command", ["generate", "serve"])
 def test_a_config_at_odds_with_its_weights_is_blamed_on_the_config(tmp_path, word_tokenizer, capsys, command):
     """A config.json whose vocab_size disagrees with the embedding is named as such, not as a tokenizer problem."""
@@ -1252,3 +1267,20 @@ def test_a_model_directory_holding_two_sets_of_weights_is_refused(model_dir, cap
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "model.safetensors.index.json").is_file()
     code, err = run(["generate", str(model_dir), "--prompt", "w1", "--max-new-tokens", "1"], capsys)
     assert code == 1 and "holds two sets of weights (model.safetensors and model.safetensors.index.json" in err, err
+
+
+@pytest.mark.parametrize(("place", "message"), [("sub", "in a folder: shards lie beside"), ("..", "outside")])
+def test_a_shard_index_naming_a_path_is_refused_naming_why(tmp_path, word_tokenizer, capsys, place, message):
+    directory = tmp_path / "model"
+    DenseRetNetForCausalLM(tiny_config()).save_pretrained(directory, max_shard_size="20KB")
+    word_tokenizer.save_pretrained(directory)
+    index_file = directory / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    target = (directory / place / shard).resolve()
+    target.parent.mkdir(exist_ok=True)
+    (directory / shard).rename(target)
+    index["weight_map"] = {k: f"{place}/{v}" if v == shard else v for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    code, err = run(["generate", str(directory), "--prompt", "w1", "--max-new-tokens", "1"], capsys)
+    assert code == 1 and f"names the shard '{place}/{shard}' {message}" in err, err

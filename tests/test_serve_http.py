@@ -516,6 +516,7 @@ def test_requests_still_running_at_the_shutdown_timeout_end_with_an_answer(retne
         (["--max-prompt-tokens", "4096"], 2, "leaves no room to answer"),
         (["--device", "cuda:7"], 2, "--device cuda:7"),
         (["--host", "no.such.host.invalid"], 2, "--host no.such.host.invalid"),
+        (["--host", "192.0.2.1"], 2, "--host 192.0.2.1: not an address of this machine"),  # TEST-NET-1
     ],
 )
 def test_command_line_mistakes(retnet, capsys, extra, code, message):

@@ -297,6 +297,14 @@ REFUSED = [
         "invalid 'logit_bias': keys must be token ids (integers as strings), got \"\\u0663\"",
     ),
     (
+        "bias-negative",
+        "/v1/completions",
+        completion(logit_bias={"-1": 1}),  # an integer as a string, but no token id
+        400,
+        "logit_bias",
+        "invalid 'logit_bias': keys must be token ids, which are >= 0, got \"-1\"",
+    ),
+    (
         "bias-superscript",
         "/v1/completions",
         completion(logit_bias={"\u00b2": 1}),  # str.isdigit, but not for int()
@@ -580,15 +588,15 @@ def test_a_model_directory_with_integer_weights_is_refused(model_dir, tmp_path, 
     )
 
 
-UNSENDABLE_KEYS = [("abc\n", "'\\n'"), ("abc ", "' '"), ("ключ", "'к', 'л', 'ч', 'ю'")]
+UNSENDABLE_KEYS = [("abc\n", "'\\n'"), ("abc ", "whitespace at an end"), ("ключ", "'к', 'л', 'ч', 'ю'")]
 """API keys no client can send (a header carries printable ASCII without spaces), and how the refusal shows them."""
 
 
 def _unsendable_key(shown: str) -> str:
     return (
         f"the API key (--api-key or $DENSESSM_API_KEY) holds {shown}: a client's 'Authorization: Bearer KEY' header "
-        "carries printable ASCII without spaces, so no request could match it; use such a key (a trailing newline "
-        "or space from a file is the usual cause)"
+        "carries printable ASCII without outer whitespace, so no request could match it; use such a key (a trailing "
+        "newline or space from a file is the usual cause)"
     )
 
 
@@ -680,3 +688,16 @@ def test_a_chat_template_that_renders_nothing_is_refused_at_start(word_tokenizer
         ChatPrompt(word_tokenizer)
     word_tokenizer.chat_template = STRICT_TEMPLATE  # one of the plain conversations renders: it starts
     assert ChatPrompt(word_tokenizer).own_template
+
+
+def test_an_api_key_with_an_inner_space_is_accepted(model_dir, monkeypatch, capsys):
+    """A header keeps inner spaces: such a key can be sent, so it is not refused with the unsendable ones."""
+    loads = []
+
+    def load(*args, **kwargs):
+        loads.append(args)
+        raise ValueError("stopped after the checks")
+
+    monkeypatch.setattr(densessm.serving.cli, "load_causal_lm", load)
+    assert main(["serve", str(model_dir), "--port", "0", "--api-key", "a b"]) == 1
+    assert loads and "API key" not in capsys.readouterr().err

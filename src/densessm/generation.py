@@ -212,8 +212,15 @@ def run_generate(args: argparse.Namespace) -> None:
             logits_processor=LogitsProcessorList([FiniteLogitsGuard(model)]),
             compile_config=CompileConfig(fullgraph=True, dynamic=False) if args.compile else None,
         )
+    generated = output[:, batch["input_ids"].shape[1] :]
+    if generated.numel() and int(generated.max()) >= len(tokenizer):  # decode would drop it without a word
+        raise ValueError(
+            f"the model generated token id {int(generated.max())}, which the tokenizer in "
+            f"{args.tokenizer or args.model_dir} does not have ({len(tokenizer)} tokens; the model's vocab_size "
+            f"{config.vocab_size}): pass the tokenizer the model was trained with (--tokenizer DIR)"
+        )
     if stream:
         return
-    texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     for prompt, text in zip(prompts, texts, strict=True):
         sys.stdout.write(f"{prompt}{text}\n" if len(prompts) == 1 else f"--- {prompt}\n{text}\n")

@@ -205,8 +205,13 @@ def _shard_files(path: Path, index_name: str) -> list[Path]:
     files = []
     for shard in shards:
         name = PurePosixPath(str(shard))
-        if name.is_absolute() or ".." in name.parts or len(name.parts) != 1:
+        if name.is_absolute() or ".." in name.parts:
             raise ModelLoadError(f"{index_file} names the shard {shard!r} outside {path}: refused")
+        if len(name.parts) != 1:
+            raise ModelLoadError(
+                f"{index_file} names the shard {shard!r} in a folder: shards lie beside their index, as "
+                "save_pretrained writes them"
+            )
         if not (path / name).is_file():
             raise ModelLoadError(f"shard {shard} listed in {index_file} is missing")
         files.append(path / name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import ipaddress
 import logging
 import os
@@ -135,6 +136,8 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as err:
         sock.close()
+        if err.errno == errno.EADDRNOTAVAIL:  # a valid address, but of another machine
+            raise UsageError(f"--host {host}: not an address of this machine ({err.strerror})") from None
         raise OSError(
             f"cannot listen on {host}:{port}: {err.strerror} (is another server running? try --port)"
         ) from None
@@ -173,13 +176,14 @@ def _check(args: argparse.Namespace, max_position_embeddings: int) -> None:
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError(f"the API key (--api-key or ${API_KEY_ENV}) is empty")
     if args.api_key is not None:
-        unsendable = sorted({c for c in args.api_key if not "!" <= c <= "~"})  # printable ASCII, no space
-        if unsendable:
-            shown = ", ".join(repr(c) for c in unsendable[:4])
+        # a header value is printable ASCII, its outer whitespace dropped: any other key no request could match
+        unsendable = sorted({c for c in args.api_key if not " " <= c <= "~"})
+        if unsendable or args.api_key != args.api_key.strip():
+            what = ", ".join(repr(c) for c in unsendable[:4]) if unsendable else "whitespace at an end"
             raise UsageError(
-                f"the API key (--api-key or ${API_KEY_ENV}) holds {shown}: a client's 'Authorization: Bearer KEY' "
-                "header carries printable ASCII without spaces, so no request could match it; use such a key "
-                "(a trailing newline or space from a file is the usual cause)"
+                f"the API key (--api-key or ${API_KEY_ENV}) holds {what}: a client's 'Authorization: Bearer KEY' "
+                "header carries printable ASCII without outer whitespace, so no request could match it; use such "
+                "a key (a trailing newline or space from a file is the usual cause)"
             )
 
 

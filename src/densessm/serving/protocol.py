@@ -162,6 +162,8 @@ class _Sampling(_Strict):
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
+            if key.startswith("-") and key[1:].isascii() and key[1:].isdigit():
+                raise ValueError(f"keys must be token ids, which are >= 0, got {_shown(key)}")
             if not (key.isascii() and key.isdigit()):  # str.isdigit alone takes "٣" and "²"
                 raise ValueError(f"keys must be token ids (integers as strings), got {_shown(key)}")
             if len(key) > MAX_TOKEN_ID_DIGITS:
