@@ -583,14 +583,21 @@ def test_a_symlink_where_the_cache_lock_belongs_is_named(tmp_path, tokenizer):
     assert (tmp_path / "mine.txt").read_text() == "mine"
 
 
-def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path, tokenizer, caplog):
+@pytest.mark.parametrize("damage", ["truncated", "zeroed in place"])
+def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path, tokenizer, caplog, damage):
+    """A cache damaged at its saved size (bytes zeroed in place) was reused: a run trained on zero ids."""
     corpus, cache = tmp_path / "a.txt", tmp_path / "cache"
     corpus.write_text(TEXT * 20)
     groups = find_data_files([corpus])
     first = list(build_blocks(groups, tokenizer, 8, cache, num_proc=1)["input_ids"])
     target = _target(cache, groups, tokenizer, 8)
     (arrow,) = target.glob("*.arrow")
-    arrow.write_bytes(arrow.read_bytes()[:100])  # in place: the blocks loaded above are now damaged too
+    data = arrow.read_bytes()  # in place: the blocks loaded above are now damaged too
+    if damage == "truncated":
+        arrow.write_bytes(data[:100])
+    else:
+        middle = len(data) // 2
+        arrow.write_bytes(data[:middle] + bytes(64) + data[middle + 64 :])
     with caplog.at_level(logging.INFO, logger="densessm.data"):
         again = build_blocks(groups, tokenizer, 8, cache, num_proc=1)["input_ids"]
     assert caplog.text.count(f"the token blocks cached at {target} are damaged") == 1

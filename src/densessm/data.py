@@ -74,7 +74,7 @@ COMPRESSION_NAMES = {".gz": "gzip", ".xz": "xz", ".bz2": "bzip2"}
 SPLIT_SEED = 0
 STREAMING_UTF8_CHECK = 1 << 20  # bytes of each file checked up front in streaming mode
 TEXT_LINE_LIMIT = 1 << 20  # characters: a longer line of a .txt file is read in pieces of this size
-CACHE_VERSION = 2  # bump when the block layout changes, so old caches are not reused (2: EOS after each .txt file)
+CACHE_VERSION = 3  # bump when the cache layout changes, so old caches are not reused (3: with checksums)
 COMPLETE_MARKER = "densessm_sources.json"  # written into a cache folder last, before it is renamed into place
 RAW_FEATURES = datasets.Features({"text": datasets.Value("string"), "end": datasets.Value("bool")})
 BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
@@ -611,6 +611,20 @@ def _cache_root(data_cache_dir: str | os.PathLike) -> Path:
     return root
 
 
+def _checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of each file of a saved block cache (its marker aside): checked at each load, since the blocks
+    are what a run trains on (hashing reads them once, at about a gigabyte per second)."""
+    sums = {}
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and file.name != COMPLETE_MARKER:
+            digest = hashlib.sha256()
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            sums[file.name] = digest.hexdigest()
+    return sums
+
+
 def _load_cached(target: Path) -> datasets.Dataset | None:
     """The blocks cached at ``target`` if it holds a complete cache of this version, else None."""
     marker = target / COMPLETE_MARKER
@@ -620,6 +634,8 @@ def _load_cached(target: Path) -> datasets.Dataset | None:
         info = json.loads(marker.read_text())
         if info.get("version") != CACHE_VERSION:
             return None
+        if _checksums(target) != info["sha256"]:  # bytes changed in place, at the same size
+            raise ValueError("its files do not match the checksums recorded when it was built")
         blocks = datasets.load_from_disk(str(target))
         if len(blocks) != info["blocks"]:
             raise ValueError(f"{len(blocks)} blocks instead of {info['blocks']}")
@@ -795,6 +811,7 @@ def _build(
         }
         with atomic_output_dir(target, overwrite=True, what="token-block cache") as staging:
             blocks.save_to_disk(str(staging))
+            info["sha256"] = _checksums(staging)
             (staging / COMPLETE_MARKER).write_text(json.dumps(info, indent=1))  # last: marks the folder complete
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
