@@ -376,3 +376,21 @@ def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token():
     logits = torch.tensor([0.5, 3.0, -1.0, 2.0])
     sampler = Sampler(SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-300), seed=1, device=torch.device("cpu"))
     assert [sampler(logits)[0] for _ in range(5)] == [1] * 5
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_token_the_tokenizer_cannot_write_fails_the_request_naming_why(engines, n):
+    """With a tokenizer smaller than the model's vocabulary (another model's), ids beyond it were written as
+    nothing: an empty answer with a 200."""
+    torch.manual_seed(0)
+    model = DenseRetNetForCausalLM(tiny_config(vocab_size=4096)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[:97] -= 100  # every id the 97-token tokenizer has is unlikely
+    engine = engines(model, max_batch=4)
+    engine.start()
+    result = wait(submit(engine, [5, 17, 33], n=n, max_tokens=4)[1])
+    assert isinstance(result["end"], Failed) and result["end"].status == 500
+    assert "which the server's tokenizer cannot write (97 tokens, the model's vocabulary 4096)" in result["end"].message
+    assert engine.stats()["running"] == 0  # its rows left the batch
+    fine = wait(submit(engine, [5, 17, 33], max_tokens=2, logit_bias={5: 1000.0})[1])  # the engine goes on
+    assert isinstance(fine["end"], Done) and fine["tokens"][0] == [5, 5]

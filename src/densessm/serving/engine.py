@@ -304,6 +304,7 @@ class Engine:
         self.metrics = metrics
         self.device = model.device
         self.stop_ids = self._stop_ids(model, tokenizer)
+        self.decodable = len(tokenizer)  # ids the tokenizer can write (a padded vocabulary may hold more)
         self._continuation = continuation_mode(model)
         self._decoder = (
             CompiledDecoder(model, CompileConfig(fullgraph=True, dynamic=False)) if config.compile else model
@@ -626,6 +627,17 @@ class Engine:
     def _advance(self, choice: _Choice, token: int, logprob: TokenLogprob | None) -> None:
         """Record a chosen token: text, events, and whether the completion ends here."""
         request, params = choice.request, choice.request.api.params
+        if request.done:
+            return
+        if token >= self.decodable:  # it would be written as nothing: a tokenizer not the model's own
+            choice.finished = True
+            vocab = self.model.config.vocab_size
+            self._fail(
+                request,
+                f"the model chose token id {token}, which the server's tokenizer cannot write ({self.decodable} "
+                f"tokens, the model's vocabulary {vocab}): start the server with the model's own tokenizer",
+            )
+            return
         now = time.monotonic()
         if self.metrics:
             self.metrics.generation_tokens.inc()
