@@ -1284,3 +1284,16 @@ def test_a_shard_index_naming_a_path_is_refused_naming_why(tmp_path, word_tokeni
     index_file.write_text(json.dumps(index))
     code, err = run(["generate", str(directory), "--prompt", "w1", "--max-new-tokens", "1"], capsys)
     assert code == 1 and f"names the shard '{place}/{shard}' {message}" in err, err
+
+
+def test_the_version_is_printed(capsys):
+    """`densessm --version` was refused as a missing command."""
+    with pytest.raises(SystemExit) as done:
+        densessm.cli.build_parser().parse_args(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"densessm {densessm.__version__}"
+
+
+def test_convert_names_a_source_that_is_a_symlink_to_nowhere(tmp_path, capsys):
+    (tmp_path / "ref").symlink_to(tmp_path / "gone")
+    code, err = run(["convert", str(tmp_path / "ref"), str(tmp_path / "out")], capsys)
+    assert code == 1 and "is a symlink that leads nowhere" in err, err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gzip
 import json
 from pathlib import Path
 
@@ -57,9 +58,11 @@ class App:
         self.app = create_app(self.engine, tokenizer, settings, metrics)
         self.engine.start()
 
-    def post(self, path: str, body: bytes | dict, content_type: str | None = "application/json") -> tuple[int, dict]:
+    def post(
+        self, path: str, body: bytes | dict, content_type: str | None = "application/json", extra: tuple = ()
+    ) -> tuple[int, dict]:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        headers = [(b"content-length", str(len(raw)).encode())]
+        headers = [(b"content-length", str(len(raw)).encode()), *extra]
         if content_type is not None:
             headers.append((b"content-type", content_type.encode("latin-1")))
         scope = {
@@ -386,6 +389,16 @@ def test_a_json_body_under_another_content_type_is_named_as_such(app, endpoint, 
         "param": None,
         "code": "unsupported_media_type",
     }
+
+
+def test_a_compressed_body_is_named_by_its_content_encoding(app):
+    """The header was ignored: the gzip bytes were read as JSON and blamed as invalid UTF-8 at offset 1."""
+    body = gzip.compress(json.dumps(completion()).encode())
+    code, answer = app.post("/v1/completions", body, extra=((b"content-encoding", b"gzip"),))
+    assert code == 415 and answer["error"]["message"].startswith(
+        "the request body is sent with 'Content-Encoding: gzip', which this server does not decode"
+    )
+    assert app.post("/v1/completions", completion(), extra=((b"content-encoding", b"identity"),))[0] == 200
 
 
 @pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.api+json"])

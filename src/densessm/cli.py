@@ -13,6 +13,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 
+from densessm import __version__
 from densessm.argtypes import path_name, positive_int, seed
 from densessm.convert import convert_reference_checkpoint
 from densessm.errors import EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
@@ -82,6 +83,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densessm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"densessm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser("convert", help="import a public-reference DenseRetNet checkpoint")

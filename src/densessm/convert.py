@@ -17,6 +17,7 @@ inside the source.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -280,6 +281,8 @@ def map_reference_state(
 def _reference_dir(src: str | Path) -> Path:
     """``src`` as a Path, refused unless it is a directory (a file given as SRC is named as a file)."""
     src = Path(src)
+    if not src.exists() and src.is_symlink():  # a loop, or a link to a missing target
+        raise CheckpointError(f"reference directory {src} is a symlink that leads nowhere (to {os.readlink(src)})")
     if not src.exists():
         raise CheckpointError(f"reference directory {src} does not exist")
     if not src.is_dir():

@@ -178,6 +178,9 @@ class _Server:
         """FastAPI parses a body only under a JSON content type (as its own rule, mirrored here: a form post or
         text/plain from a browser page must not reach the model); any other body would fail as "not a JSON
         object", blaming the body for the header."""
+        encoded = _encoded(request)
+        if encoded is not None:
+            raise encoded
         given = request.headers.get("content-type")
         header = email.message.Message()
         header["content-type"] = given or ""
@@ -411,6 +414,20 @@ async def _event_stream(
         server.engine.cancel(request.id)
 
 
+def _encoded(request: Request) -> APIError | None:
+    """A 415 for a body sent compressed (``Content-Encoding``), which this server does not decode: read as JSON
+    as it is, it would be blamed for its bytes."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    return APIError(
+        415,
+        f"the request body is sent with 'Content-Encoding: {encoding[:40]}', which this server does not decode: "
+        "send it uncompressed",
+        code="unsupported_media_type",
+    )
+
+
 def _unparsable_body(cause: BaseException) -> str:
     """Why the JSON decoder gave up on a body, in the client's terms (FastAPI says only that parsing failed)."""
     if isinstance(cause, UnicodeDecodeError):
@@ -461,7 +478,7 @@ def create_app(
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
         if err.__cause__ is not None and err.status_code == 400:  # FastAPI's "There was an error parsing the body"
-            return _error_response(APIError(400, _unparsable_body(err.__cause__)))
+            return _error_response(_encoded(request) or APIError(400, _unparsable_body(err.__cause__)))
         message = f"no route {request.method} {request.url.path}" if err.status_code == 404 else str(err.detail)
         return _error_response(APIError(err.status_code, message, code="not_found" if err.status_code == 404 else None))
 
