@@ -1056,3 +1056,10 @@ def test_an_error_in_the_middle_of_a_step_leaves_a_cache_that_refuses_to_continu
         cache.save("/nonexistent/never-written.safetensors")
     with torch.no_grad(), pytest.raises(ValueError, match=message):  # a clone is as broken as its source
         model(PROMPT[:, -2:], cache=cache.clone(), use_cache=True)
+
+
+def test_get_seq_length_names_a_layer_the_cache_lacks():
+    cache = _cache(_model("retnet"))
+    assert cache.get_seq_length() == PROMPT.shape[1] == cache.get_seq_length(len(cache.layers) - 1)
+    with pytest.raises(ValueError, match="layer_idx 99 names no layer of this"):
+        cache.get_seq_length(99)

@@ -676,3 +676,11 @@ def test_generate_names_a_batch_row_without_any_real_token(family):
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])
     with pytest.raises(ValueError, match=r"^row 1 of the attention_mask holds no real token: give each row a prompt"):
         model.generate(TOKENS[:, :4], attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def test_save_pretrained_into_a_file_is_an_error(tmp_path):
+    """transformers logged it and returned: nothing was saved, and no exception told the caller."""
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(NotADirectoryError, match="it is a file, not a directory"):
+        _model("retnet").save_pretrained(tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "keep"

@@ -171,7 +171,10 @@ class RecurrentCache(Cache):
         return -1 if self.positions is None else self.positions.shape[0]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens the state consumed per row, padding included (``generate()`` feeds what comes after them)."""
+        """Tokens the state consumed per row, padding included (``generate()`` feeds what comes after them); the
+        same for every layer, which ``layer_idx`` must name."""
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"layer_idx {layer_idx!r} names no layer of this {len(self.layers)}-layer cache")
         return self.steps
 
     def get_query_offset(self, layer_idx: int = 0) -> int:

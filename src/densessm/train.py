@@ -207,6 +207,11 @@ class DenseTrainingArguments(TrainingArguments):
         _require(
             _finite(self.adam_epsilon) and self.adam_epsilon > 0, "adam_epsilon", "a positive number", self.adam_epsilon
         )
+        smoothing = self.label_smoothing_factor  # above 1 it pushes the weight away from the true token
+        _require(_finite(smoothing) and 0 <= smoothing < 1, "label_smoothing_factor", "in [0, 1)", smoothing)
+        if self.neftune_noise_alpha is not None:  # torch's uniform_ fails on a negative one, after the model is built
+            alpha = self.neftune_noise_alpha
+            _require(_finite(alpha) and alpha > 0, "neftune_noise_alpha", "a positive number (unset: off)", alpha)
         for flag in ("save_steps", "logging_steps", "eval_steps"):
             value = getattr(self, flag)
             if value is not None:

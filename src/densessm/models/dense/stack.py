@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -101,7 +102,10 @@ class DenseSSMPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, after asking every module for its state first: a module that
         cannot be saved (an inference transform's, see :mod:`densessm.inference`) refuses before anything is
-        written, not halfway through."""
+        written, not halfway through. A ``save_directory`` that is a file is refused (transformers logs it and
+        returns, saving nothing: a caller would believe the model saved)."""
+        if os.path.isfile(save_directory):
+            raise NotADirectoryError(f"cannot save the model into {save_directory}: it is a file, not a directory")
         self.state_dict()
         return super().save_pretrained(save_directory, *args, **kwargs)
 
