@@ -90,7 +90,7 @@ class CompiledDecoder:
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         if not self.is_decode_step(input_ids, cache, kwargs):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
-        self._check(cache, input_ids.shape[0])
+        first = self._check(cache, input_ids.shape[0])
         cuda = self.model.device.type == "cuda"
         if cuda:
             _mark_static(cache)
@@ -98,24 +98,26 @@ class CompiledDecoder:
         # fixed shapes and strides, or every token would recompile: generate() passes views of growing tensors,
         # and a [1, 1] view keeps its parent's row stride through .contiguous()
         mask = None if attention_mask is None else _fresh(attention_mask[:, -1:])
-        kept = _addresses(cache)
+        kept = _addresses(cache) if first else None  # every step runs the same graph: the first one tells
         logits = self._step(_fresh(input_ids), mask, list(cache.layers), cache.positions)
         if cuda:
             logits = logits.clone()
-        if _addresses(cache) != kept:  # a captured graph would go on writing where the state no longer is
+        if first and _addresses(cache) != kept:  # a captured graph would go on writing where the state is not
             raise RuntimeError("the compiled decode step replaced a state tensor instead of updating it in place")
         cache.steps += 1
         return CausalLMOutputWithPast(logits=logits, cache=cache)
 
-    def _check(self, cache: RecurrentCache, batch: int) -> None:
+    def _check(self, cache: RecurrentCache, batch: int) -> bool:
         """Check a cache the first time a compiled step meets it (the step itself cannot: it reads no Python
-        state); generate()'s later steps reuse the same cache, so they pay nothing."""
+        state); generate()'s later steps reuse the same cache, so they pay nothing. Returns whether this was
+        the first time."""
         if self._checked is not None and self._checked() is cache:
-            return
+            return False
         backbone = self.model.base_model
         weight = backbone.get_input_embeddings().weight
         backbone.check_cache(cache, batch, weight.dtype, weight.device)
         self._checked = weakref.ref(cache)
+        return True
 
 
 def _fresh(tensor: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ from filelock import FileLock, Timeout
 from transformers import PreTrainedTokenizerBase
 
 from densessm.errors import UsageError
-from densessm.files import OutsideDirectoryError, atomic_output_dir
+from densessm.files import OutsideDirectoryError, atomic_output_dir, loads_json
 
 logger = logging.getLogger(__name__)
 
@@ -366,14 +366,6 @@ def _record_text(path: Path, record, where: str) -> str:
     return text
 
 
-def _json(text: str) -> object:
-    """``json.loads``, with nesting deeper than Python's parser follows reported as the JSON error it is."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise json.JSONDecodeError("nesting deeper than Python's JSON parser can follow", text, 0) from None
-
-
 def _json_problem(err: json.JSONDecodeError) -> str:
     return f"{err.msg.removesuffix(' at')} at"
 
@@ -389,7 +381,7 @@ def _json_rows(path: Path) -> Iterator[dict]:
             if first and line.lstrip().startswith("["):
                 whole = line + f.read()
                 try:
-                    records = _json(whole)
+                    records = loads_json(whole)
                 except json.JSONDecodeError as err:
                     where = f"line {number + err.lineno - 1} column {err.colno}"
                     raise CorpusError(f"{path} is not valid JSON ({_json_problem(err)} {where})" + hint) from None
@@ -398,12 +390,12 @@ def _json_rows(path: Path) -> Iterator[dict]:
                     yield {"text": text, "end": bool(text)}
                 return
             try:
-                record = _json(line.rstrip("\r\n"))
+                record = loads_json(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 if first and line.lstrip().startswith("{"):  # one object written over several lines
                     rest = f.read()
                     try:
-                        record = _json(line + rest)
+                        record = loads_json(line + rest)
                     except json.JSONDecodeError:
                         pass
                     else:

@@ -55,6 +55,15 @@ def _broken_link(path: Path) -> str | None:
     return None
 
 
+def loads_json(text: str) -> object:
+    """``json.loads``, with nesting deeper than Python's parser follows (its ``RecursionError``) reported as the
+    JSON error it is: a crafted line would otherwise end a command with an internal error."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nesting deeper than Python's JSON parser can follow", text, 0) from None
+
+
 def read_json(path: str | os.PathLike) -> object:
     """The JSON value in the UTF-8 file ``path``. Whatever makes it unreadable as such is a ``ValueError``:
     invalid UTF-8 or JSON, and also nesting deeper than Python's parser follows (a ``RecursionError`` from

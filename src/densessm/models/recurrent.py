@@ -518,6 +518,7 @@ def _check_state(
         )
     autocast = torch.is_autocast_enabled(device.type)
     expected = {name: ((batch, *shape), want) for name, (shape, want) in layout.items()}
+    inference = positions.is_inference()  # any tensor made under torch.inference_mode()
     for index, layer in enumerate(cache.layers):
         if not isinstance(layer, dict) or layer.keys() != expected.keys():
             held = "nothing" if not isinstance(layer, dict) else ", ".join(sorted(layer)) or "nothing"
@@ -540,9 +541,9 @@ def _check_state(
                     f"cache tensor layers.{index}.{name} is on {tensor.device} but the model computes on {device}: "
                     f"cache.to({str(device)!r})"
                 )
-    if not torch.is_inference_mode_enabled() and (
-        positions.is_inference() or any(t.is_inference() for layer in cache.layers for t in layer.values())
-    ):  # found only at the first update, after some layers had taken theirs: the cache would be ruined
+            inference = inference or tensor.is_inference()
+    if inference and not torch.is_inference_mode_enabled():
+        # found only at the first update, after some layers had taken theirs: the cache would be ruined
         raise ValueError(
             "this cache was filled under torch.inference_mode(), and its tensors can be updated only there: "
             "continue it under torch.inference_mode() too"

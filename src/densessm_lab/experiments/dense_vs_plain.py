@@ -36,7 +36,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
 
 from densessm.data import build_blocks, find_data_files
-from densessm.files import atomic_write_text, confined_file, read_json
+from densessm.files import atomic_write_text, confined_file, loads_json, read_json
 from densessm.models import FAMILIES, Family
 from densessm.presets import load_grid_shape, load_preset
 from densessm.run_state import HOLDER_NAME, LOCK_NAME, last_complete_checkpoint
@@ -194,10 +194,9 @@ def read_split(corpus: Path, split: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             try:
-                documents.append(json.loads(line))
-            except (json.JSONDecodeError, RecursionError) as err:
-                why = "nests deeper than Python's JSON parser can follow" if isinstance(err, RecursionError) else err
-                raise ValueError(f"{path} line {number} is not a JSON document ({why})") from None
+                documents.append(loads_json(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number} is not a JSON document ({err})") from None
     return documents
 
 
