@@ -264,8 +264,11 @@ def test_a_client_that_leaves_before_its_whole_answer_is_cancelled_while_tokens_
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
     connection.request("POST", "/v1/completions", json.dumps(body), headers)
-    time.sleep(0.5)
-    connection.close()  # gone before the answer
+    deadline = time.monotonic() + 20
+    while json.loads(server.get("/health")[1])["running"] == 0:  # its rows generate: tokens are coming
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    connection.close()  # gone before the answer (4,000 tokens take longer than noticing it: a quarter second)
     await_cancelled(server, cancelled, "the departed client was not cancelled while its rows generated")
 
 
