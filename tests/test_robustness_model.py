@@ -112,7 +112,38 @@ def test_position_ids_of_the_wrong_shape_or_type(position_ids, message):
 def test_position_ids_broadcast_over_the_batch():
     model = _model("retnet")
     with torch.no_grad():
-        torch.testing.assert_close(model(TOKENS, position_ids=torch.arange(7)[None] + 5).logits, model(TOKENS).logits)
+        shifted = model(TOKENS, position_ids=torch.arange(7)[None] + 5, use_cache=False).logits
+        torch.testing.assert_close(shifted, model(TOKENS).logits)
+
+
+@pytest.mark.parametrize(
+    ("position_ids", "use_cache", "message"),
+    [
+        (-torch.arange(7)[None], False, "position_ids of row 0 holds a negative position: got \\[0, -1, -2"),
+        (torch.tensor([[0, 1, 2, 0, 1, 2, 3]]), False, "row 0 must count up by one per real token .*restart"),
+        (torch.zeros(2, 7, dtype=torch.long), False, "row 0 must count up by one"),
+        (torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 5, 6, 7]]), False, "position_ids of row 1 must count up"),
+        (torch.arange(7)[None] + 5, True, "row 0 must continue the cache's count of real tokens .*use_cache=False"),
+    ],
+)
+def test_position_ids_that_disagree_with_the_tokens_counted(position_ids, use_cache, message):
+    """Retention decays one step per real token and a cache counts real tokens: positions that skip, repeat,
+    restart (packed documents) or, with a cache, start elsewhere would be silently inconsistent."""
+    with pytest.raises(ValueError, match=message):
+        _model("retnet")(TOKENS, position_ids=position_ids, use_cache=use_cache)
+
+
+def test_position_ids_of_left_padded_rows_and_a_continued_cache():
+    """Padding may hold any position (transformers' own convention puts 1 there); a continuation counts on."""
+    model = _model("retnet")
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    padded = torch.tensor([[1, 1, 0, 1, 2, 3, 4], list(range(7))])
+    with torch.no_grad():
+        out = model(TOKENS, attention_mask=mask, position_ids=padded)
+        torch.testing.assert_close(out.logits, model(TOKENS, attention_mask=mask).logits)
+        model(TOKENS[:, :1], past_key_values=out.past_key_values, position_ids=torch.tensor([[5], [7]]))
+        with pytest.raises(ValueError, match="row 0 must continue the cache's count"):
+            model(TOKENS[:, :1], past_key_values=out.past_key_values, position_ids=torch.tensor([[0], [8]]))
 
 
 @pytest.fixture(scope="module", params=[family.name for family in REGISTERED])

@@ -156,6 +156,13 @@ BAD_FLAGS = [
     ("seed", str(2**32), f"--seed must be in [0, 2**32), got {2**32}"),
     ("sample_max_new_tokens", "-1", "--sample_max_new_tokens must be 0 or more, got -1"),
     ("model_max_length", "0", "--model_max_length must be a positive number of tokens, got 0"),
+    ("model_max_length", "8", "--block_size 16 is longer than --model_max_length 8, the maximum the saved tokenizer"),
+    ("block_size", "4096", "--block_size 4096 is larger than the model supports (max_position_embeddings = 512)"),
+    ("optim_args", "beta1=0.5", "--optim_args beta1: --optim adamw_torch_fused does not read it (AdamW takes --adam"),
+    ("optim_args", "garbage", "--optim_args must be comma-separated key=value pairs (e.g. momentum=0.9,nesterov=tr"),
+    ("lr_scheduler_kwargs", '{"foo": 1}', "--lr_scheduler_kwargs foo: not an argument of the linear schedule (it"),
+    ("lr_scheduler_kwargs", "[1]", "--lr_scheduler_kwargs must be a JSON object of the schedule's arguments, got li"),
+    ("lr_scheduler_kwargs", "{bad", "--lr_scheduler_kwargs is not valid JSON (Expecting property name enclosed in"),
     ("warmup_ratio", "1.5", "--warmup_ratio must be in [0, 1), got 1.5"),
     ("warmup_steps", "-1", "warmup_steps >= 0"),
     ("block_size", "1", "block_size must be at least 2"),
@@ -172,6 +179,65 @@ def test_a_bad_flag_value_is_a_usage_error_before_anything_is_written(tmp_path, 
     assert code == 2
     assert err.startswith("densessm train: error: ") and message in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+BAD_OPTIMIZER_FLAGS = [
+    ({"optim": "sgd", "optim_args": "momentum=0.9,foo=1"}, "--optim_args foo: --optim sgd does not read it"),
+    ({"optim": "sgd", "optim_args": "momentum=abc"}, "--optim_args momentum=abc: --optim sgd cannot use it (could not"),
+    ({"optim": "sgd", "optim_args": "momentum=1,momentum=2"}, "--optim_args gives momentum twice"),
+    (
+        {"lr_scheduler_type": "constant", "lr_scheduler_kwargs": '{"num_cycles": 2}'},
+        "--lr_scheduler_kwargs: the constant schedule takes no arguments, got ['num_cycles']",
+    ),
+    (
+        {"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": '{"num_cycles": "x"}'},
+        """--lr_scheduler_kwargs {"num_cycles": "x"}: the cosine schedule fails (could not convert string to float""",
+    ),
+    (
+        {"lr_scheduler_type": "polynomial", "lr_scheduler_kwargs": '{"power": -3}'},
+        """--lr_scheduler_kwargs {"power": -3}: the polynomial schedule fails (0.0 cannot be raised to a negative""",
+    ),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_OPTIMIZER_FLAGS)
+def test_optimizer_and_schedule_arguments_that_would_be_ignored_or_fail_are_refused_before_any_work(
+    tmp_path, capsys, flags, message
+):
+    """The Trainer reads them only when it builds the optimizer and schedule, after the model, and ignores what
+    the chosen optimizer or schedule does not read."""
+    code, err = cli(train_argv(tmp_path, **flags), capsys)
+    assert code == 2
+    assert err.startswith("densessm train: error: ") and message in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_optimizer_and_schedule_arguments_reach_what_the_trainer_builds(tmp_path):
+    seen = {}
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            seen["group"] = dict(optimizer.param_groups[0])
+            seen["lambda"] = lr_scheduler.lr_lambdas[0]
+
+    flags = dict(optim="sgd", optim_args="momentum=0.5,nesterov=true", max_steps=2, sample_max_new_tokens=0)
+    flags.update(lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs='{"num_cycles": 2}')
+    main(train_argv(tmp_path, **flags), callbacks=[Record()])
+    assert (seen["group"]["momentum"], seen["group"]["nesterov"]) == (0.5, True)
+    assert seen["lambda"].keywords["num_cycles"] == 2
+
+
+def test_a_run_that_fails_while_the_trainer_sets_up_leaves_no_new_folder(tmp_path, monkeypatch):
+    """The run's new --output_dir (with its lock and stored arguments) is removed when it fails before the first
+    step, also while the Trainer builds its optimizer."""
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("set-up failed")
+
+    monkeypatch.setattr(densessm.train.DenseTrainer, "create_optimizer", fail)
+    with pytest.raises(RuntimeError, match="set-up failed"):
+        main(train_argv(tmp_path, output="new/out"))
+    assert not (tmp_path / "new").exists()
 
 
 def test_warmup_ratio_and_steps_together_are_refused(tmp_path, capsys):

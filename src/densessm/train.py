@@ -64,6 +64,7 @@ from densessm.errors import Interrupted, ModelLoadError, NonFiniteError, UsageEr
 from densessm.files import check_link
 from densessm.loading import check_weights, first_nonfinite_parameter, load_causal_lm, read_config
 from densessm.models.recurrent import trusted_values
+from densessm.optim_flags import check_optim_args, check_scheduler_kwargs, parse_optim_args, parse_scheduler_kwargs
 from densessm.presets import list_presets, load_preset
 from densessm.run_state import WEIGHT_FILES, last_complete_checkpoint
 from densessm.tokenizer import has_tokenizer, load_tokenizer
@@ -230,6 +231,9 @@ class DenseTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self._check_numbers()
+        self.lr_scheduler_kwargs = parse_scheduler_kwargs(self.lr_scheduler_kwargs)
+        if self.optim_args:
+            parse_optim_args(self.optim_args)
         if self.lr_scheduler_type == "polynominal":  # the reference README's spelling
             self.lr_scheduler_type = "polynomial"
         if self.evaluation_strategy is not None:
@@ -256,6 +260,8 @@ class DenseTrainingArguments(TrainingArguments):
                 )
         super().__post_init__()
         self._check_report_to()
+        check_optim_args(self)
+        check_scheduler_kwargs(self)
 
     def _device_defaults(self) -> None:
         """Resolve the flags left unset to what is fastest on the device the run will use, without changing
@@ -639,6 +645,17 @@ class _ResumeState(TrainerCallback):
             raise RunFinished
 
 
+class _TrainingStarted(TrainerCallback):
+    """Marks the run's new folder as kept once the Trainer has built its optimizer and schedule and begins: a run
+    that fails while setting them up leaves no folder behind, as one that fails before."""
+
+    def __init__(self, new_dir: _NewOutputDir):
+        self.new_dir = new_dir
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.new_dir.training_started = True
+
+
 def past_the_end(checkpoint: Path, step: int, last_step: int) -> str:
     return (
         f"{checkpoint} is at step {step}, past this run's last step {last_step}: raise --max_steps or "
@@ -941,14 +958,23 @@ def count_parameters(model: PreTrainedModel) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
-def choose_block_size(requested: int | None, config) -> int:
+def choose_block_size(requested: int | None, config, model_max_length: int | None = None) -> int:
+    """The training block length: ``--block_size``, else the model's position limit capped by
+    ``--model_max_length`` (as the reference script does). A block longer than either is refused: the saved
+    tokenizer would claim a shorter maximum than the model was trained on."""
     limit = getattr(config, "max_position_embeddings", None)
     if requested is None:
-        return limit or DEFAULT_BLOCK_SIZE
+        default = limit or DEFAULT_BLOCK_SIZE
+        return default if model_max_length is None else min(default, model_max_length)
     if limit is not None and requested > limit:
         raise UsageError(
             f"--block_size {requested} is larger than the model supports (max_position_embeddings = {limit}): "
             f"pass --block_size {limit} or less, or raise it with --config_overrides max_position_embeddings=..."
+        )
+    if model_max_length is not None and requested > model_max_length:
+        raise UsageError(
+            f"--block_size {requested} is longer than --model_max_length {model_max_length}, the maximum the saved "
+            "tokenizer will state: lower --block_size or raise --model_max_length"
         )
     return requested
 
@@ -1177,6 +1203,7 @@ def train(
     config, weights = model_config(model_args, tokenizer)
     if weights is not None:  # the strict loader's check of the weight files' headers, without loading them
         check_weights(weights, config)
+    choose_block_size(data_args.block_size, config, model_args.model_max_length)
     new_dir = _NewOutputDir(training_args.output_dir)
     lock = run_state.RunLock(training_args.output_dir)
     try:
@@ -1209,7 +1236,7 @@ def _train_locked(
     set_seed(training_args.seed)
     init_deepspeed_comm(training_args)
     model = build_model(model_args, tokenizer)
-    block_size = choose_block_size(data_args.block_size, model.config)
+    block_size = choose_block_size(data_args.block_size, model.config, model_args.model_max_length)
     arguments = run_arguments(model_args, data_args, training_args, model, tokenizer, block_size)
     if checkpoint is not None:
         try:
@@ -1258,9 +1285,8 @@ def _train_locked(
         eval_dataset=eval_set,
         processing_class=tokenizer,
         data_collator=collate_blocks,
-        callbacks=[_ResumeState(checkpoint), interrupt := _StickyInterrupt(), *callbacks],
+        callbacks=[_TrainingStarted(new_dir), _ResumeState(checkpoint), interrupt := _StickyInterrupt(), *callbacks],
     )
-    new_dir.training_started = True
     interrupt.install()
     try:
         result = trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))

@@ -326,6 +326,45 @@ def _check_position_ids(position_ids: object, batch: int, length: int) -> None:
         raise ValueError(f"position_ids must be integers, got dtype {position_ids.dtype}")
 
 
+def _first(values: list, shown: int = 8) -> str:
+    return f"{values[:shown]}{' ...' if len(values) > shown else ''}"
+
+
+def _check_position_values(
+    position_ids: torch.Tensor, mask: torch.Tensor | None, start: torch.Tensor, cached: bool
+) -> None:
+    """Refuse positions that disagree with what the layers compute: retention decays one step per real token and
+    a cache counts the real tokens it consumed, so a row's positions must count up by one over its real tokens
+    (no gap, repeat or restart: packed documents would silently read each other's state) and, where a cache is
+    kept, continue the cache's count (decoding rotates its queries from that count). Without a cache, a row may
+    start at any position >= 0 (rotations compare only differences)."""
+    batch, length = start.shape[0], position_ids.shape[1]
+    real = torch.ones(batch, length, dtype=torch.bool, device=start.device) if mask is None else mask
+    derived = start[:, None] + real.long().cumsum(-1) - 1
+    given = position_ids.expand(batch, -1).long()
+    offset = torch.where(real, given - derived, 0)
+    low = torch.where(real, offset, torch.iinfo(torch.long).max).amin(-1)
+    high = torch.where(real, offset, torch.iinfo(torch.long).min).amax(-1)
+    has_real = real.any(-1)
+    negative = (real & (given < 0)).any(-1)
+    wrong = has_real & ((low != high) | (cached & (low != 0)) | negative)
+    if not bool(wrong.any()):
+        return
+    row = int(wrong.nonzero()[0, 0])
+    shown = given[row][real[row]].tolist()
+    expected = derived[row][real[row]].tolist()
+    if bool(negative[row]):
+        problem = "holds a negative position"
+    elif low[row] != high[row]:
+        problem = "must count up by one per real token (no gap, repeat or restart: pack documents as separate rows)"
+    else:
+        problem = "must continue the cache's count of real tokens (pass use_cache=False to shift every position)"
+    raise ValueError(
+        f"position_ids of row {row} {problem}: got {_first(shown)} at its real tokens, this model's positions are "
+        f"{_first(expected)}"
+    )
+
+
 def prepare_step(
     backbone: RecurrentBackbone,
     batch: int,
@@ -361,6 +400,7 @@ def prepare_step(
             position_ids = start[:, None] + mask.long().cumsum(-1) - 1
     elif not compiling:
         _check_position_ids(position_ids, batch, length)
+        _check_position_values(position_ids.to(device), mask, start, cache is not None)
     # the input vectors as integers, only where the vector digest will be extended by them (a fresh cache, or one
     # whose digest covers every step so far): a server's batch cache keeps none, and its steps skip the work
     # (never inside a compiled step: reading cache.steps there would specialise the compiled code on its value)

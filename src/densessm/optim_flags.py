@@ -1,0 +1,143 @@
+"""The optimizer and schedule flags of ``densessm train`` (``--optim_args``, ``--lr_scheduler_kwargs``), checked
+before any work the way the Trainer will use them.
+
+The Trainer reads them only when it builds the optimizer and the schedule, after the corpus is tokenized and the
+model built, and it ignores what the chosen optimizer or schedule does not read: ``--optim_args`` with the
+default fused AdamW, or ``--lr_scheduler_kwargs`` with a constant schedule, change nothing without a word. Here
+each key is tried on what the Trainer builds from it, so a key without effect, a value that fails and text that
+is not the flag's format are named at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, get_scheduler
+from transformers.trainer_utils import SchedulerType
+
+from densessm.errors import UsageError
+from densessm.files import loads_json
+
+# Arguments the Trainer itself passes to a schedule: a key of the same name would clash with them.
+_SCHEDULE_OWN = ("optimizer", "num_warmup_steps", "num_training_steps")
+# Schedules that the Trainer builds without the extra arguments (transformers.optimization.get_scheduler).
+_SCHEDULES_WITHOUT_KWARGS = (SchedulerType.CONSTANT, SchedulerType.CONSTANT_WITH_WARMUP)
+_PROBE_VALUE = "0.123456789"  # a second value for a key: a key read by the optimizer changes what it builds
+
+
+def parse_optim_args(text: str) -> dict[str, str]:
+    """``--optim_args`` as the Trainer splits it (``key=value`` pairs, commas between), or a usage error."""
+    pairs = {}
+    for item in text.replace(" ", "").split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key or "=" in value:
+            raise UsageError(
+                f"--optim_args must be comma-separated key=value pairs (e.g. momentum=0.9,nesterov=true), got {text!r}"
+            )
+        if key in pairs:
+            raise UsageError(f"--optim_args gives {key} twice")
+        pairs[key] = value
+    return pairs
+
+
+def _optimizer_for(args: TrainingArguments, optim_args: str | None) -> tuple[object, dict]:
+    saved = args.optim_args
+    args.optim_args = optim_args
+    try:
+        return Trainer.get_optimizer_cls_and_kwargs(args)
+    finally:
+        args.optim_args = saved
+
+
+def check_optim_args(args: TrainingArguments) -> None:
+    """Refuse ``--optim_args`` that the chosen ``--optim`` does not read, or reads and fails on.
+
+    A key counts as read when its value, or a second value in its place, changes the optimizer the Trainer
+    builds. Optimizers that cannot be built before the model (they need it, or a package that is absent) are
+    left to the Trainer."""
+    if not args.optim_args:
+        return
+    pairs = parse_optim_args(args.optim_args)
+    optim = getattr(args.optim, "value", args.optim)
+    try:
+        baseline = _optimizer_for(args, None)
+    except Exception:  # noqa: BLE001 - needs the model or a missing package: the Trainer will say so
+        return
+    ignored = []
+    for key, value in pairs.items():
+        results = []
+        for tried in (value, _PROBE_VALUE):
+            try:
+                results.append(_optimizer_for(args, f"{key}={tried}"))
+            except Exception as err:  # noqa: BLE001 - the optimizer's own parsing of the value
+                if tried == value:
+                    raise UsageError(f"--optim_args {key}={value}: --optim {optim} cannot use it ({err})") from None
+                results.append(None)  # the probe value fails: the key is read
+        if all(result == baseline for result in results):
+            ignored.append(key)
+    if ignored:
+        hint = (
+            " (AdamW takes --adam_beta1, --adam_beta2, --adam_epsilon and --weight_decay)" if "adamw" in optim else ""
+        )
+        raise UsageError(
+            f"--optim_args {', '.join(ignored)}: --optim {optim} does not read "
+            f"{'it' if len(ignored) == 1 else 'them'}{hint}"
+        )
+
+
+def parse_scheduler_kwargs(value: object) -> dict | None:
+    """``--lr_scheduler_kwargs`` as a dict: a JSON object on the command line, or a dict from Python."""
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            value = loads_json(value)
+        except json.JSONDecodeError as err:
+            raise UsageError(
+                f"--lr_scheduler_kwargs is not valid JSON ({err}): give an object such as "
+                """'{"num_cycles": 2}'"""
+            ) from None
+        if isinstance(value, dict):
+            return value
+    raise UsageError(
+        f"--lr_scheduler_kwargs must be a JSON object of the schedule's arguments, got {type(value).__name__}"
+    )
+
+
+def check_scheduler_kwargs(args: TrainingArguments) -> None:
+    """Refuse ``--lr_scheduler_kwargs`` that the chosen schedule does not take, or that fail when it runs (tried
+    on a stand-in optimizer over the run's length, or 100 steps where the length is known only later)."""
+    kwargs = args.lr_scheduler_kwargs
+    if not kwargs:
+        return
+    name = SchedulerType(args.lr_scheduler_type)
+    if name in _SCHEDULES_WITHOUT_KWARGS:
+        raise UsageError(f"--lr_scheduler_kwargs: the {name.value} schedule takes no arguments, got {sorted(kwargs)}")
+    accepted = [p for p in inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[name]).parameters if p not in _SCHEDULE_OWN]
+    unknown = [key for key in kwargs if key not in accepted]
+    if unknown:
+        raise UsageError(
+            f"--lr_scheduler_kwargs {', '.join(map(str, unknown))}: not an argument of the {name.value} schedule "
+            f"(it takes {', '.join(accepted) or 'none'})"
+        )
+    total = args.max_steps if args.max_steps > 0 else 100
+    warmup = args.get_warmup_steps(total)
+    steps = sorted({0, warmup, warmup + 1, total, *range(0, total + 1, max(1, total // 200))} - {total + 1})
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=max(args.learning_rate, 1e-3))
+    shown = json.dumps(kwargs)
+    try:
+        schedule = get_scheduler(name, stand_in, warmup, total, scheduler_specific_kwargs=kwargs)
+        lambdas = schedule.lr_lambdas if isinstance(schedule, torch.optim.lr_scheduler.LambdaLR) else []
+        rates = [float(rate(step)) for rate in lambdas for step in steps]
+    except Exception as err:  # noqa: BLE001 - the schedule's own checks and arithmetic
+        raise UsageError(f"--lr_scheduler_kwargs {shown}: the {name.value} schedule fails ({err})") from None
+    bad = next((value for value in rates if not (math.isfinite(value) and value >= 0)), None)
+    if bad is not None:
+        raise UsageError(
+            f"--lr_scheduler_kwargs {shown}: the {name.value} schedule gives a learning-rate factor of "
+            f"{bad} (it must be finite and not negative)"
+        )
