@@ -256,3 +256,27 @@ def test_dense_overhead_benchmark_script_writes_its_report(tmp_path, monkeypatch
     assert "--pair dense_retnet_tiny retnet_tiny" in results["command"]
     assert "| block | copy bandwidth" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_ctrl_c_during_the_second_batch_size_says_what_each_file_holds(tmp_path, capsys, monkeypatch):
+    """Stopped between batch sizes, the run left a complete report for one and a partial JSON for the other
+    without saying which was which."""
+    run = measure.run
+
+    def interrupted_at_batch_2(args, checkpoint):
+        if args.batch == 2:
+            checkpoint({"meta": {"complete": False}, "models": {}})
+            raise KeyboardInterrupt
+        return run(args, checkpoint)
+
+    monkeypatch.setattr(measure, "run", interrupted_at_batch_2)
+    out = tmp_path / "gen"
+    args = ["bench", "generate", "--models", "retnet_tiny", "--batch", "1", "2", "--new-tokens", "2"]
+    assert main(args + ["--contexts", "8", "--steps", "1", "--overhead-steps", "0", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"densessm bench: interrupted: {tmp_path}/gen_batch1.json/.md/.png complete; {tmp_path}/gen_batch2.json "
+        "holds what was measured so far (meta.complete false) (pass --overwrite to measure again into the same files)"
+    )
+    assert json.loads((tmp_path / "gen_batch1.json").read_text())["meta"]["complete"]
+    assert not (tmp_path / "gen_batch2.md").exists()

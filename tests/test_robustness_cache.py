@@ -407,7 +407,7 @@ def test_a_state_holding_nan_or_inf_is_refused_on_load(tmp_path, saved, key, val
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS (any Linux one)")
 def test_a_device_that_is_not_there_is_named(saved):
-    with pytest.raises(ValueError, match="cannot place the cache on mps"):
+    with pytest.raises(ValueError, match="device 'mps' is not available here"):
         RecurrentCache.load(saved[0], device="mps")
 
 
@@ -480,6 +480,8 @@ def test_a_damaged_cache_is_refused(damage, message):
     [
         (torch.float16, TypeError, "RecurrentCache.to takes a device .* got torch.float16: a cache keeps the dtypes"),
         ("meta", ValueError, "a cache cannot be moved to the meta device: its state would be lost"),
+        ("nosuch", ValueError, "unknown device 'nosuch': use e.g. 'cpu', 'cuda' or 'cuda:1'"),
+        ("cuda:99", ValueError, "device 'cuda:99' is not available here"),
     ],
 )
 def test_a_cache_moves_only_to_a_device_that_keeps_it(target, error, message):
@@ -1026,6 +1028,22 @@ def test_copy_copy_of_a_cache_is_independent(family):
         whole = model(torch.cat([PROMPT, step], dim=1)).logits[:, -1:]
     torch.testing.assert_close(continued, whole, atol=1e-5, rtol=1e-5)
     assert twin.identity is cache.identity
+
+
+@pytest.mark.parametrize("family", ["retnet", "mamba", "mamba2"])
+def test_deepcopy_of_a_cache_made_with_gradients_is_an_independent_detached_state(family):
+    """``copy.deepcopy`` of the cache of a forward run with gradients enabled failed inside torch ("Only Tensors
+    created explicitly by the user support the deepcopy protocol")."""
+    model = _model(family)
+    out = model(PROMPT, use_cache=True)
+    twin = copy.deepcopy(out.past_key_values)
+    assert not any(t.requires_grad for layer in twin.layers for t in layer.values())
+    step = torch.randint(3, 97, (2, 1))
+    with torch.no_grad():
+        model(step, cache=out.past_key_values.clone(), use_cache=True)  # the original is untouched by the copy
+        continued = model(step, cache=twin, use_cache=True).logits
+        whole = model(torch.cat([PROMPT, step], dim=1)).logits[:, -1:]
+    torch.testing.assert_close(continued, whole, atol=1e-5, rtol=1e-5)
 
 
 class _Failure(RuntimeError):

@@ -456,6 +456,42 @@ def test_content_parts_other_than_text_are_named(app):
     assert code == 200, answer
 
 
+@pytest.mark.parametrize(
+    ("part", "message", "code"),
+    [
+        ({"type": "text"}, "missing required parameter 'messages.0.content.0.text'", "missing_required_parameter"),
+        ({"text": "w1"}, "missing required parameter 'messages.0.content.0.type'", "missing_required_parameter"),
+        ({"type": "text", "text": 5}, "invalid 'messages.0.content.0.text': Input should be a valid string", None),
+    ],
+)
+def test_a_text_part_with_a_missing_or_wrong_field_names_that_field(app, part, message, code):
+    """A part without its text was blamed on the message content as "Input should be a valid string"."""
+    status, answer = app.post("/v1/chat/completions", chat({"content": [part]}))
+    assert status == 400 and answer["error"]["message"] == message
+    assert answer["error"]["code"] == (code or "invalid_value")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "raw", "key"),
+    [
+        ("/v1/completions", b'{"model": "tiny", "prompt": "w1", "max_tokens": 2, "max_tokens": 9}', "max_tokens"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "w1", "role": "system"}]}',
+            "role",
+        ),
+    ],
+)
+def test_a_key_given_twice_in_one_object_is_refused(app, endpoint, raw, key):
+    """Python's parser kept the last value without a word; a proxy or another client library may read the first."""
+    code, answer = app.post(endpoint, raw)
+    assert code == 400
+    assert answer["error"]["message"] == (
+        f"the request body gives the key '{key}' twice in one object: send each parameter once"
+    )
+    assert answer["error"]["param"] == key
+
+
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_an_empty_body_is_named_as_such(app, endpoint):
     code, answer = app.post(endpoint, b"")

@@ -323,7 +323,7 @@ class RecurrentCache(Cache):
                 f"RecurrentCache.to takes a device (such as 'cpu' or 'cuda'), got {device!r}: a cache keeps the "
                 "dtypes its model gives it"
             )
-        device = torch.device(device)
+        device = _usable_device(device)
         if device.type == "meta":
             raise ValueError("a cache cannot be moved to the meta device: its state would be lost")
         self._map_batch(lambda t: t.to(device))
@@ -341,6 +341,11 @@ class RecurrentCache(Cache):
     def __copy__(self) -> RecurrentCache:
         """``copy.copy`` gives an independent copy (:meth:`clone`): a shallow one would share the state tensors,
         which a step updates in place, while each copy counted its own steps."""
+        return self.clone()
+
+    def __deepcopy__(self, memo: dict) -> RecurrentCache:
+        """``copy.deepcopy`` gives :meth:`clone` (detached): torch cannot deep-copy a state that is part of an
+        autograd graph (the cache of a forward run with gradients enabled)."""
         return self.clone()
 
     def clone(self) -> RecurrentCache:
@@ -429,10 +434,7 @@ class RecurrentCache(Cache):
         the first format, which had none): any model whose state has this layout will then accept the cache.
         """
         path = Path(path)
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"unknown device {device!r}: use e.g. 'cpu', 'cuda' or 'cuda:1'") from err
+        device = _usable_device(device)
         if device.type == "meta":  # a state without values: every read of it would fail later, far from here
             raise ValueError("a cache cannot be loaded onto the meta device (its state would hold no values)")
         if path.is_dir():
@@ -533,6 +535,21 @@ def _exists(path: Path) -> DestinationExistsError:
 
 def _copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that this process can allocate on, or a ValueError naming it (checked before
+    any tensor moves: a failure half-way would leave the state split over two devices)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}: use e.g. 'cpu', 'cuda' or 'cuda:1'") from err
+    if device.type != "meta":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError, ValueError) as err:
+            raise ValueError(f"device {str(device)!r} is not available here ({err})") from None
+    return device
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -174,10 +174,11 @@ class _Server:
                 code="invalid_api_key",
             )
 
-    def check_json(self, request: Request) -> None:
+    async def check_json(self, request: Request) -> None:
         """FastAPI parses a body only under a JSON content type (as its own rule, mirrored here: a form post or
         text/plain from a browser page must not reach the model); any other body would fail as "not a JSON
-        object", blaming the body for the header."""
+        object", blaming the body for the header. A key given twice in one object is refused: Python's parser
+        keeps the last value without a word, where another client library or proxy may read the first."""
         encoded = _encoded(request)
         if encoded is not None:
             raise encoded
@@ -186,6 +187,13 @@ class _Server:
         header["content-type"] = given or ""
         subtype = header.get_content_subtype()
         if given and header.get_content_maintype() == "application" and subtype.split("+")[-1] == "json":
+            repeated = _repeated_key(await request.body())
+            if repeated is not None:
+                raise APIError(
+                    400,
+                    f"the request body gives the key {repeated!r} twice in one object: send each parameter once",
+                    param=repeated,
+                )
             return
         raise APIError(
             415,
@@ -426,6 +434,24 @@ def _encoded(request: Request) -> APIError | None:
         "send it uncompressed",
         code="unsupported_media_type",
     )
+
+
+def _repeated_key(body: bytes) -> str | None:
+    """The first key that a JSON object of ``body`` gives twice (None also when the body is not JSON at all:
+    FastAPI's own parse names that)."""
+    repeated = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in items]
+        if not repeated and len(set(keys)) != len(keys):
+            repeated.append(next(key for i, key in enumerate(keys) if key in keys[:i]))
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None
+    return repeated[0] if repeated else None
 
 
 def _unparsable_body(cause: BaseException) -> str:

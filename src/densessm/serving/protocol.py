@@ -55,8 +55,10 @@ class APIError(Exception):
 def validation_error(err: ValidationError | list[dict[str, Any]]) -> APIError:
     """One clear 400 for the first problem pydantic found (FastAPI's ``RequestValidationError.errors()``)."""
     errors = err.errors() if isinstance(err, ValidationError) else err
-    # a union reports a failure per alternative it tried: a check of ours (a value error) is the one that fits
-    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
+    # a union reports a failure per alternative it tried: a check of ours (a value error) is the one that fits,
+    # else the alternative that went deepest into the value (a list of parts missing a field, not "a string")
+    first = next((e for e in errors if e.get("type") == "value_error"), None)
+    first = first or max(errors, key=lambda e: len(e.get("loc", ())))
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     # a union reports each alternative it tried (``str``, ``list[int]``...): keep the path the user wrote
     param = ".".join(part for part in loc if not (part.startswith(("list[", "function-")) or part in ("str", "int")))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from densessm.argtypes import nonnegative_int, positive_int
-from densessm.errors import UsageError
+from densessm.errors import Interrupted, UsageError
 from densessm.files import check_link, check_path
 from densessm.inference import QUANTIZE_CHOICES, int8_problem
 from densessm.presets import list_presets
@@ -106,8 +106,30 @@ def bench_generate(args: argparse.Namespace) -> None:
     for name in args.models:
         if name not in LLAMAS and name not in list_presets():
             raise UsageError(f"unknown model {name!r}: use a preset name or one of {', '.join(LLAMAS)}")
-    for batch, stem in stems.items():
-        run = argparse.Namespace(**{**vars(args), "batch": batch})
-        results = measure.run(run, checkpoint=lambda partial, stem=stem: report.write_json(partial, stem))
-        report.write_report(results, stem)
-        print(suffixed(stem, ".md").read_text())
+    done: list[Path] = []
+    partial: list[Path] = []
+    try:
+        for batch, stem in stems.items():
+            run = argparse.Namespace(**{**vars(args), "batch": batch})
+
+            def checkpoint(results: dict, stem: Path = stem) -> None:
+                report.write_json(results, stem)
+                partial[:] = [suffixed(stem, ".json")]
+
+            results = measure.run(run, checkpoint=checkpoint)
+            report.write_report(results, stem)
+            partial.clear()
+            done.append(stem)
+            print(suffixed(stem, ".md").read_text())
+    except KeyboardInterrupt:
+        raise Interrupted(_what_is_left(done, partial)) from None
+
+
+def _what_is_left(done: list[Path], partial: list[Path]) -> str:
+    """What an interrupted run leaves on disk: the reports of the batch sizes it finished, and the JSON of the
+    one it was measuring (``meta.complete`` false), each file whole."""
+    parts = [f"{stem}.json/.md/.png complete" for stem in done]
+    parts += [f"{path} holds what was measured so far (meta.complete false)" for path in partial]
+    if not parts:
+        return "nothing was written"
+    return "; ".join(parts) + " (pass --overwrite to measure again into the same files)"
