@@ -68,7 +68,9 @@ def chunkwise_retention(
     intra_scale = weights.sum(-1)  # [B|1, H, N|1, C]
 
     intra = ((q @ k.transpose(-1, -2)) * weights.to(q.dtype)) @ v  # [B, H, N, C, Dv]
-    chunk_kv = (k * to_end[..., None].to(k.dtype)).transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]
+    # the decays go on the narrow operands (q and k, Dk wide), not on the read-outs or the states (Dv wide)
+    q_from_start = q * from_start[..., None].to(q.dtype)
+    k_to_end = (k * to_end[..., None].to(k.dtype)).transpose(-1, -2)  # [B, H, N, Dk, C]
     chunk_scale = to_end.sum(-1).expand(batch, heads, chunks)  # [B, H, N]
     chunk_decay = from_start[..., -1].expand(batch, heads, chunks)  # γ over the whole chunk
 
@@ -81,16 +83,25 @@ def chunkwise_retention(
     read_outs, entering_scale = [], []
     # one unbind, not an index per chunk: the backward of each index would fill a zero tensor the size of all
     # the chunks' states, a cost quadratic in the number of chunks. Each chunk's queries read the state entering
-    # it inside the loop, so the states are never stacked into one tensor (a copy of N states, and its backward)
-    steps = zip(q.unbind(2), chunk_decay.unbind(2), chunk_kv.unbind(2), chunk_scale.unbind(2), strict=True)
-    for q_chunk, decay, kv, added in steps:
+    # it, and each chunk's kᵀv is made where it is added, inside the loop: the N states and kᵀv products (Dk·Dv
+    # each, 2.4 MB per head at the 350M shape) are never stacked into one tensor, nor their gradients in the
+    # backward
+    steps = zip(
+        q_from_start.unbind(2),
+        k_to_end.unbind(2),
+        v.unbind(2),
+        chunk_decay.unbind(2),
+        chunk_scale.unbind(2),
+        strict=True,
+    )
+    for q_chunk, k_chunk, v_chunk, decay, added in steps:
         read_outs.append(q_chunk @ memory)  # [B, H, C, Dv]
         entering_scale.append(scale)
-        memory = torch.addcmul(kv, memory, decay[..., None, None].to(memory.dtype))
+        memory = torch.addcmul(k_chunk @ v_chunk, memory, decay[..., None, None].to(memory.dtype))
         scale = scale * decay + added
     entering_scale = torch.stack(entering_scale, dim=2)  # [B, H, N]
 
-    inter = torch.stack(read_outs, dim=2) * from_start[..., None].to(q.dtype)
+    inter = torch.stack(read_outs, dim=2)
     total_scale = from_start * entering_scale[..., None] + intra_scale
     out = (inter + intra) * total_scale.clamp_min(_TINY).rsqrt()[..., None].to(q.dtype)
     out = out.flatten(2, 3)[:, :, :length]
