@@ -158,6 +158,9 @@ BAD_FLAGS = [
     ("model_max_length", "0", "--model_max_length must be a positive number of tokens, got 0"),
     ("model_max_length", "8", "--block_size 16 is longer than --model_max_length 8, the maximum the saved tokenizer"),
     ("block_size", "4096", "--block_size 4096 is larger than the model supports (max_position_embeddings = 512)"),
+    ("do_train", "false", "--do_train false: this command always trains; to score a model use `densessm eval ppl`"),
+    ("do_predict", "true", "--do_predict: densessm train has no prediction step; use `densessm generate` or"),
+    ("do_eval", "false", "--do_eval false, but the run holds out a validation set and scores it (--validation_split_"),
     ("optim_args", "beta1=0.5", "--optim_args beta1: --optim adamw_torch_fused does not read it (AdamW takes --adam"),
     ("optim_args", "garbage", "--optim_args must be comma-separated key=value pairs (e.g. momentum=0.9,nesterov=tr"),
     ("lr_scheduler_kwargs", '{"foo": 1}', "--lr_scheduler_kwargs foo: not an argument of the linear schedule (it"),
@@ -238,6 +241,33 @@ def test_a_run_that_fails_while_the_trainer_sets_up_leaves_no_new_folder(tmp_pat
     with pytest.raises(RuntimeError, match="set-up failed"):
         main(train_argv(tmp_path, output="new/out"))
     assert not (tmp_path / "new").exists()
+
+
+def test_the_reference_scripts_switches_that_are_honoured_pass(tmp_path):
+    """``--do_train --do_eval`` (the reference README's command) train and score; ``--do_eval false`` without a
+    validation set trains unscored."""
+    summary = main(train_argv(tmp_path, do_train="true", do_eval="true", max_steps=1, sample_max_new_tokens=0))
+    assert "eval" in summary
+    argv = train_argv(tmp_path, output="unscored", do_eval="false", validation_split_percentage=0, max_steps=1)
+    assert "eval" not in main(argv)
+
+
+def test_push_to_hub_without_a_reachable_hub_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """The Trainer failed only after the corpus was tokenized and the model built, with an internal error."""
+    import huggingface_hub
+
+    def unreachable(self, *args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", unreachable)
+    code, err = cli(train_argv(tmp_path, push_to_hub="true"), capsys)
+    assert (code, err) == (
+        1,
+        "densessm train: error: --push_to_hub: the Hugging Face Hub cannot be reached or does not accept the token "
+        "(ConnectionError: Name or service not known); check the network and `hf auth login` (or --hub_token), or "
+        "train without --push_to_hub",
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_warmup_ratio_and_steps_together_are_refused(tmp_path, capsys):

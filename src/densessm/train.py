@@ -170,6 +170,31 @@ class DenseTrainingArguments(TrainingArguments):
             "const": True,
         },
     )
+    do_train: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Reference-script flag: this command always trains (false is refused).",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    do_eval: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Reference-script flag: the run is scored on its validation set whenever it holds one out (false "
+            "is refused while one is held out: pass --validation_split_percentage 0 instead).",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    do_predict: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Not supported: this command has no prediction step (true is refused).",
+            "nargs": "?",
+            "const": True,
+        },
+    )
     allow_changed_args: bool = field(
         default=False,
         metadata={
@@ -231,6 +256,7 @@ class DenseTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self._check_numbers()
+        self._check_script_flags()
         self.lr_scheduler_kwargs = parse_scheduler_kwargs(self.lr_scheduler_kwargs)
         if self.optim_args:
             parse_optim_args(self.optim_args)
@@ -262,6 +288,19 @@ class DenseTrainingArguments(TrainingArguments):
         self._check_report_to()
         check_optim_args(self)
         check_scheduler_kwargs(self)
+
+    def _check_script_flags(self) -> None:
+        """The reference script's ``--do_*`` switches: this command always trains and scores the validation set it
+        holds out, so a switch that asks otherwise would be ignored without a word; refused instead."""
+        if self.do_train is False:
+            raise UsageError("--do_train false: this command always trains; to score a model use `densessm eval ppl`")
+        if self.do_predict:
+            raise UsageError(
+                "--do_predict: densessm train has no prediction step; use `densessm generate` or `densessm eval`"
+            )
+        self.wants_eval = self.do_eval
+        self.do_train, self.do_predict = True, False
+        self.do_eval = bool(self.do_eval)
 
     def _device_defaults(self) -> None:
         """Resolve the flags left unset to what is fastest on the device the run will use, without changing
@@ -314,6 +353,21 @@ def perplexity(loss: float) -> float:
 def fsdp_requested(args: TrainingArguments) -> bool:
     """Whether FSDP was asked for, by ``--fsdp``/``--fsdp_config`` or by an ``accelerate launch`` FSDP config."""
     return args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def check_hub_access(args: TrainingArguments) -> None:
+    """``--push_to_hub`` needs the Hub and a token that it accepts; the Trainer finds out after the corpus is
+    tokenized and the model built, with an internal error, or at the first save."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi(token=args.hub_token).whoami()
+    except Exception as err:  # noqa: BLE001 - no network, no token, a refused token: all end the same way
+        raise OSError(
+            f"--push_to_hub: the Hugging Face Hub cannot be reached or does not accept the token "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}); check the network "
+            "and `hf auth login` (or --hub_token), or train without --push_to_hub"
+        ) from None
 
 
 def deepspeed_requested(args: TrainingArguments) -> bool:
@@ -1187,9 +1241,17 @@ def train(
                 "starts from; choose an --output_dir outside it"
             )
     check_engine(training_args)
+    if training_args.push_to_hub:
+        check_hub_access(training_args)
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps: the length of a streamed corpus is not known in advance")
     no_validation = data_args.validation_split_percentage <= 0 and not data_args.validation_files
+    if getattr(training_args, "wants_eval", None) is False and not no_validation:
+        raise UsageError(
+            "--do_eval false, but the run holds out a validation set and scores it (--validation_split_percentage "
+            f"{data_args.validation_split_percentage:g}{', --validation_files' if data_args.validation_files else ''}"
+            "): pass --validation_split_percentage 0 (and no --validation_files) to train on everything unscored"
+        )
     if training_args.eval_strategy != "no" and no_validation:  # the Trainer says so after the corpus is tokenized
         raise UsageError(
             f"--eval_strategy {training_args.eval_strategy.value} needs a validation set, and "
