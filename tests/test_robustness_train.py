@@ -161,6 +161,8 @@ BAD_FLAGS = [
     ("do_train", "false", "--do_train false: this command always trains; to score a model use `densessm eval ppl`"),
     ("do_predict", "true", "--do_predict: densessm train has no prediction step; use `densessm generate` or"),
     ("do_eval", "false", "--do_eval false, but the run holds out a validation set and scores it (--validation_split_"),
+    ("label_names", "foo", "--label_names foo: this command's batches carry their targets as 'labels'"),
+    ("metric_for_best_model", "accuracy", "--metric_for_best_model accuracy: the evaluation reports loss and perp"),
     ("optim_args", "beta1=0.5", "--optim_args beta1: --optim adamw_torch_fused does not read it (AdamW takes --adam"),
     ("optim_args", "garbage", "--optim_args must be comma-separated key=value pairs (e.g. momentum=0.9,nesterov=tr"),
     ("lr_scheduler_kwargs", '{"foo": 1}', "--lr_scheduler_kwargs foo: not an argument of the linear schedule (it"),
@@ -250,6 +252,43 @@ def test_the_reference_scripts_switches_that_are_honoured_pass(tmp_path):
     assert "eval" in summary
     argv = train_argv(tmp_path, output="unscored", do_eval="false", validation_split_percentage=0, max_steps=1)
     assert "eval" not in main(argv)
+
+
+def test_use_liger_kernel_without_the_package_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(densessm.train, "is_liger_kernel_available", lambda: False)
+    code, err = cli(train_argv(tmp_path, use_liger_kernel="true"), capsys)
+    assert (code, err) == (
+        2,
+        "densessm train: error: --use_liger_kernel needs the liger-kernel package (pip install liger-kernel)",
+    )
+
+
+@pytest.mark.parametrize("metric", ["perplexity", "eval_perplexity", "loss"])
+def test_the_best_model_is_the_one_of_lowest_loss_or_perplexity(metric):
+    """transformers takes any metric not named *loss as higher-is-better: the "best" checkpoint by perplexity was
+    the worst one."""
+    args = DenseTrainingArguments(output_dir="unused", report_to="none", metric_for_best_model=metric)
+    assert args.greater_is_better is False
+    asked = DenseTrainingArguments(output_dir="unused", metric_for_best_model=metric, greater_is_better=True)
+    assert asked.greater_is_better is True  # said explicitly: kept
+
+
+def test_the_final_score_is_of_the_best_weights_when_they_are_loaded_at_the_end(tmp_path):
+    """With --load_best_model_at_end the summary reported the last step's evaluation while the model saved held
+    the best checkpoint's weights."""
+    real = {}
+
+    class FirstLooksBest(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            real.setdefault(state.global_step, []).append(metrics["eval_loss"])
+            if state.global_step == 2:
+                metrics["eval_loss"] = -1.0
+
+    flags = dict(max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2)
+    flags.update(load_best_model_at_end="true", sample_max_new_tokens=0)
+    summary = main(train_argv(tmp_path, **flags), callbacks=[FirstLooksBest()])
+    assert real[4][0] != real[2][0]  # the weights moved between the two evaluations
+    assert summary["eval"]["eval_loss"] == pytest.approx(real[2][0], rel=1e-6)
 
 
 def test_push_to_hub_without_a_reachable_hub_is_refused_before_any_work(tmp_path, capsys, monkeypatch):

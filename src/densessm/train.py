@@ -55,7 +55,7 @@ from transformers.integrations.integration_utils import (
 )
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import get_current_accelerator, is_torch_bf16_gpu_available
+from transformers.utils import get_current_accelerator, is_liger_kernel_available, is_torch_bf16_gpu_available
 
 from densessm import run_state
 from densessm.argtypes import MAX_COUNT
@@ -299,6 +299,21 @@ class DenseTrainingArguments(TrainingArguments):
                 "--do_predict: densessm train has no prediction step; use `densessm generate` or `densessm eval`"
             )
         self.wants_eval = self.do_eval
+        if self.label_names not in (None, ["labels"]):  # the Trainer then finds no loss: an internal error later
+            raise UsageError(
+                f"--label_names {' '.join(self.label_names)}: this command's batches carry their targets as 'labels'"
+            )
+        if self.metric_for_best_model is not None:
+            metric = self.metric_for_best_model.removeprefix("eval_")
+            if metric not in ("loss", "perplexity"):  # the Trainer fails at the first evaluation, mid-run
+                raise UsageError(
+                    f"--metric_for_best_model {self.metric_for_best_model}: the evaluation reports loss and "
+                    "perplexity only"
+                )
+            if self.greater_is_better is None:  # transformers takes a metric not named *loss as higher-is-better
+                self.greater_is_better = False
+        if self.use_liger_kernel and not is_liger_kernel_available():  # else found after the model is built
+            raise UsageError("--use_liger_kernel needs the liger-kernel package (pip install liger-kernel)")
         self.do_train, self.do_predict = True, False
         self.do_eval = bool(self.do_eval)
 
@@ -1369,8 +1384,11 @@ def _train_locked(
     summary["last_loss"] = logged[-1] if logged else metrics["train_loss"]
 
     if eval_set is not None:
-        # An evaluation at the last step (--eval_strategy steps) already scored these weights.
+        # An evaluation at the last step (--eval_strategy steps) already scored these weights, unless the Trainer
+        # then loaded the best checkpoint's (--load_best_model_at_end).
         done = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
+        if training_args.load_best_model_at_end:
+            done = []
         eval_metrics = {k: v for k, v in done[-1].items() if k.startswith("eval_")} if done else trainer.evaluate()
         eval_metrics["eval_perplexity"] = perplexity(eval_metrics["eval_loss"])
         trainer.log_metrics("eval", eval_metrics)
