@@ -83,6 +83,12 @@ BAD_FILES = {
         CorpusError,
         r"a\.jsonl line 2 is not valid JSON \(nesting deeper than Python's JSON parser can follow",
     ),
+    "jsonl record giving its text twice": (
+        "a.jsonl",
+        jsonl({"text": TEXT}) + b'{"text": "first", "text": "second"}\n',
+        CorpusError,
+        r"a\.jsonl line 2 is not valid JSON \(the key 'text' appears twice in one object",
+    ),
     "json document nested too deep": (
         "a.json",
         b"[" * 100_000 + b"]" * 100_000,

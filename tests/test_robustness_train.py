@@ -166,7 +166,11 @@ BAD_FLAGS = [
     ("optim_args", "beta1=0.5", "--optim_args beta1: --optim adamw_torch_fused does not read it (AdamW takes --adam"),
     ("optim_args", "garbage", "--optim_args must be comma-separated key=value pairs (e.g. momentum=0.9,nesterov=tr"),
     ("lr_scheduler_kwargs", '{"foo": 1}', "--lr_scheduler_kwargs foo: not an argument of the linear schedule (it"),
-    ("lr_scheduler_kwargs", "[1]", "--lr_scheduler_kwargs must be a JSON object of the schedule's arguments, got li"),
+    (
+        "lr_scheduler_kwargs",
+        "[1]",
+        "--lr_scheduler_kwargs must be a JSON object, such as '{\"num_cycles\": 2}', got list",
+    ),
     ("lr_scheduler_kwargs", "{bad", "--lr_scheduler_kwargs is not valid JSON (Expecting property name enclosed in"),
     ("warmup_ratio", "1.5", "--warmup_ratio must be in [0, 1), got 1.5"),
     ("warmup_steps", "-1", "warmup_steps >= 0"),
@@ -187,6 +191,15 @@ def test_a_bad_flag_value_is_a_usage_error_before_anything_is_written(tmp_path, 
 
 
 BAD_OPTIMIZER_FLAGS = [
+    ({"optim_target_modules": "attn"}, "--optim_target_modules: --optim adamw_torch_fused does not read it (only the"),
+    ({"optim": "sgd", "optim_target_modules": "attn"}, "--optim_target_modules: --optim sgd does not read it"),
+    (
+        {"lr_scheduler_type": "cosine_with_restarts", "lr_scheduler_kwargs": '{"num_cycles": 2, "num_cycles": 3}'},
+        "--lr_scheduler_kwargs is not valid JSON (the key 'num_cycles' appears twice in one object)",
+    ),
+    ({"accelerator_config": '{"foo": 1}'}, "--accelerator_config foo: not a field of accelerate's configuration (it"),
+    ({"accelerator_config": '{"split_batches": '}, "--accelerator_config is not valid JSON (Expecting value): give"),
+    ({"accelerator_config": "nosuch.json"}, "--accelerator_config nosuch.json: not a readable JSON file ([Errno 2]"),
     ({"optim": "sgd", "optim_args": "momentum=0.9,foo=1"}, "--optim_args foo: --optim sgd does not read it"),
     ({"optim": "sgd", "optim_args": "momentum=abc"}, "--optim_args momentum=abc: --optim sgd cannot use it (could not"),
     ({"optim": "sgd", "optim_args": "momentum=1,momentum=2"}, "--optim_args gives momentum twice"),
@@ -355,6 +368,7 @@ UNPARSABLE_OVERRIDES = [
         "string keys): write the value in a config.json and pass its directory as --model_name_or_path",
     ),
     ("dense_retnet_tiny", "hidden_size=abc", "hidden_size takes an integer, got 'abc'"),
+    ("dense_retnet_tiny", "num_hidden_layers=5,num_hidden_layers=3", "num_hidden_layers is given twice"),
     ("dense_retnet_tiny", "rms_norm_eps=small", "rms_norm_eps takes a number, got 'small'"),
     ("dense_retnet_tiny", "use_cache=maybe", "use_cache takes true or false, got 'maybe'"),
     ("dense_retnet_tiny", "hidden_size=16,layers", "'layers' is not KEY=VALUE (pairs are separated by commas)"),

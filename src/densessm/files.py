@@ -55,24 +55,48 @@ def _broken_link(path: Path) -> str | None:
     return None
 
 
+class RepeatedKeyError(ValueError):
+    """A JSON object gives one key twice: Python's parser keeps the last value without a word, where another
+    reader of the same text may keep the first."""
+
+    def __init__(self, key: str):
+        super().__init__(f"the key {key!r} appears twice in one object")
+        self.key = key
+
+
+def unique_object(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook`` for ``json.loads`` that refuses a repeated key (:class:`RepeatedKeyError`)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        keys = [key for key, _ in pairs]
+        raise RepeatedKeyError(next(key for i, key in enumerate(keys) if key in keys[:i]))
+    return value
+
+
 def loads_json(text: str) -> object:
-    """``json.loads``, with nesting deeper than Python's parser follows (its ``RecursionError``) reported as the
-    JSON error it is: a crafted line would otherwise end a command with an internal error."""
+    """``json.loads``, with nesting deeper than Python's parser follows (its ``RecursionError``) and a key given
+    twice in one object reported as the JSON errors they are: a crafted line would otherwise end a command with
+    an internal error, and a repeated key would silently keep its last value."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=unique_object)
     except RecursionError:
         raise json.JSONDecodeError("nesting deeper than Python's JSON parser can follow", text, 0) from None
+    except RepeatedKeyError as err:
+        raise json.JSONDecodeError(str(err), text, 0) from None
 
 
 def read_json(path: str | os.PathLike) -> object:
     """The JSON value in the UTF-8 file ``path``. Whatever makes it unreadable as such is a ``ValueError``:
-    invalid UTF-8 or JSON, and also nesting deeper than Python's parser follows (a ``RecursionError`` from
-    the parser: a crafted file would otherwise end a command with an internal error)."""
+    invalid UTF-8 or JSON, a key given twice in one object, and also nesting deeper than Python's parser
+    follows (a ``RecursionError`` from the parser: a crafted file would otherwise end a command with an
+    internal error)."""
     text = Path(path).read_text(encoding="utf-8")
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=unique_object)
     except RecursionError:
         raise ValueError("its JSON nests deeper than Python's parser can follow") from None
+    except RepeatedKeyError as err:
+        raise ValueError(f"its JSON gives {err}") from None
 
 
 def name_max(directory: Path) -> int:

@@ -64,10 +64,17 @@ from densessm.errors import Interrupted, ModelLoadError, NonFiniteError, UsageEr
 from densessm.files import check_link
 from densessm.loading import check_weights, first_nonfinite_parameter, load_causal_lm, read_config
 from densessm.models.recurrent import trusted_values
-from densessm.optim_flags import check_optim_args, check_scheduler_kwargs, parse_optim_args, parse_scheduler_kwargs
 from densessm.presets import list_presets, load_preset
 from densessm.run_state import WEIGHT_FILES, last_complete_checkpoint
 from densessm.tokenizer import has_tokenizer, load_tokenizer
+from densessm.trainer_flags import (
+    check_optim_args,
+    check_optim_target_modules,
+    check_scheduler_kwargs,
+    parse_json_flags,
+    parse_optim_args,
+    parse_scheduler_kwargs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +265,7 @@ class DenseTrainingArguments(TrainingArguments):
         self._check_numbers()
         self._check_script_flags()
         self.lr_scheduler_kwargs = parse_scheduler_kwargs(self.lr_scheduler_kwargs)
+        parse_json_flags(self)
         if self.optim_args:
             parse_optim_args(self.optim_args)
         if self.lr_scheduler_type == "polynominal":  # the reference README's spelling
@@ -287,6 +295,7 @@ class DenseTrainingArguments(TrainingArguments):
         super().__post_init__()
         self._check_report_to()
         check_optim_args(self)
+        check_optim_target_modules(self)
         check_scheduler_kwargs(self)
 
     def _check_script_flags(self) -> None:
@@ -912,6 +921,8 @@ def _override(config: PretrainedConfig, overrides: str) -> set[str]:
                 f"--config_overrides {overrides!r}: model_type cannot be overridden; choose the family with "
                 "--model_name_or_path (a preset of it, see `densessm presets`, or a directory with its config.json)"
             )
+        if key in keys:  # the last value would win without a word
+            raise UsageError(f"--config_overrides {overrides!r}: {key} is given twice")
         keys.add(key)
         try:
             config.update_from_string(pair)

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
+from densessm.files import RepeatedKeyError, unique_object
 from densessm.serving.chat import ChatPrompt
 from densessm.serving.engine import (
     Delta,
@@ -439,19 +440,13 @@ def _encoded(request: Request) -> APIError | None:
 def _repeated_key(body: bytes) -> str | None:
     """The first key that a JSON object of ``body`` gives twice (None also when the body is not JSON at all:
     FastAPI's own parse names that)."""
-    repeated = []
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [key for key, _ in items]
-        if not repeated and len(set(keys)) != len(keys):
-            repeated.append(next(key for i, key in enumerate(keys) if key in keys[:i]))
-        return dict(items)
-
     try:
-        json.loads(body, object_pairs_hook=pairs)
+        json.loads(body, object_pairs_hook=unique_object)
+    except RepeatedKeyError as err:
+        return err.key
     except (ValueError, RecursionError):
         return None
-    return repeated[0] if repeated else None
+    return None
 
 
 def _unparsable_body(cause: BaseException) -> str:

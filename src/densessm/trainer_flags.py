@@ -1,5 +1,6 @@
-"""The optimizer and schedule flags of ``densessm train`` (``--optim_args``, ``--lr_scheduler_kwargs``), checked
-before any work the way the Trainer will use them.
+"""Flags of ``densessm train`` that the Trainer reads only late, checked before any work the way it will use them:
+the optimizer and schedule flags (``--optim_args``, ``--optim_target_modules``, ``--lr_scheduler_kwargs``) and
+the flags that hold a JSON object (``--accelerator_config`` and the like).
 
 The Trainer reads them only when it builds the optimizer and the schedule, after the corpus is tokenized and the
 model built, and it ignores what the chosen optimizer or schedule does not read: ``--optim_args`` with the
@@ -10,6 +11,7 @@ is not the flag's format are named at once.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -17,10 +19,11 @@ import math
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, get_scheduler
+from transformers.trainer_pt_utils import AcceleratorConfig
 from transformers.trainer_utils import SchedulerType
 
 from densessm.errors import UsageError
-from densessm.files import loads_json
+from densessm.files import loads_json, read_json
 
 # Arguments the Trainer itself passes to a schedule: a key of the same name would clash with them.
 _SCHEDULE_OWN = ("optimizer", "num_warmup_steps", "num_training_steps")
@@ -89,23 +92,78 @@ def check_optim_args(args: TrainingArguments) -> None:
         )
 
 
+def json_object(flag: str, text: str, example: str) -> dict:
+    """The JSON object a flag holds, or a usage error naming the flag (the Trainer's own parse names none, and
+    keeps the last value of a key given twice)."""
+    try:
+        value = loads_json(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--{flag} is not valid JSON ({err.msg}): give an object such as '{example}'") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--{flag} must be a JSON object, such as '{example}', got {type(value).__name__}")
+    return value
+
+
 def parse_scheduler_kwargs(value: object) -> dict | None:
     """``--lr_scheduler_kwargs`` as a dict: a JSON object on the command line, or a dict from Python."""
     if value is None or isinstance(value, dict):
         return value
     if isinstance(value, str):
-        try:
-            value = loads_json(value)
-        except json.JSONDecodeError as err:
-            raise UsageError(
-                f"--lr_scheduler_kwargs is not valid JSON ({err}): give an object such as "
-                """'{"num_cycles": 2}'"""
-            ) from None
-        if isinstance(value, dict):
-            return value
+        return json_object("lr_scheduler_kwargs", value, '{"num_cycles": 2}')
     raise UsageError(
         f"--lr_scheduler_kwargs must be a JSON object of the schedule's arguments, got {type(value).__name__}"
     )
+
+
+# The other flags that hold a JSON object; a string not starting with "{" names a JSON file (the Trainer reads it).
+_JSON_FLAGS = (
+    "accelerator_config",
+    "fsdp_config",
+    "deepspeed",
+    "activation_checkpointing_kwargs",
+    "gradient_checkpointing_kwargs",
+)
+
+
+def parse_json_flags(args: TrainingArguments) -> None:
+    """Parse the JSON objects given inline to the flags that take one, naming the flag on an error, and check
+    ``--accelerator_config``'s keys (an unknown one was an internal error once the model was built)."""
+    for flag in _JSON_FLAGS:
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            setattr(args, flag, json_object(flag, value, "{}"))
+    config = args.accelerator_config
+    if isinstance(config, str):  # the path of a JSON file
+        try:
+            config = read_json(config)
+        except (OSError, ValueError) as err:
+            raise UsageError(
+                f"--accelerator_config {config}: not a readable JSON file ({err}); give a JSON object or its file"
+            ) from None
+        if not isinstance(config, dict):
+            raise UsageError(f"--accelerator_config {args.accelerator_config}: the file holds no JSON object")
+        args.accelerator_config = config
+    if isinstance(config, dict):
+        known = [f.name for f in dataclasses.fields(AcceleratorConfig)]
+        unknown = [key for key in config if key not in known]
+        if unknown:
+            raise UsageError(
+                f"--accelerator_config {', '.join(unknown)}: not a field of accelerate's configuration (it takes "
+                f"{', '.join(known)})"
+            )
+
+
+# Optimizers that read --optim_target_modules (GaLore and APOLLO, in transformers.trainer_optimizer)
+_TARGETED_OPTIMIZERS = ("galore", "apollo")
+
+
+def check_optim_target_modules(args: TrainingArguments) -> None:
+    """Refuse ``--optim_target_modules`` with an optimizer that does not read it (it changed nothing)."""
+    optim = getattr(args.optim, "value", args.optim)
+    if args.optim_target_modules is not None and not optim.startswith(_TARGETED_OPTIMIZERS):
+        raise UsageError(
+            f"--optim_target_modules: --optim {optim} does not read it (only the GaLore and APOLLO optimizers do)"
+        )
 
 
 def check_scheduler_kwargs(args: TrainingArguments) -> None:
