@@ -316,6 +316,14 @@ REFUSED = [
         "invalid 'logit_bias': keys must be token ids (integers as strings), got \"\\u00b2\"",
     ),
     (
+        "bias-leading-zero",
+        "/v1/completions",
+        completion(logit_bias={"7": 100, "07": -100}),  # both were token 7: the last one won
+        400,
+        "logit_bias",
+        "invalid 'logit_bias': keys must be token ids without leading zeros, got \"07\"",
+    ),
+    (
         "bias-huge-key",
         "/v1/completions",
         completion(logit_bias={"9" * 5000: 1}),  # int() refuses over 4300 digits
@@ -750,3 +758,28 @@ def test_an_api_key_with_an_inner_space_is_accepted(model_dir, monkeypatch, caps
     monkeypatch.setattr(densessm.serving.cli, "load_causal_lm", load)
     assert main(["serve", str(model_dir), "--port", "0", "--api-key", "a b"]) == 1
     assert loads and "API key" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_chat_budget_over_the_limit_names_the_field_the_client_sent(app, field):
+    """``max_completion_tokens`` over --max-tokens was blamed on ``max_tokens``, which the client never sent."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "w1"}], field: 9}
+    code, answer = app.post("/v1/chat/completions", body)
+    assert code == 400
+    assert answer["error"]["message"] == f"{field} is 9; this server allows at most 8 (--max-tokens)"
+    assert answer["error"]["param"] == field
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"max_tokens": "3"}, "invalid 'max_tokens': expected a number, got \"3\""),
+        ({"temperature": "0.5"}, "invalid 'temperature': expected a number, got \"0.5\""),
+        ({"stream": "yes"}, "invalid 'stream': Input should be a valid boolean"),
+        ({"echo": 1}, "invalid 'echo': Input should be a valid boolean"),
+    ],
+)
+def test_strings_for_numbers_and_numbers_for_booleans_are_refused(app, fields, message):
+    """pydantic read "3" as 3 and "yes" or 1 as true, where OpenAI's API refuses them."""
+    code, answer = app.post("/v1/completions", completion(**fields))
+    assert code == 400 and answer["error"]["message"] == message

@@ -229,8 +229,9 @@ class _Server:
                 400, f"token id {bad} is out of range for the model's vocabulary of {self.vocab_size}", param=param
             )
 
-    def completion_budget(self, prompts: list[list[int]], asked: int | None) -> int:
-        """``max_tokens`` as asked (checked against the limits), or the most the context allows."""
+    def completion_budget(self, prompts: list[list[int]], asked: int | None, param: str = "max_tokens") -> int:
+        """``max_tokens`` as asked (checked against the limits), or the most the context allows; ``param`` is the
+        name the client gave it (chat's ``max_completion_tokens``)."""
         settings = self.settings
         room = settings.max_model_len - max(len(p) for p in prompts)
         if asked is None:
@@ -245,16 +246,16 @@ class _Server:
         if asked > settings.max_tokens:
             raise APIError(
                 400,
-                f"max_tokens is {asked}; this server allows at most {settings.max_tokens} (--max-tokens)",
-                param="max_tokens",
+                f"{param} is {asked}; this server allows at most {settings.max_tokens} (--max-tokens)",
+                param=param,
             )
         if asked > room:
             raise APIError(
                 400,
                 f"this model's context is {settings.max_model_len} tokens, but {max(len(p) for p in prompts)} "
-                f"prompt tokens and max_tokens {asked} make {max(len(p) for p in prompts) + asked}; shorten the "
-                "prompt or lower max_tokens",
-                param="max_tokens",
+                f"prompt tokens and {param} {asked} make {max(len(p) for p in prompts) + asked}; shorten the "
+                f"prompt or lower {param}",
+                param=param,
                 code="context_length_exceeded",
             )
         return asked
@@ -613,7 +614,8 @@ def create_app(
         tokens, boundaries = server.chat.encode(body.messages)
         server.check_tokenizer(tokens)
         server.check_prompt(tokens, "the rendered conversation", param="messages")
-        max_tokens = server.completion_budget([tokens], body.max_completion_tokens or body.max_tokens)
+        asked = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+        max_tokens = server.completion_budget([tokens], getattr(body, asked), asked)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         n, params = server.sampling(body, max_tokens, logprobs)
         request, queue = server.submit([tokens], params, n, [boundaries])

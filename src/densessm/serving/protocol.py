@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
@@ -106,9 +107,10 @@ def _unicode(value: str, where: str = "the text ") -> str:
     return value
 
 
-def _not_bool(value: Any) -> Any:
-    """JSON's true/false are not numbers: without this, pydantic would read them as 1 and 0."""
-    if isinstance(value, bool):
+def _a_number(value: Any) -> Any:
+    """JSON's true/false and strings are not numbers: without this, pydantic would read them as 1 and 0, and "3"
+    as 3 (OpenAI's API refuses both)."""
+    if isinstance(value, bool | str):
         raise ValueError(f"expected a number, got {_shown(value)}")
     return value
 
@@ -120,8 +122,9 @@ def _token_ids(ids: list[Any], where: str) -> None:
 
 
 Text = Annotated[str, AfterValidator(_unicode)]
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
+Int = Annotated[int, BeforeValidator(_a_number)]
+Float = Annotated[float, BeforeValidator(_a_number)]
+Bool = Annotated[bool, Strict()]  # pydantic would read "yes", "on", 1 and 0 as booleans
 
 
 class _Strict(BaseModel):
@@ -129,7 +132,7 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class _Sampling(_Strict):
@@ -139,7 +142,7 @@ class _Sampling(_Strict):
     temperature: Annotated[Float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
     n: Annotated[Int, Field(ge=1)] | None = None
-    stream: bool | None = False
+    stream: Bool | None = False
     stream_options: StreamOptions | None = None
     stop: Annotated[Text | list[Text] | None, Field(validate_default=True)] = None  # always a list once checked
     presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
@@ -170,6 +173,8 @@ class _Sampling(_Strict):
                 raise ValueError(f"keys must be token ids (integers as strings), got {_shown(key)}")
             if len(key) > MAX_TOKEN_ID_DIGITS:
                 raise ValueError(f"token id {key[:MAX_TOKEN_ID_DIGITS]}... is out of any vocabulary's range")
+            if len(key) > 1 and key.startswith("0"):  # "07" and "7" would both bias token 7, the last one winning
+                raise ValueError(f"keys must be token ids without leading zeros, got {_shown(key)}")
         return value
 
     @model_validator(mode="after")
@@ -190,7 +195,7 @@ class CompletionRequest(_Sampling):
     prompt: Prompt
     max_tokens: Annotated[Int, Field(ge=1)] | None = 16
     logprobs: Annotated[Int, Field(ge=0, le=5)] | None = None
-    echo: bool | None = False
+    echo: Bool | None = False
     best_of: Annotated[Int, Field(ge=1)] | None = None
     suffix: Text | None = None
 
@@ -270,7 +275,7 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: Annotated[Int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
-    logprobs: bool | None = False
+    logprobs: Bool | None = False
     top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
 
