@@ -327,3 +327,25 @@ def test_a_destination_that_is_a_broken_symlink_is_a_usage_error_naming_it(tmp_p
     err = capsys.readouterr().err.strip()
     assert f"{dst} {reason}" in err and "\n" not in err, err
     assert dst.is_symlink() and not (tmp_path / "missing").exists()
+
+
+def test_the_same_weights_in_two_layouts_convert_and_different_ones_are_named(tmp_path):
+    """A published checkpoint often holds model.safetensors beside pytorch_model.bin; a stale .bin with other
+    weights was passed over without a word (the safetensors file was converted)."""
+    model = DenseRetNetForCausalLM(tiny_config()).eval()
+    src = _write_reference(tmp_path, model)
+    torch.save(load_file(src / "model.safetensors"), src / "pytorch_model.bin")
+    loaded = AutoModelForCausalLM.from_pretrained(convert_reference_checkpoint(src, tmp_path / "same")).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits)
+    state = load_file(src / "model.safetensors")
+    state["model.layers.1.self_attn.q_proj.weight"] *= 2
+    torch.save(state, src / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as refused:
+        convert_reference_checkpoint(src, tmp_path / "different")
+    assert str(refused.value) == (
+        f"{src} holds two sets of weights that differ (model.safetensors and pytorch_model.bin: "
+        "model.layers.1.self_attn.q_proj.weight first): remove the stale one"
+    )
+    assert not (tmp_path / "different").exists()

@@ -177,3 +177,18 @@ def test_sequence_classification_takes_narrow_integer_class_ids(name):
         expected = model(tokens, labels=labels).loss
         for dtype in (torch.int8, torch.int16, torch.uint8):
             torch.testing.assert_close(model(tokens, labels=labels.to(dtype)).loss, expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sequence_classification_names_a_class_id_outside_the_classes(name):
+    """torch's IndexError from inside the loss named no label; -100 stays the ignored id."""
+    config = load_preset(f"dense_{name}_tiny", num_labels=3, pad_token_id=0)
+    model = _family(name).sequence_classification(config).eval()
+    tokens = torch.randint(3, config.vocab_size, (2, 5))
+    with torch.no_grad():
+        for labels, found in ((torch.tensor([1, 3]), 3), (torch.tensor([-1, 0]), -1)):
+            with pytest.raises(
+                ValueError, match=rf"labels must be class ids in \[0, 3\) \(or -100: ignored\), found {found}$"
+            ):
+                model(tokens, labels=labels)
+        assert torch.isfinite(model(tokens, labels=torch.tensor([-100, 2])).loss)

@@ -588,6 +588,23 @@ def test_overwrite_starts_afresh_and_removes_only_the_checkpoints(straight, tmp_
     assert sorted(losses(out)) == [1, 2]
 
 
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_users_folder_named_like_a_checkpoint_is_never_deleted(straight, tmp_path, capsys, overwrite):
+    """--overwrite_output_dir deleted a checkpoint-3 folder holding only the user's photo; a resume would have
+    rotated it away."""
+    out = resumable(straight, tmp_path / "out")
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "photo.jpg").write_text("mine")
+    before = snapshot(out)
+    code, err = cli(straight_argv(straight, out, overwrite_output_dir=overwrite, save_strategy="no"), capsys)
+    assert (code, err) == (
+        2,
+        f"densessm train: error: --output_dir {out}: checkpoint-3 is named like a checkpoint but holds none of a "
+        "checkpoint's files (photo.jpg); move it out of --output_dir (a run would delete it)",
+    )
+    assert snapshot(out) == before
+
+
 # ---- checkpoints: complete or ignored -----------------------------------------------------------------------------
 
 
@@ -1040,6 +1057,23 @@ def test_rerunning_a_finished_run_trains_nothing_says_so_and_changes_nothing(str
     assert summary == {"output_dir": str(out), "finished_from": str(out / "checkpoint-6")}
     assert (
         f"nothing to do: the run in {out} has already finished ({out / 'checkpoint-6'} is its last step" in caplog.text
+    )
+    assert snapshot(out) == before
+
+
+def test_rerunning_a_finished_run_that_saved_no_checkpoint_says_what_the_folder_holds(tmp_path, capsys):
+    """It was told the folder "holds no checkpoint: pass --overwrite_output_dir", the flag that replaces the
+    finished model, without a word that one is there."""
+    argv = train_argv(tmp_path, max_steps=1, sample_max_new_tokens=0)
+    main(argv)
+    out = tmp_path / "out"
+    before = snapshot(out)
+    code, err = cli(argv, capsys)
+    assert (code, err) == (
+        2,
+        f"densessm train: error: output directory {out} holds the model of a finished run and no checkpoint to "
+        "continue from (the run saved none): choose another --output_dir, or pass --overwrite_output_dir to train "
+        "afresh there (its model is replaced when that run ends)",
     )
     assert snapshot(out) == before
 

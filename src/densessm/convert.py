@@ -86,37 +86,59 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+_LAYOUTS = (
+    ("model.safetensors", _load_safetensors),
+    ("model.safetensors.index.json", _load_safetensors),
+    ("pytorch_model.bin", _load_bin),
+    ("pytorch_model.bin.index.json", _load_bin),
+)
+
+
+def _load_layout(src: Path, name: str, loader) -> dict[str, torch.Tensor]:
+    path = confined_file(src, name)
+    if not name.endswith(".index.json"):
+        return loader(path)
+    weight_map = _read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path} has no weight_map")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(map(str, weight_map.values()))):
+        try:
+            state.update(loader(confined_file(src, shard)))
+        except FileNotFoundError:
+            raise CheckpointError(f"shard {shard} listed in {path} is missing") from None
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointError(f"tensors listed in {path} but absent from its shards: {', '.join(missing)}")
+    return state
+
+
 def load_reference_weights(src: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a reference directory, whichever of the four weight layouts it uses."""
+    """All tensors of a reference directory, whichever of the four weight layouts it uses.
+
+    Published checkpoints often hold the same weights twice (``model.safetensors`` beside ``pytorch_model.bin``):
+    every set present is read and they must be equal, so a stale set beside a newer one is named, not silently
+    passed over (this reads the weights once per set)."""
     src = Path(src)
-    layouts = (
-        ("model.safetensors", _load_safetensors),
-        ("model.safetensors.index.json", _load_safetensors),
-        ("pytorch_model.bin", _load_bin),
-        ("pytorch_model.bin.index.json", _load_bin),
-    )
-    for name, loader in layouts:
-        if not (src / name).exists() and not (src / name).is_symlink():
-            continue
-        path = confined_file(src, name)
-        if not name.endswith(".index.json"):
-            return loader(path)
-        weight_map = _read_json(path).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{path} has no weight_map")
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(map(str, weight_map.values()))):
-            try:
-                state.update(loader(confined_file(src, shard)))
-            except FileNotFoundError:
-                raise CheckpointError(f"shard {shard} listed in {path} is missing") from None
-        missing = sorted(set(weight_map) - set(state))
-        if missing:
-            raise CheckpointError(f"tensors listed in {path} but absent from its shards: {', '.join(missing)}")
-        return state
-    raise CheckpointError(
-        f"no weights in {src}: expected model.safetensors, pytorch_model.bin or a sharded *.index.json"
-    )
+    present = [(name, loader) for name, loader in _LAYOUTS if (src / name).exists() or (src / name).is_symlink()]
+    if not present:
+        raise CheckpointError(
+            f"no weights in {src}: expected model.safetensors, pytorch_model.bin or a sharded *.index.json"
+        )
+    (first, loader), others = present[0], present[1:]
+    state = _load_layout(src, first, loader)
+    for name, other_loader in others:
+        other = _load_layout(src, name, other_loader)
+        differing = sorted(set(state) ^ set(other)) or [
+            key for key in state if state[key].shape != other[key].shape or not torch.equal(state[key], other[key])
+        ]
+        if differing:
+            raise CheckpointError(
+                f"{src} holds two sets of weights that differ ({first} and {name}: {differing[0]} first): remove "
+                "the stale one"
+            )
+        logger.info(f"{src}: {first} and {name} hold the same weights; converting {first}")
+    return state
 
 
 def _layers_in(state: dict[str, torch.Tensor]) -> int:

@@ -129,7 +129,8 @@ def check_sampling(args: argparse.Namespace) -> None:
     given = [name for name in SAMPLING_DEFAULTS if getattr(args, name) is not None]
     if given and not args.do_sample:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise UsageError(f"{flags} act only when sampling: add --do-sample, or drop {flags}")
+        verb = "acts" if len(given) == 1 else "act"
+        raise UsageError(f"{flags} {verb} only when sampling: add --do-sample, or drop {flags}")
     for name, default in SAMPLING_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)

@@ -139,6 +139,21 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=checkpoint_step, reverse=True)
 
 
+def foreign_checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-N`` folders of ``output_dir`` that hold files but none that the Trainer writes (no
+    weights, optimizer, scheduler, RNG state, trainer state or marker): a user's folder of that name, which a run
+    must never delete or write into."""
+    found = []
+    for path in list_checkpoints(output_dir):
+        if path.is_symlink():  # only the link is ever removed
+            continue
+        names = [p.name for p in path.iterdir()]
+        ours = (MARKER_NAME, TRAINER_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, *WEIGHT_FILES)
+        if names and not any(n in ours or n.startswith(("rng_state", *_ENGINE_WEIGHTS)) for n in names):
+            found.append(path)
+    return found
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -582,6 +597,7 @@ __all__ = [
     "checkpoint_problems",
     "compare_arguments",
     "discard_checkpoint",
+    "foreign_checkpoint_folders",
     "format_table",
     "fresh_staging_dir",
     "holds_work",

@@ -829,6 +829,13 @@ def prepare_output_dir(args: DenseTrainingArguments) -> None:
             "results, state and model there and would write through them into files outside the run; remove "
             "them, or choose another --output_dir"
         )
+    foreign = run_state.foreign_checkpoint_folders(out)
+    if foreign:  # the run would resume past it, rotate it away or (--overwrite_output_dir) delete it
+        held = ", ".join(sorted(p.name for p in foreign[0].iterdir())[:5])
+        raise UsageError(
+            f"--output_dir {out}: {foreign[0].name} is named like a checkpoint but holds none of a checkpoint's files "
+            f"({held}); move it out of --output_dir (a run would delete it)"
+        )
     shutil.rmtree(out / run_state.STAGING_NAME, ignore_errors=True)
     if not args.overwrite_output_dir:
         return
@@ -865,6 +872,12 @@ def resolve_checkpoint(args: DenseTrainingArguments) -> Path | None:
     for path, problems in skipped:
         logger.warning(f"skipping {path}: incomplete ({'; '.join(problems)})")
     if last is None:
+        if not skipped and (out / "config.json").is_file() and (out / run_state.ARGUMENTS_NAME).is_file():
+            raise UsageError(
+                f"output directory {out} holds the model of a finished run and no checkpoint to continue from "
+                "(the run saved none): choose another --output_dir, or pass --overwrite_output_dir to train afresh "
+                "there (its model is replaced when that run ends)"
+            )
         held = f"only incomplete checkpoints ({', '.join(p.name for p, _ in skipped)})" if skipped else "no checkpoint"
         raise UsageError(
             f"output directory {out} exists and holds {held}: pass --overwrite_output_dir to train there afresh "

@@ -319,7 +319,8 @@ def _check_position_ids(position_ids: object, batch: int, length: int) -> None:
         raise ValueError(f"position_ids must be a tensor, got {type(position_ids).__name__}")
     if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
         raise ValueError(
-            f"position_ids must have shape [{batch}, {length}] (or [1, {length}]), one per input token, "
+            f"position_ids must have shape [{batch}, {length}]{f' (or [1, {length}])' if batch != 1 else ''}, one per "
+            "input token, "
             f"got {tuple(position_ids.shape)}"
         )
     if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:

@@ -176,11 +176,24 @@ class DenseSSMForSequenceClassification(DenseSSMPreTrainedModel):
         if labels is not None:
             if labels.dtype in (torch.int8, torch.int16, torch.uint8):  # class ids, as long ones: transformers
                 labels = labels.long()  # takes any other dtype for multi-label targets and fails on their shape
+            _check_class_ids(labels, self.num_labels)
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
         if not return_dict:
             output = (pooled,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return (loss,) + output if loss is not None else output
         return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, hidden_states=outputs.hidden_states)
+
+
+def _check_class_ids(labels: torch.Tensor, num_labels: int) -> None:
+    """Class ids (integer labels of a single-label task) must name a class, or be -100 (ignored): torch's own
+    error for one that does not is an IndexError deep in the loss, naming no label."""
+    if num_labels < 2 or labels.is_floating_point() or labels.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    bad = (labels != -100) & ((labels < 0) | (labels >= num_labels))
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels must be class ids in [0, {num_labels}) (or -100: ignored), found {int(labels[bad][0])}"
+        )
 
 
 __all__ = ["DenseSSMForCausalLM", "DenseSSMForSequenceClassification"]
