@@ -869,7 +869,12 @@ CHANGED = {
     "weight decay": ({"weight_decay": 0.1}, "weight_decay", "0.0", "0.1"),
     "precision": ({"bf16": "true"}, "bf16", "false", "true"),
     "max_steps": ({"max_steps": 8}, "max_steps", "6", "8"),
-    "model size": ({"config_overrides": TINY + ",dropout=0.1,hidden_size=32"}, "config.hidden_size", "16", "32"),
+    "model size": (
+        {"config_overrides": TINY.replace("hidden_size=16", "hidden_size=32") + ",dropout=0.1"},
+        "config.hidden_size",
+        "16",
+        "32",
+    ),
     "model": (
         {"model_name_or_path": "dense_mamba_tiny", "config_overrides": None},
         "model_name_or_path",
@@ -1021,7 +1026,12 @@ def test_another_model_type_is_refused_clearly_even_when_changes_are_allowed(str
 def test_a_model_of_another_shape_is_refused_naming_the_tensors(straight, tmp_path, capsys):
     out = resumable(straight, tmp_path / "out")
     before = snapshot(out)
-    argv = straight_argv(straight, out, config_overrides=TINY + ",dropout=0.1,hidden_size=32", allow_changed_args=True)
+    argv = straight_argv(
+        straight,
+        out,
+        config_overrides=TINY.replace("hidden_size=16", "hidden_size=32") + ",dropout=0.1",
+        allow_changed_args=True,
+    )
     code, err = cli(argv, capsys)
     assert code == 2 and "cannot resume: " in err and "tensors of another shape: " in err
     assert "model.embed_tokens.weight (4096, 16) (config.json gives (4096, 32))" in err
