@@ -1122,6 +1122,8 @@ def _setup_logging(args: TrainingArguments) -> None:
     logging.getLogger("densessm.data").setLevel(logging.INFO if args.should_log else logging.WARNING)
     if not args.should_log:
         datasets.disable_progress_bars()
+    if args.disable_tqdm:  # the Trainer's own bar; transformers' save_pretrained draws another ("Writing model shards")
+        transformers.utils.logging.disable_progress_bar()
 
 
 def run_arguments(
