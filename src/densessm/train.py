@@ -68,6 +68,7 @@ from densessm.presets import list_presets, load_preset
 from densessm.run_state import WEIGHT_FILES, last_complete_checkpoint
 from densessm.tokenizer import has_tokenizer, load_tokenizer
 from densessm.trainer_flags import (
+    check_compile_flags,
     check_optim_args,
     check_optim_target_modules,
     check_scheduler_kwargs,
@@ -259,6 +260,16 @@ class DenseTrainingArguments(TrainingArguments):
                 self.save_total_limit,
             )
         _require(0 <= self.seed < 2**32, "seed", "in [0, 2**32)", self.seed)
+        if self.data_seed is not None:
+            _require(0 <= self.data_seed < 2**32, "data_seed", "in [0, 2**32)", self.data_seed)
+        _require(self.dataloader_num_workers >= 0, "dataloader_num_workers", "0 or more", self.dataloader_num_workers)
+        if self.eval_accumulation_steps is not None:
+            accumulation = self.eval_accumulation_steps
+            _require(accumulation >= 1, "eval_accumulation_steps", "a positive integer (unset: off)", accumulation)
+        _require(self.ddp_timeout > 0, "ddp_timeout", "a positive number of seconds", self.ddp_timeout)
+        warmup = self.warmup_steps
+        if _finite(warmup) and warmup >= 1:
+            _require(warmup == int(warmup), "warmup_steps", "a whole number of steps (below 1: a fraction)", warmup)
         _require(self.sample_max_new_tokens >= 0, "sample_max_new_tokens", "0 or more", self.sample_max_new_tokens)
 
     def __post_init__(self):
@@ -296,6 +307,7 @@ class DenseTrainingArguments(TrainingArguments):
         self._check_report_to()
         check_optim_args(self)
         check_optim_target_modules(self)
+        check_compile_flags(self)
         check_scheduler_kwargs(self)
 
     def _check_script_flags(self) -> None:

@@ -17,6 +17,8 @@ import json
 import math
 
 import torch
+import torch._dynamo
+import torch.utils.checkpoint
 from transformers import Trainer, TrainingArguments
 from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, get_scheduler
 from transformers.trainer_pt_utils import AcceleratorConfig
@@ -132,6 +134,7 @@ def parse_json_flags(args: TrainingArguments) -> None:
         value = getattr(args, flag, None)
         if isinstance(value, str) and value.lstrip().startswith("{"):
             setattr(args, flag, json_object(flag, value, "{}"))
+    _check_checkpointing_kwargs(args)
     config = args.accelerator_config
     if isinstance(config, str):  # the path of a JSON file
         try:
@@ -151,6 +154,38 @@ def parse_json_flags(args: TrainingArguments) -> None:
                 f"--accelerator_config {', '.join(unknown)}: not a field of accelerate's configuration (it takes "
                 f"{', '.join(known)})"
             )
+
+
+_CHECKPOINT_OWN = ("function", "args", "kwargs")  # torch.utils.checkpoint.checkpoint's own parameters
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_checkpointing_kwargs(args: TrainingArguments) -> None:
+    for flag in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        given = getattr(args, flag, None)
+        if not isinstance(given, dict):
+            continue
+        accepted = [
+            p for p in inspect.signature(torch.utils.checkpoint.checkpoint).parameters if p not in _CHECKPOINT_OWN
+        ]
+        unknown = [key for key in given if key not in accepted]
+        if unknown:
+            raise UsageError(
+                f"--{flag} {', '.join(unknown)}: not an argument of torch.utils.checkpoint (it takes "
+                f"{', '.join(accepted)})"
+            )
+
+
+def check_compile_flags(args: TrainingArguments) -> None:
+    """Refuse a ``--torch_compile_backend`` this PyTorch lacks and a ``--torch_compile_mode`` it does not know:
+    the Trainer fails on them once the model is built (one of them with an internal error)."""
+    backend = args.torch_compile_backend
+    if backend is not None:
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if backend.lower() not in known:
+            raise UsageError(f"--torch_compile_backend {backend}: not a backend of this PyTorch ({', '.join(known)})")
+    if args.torch_compile_mode is not None and args.torch_compile_mode not in _COMPILE_MODES:
+        raise UsageError(f"--torch_compile_mode {args.torch_compile_mode}: use one of {', '.join(_COMPILE_MODES)}")
 
 
 # Optimizers that read --optim_target_modules (GaLore and APOLLO, in transformers.trainer_optimizer)
