@@ -599,6 +599,7 @@ def test_model_dir_that_is_a_file(tmp_path, capsys):
         (["--window", "0"], "argument --window: must be a positive integer"),
         (["--window", "8", "--stride", "8"], "--stride must be smaller than --window (8), got 8"),
         (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--overwrite"], "--overwrite replaces the report of --output STEM: give --output, or drop --overwrite"),
     ],
 )
 def test_eval_ppl_usage_errors(model_dir, corpus, capsys, flags, message):

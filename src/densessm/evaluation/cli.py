@@ -62,6 +62,8 @@ def _check_output(args: argparse.Namespace) -> None:
     replace files unasked, land in the model's directory, or need a directory where a file is."""
     resolve_device(args.device)
     if not args.output:
+        if args.overwrite:  # nothing is written without --output: the flag would change nothing
+            raise UsageError("--overwrite replaces the report of --output STEM: give --output, or drop --overwrite")
         return
     model_dir = Path(args.model_dir).resolve()
     # what the command reads and its report must never replace: eval ppl's corpus, eval tasks' data
