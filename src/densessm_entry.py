@@ -14,3 +14,7 @@ def main() -> int:
         print("densessm: interrupted", file=sys.stderr)
         return 130
     return run()
+
+
+if __name__ == "__main__":  # python -m densessm_entry: what the experiment runs for each command
+    sys.exit(main())

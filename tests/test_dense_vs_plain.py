@@ -435,3 +435,38 @@ def test_a_bad_grid_shape_is_refused_before_the_tokenizer_is_trained(monkeypatch
     with pytest.raises(ValueError, match="^grid shape mamba_smoke.json names fields DenseMambaConfig does not have"):
         experiment.prepare(corpus, out, SCALES["smoke"])
     assert not out.exists()
+
+
+def test_ctrl_c_stops_the_grid_without_starting_the_queued_runs(tmp_path, monkeypatch):
+    """The executor's exit ran every queued run after Ctrl-C: the experiment went on training and evaluating
+    without a word until it was killed."""
+    import densessm_lab.experiments.dense_vs_plain as exp
+    from densessm.errors import Interrupted
+
+    started = []
+
+    def execute(corpus, out, scale, run, threads, task_data=None):
+        started.append(run.model)
+        raise KeyboardInterrupt  # as _subprocess raises when the run's command exits 130
+
+    monkeypatch.setattr(exp, "execute", execute)
+    scale = SCALES["smoke"]
+    with pytest.raises(Interrupted, match="experiment stopped: finished runs keep their result.json"):
+        list(exp.run_grid(tmp_path, tmp_path / "out", scale, [0, 1], jobs=1))
+    assert len(started) == 1
+
+
+@pytest.mark.parametrize(("code", "error"), [(130, KeyboardInterrupt), (-2, KeyboardInterrupt), (1, RuntimeError)])
+def test_a_command_of_the_grid_that_was_interrupted_stops_its_worker(tmp_path, monkeypatch, code, error):
+    import densessm_lab.experiments.dense_vs_plain as exp
+
+    class Finished:
+        def __init__(self, argv, **kwargs):
+            assert argv[1:3] == ["-m", "densessm_entry"]  # the console script's guard against Ctrl-C on import
+
+        def wait(self, timeout=None):
+            return code
+
+    monkeypatch.setattr(exp.subprocess, "Popen", Finished)
+    with pytest.raises(error, match=r"`densessm train \.\.\.` (was interrupted|failed \(exit 1\)); see "):
+        exp._subprocess(["train"], tmp_path / "log", 1)

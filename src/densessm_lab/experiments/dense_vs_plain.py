@@ -17,13 +17,16 @@ the report.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -36,6 +39,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
 
 from densessm.data import build_blocks, find_data_files
+from densessm.errors import Interrupted
 from densessm.files import atomic_write_text, confined_file, loads_json, read_json
 from densessm.models import FAMILIES, Family
 from densessm.presets import load_grid_shape, load_preset
@@ -457,8 +461,17 @@ def grid(out: Path, scale: Scale, seeds: Sequence[int]) -> list[Run]:
     return runs
 
 
+_children: set[subprocess.Popen] = set()  # the runs' commands now running, to stop on Ctrl-C
+_children_lock = threading.Lock()
+_STOP_WAIT = 120  # seconds a stopped command has to save and exit before it is killed
+
+
 def _subprocess(argv: list[str], log: Path, threads: int) -> float:
-    """Run ``densessm ARGV`` with ``threads`` intra-op threads, output to ``log``; returns its wall time."""
+    """Run ``densessm ARGV`` with ``threads`` intra-op threads, output to ``log``; returns its wall time. A command
+    interrupted (exit 130) raises ``KeyboardInterrupt`` in the worker, so the grid stops instead of going on.
+
+    The command starts through the console script's module (``densessm_entry``), as ``densessm`` does: a Ctrl-C
+    while it imports is its one line, not a traceback in the log."""
     env = os.environ | {
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
@@ -468,12 +481,56 @@ def _subprocess(argv: list[str], log: Path, threads: int) -> float:
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"\n$ densessm {' '.join(argv)}\n")
         f.flush()
-        done = subprocess.run(
-            [sys.executable, "-m", "densessm.cli", *argv], stdout=f, stderr=subprocess.STDOUT, env=env
+        child = subprocess.Popen(
+            [sys.executable, "-m", "densessm_entry", *argv], stdout=f, stderr=subprocess.STDOUT, env=env
         )
-    if done.returncode:
-        raise RuntimeError(f"`densessm {argv[0]} ...` failed (exit {done.returncode}); see {log}")
+        with _children_lock:
+            _children.add(child)
+        try:
+            code = child.wait()
+        finally:
+            with _children_lock:
+                _children.discard(child)
+    if code in (130, -signal.SIGINT):
+        raise KeyboardInterrupt(f"`densessm {argv[0]} ...` was interrupted; see {log}")
+    if code:
+        raise RuntimeError(f"`densessm {argv[0]} ...` failed (exit {code}); see {log}")
     return time.perf_counter() - start
+
+
+def _stop_children() -> None:
+    """Ctrl-C to every command still running (a terminal sends it to them too; a signal to this process alone
+    does not), then wait for them to save and exit."""
+    with _children_lock:
+        running = list(_children)
+    for child in running:
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signal.SIGINT)
+    for child in running:
+        try:
+            child.wait(timeout=_STOP_WAIT)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+@contextlib.contextmanager
+def _jobs(count: int) -> Iterator[ThreadPoolExecutor]:
+    """A pool of ``count`` workers that, on Ctrl-C, starts no further job and stops the running ones (the
+    executor's own exit would wait for every queued job, running them all)."""
+    pool = ThreadPoolExecutor(max_workers=count)
+    try:
+        yield pool
+    except (KeyboardInterrupt, GeneratorExit) as stop:  # GeneratorExit: the caller of run_grid stopped reading
+        pool.shutdown(wait=False, cancel_futures=True)
+        _stop_children()
+        if isinstance(stop, GeneratorExit):
+            raise
+        raise Interrupted(
+            "experiment stopped: finished runs keep their result.json; the same command resumes the others from "
+            "their checkpoints"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def execute(corpus: Path, out: Path, scale: Scale, run: Run, threads: int, task_data: str | None = None) -> dict:
@@ -552,7 +609,7 @@ def run_grid(
     """Run every unfinished run of the grid, ``jobs`` at a time; yields each as it finishes."""
     runs = [r for r in grid(out, scale, seeds) if not r.done]
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with _jobs(jobs) as pool:
         futures = {pool.submit(execute, corpus, out, scale, run, threads, task_data): run for run in runs}
         for future in as_completed(futures):
             yield futures[future], future.result()
@@ -572,5 +629,5 @@ def measure_throughput(corpus: Path, out: Path, scale: Scale, jobs: int, steps: 
         return json.loads((run.directory / "train_results.json").read_text())["train_tokens_per_second"]
 
     (out / "throughput").mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with _jobs(jobs) as pool:
         return dict(zip(names, pool.map(one, names), strict=True))
