@@ -7,6 +7,8 @@ so the dense hidden connection takes part in every check.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -192,3 +194,21 @@ def test_sequence_classification_names_a_class_id_outside_the_classes(name):
             ):
                 model(tokens, labels=labels)
         assert torch.isfinite(model(tokens, labels=torch.tensor([-100, 2])).loss)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_trainer_trains_and_evaluates_sequence_classification(name, tmp_path):
+    """The Trainer passes num_items_in_batch, which the classifier refused as an unknown argument."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    config = load_preset(f"dense_{name}_tiny", num_labels=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = _family(name).sequence_classification(config)
+    data = Dataset.from_dict({"input_ids": [[5, 6, 7, 8]] * 4, "labels": [0, 1, 0, 1]})
+    args = TrainingArguments(
+        str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no"
+    )
+    trainer = Trainer(model, args, train_dataset=data)
+    assert math.isfinite(trainer.train().training_loss)
+    assert math.isfinite(trainer.evaluate(data)["eval_loss"])

@@ -156,7 +156,9 @@ class DenseSSMForSequenceClassification(DenseSSMPreTrainedModel):
         """Pooled logits ``[B, num_labels]``; ``labels`` give a regression, single- or multi-label loss."""
         if given_cache(None, kwargs) is not None:
             raise ValueError("sequence classification reads whole sequences: it takes no cache")
-        check_no_other_arguments(self, kwargs, accepted=frozenset({"use_cache"}))
+        # the Trainer passes num_items_in_batch for a loss summed over tokens; a classification loss is a mean
+        # over rows, and takes none
+        check_no_other_arguments(self, kwargs, accepted=frozenset({"use_cache", "num_items_in_batch"}))
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.base_model(
             input_ids=input_ids,
