@@ -209,6 +209,16 @@ BAD_OPTIMIZER_FLAGS = [
         {"lr_scheduler_type": "cosine_with_restarts", "lr_scheduler_kwargs": '{"num_cycles": 2, "num_cycles": 3}'},
         "--lr_scheduler_kwargs is not valid JSON (the key 'num_cycles' appears twice in one object)",
     ),
+    ({"deepspeed": "{}"}, "--deepspeed {}: an empty configuration; give DeepSpeed's settings (or its JSON file)"),
+    (
+        {"gradient_checkpointing": "true", "gradient_checkpointing_kwargs": "notjson"},
+        "--gradient_checkpointing_kwargs is not valid JSON (Expecting value): give an object such as",
+    ),
+    (
+        {"gradient_checkpointing_kwargs": '{"use_reentrant": false}'},
+        "--gradient_checkpointing_kwargs applies with --gradient_checkpointing: add it, or drop",
+    ),
+    ({"ddp_backend": "gloo"}, "--ddp_backend gloo applies to a run of several processes (torchrun or accelerate"),
     ({"accelerator_config": '{"foo": 1}'}, "--accelerator_config foo: not a field of accelerate's configuration (it"),
     ({"accelerator_config": '{"split_batches": '}, "--accelerator_config is not valid JSON (Expecting value): give"),
     ({"accelerator_config": "nosuch.json"}, "--accelerator_config nosuch.json: not a readable JSON file ([Errno 2]"),
@@ -1081,6 +1091,27 @@ def test_rerunning_a_finished_run_trains_nothing_says_so_and_changes_nothing(str
         f"nothing to do: the run in {out} has already finished ({out / 'checkpoint-6'} is its last step" in caplog.text
     )
     assert snapshot(out) == before
+
+
+def test_dropping_the_last_batch_of_a_set_smaller_than_a_batch_is_refused_before_training(tmp_path, capsys):
+    """The validation set was dropped whole, and the run ended after training with an internal error."""
+    argv = train_argv(tmp_path, dataloader_drop_last="true", per_device_eval_batch_size=100_000)
+    code, err = cli(argv, capsys)
+    assert code == 2
+    assert "fewer than one batch of 100000 (--per_device_eval_batch_size), and --dataloader_drop_last would drop" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resuming_another_runs_last_checkpoint_saves_its_model_and_says_why(straight, tmp_path, caplog):
+    """It said the finished run's final save "was cut short", though that run had saved its model."""
+    out = tmp_path / "new"
+    with caplog.at_level(logging.WARNING, logger="densessm.train"):
+        main(straight_argv(straight, out, resume_from_checkpoint=str(straight / "checkpoint-6")))
+    assert (
+        f"the run of {straight / 'checkpoint-6'} had finished at step 6, and {out} holds no model yet: the model of "
+        in caplog.text
+    )
+    assert "cut short" not in caplog.text and (out / "config.json").is_file()
 
 
 def test_rerunning_a_finished_run_that_saved_no_checkpoint_says_what_the_folder_holds(tmp_path, capsys):

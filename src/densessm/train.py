@@ -320,6 +320,11 @@ class DenseTrainingArguments(TrainingArguments):
                 "--do_predict: densessm train has no prediction step; use `densessm generate` or `densessm eval`"
             )
         self.wants_eval = self.do_eval
+        if self.ddp_backend is not None and "LOCAL_RANK" not in os.environ:  # else torch's "not initialized"
+            raise UsageError(
+                f"--ddp_backend {self.ddp_backend} applies to a run of several processes (torchrun or accelerate "
+                "launch); this is one process: drop --ddp_backend, or start the run with a launcher"
+            )
         if self.label_names not in (None, ["labels"]):  # the Trainer then finds no loss: an internal error later
             raise UsageError(
                 f"--label_names {' '.join(self.label_names)}: this command's batches carry their targets as 'labels'"
@@ -775,10 +780,13 @@ def finish_run(checkpoint: Path, output_dir: Path, use_cache: bool) -> None:
         and p.name not in _TRAINING_STATE_FILES
         and not p.name.startswith(("rng_state", "scheduler", "scaler", "optimizer"))
     ]
+    # the checkpoint is this run's (its final save was cut short), or another run's, named by --resume_from_checkpoint
+    ours = checkpoint.resolve().parent == output_dir.resolve()
+    why = "but its final save was cut short" if ours else f"and {output_dir} holds no model yet"
     if not any(p.name in WEIGHT_FILES for p in model_files):
         raise UsageError(
-            f"the run in {output_dir} had finished at step {step}, but its final save was cut short, and {checkpoint} "
-            "holds its weights only in the engine's format (FSDP/DeepSpeed): convert them from there"
+            f"the run of {checkpoint} had finished at step {step}, {why}, and {checkpoint} holds its weights only in "
+            "the engine's format (FSDP/DeepSpeed): convert them from there"
         )
     staging = run_state.fresh_staging_dir(output_dir)
     for path in model_files:
@@ -788,8 +796,8 @@ def finish_run(checkpoint: Path, output_dir: Path, use_cache: bool) -> None:
     config.save_pretrained(staging)
     run_state.publish_model(staging, output_dir)
     logger.warning(
-        f"the run had finished at step {step}, but its final save was cut short: the model of {checkpoint} is now "
-        f"saved in {output_dir}/ (nothing was trained)"
+        f"the run of {checkpoint} had finished at step {step}, {why}: the model of {checkpoint} is now saved in "
+        f"{output_dir}/ (nothing was trained)"
     )
 
 
@@ -1377,6 +1385,17 @@ def _train_locked(
         * training_args.world_size
     )
     rows = training_args.per_device_train_batch_size * training_args.world_size
+    if training_args.dataloader_drop_last:  # a set smaller than one batch would be dropped whole
+        eval_rows = training_args.per_device_eval_batch_size * training_args.world_size
+        for name, blocks, batch, flag in (
+            ("training", train_set, rows, "per_device_train_batch_size"),
+            ("validation", eval_set, eval_rows, "per_device_eval_batch_size"),
+        ):
+            if isinstance(blocks, datasets.Dataset) and len(blocks) < batch:
+                raise UsageError(
+                    f"the {name} set holds {len(blocks)} blocks, fewer than one batch of {batch} (--{flag}), and "
+                    "--dataloader_drop_last would drop them all: lower the batch size or drop --dataloader_drop_last"
+                )
     batches = math.ceil(len(train_set) / rows) if isinstance(train_set, datasets.Dataset) else None
     if batches is not None and batches < training_args.gradient_accumulation_steps:
         logger.warning(

@@ -132,8 +132,14 @@ def parse_json_flags(args: TrainingArguments) -> None:
     ``--accelerator_config``'s keys (an unknown one was an internal error once the model was built)."""
     for flag in _JSON_FLAGS:
         value = getattr(args, flag, None)
-        if isinstance(value, str) and value.lstrip().startswith("{"):
-            setattr(args, flag, json_object(flag, value, "{}"))
+        # the checkpointing keywords are never a file: any text is their JSON (transformers' dict() of it said
+        # only "dictionary update sequence element #0 has length 1")
+        if isinstance(value, str) and (value.lstrip().startswith("{") or flag.endswith("checkpointing_kwargs")):
+            setattr(
+                args, flag, json_object(flag, value, '{"use_reentrant": false}' if "checkpointing" in flag else "{}")
+            )
+    if args.deepspeed == {}:  # transformers takes an empty configuration for no DeepSpeed at all
+        raise UsageError("--deepspeed {}: an empty configuration; give DeepSpeed's settings (or its JSON file)")
     _check_checkpointing_kwargs(args)
     config = args.accelerator_config
     if isinstance(config, str):  # the path of a JSON file
@@ -165,6 +171,9 @@ def _check_checkpointing_kwargs(args: TrainingArguments) -> None:
         given = getattr(args, flag, None)
         if not isinstance(given, dict):
             continue
+        if not (getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing):
+            switch = flag.removesuffix("_kwargs")
+            raise UsageError(f"--{flag} applies with --{switch}: add it, or drop --{flag}")
         accepted = [
             p for p in inspect.signature(torch.utils.checkpoint.checkpoint).parameters if p not in _CHECKPOINT_OWN
         ]
