@@ -1298,3 +1298,14 @@ def test_convert_names_a_source_that_is_a_symlink_to_nowhere(tmp_path, capsys):
     (tmp_path / "ref").symlink_to(tmp_path / "gone")
     code, err = run(["convert", str(tmp_path / "ref"), str(tmp_path / "out")], capsys)
     assert code == 1 and "is a symlink that leads nowhere" in err, err
+
+
+def test_bench_compile_backend_without_compile_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """It was checked and then ignored: the run measured eager steps."""
+    _no_measuring(monkeypatch)
+    argv = ["bench", "generate", "--compile-backend", "eager", "--out", str(tmp_path / "x")]
+    code, err = run(argv, capsys)
+    assert (code, err.strip().splitlines()[-1]) == (
+        2,
+        "densessm bench: error: --compile-backend eager applies with --compile: add it, or drop the backend",
+    )

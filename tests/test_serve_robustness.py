@@ -783,3 +783,13 @@ def test_strings_for_numbers_and_numbers_for_booleans_are_refused(app, fields, m
     """pydantic read "3" as 3 and "yes" or 1 as true, where OpenAI's API refuses them."""
     code, answer = app.post("/v1/completions", completion(**fields))
     assert code == 400 and answer["error"]["message"] == message
+
+
+@pytest.mark.parametrize("given", [{"max_tokens": None}, {}])
+def test_a_completion_without_max_tokens_takes_the_default_within_the_servers_limit(app, given):
+    """null gave as many tokens as the server allows while an absent key gave 16 (OpenAI's default for both);
+    above the server's own limit the default was refused, blaming max_tokens, which the client never sent."""
+    body = {k: v for k, v in completion().items() if k != "max_tokens"} | given
+    code, answer = app.post("/v1/completions", body)
+    assert code == 200, answer
+    assert answer["usage"]["completion_tokens"] <= 8  # this server allows 8 (--max-tokens); the default is 16

@@ -47,7 +47,13 @@ from densessm.serving.engine import (
     QueueFull,
 )
 from densessm.serving.metrics import ServerMetrics
-from densessm.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
+from densessm.serving.protocol import (
+    DEFAULT_COMPLETION_TOKENS,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    validation_error,
+)
 from densessm.serving.sampling import SamplingParams, TokenLogprob
 
 log = logging.getLogger("densessm.serve")
@@ -229,9 +235,12 @@ class _Server:
                 400, f"token id {bad} is out of range for the model's vocabulary of {self.vocab_size}", param=param
             )
 
-    def completion_budget(self, prompts: list[list[int]], asked: int | None, param: str = "max_tokens") -> int:
-        """``max_tokens`` as asked (checked against the limits), or the most the context allows; ``param`` is the
-        name the client gave it (chat's ``max_completion_tokens``)."""
+    def completion_budget(
+        self, prompts: list[list[int]], asked: int | None, param: str = "max_tokens", default: int | None = None
+    ) -> int:
+        """``max_tokens`` as asked (checked against the limits), or when not asked ``default`` (a completion's 16,
+        as OpenAI's) within the most the server and the context allow; ``param`` is the name the client gave it
+        (chat's ``max_completion_tokens``)."""
         settings = self.settings
         room = settings.max_model_len - max(len(p) for p in prompts)
         if asked is None:
@@ -242,7 +251,7 @@ class _Server:
                     param="messages",
                     code="context_length_exceeded",
                 )
-            return min(settings.max_tokens, room)
+            return min(settings.max_tokens, room, default or settings.max_tokens)
         if asked > settings.max_tokens:
             raise APIError(
                 400,
@@ -538,7 +547,7 @@ def create_app(
     async def completions(body: CompletionRequest, http: Request):
         server.check_model(body.model)
         prompts = server.completion_prompts(body.prompt)
-        max_tokens = server.completion_budget(prompts, body.max_tokens)
+        max_tokens = server.completion_budget(prompts, body.max_tokens, default=DEFAULT_COMPLETION_TOKENS)
         n, params = server.sampling(body, max_tokens, body.logprobs)
         request, queue = server.submit(prompts, params, n)
         rid, created = f"cmpl-{request.id}", int(time.time())

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
+DEFAULT_COMPLETION_TOKENS = 16  # a completion's max_tokens when not given, as in OpenAI's API
 MAX_TOKEN_ID_DIGITS = 12  # a logit_bias key longer than this is no token id of any vocabulary
 
 
@@ -193,7 +194,7 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
     prompt: Prompt
-    max_tokens: Annotated[Int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[Int, Field(ge=1)] | None = None  # absent or null: DEFAULT_COMPLETION_TOKENS
     logprobs: Annotated[Int, Field(ge=0, le=5)] | None = None
     echo: Bool | None = False
     best_of: Annotated[Int, Field(ge=1)] | None = None

@@ -60,7 +60,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="recurrent models decode through the compiled step (CUDA graphs on a GPU); the LLaMAs stay eager",
     )
     gen.add_argument(
-        "--compile-backend", type=compile_backend, default="inductor", help="torch.compile backend of --compile"
+        "--compile-backend", type=compile_backend, help="torch.compile backend of --compile (default: inductor)"
     )
     gen.add_argument(
         "--overhead-steps", type=nonnegative_int, default=40, help="alternating rounds per dense/plain pair (0: skip)"
@@ -87,6 +87,11 @@ def bench_generate(args: argparse.Namespace) -> None:
             raise UsageError(f"--quantize {args.quantize}: {problem} (use --device cpu --dtype float32)")
         if args.compile:
             raise UsageError(f"--quantize {args.quantize} cannot be compiled: drop --compile or --quantize")
+    if args.compile_backend is not None and not args.compile:  # it would change nothing
+        raise UsageError(
+            f"--compile-backend {args.compile_backend} applies with --compile: add it, or drop the backend"
+        )
+    args.compile_backend = args.compile_backend or "inductor"
     batches = list(dict.fromkeys(args.batch))
     check_path(args.out, "--out")  # a parent that is a file: refused now, not after the measurements
     if args.out.is_dir():  # the files would land beside it, not in it
