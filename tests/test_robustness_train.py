@@ -209,6 +209,11 @@ BAD_OPTIMIZER_FLAGS = [
         {"lr_scheduler_type": "cosine_with_restarts", "lr_scheduler_kwargs": '{"num_cycles": 2, "num_cycles": 3}'},
         "--lr_scheduler_kwargs is not valid JSON (the key 'num_cycles' appears twice in one object)",
     ),
+    ({"parallelism_config": '{"foo": 1}'}, '--parallelism_config {"foo": 1}: ParallelismConfig.__init__() got an'),
+    (
+        {"liger_kernel_config": '{"rope": true}'},
+        "--liger_kernel_config applies with --use_liger_kernel: add it, or drop",
+    ),
     ({"deepspeed": "{}"}, "--deepspeed {}: an empty configuration; give DeepSpeed's settings (or its JSON file)"),
     (
         {"gradient_checkpointing": "true", "gradient_checkpointing_kwargs": "notjson"},
@@ -287,6 +292,16 @@ def test_the_reference_scripts_switches_that_are_honoured_pass(tmp_path):
     assert "eval" in summary
     argv = train_argv(tmp_path, output="unscored", do_eval="false", validation_split_percentage=0, max_steps=1)
     assert "eval" not in main(argv)
+
+
+def test_the_parallelism_config_can_be_given_on_the_command_line():
+    """transformers' parser called every value of --parallelism_config invalid."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    (_, _, args) = densessm.train.parse_args(
+        ["--output_dir", "unused", "--parallelism_config", '{"dp_replicate_size": 1}', "--report_to", "none"]
+    )
+    assert isinstance(args.parallelism_config, ParallelismConfig) and args.parallelism_config.dp_replicate_size == 1
 
 
 def test_use_liger_kernel_without_the_package_is_refused_before_any_work(tmp_path, capsys, monkeypatch):

@@ -73,6 +73,7 @@ from densessm.trainer_flags import (
     check_optim_target_modules,
     check_scheduler_kwargs,
     parse_json_flags,
+    parse_object_flags,
     parse_optim_args,
     parse_scheduler_kwargs,
 )
@@ -203,6 +204,14 @@ class DenseTrainingArguments(TrainingArguments):
             "const": True,
         },
     )
+    parallelism_config: str | None = field(
+        default=None,
+        metadata={"help": "accelerate's ParallelismConfig as a JSON object, e.g. '{\"dp_shard_size\": 2}'."},
+    )
+    liger_kernel_config: str | None = field(
+        default=None,
+        metadata={"help": "Which Liger kernels --use_liger_kernel applies, as a JSON object, e.g. '{\"rope\": true}'."},
+    )
     allow_changed_args: bool = field(
         default=False,
         metadata={
@@ -277,6 +286,7 @@ class DenseTrainingArguments(TrainingArguments):
         self._check_script_flags()
         self.lr_scheduler_kwargs = parse_scheduler_kwargs(self.lr_scheduler_kwargs)
         parse_json_flags(self)
+        parse_object_flags(self)
         if self.optim_args:
             parse_optim_args(self.optim_args)
         if self.lr_scheduler_type == "polynominal":  # the reference README's spelling

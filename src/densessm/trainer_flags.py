@@ -19,6 +19,7 @@ import math
 import torch
 import torch._dynamo
 import torch.utils.checkpoint
+from accelerate.parallelism_config import ParallelismConfig
 from transformers import Trainer, TrainingArguments
 from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, get_scheduler
 from transformers.trainer_pt_utils import AcceleratorConfig
@@ -160,6 +161,21 @@ def parse_json_flags(args: TrainingArguments) -> None:
                 f"--accelerator_config {', '.join(unknown)}: not a field of accelerate's configuration (it takes "
                 f"{', '.join(known)})"
             )
+
+
+def parse_object_flags(args: TrainingArguments) -> None:
+    """``--parallelism_config`` and ``--liger_kernel_config`` as the objects the Trainer takes: transformers'
+    parser has no way to read either from a command line (it called any value invalid)."""
+    if isinstance(args.parallelism_config, str):
+        fields = json_object("parallelism_config", args.parallelism_config, '{"dp_shard_size": 2}')
+        try:
+            args.parallelism_config = ParallelismConfig(**fields)
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"--parallelism_config {args.parallelism_config}: {err}") from None
+    if isinstance(args.liger_kernel_config, str):
+        args.liger_kernel_config = json_object("liger_kernel_config", args.liger_kernel_config, '{"rope": true}')
+    if args.liger_kernel_config is not None and not args.use_liger_kernel:
+        raise UsageError("--liger_kernel_config applies with --use_liger_kernel: add it, or drop the configuration")
 
 
 _CHECKPOINT_OWN = ("function", "args", "kwargs")  # torch.utils.checkpoint.checkpoint's own parameters
