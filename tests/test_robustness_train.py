@@ -7,6 +7,7 @@ uninterrupted run; a second run on the same --output_dir fails at once naming th
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -1571,3 +1572,14 @@ def test_run_files_nested_too_deep_are_damage_not_an_internal_error(tmp_path):
     assert run_state.read_arguments(tmp_path) is None
     with pytest.raises(ValueError, match="is unreadable .*nests deeper than Python's parser can follow"):
         run_state.read_arguments(tmp_path, strict=True)
+
+
+def test_the_hub_token_is_not_written_into_the_pickled_arguments():
+    """transformers' training_args.bin, saved in every checkpoint, held --hub_token in plain text."""
+    import pickle
+
+    args = DenseTrainingArguments(output_dir="unused", report_to="none", hub_token="hf_secret")
+    assert args.hub_token == "hf_secret"  # the run itself still has it
+    assert b"hf_secret" not in pickle.dumps(args)
+    assert pickle.loads(pickle.dumps(args)).hub_token == "<HUB_TOKEN>"
+    assert copy.copy(args).hub_token == copy.deepcopy(args).hub_token == "hf_secret"  # copies in memory keep it

@@ -18,6 +18,7 @@ engine (FSDP, DeepSpeed) would silently become another.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -319,6 +320,26 @@ class DenseTrainingArguments(TrainingArguments):
         check_optim_target_modules(self)
         check_compile_flags(self)
         check_scheduler_kwargs(self)
+
+    def __getstate__(self) -> dict:
+        """Pickled without secrets: the Trainer writes these arguments into every checkpoint and the final model
+        (``training_args.bin``), where a ``--hub_token`` was kept in plain text (``to_dict`` masks it already)."""
+        state = dict(self.__dict__)
+        for name in state:
+            if name.endswith("_token") and state[name] is not None:
+                state[name] = f"<{name.upper()}>"
+        return state
+
+    def __copy__(self) -> DenseTrainingArguments:  # a copy in memory keeps the token (a push needs it)
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
+
+    def __deepcopy__(self, memo: dict) -> DenseTrainingArguments:
+        twin = object.__new__(type(self))
+        memo[id(self)] = twin
+        twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return twin
 
     def _check_script_flags(self) -> None:
         """The reference script's ``--do_*`` switches: this command always trains and scores the validation set it
