@@ -169,11 +169,6 @@ BAD_FLAGS = [
     ("warmup_steps", "1.5", "--warmup_steps must be a whole number of steps (below 1: a fraction), got 1.5"),
     ("eval_accumulation_steps", "0", "--eval_accumulation_steps must be a positive integer (unset: off), got 0"),
     ("ddp_timeout", "-5", "--ddp_timeout must be a positive number of seconds, got -5"),
-    (
-        "gradient_checkpointing_kwargs",
-        '{"foo": 1}',
-        "--gradient_checkpointing_kwargs foo: not an argument of torch.utils.checkpoint (it takes use_reentrant",
-    ),
     ("label_names", "foo", "--label_names foo: this command's batches carry their targets as 'labels'"),
     ("metric_for_best_model", "accuracy", "--metric_for_best_model accuracy: the evaluation reports loss and perp"),
     ("optim_args", "beta1=0.5", "--optim_args beta1: --optim adamw_torch_fused does not read it (AdamW takes --adam"),
@@ -214,6 +209,10 @@ BAD_OPTIMIZER_FLAGS = [
     (
         {"liger_kernel_config": '{"rope": true}'},
         "--liger_kernel_config applies with --use_liger_kernel: add it, or drop",
+    ),
+    (
+        {"gradient_checkpointing": "true", "gradient_checkpointing_kwargs": '{"foo": 1}'},
+        "--gradient_checkpointing_kwargs foo: not an argument of torch.utils.checkpoint (it takes use_reentrant",
     ),
     ({"deepspeed": "{}"}, "--deepspeed {}: an empty configuration; give DeepSpeed's settings (or its JSON file)"),
     (
