@@ -284,7 +284,7 @@ class DenseTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self._check_numbers()
-        self._check_script_flags()
+        self._check_run_flags()
         self.lr_scheduler_kwargs = parse_scheduler_kwargs(self.lr_scheduler_kwargs)
         parse_json_flags(self)
         parse_object_flags(self)
@@ -341,9 +341,12 @@ class DenseTrainingArguments(TrainingArguments):
         twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return twin
 
-    def _check_script_flags(self) -> None:
-        """The reference script's ``--do_*`` switches: this command always trains and scores the validation set it
-        holds out, so a switch that asks otherwise would be ignored without a word; refused instead."""
+    def _check_run_flags(self) -> None:
+        """Flags this run would ignore without a word, or that the Trainer refuses only once the model is built.
+
+        The reference script's ``--do_*`` switches: this command always trains and scores the validation set it
+        holds out, so a switch that asks otherwise is refused (``do_eval`` is kept as asked in ``wants_eval``:
+        the data arguments decide whether it conflicts)."""
         if self.do_train is False:
             raise UsageError("--do_train false: this command always trains; to score a model use `densessm eval ppl`")
         if self.do_predict:
