@@ -405,6 +405,16 @@ def test_a_state_holding_nan_or_inf_is_refused_on_load(tmp_path, saved, key, val
         RecurrentCache.load(_tampered(tmp_path, saved, tensors))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_state_holding_nan_or_inf_is_refused_on_save(tmp_path, value):
+    """It was written without a word, as a file that every load then refused."""
+    cache = _cache(_model("mamba"))
+    cache.layers[0]["conv"].view(-1)[0] = value
+    with pytest.raises(ValueError, match="cannot save the state: tensor layers.0.conv holds NaN or infinite values"):
+        cache.save(tmp_path / "c.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS (any Linux one)")
 def test_a_device_that_is_not_there_is_named(saved):
     with pytest.raises(ValueError, match="device 'mps' is not available here"):

@@ -307,6 +307,22 @@ def test_a_file_named_twice_is_refused(tmp_path):
         find_data_files([tmp_path, tmp_path / "a.txt"])
 
 
+def test_hard_links_to_one_file_are_one_file(tmp_path, tokenizer):
+    """Two hard links have different paths: a corpus holding both counted its documents twice, and a hard link as
+    --validation_files measured the loss on training text, without a word."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(TEXT * 5)
+    os.link(corpus / "a.txt", corpus / "b.txt")
+    with pytest.raises(UsageError, match=r"b\.txt is in the corpus twice \(as .*a\.txt and .*b\.txt\)"):
+        find_data_files([corpus])
+    (corpus / "b.txt").unlink()
+    os.link(corpus / "a.txt", tmp_path / "val.txt")
+    args = DataArguments(dataset_dir=[str(corpus)], validation_files=[str(tmp_path / "val.txt")])
+    with pytest.raises(UsageError, match=r"val\.txt is in both --dataset_dir and --validation_files"):
+        load_blocks(args, tokenizer, 8, seed=0)
+
+
 def test_validation_files_that_are_training_files_are_refused(tmp_path, tokenizer):
     (tmp_path / "a.txt").write_text(TEXT * 5)
     args = DataArguments(dataset_dir=[str(tmp_path)], validation_files=[str(tmp_path / "a.txt")])

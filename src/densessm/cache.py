@@ -396,6 +396,9 @@ class RecurrentCache(Cache):
             raise _exists(path)
         # contiguous copies: a state tensor may be a strided view sharing memory with another (safetensors refuses)
         tensors = {f"layers.{i}.{name}": _copy(t) for i, layer in enumerate(self.layers) for name, t in layer.items()}
+        nonfinite = next((key for key, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
+        if nonfinite is not None:  # load refuses such a file: saving it would keep nothing usable
+            raise ValueError(f"cannot save the state: tensor {nonfinite} holds NaN or infinite values")
         tensors["positions"] = _copy(self.positions)
         layout = [
             {name: [list(shape), _dtype_name(dtype)] for name, (shape, dtype) in layer.items()}

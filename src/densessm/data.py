@@ -260,13 +260,13 @@ def find_data_files(paths: Sequence[str | os.PathLike], debug_mode: bool = False
             raise CorpusError(f"{given} is not a regular file (a pipe, socket or device)")
         else:
             found.append(given)
-    first: dict[Path, Path] = {}
+    first: dict[tuple[int, int], Path] = {}
     for path in found:
-        resolved = path.resolve()
-        if resolved in first:
-            also = f" (as {first[resolved]} and {path})" if first[resolved] != path else ""
-            raise UsageError(f"{resolved} is in the corpus twice{also}: its documents would count double")
-        first[resolved] = path
+        key = _file_identity(path)
+        if key in first:
+            also = f" (as {first[key]} and {path})" if first[key] != path else ""
+            raise UsageError(f"{path.resolve()} is in the corpus twice{also}: its documents would count double")
+        first[key] = path
     unreadable = [str(p) for p in found if not os.access(p, os.R_OK)]
     if unreadable:
         raise PermissionError(f"cannot read {', '.join(unreadable)}: permission denied")
@@ -891,10 +891,16 @@ def stream_blocks(
     return train, (blocks(0).take(n_val) if n_val else None)
 
 
+def _file_identity(path: str | os.PathLike) -> tuple[int, int]:
+    """The file a path names, whatever the path (symlinks and hard links to one file are one file)."""
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
 def _check_apart(train: dict[str, list[str]], held_out: dict[str, list[str]]) -> None:
     """Refuse validation files that are also training files: the validation loss would flatter the model."""
-    training = {Path(name).resolve() for group in train.values() for name in group}
-    both = [name for group in held_out.values() for name in group if Path(name).resolve() in training]
+    training = {_file_identity(name) for group in train.values() for name in group}
+    both = [name for group in held_out.values() for name in group if _file_identity(name) in training]
     if both:
         raise UsageError(
             f"{', '.join(both[:3])} {'is' if len(both) == 1 else 'are'} in both --dataset_dir and --validation_files: "
