@@ -277,3 +277,14 @@ def test_a_refused_quantization_leaves_the_model_as_it_was(tmp_path):
     assert [type(m) for m in model.modules()] == before and model.training
     model.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("asked", ["int4", "fp8", "INT8", True, ""])
+def test_prepare_for_decoding_names_a_quantization_it_does_not_have(asked):
+    """Any truthy value ("int4", "fp8", True) gave int8 weights without a word."""
+    from densessm.inference import prepare_for_decoding
+
+    model = DenseRetNetForCausalLM(tiny_config()).eval()
+    with pytest.raises(ValueError, match=r"quantize must be None or one of int8, got "):
+        prepare_for_decoding(model, asked, prepack=False, compiled=False)
+    assert not any(type(m).__name__ == "Int8Linear" for m in model.modules())

@@ -359,6 +359,28 @@ def test_push_to_hub_without_a_reachable_hub_is_refused_before_any_work(tmp_path
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
+def test_an_empty_corpus_path_is_named_not_blamed_on_the_output_dir(tmp_path, capsys, monkeypatch):
+    """An empty --dataset_dir was read as the current directory: "--output_dir ... lies inside the corpus"."""
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(train_argv(tmp_path, dataset_dir=""), capsys)
+    assert (code, err) == (
+        2,
+        "densessm train: error: an empty path was given as a corpus file or directory (--dataset_dir/"
+        "--validation_files)",
+    )
+
+
+def test_eval_on_start_without_a_validation_set_is_refused_before_the_corpus_is_read(tmp_path, capsys):
+    """The Trainer failed at the first step (exit 1), after the corpus was tokenized and the model built."""
+    code, err = cli(train_argv(tmp_path, eval_on_start="true", validation_split_percentage=0), capsys)
+    assert (code, err) == (
+        2,
+        "densessm train: error: --eval_on_start needs a validation set, and --validation_split_percentage 0 holds "
+        "none out: give --validation_files, a percentage above 0, or drop --eval_on_start",
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 def test_warmup_ratio_and_steps_together_are_refused(tmp_path, capsys):
     code, err = cli(train_argv(tmp_path, warmup_ratio=0.1, warmup_steps=5), capsys)
     assert (code, err) == (2, "densessm train: error: pass --warmup_ratio or --warmup_steps, not both")
@@ -712,6 +734,16 @@ def test_a_refusal_keeps_an_output_dir_that_existed_and_what_it_holds(straight, 
     assert code == 2 and not (out / "run").exists()
     code, _ = cli(straight_argv(straight, out, resume_from_checkpoint=str(tmp_path / "nope")), capsys)
     assert code == 2 and snapshot(out) == {"notes.txt": b"keep me"}
+
+
+def test_a_run_folder_given_as_the_checkpoint_names_its_newest_complete_checkpoint(straight, tmp_path, capsys):
+    """It was told the folder had no marker, "its save was cut short, or it was not written by densessm train"."""
+    code, err = cli(straight_argv(straight, tmp_path / "out", resume_from_checkpoint=str(straight)), capsys)
+    assert (code, err) == (
+        2,
+        f"densessm train: error: --resume_from_checkpoint {straight} is a run's folder, not a checkpoint: name one "
+        f"of its checkpoints (the newest complete one is {straight / 'checkpoint-6'})",
+    )
 
 
 def test_an_explicit_checkpoint_of_another_directory_is_resumed_exactly(straight, tmp_path):

@@ -916,6 +916,13 @@ def resolve_checkpoint(args: DenseTrainingArguments) -> Path | None:
     if args.resume_from_checkpoint:
         path = Path(args.resume_from_checkpoint)
         problems = run_state.checkpoint_problems(path)
+        inside = run_state.list_checkpoints(path) if problems else []
+        if inside:  # a run's folder, not one of its checkpoints
+            last, _ = run_state.newest_complete_checkpoint(path)
+            raise UsageError(
+                f"--resume_from_checkpoint {path} is a run's folder, not a checkpoint: name one of its checkpoints"
+                + (f" (the newest complete one is {last})" if last is not None else " (none of them is complete)")
+            )
         if problems:
             raise UsageError(f"--resume_from_checkpoint {path} is not a complete checkpoint: {'; '.join(problems)}")
         return path
@@ -1321,6 +1328,8 @@ def train(
     check_link(training_args.output_dir, "--output_dir")  # a run's folder cannot replace a link
     out = Path(training_args.output_dir).resolve()
     for corpus in [*(data_args.dataset_dir or []), *(data_args.validation_files or [])]:
+        if not str(corpus).strip():  # Path("") is the current directory: it would be blamed on --output_dir
+            raise UsageError("an empty path was given as a corpus file or directory (--dataset_dir/--validation_files)")
         if Path(corpus).is_dir() and Path(corpus).resolve() in (out, *out.parents):
             raise UsageError(
                 f"--output_dir {training_args.output_dir} lies inside the corpus directory {corpus}: a later run "
@@ -1346,6 +1355,11 @@ def train(
             "--do_eval false, but the run holds out a validation set and scores it (--validation_split_percentage "
             f"{data_args.validation_split_percentage:g}{', --validation_files' if data_args.validation_files else ''}"
             "): pass --validation_split_percentage 0 (and no --validation_files) to train on everything unscored"
+        )
+    if training_args.eval_on_start and no_validation:  # the Trainer fails at the first step, exit 1
+        raise UsageError(
+            "--eval_on_start needs a validation set, and --validation_split_percentage 0 holds none out: give "
+            "--validation_files, a percentage above 0, or drop --eval_on_start"
         )
     if training_args.eval_strategy != "no" and no_validation:  # the Trainer says so after the corpus is tokenized
         raise UsageError(

@@ -12,11 +12,13 @@ from torch import nn
 
 from densessm.inference.fused_step import fuse_decode_steps
 from densessm.inference.prepack import prepack_for_cpu
-from densessm.inference.quantize import quantize_int8
+from densessm.inference.quantize import QUANTIZE_CHOICES, quantize_int8
 
 
 def prepare_for_decoding(model: nn.Module, quantize: str | None, prepack: bool, compiled: bool) -> nn.Module:
     """``model`` (in place) as the commands decode with it; ``quantize`` is None or ``"int8"``."""
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:  # "int4" once gave int8 weights without a word
+        raise ValueError(f"quantize must be None or one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     if quantize:
         quantize_int8(model)
     if model.device.type == "cpu" and not compiled:
