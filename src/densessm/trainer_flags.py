@@ -35,6 +35,13 @@ _SCHEDULES_WITHOUT_KWARGS = (SchedulerType.CONSTANT, SchedulerType.CONSTANT_WITH
 _PROBE_VALUE = "0.123456789"  # a second value for a key: a key read by the optimizer changes what it builds
 
 
+def _refuse_unknown(flag: str, given: dict, accepted: list[str], what: str) -> None:
+    """Refuse the keys of a flag's object that ``what`` does not take, listing those it does."""
+    unknown = [str(key) for key in given if key not in accepted]
+    if unknown:
+        raise UsageError(f"--{flag} {', '.join(unknown)}: not {what} (it takes {', '.join(accepted) or 'none'})")
+
+
 def parse_optim_args(text: str) -> dict[str, str]:
     """``--optim_args`` as the Trainer splits it (``key=value`` pairs, commas between), or a usage error."""
     pairs = {}
@@ -155,12 +162,7 @@ def parse_json_flags(args: TrainingArguments) -> None:
         args.accelerator_config = config
     if isinstance(config, dict):
         known = [f.name for f in dataclasses.fields(AcceleratorConfig)]
-        unknown = [key for key in config if key not in known]
-        if unknown:
-            raise UsageError(
-                f"--accelerator_config {', '.join(unknown)}: not a field of accelerate's configuration (it takes "
-                f"{', '.join(known)})"
-            )
+        _refuse_unknown("accelerator_config", config, known, "a field of accelerate's configuration")
 
 
 def parse_object_flags(args: TrainingArguments) -> None:
@@ -193,12 +195,7 @@ def _check_checkpointing_kwargs(args: TrainingArguments) -> None:
         accepted = [
             p for p in inspect.signature(torch.utils.checkpoint.checkpoint).parameters if p not in _CHECKPOINT_OWN
         ]
-        unknown = [key for key in given if key not in accepted]
-        if unknown:
-            raise UsageError(
-                f"--{flag} {', '.join(unknown)}: not an argument of torch.utils.checkpoint (it takes "
-                f"{', '.join(accepted)})"
-            )
+        _refuse_unknown(flag, given, accepted, "an argument of torch.utils.checkpoint")
 
 
 def check_compile_flags(args: TrainingArguments) -> None:
@@ -236,12 +233,7 @@ def check_scheduler_kwargs(args: TrainingArguments) -> None:
     if name in _SCHEDULES_WITHOUT_KWARGS:
         raise UsageError(f"--lr_scheduler_kwargs: the {name.value} schedule takes no arguments, got {sorted(kwargs)}")
     accepted = [p for p in inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[name]).parameters if p not in _SCHEDULE_OWN]
-    unknown = [key for key in kwargs if key not in accepted]
-    if unknown:
-        raise UsageError(
-            f"--lr_scheduler_kwargs {', '.join(map(str, unknown))}: not an argument of the {name.value} schedule "
-            f"(it takes {', '.join(accepted) or 'none'})"
-        )
+    _refuse_unknown("lr_scheduler_kwargs", kwargs, accepted, f"an argument of the {name.value} schedule")
     total = args.max_steps if args.max_steps > 0 else 100
     warmup = args.get_warmup_steps(total)
     steps = sorted({0, warmup, warmup + 1, total, *range(0, total + 1, max(1, total // 200))} - {total + 1})
