@@ -1309,3 +1309,50 @@ def test_bench_compile_backend_without_compile_is_a_usage_error(tmp_path, capsys
         2,
         "densessm bench: error: --compile-backend eager applies with --compile: add it, or drop the backend",
     )
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch) -> Path:
+    """A directory that refuses new files as a read-only mount does (root's permission bits refuse nothing)."""
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    (directory / "kept.txt").write_text("user data\n")
+    make = densessm.files.tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == directory:
+            raise OSError(30, "Read-only file system")
+        return make(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(densessm.files.tempfile, "mkstemp", mkstemp)
+    return directory
+
+
+def test_a_destination_that_refuses_new_files_is_refused_before_the_work(
+    model_dir, corpus, read_only_dir, tmp_path, word_tokenizer, capsys
+):
+    """A report under a read-only mount (or /proc) failed with a raw errno when it was written, after the whole
+    evaluation; the writers' temporary siblings are now tried on the destination's folder first."""
+    before = snapshot(read_only_dir)
+    tokenizer = tmp_path / "tok"
+    word_tokenizer.save_pretrained(tokenizer)
+    ref = _write_reference(tmp_path, DenseRetNetForCausalLM(tiny_config()).eval())
+    commands = {
+        "--output": ["eval", "ppl", str(model_dir), "--data", str(corpus), "--output", str(read_only_dir / "rep")],
+        "output directory": ["demo", "--output-dir", str(read_only_dir / "demo")],
+        "--output_dir": shlex.split("train --model_name_or_path dense_retnet_tiny --max_steps 1 --tokenizer_name")
+        + [str(tokenizer), "--dataset_dir", str(corpus), "--output_dir", str(read_only_dir / "run")],
+        "destination": ["convert", str(ref), str(read_only_dir / "new" / "model")],
+    }
+    for what, argv in commands.items():
+        code, err = run(argv, capsys)
+        assert code == 2, (argv, err)
+        assert f"{what} {read_only_dir}/" in err and f"cannot be written: {read_only_dir} does not accept new " in err
+        assert "Read-only file system" in err and err.count("\n") == 1, err
+    assert snapshot(read_only_dir) == before
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_report_under_proc_is_refused_before_the_evaluation(model_dir, corpus, capsys):
+    code, err = run(["eval", "ppl", str(model_dir), "--data", str(corpus), "--output", "/proc/report"], capsys)
+    assert code == 2 and "--output /proc/report cannot be written: /proc does not accept new files" in err, err

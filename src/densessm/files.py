@@ -111,9 +111,10 @@ def name_max(directory: Path) -> int:
 
 def check_path(path: str | os.PathLike, what: str = "destination") -> Path:
     """``path`` as a ``Path``, refused if it is empty (which would mean the current directory) or cannot be
-    created because one of its parents is a file or a symlink that leads nowhere, or one of its names is
-    longer than the file system allows. (``path`` itself may be such a symlink: a writer told to overwrite
-    replaces the link; see :func:`check_link`.)"""
+    created because one of its parents is a file or a symlink that leads nowhere, one of its names is longer
+    than the file system allows, or its nearest existing parent refuses new files (a read-only mount,
+    ``/proc``): found when the result is written, the work before it would be lost. (``path`` itself may be
+    such a symlink: a writer told to overwrite replaces the link; see :func:`check_link`.)"""
     if not str(path):
         raise UsageError(f"{what} is an empty path: name a file or directory")
     path = Path(path)
@@ -132,8 +133,23 @@ def check_path(path: str | os.PathLike, what: str = "destination") -> Path:
         if parent.exists():
             if not parent.is_dir():
                 raise UsageError(f"{what} {path} cannot be created: {parent} is a file, not a directory")
+            _check_accepts_files(parent, path, what)
             break
     return path
+
+
+def _check_accepts_files(directory: Path, path: Path, what: str) -> None:
+    """Create and remove a file in ``directory``, the way the writers' temporary siblings are made: permission
+    bits do not tell a read-only mount (nor what root may not do)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".densessm-write-check-", dir=directory)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UsageError(
+            f"{what} {path} cannot be written: {directory} does not accept new files ({reason}); name another path"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_link(path: str | os.PathLike, what: str = "destination", overwrite: bool = False) -> None:
