@@ -19,7 +19,14 @@ from densessm.data import BUNDLED_CORPUS
 from densessm.models import FAMILIES
 from densessm.presets import load_grid_shape
 from densessm.tokenizer import train_bpe
-from densessm_lab.experiments.dense_vs_plain import SCALES, grid, grid_configs, held_out_subset, model_names
+from densessm_lab.experiments.dense_vs_plain import (
+    SCALES,
+    grid,
+    grid_configs,
+    grid_seconds,
+    held_out_subset,
+    model_names,
+)
 from densessm_lab.experiments.matching import non_embedding_parameters
 from densessm_lab.experiments.results import compare
 
@@ -92,6 +99,16 @@ def test_compare_measures_the_difference_against_the_noise():
     lone = compare(_model([10.0]), _model([13.0, 14.0]))
     assert lone["test_perplexity"]["z"] is None and lone["test_perplexity"]["beyond_2_sigma_diff"] is None
     assert lone["dense_better_seeds"] == [1, 1]
+
+
+def test_the_planned_grid_time_is_never_below_its_longest_run():
+    """``--plan`` divided the summed run times by ``--jobs``: with more jobs than runs it promised a grid shorter
+    than one run (0.01 h for 37-minute runs with --jobs 1000)."""
+    per_run = {"dense": 100.0, "plain": 60.0}
+    assert grid_seconds(per_run, seeds=3, jobs=1000) == 100.0  # all six at once: the longest run
+    assert grid_seconds(per_run, seeds=3, jobs=1) == 480.0
+    assert grid_seconds(per_run, seeds=3, jobs=2) == 260.0  # 100, 100, 60 on one slot; 60, 100, 60 on the other
+    assert grid_seconds(per_run, seeds=1, jobs=4) == 100.0
 
 
 ARGUMENT_ERRORS = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tracemalloc
 from pathlib import Path
 
@@ -139,6 +140,20 @@ def test_save_refuses_an_existing_file_unless_asked(tmp_path):
     cache.save(target, overwrite=True)
     assert RecurrentCache.load(target).steps == PROMPT.shape[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("value", ["no", "false", 1, None])
+def test_switches_that_guard_a_file_take_only_true_or_false(tmp_path, value):
+    """``save(path, overwrite="no")`` replaced the file ("no" is truthy); ``check_model="no"`` was read as True."""
+    cache = _cache(_model("retnet"))
+    target = tmp_path / "c.safetensors"
+    cache.save(target)
+    before = target.read_bytes()
+    with pytest.raises(TypeError, match=f"^overwrite must be True or False, got {value!r}$"):
+        cache.save(target, overwrite=value)
+    assert target.read_bytes() == before
+    with pytest.raises(TypeError, match=f"^check_model must be True or False, got {value!r}$"):
+        RecurrentCache.load(target, check_model=value)
 
 
 def test_save_names_a_directory_or_a_parent_that_is_a_file(tmp_path):
@@ -884,7 +899,8 @@ def test_generate_from_embeddings_refuses_a_cache_of_other_tokens(family, tmp_pa
         )
     # a state made from vectors, continued by ids: their embeddings are checked
     flipped = PROMPT.flip(0)
-    with pytest.raises(ValueError, match="does not begin with the 5 input vectors"):
+    ids_message = "input_ids do not begin with the 5 input vectors this cache consumed (it was given inputs_embeds"
+    with pytest.raises(ValueError, match="^" + re.escape(ids_message)):
         model.generate(flipped, cache=by_vectors.clone(), max_new_tokens=2, do_sample=False)
     other.embedding_digest = None  # the expert's override
     assert model.generate(inputs_embeds=embeds, cache=other, max_new_tokens=2, do_sample=False).shape == (2, 2)
@@ -902,7 +918,8 @@ def test_ids_are_checked_against_the_vectors_a_cache_consumed_beyond_its_token_d
         honest = _cache(model, PROMPT[:, :3])
         model(inputs_embeds=embed(PROMPT[:, 3:5]), cache=honest)
     assert (cache.digest_steps, cache.embedding_digest_steps) == (3, 5)
-    with pytest.raises(ValueError, match="does not begin with the 5 input vectors this cache consumed"):
+    ids_message = "input_ids do not begin with the 5 input vectors this cache consumed (it was given inputs_embeds"
+    with pytest.raises(ValueError, match="^" + re.escape(ids_message)):
         model.generate(PROMPT, cache=cache.clone(), max_new_tokens=2, do_sample=False)
     reference = model.generate(PROMPT, max_new_tokens=2, do_sample=False)
     assert torch.equal(model.generate(PROMPT, cache=honest, max_new_tokens=2, do_sample=False), reference)

@@ -783,6 +783,28 @@ def test_atomic_write_refuses_and_replaces_only_when_asked(tmp_path):
     assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
+@pytest.mark.parametrize("value", ["no", "false", 0, None])
+def test_the_writers_overwrite_switch_takes_only_true_or_false(tmp_path, value):
+    """``overwrite="no"`` (truthy) replaced a file, and emptied a folder of the user's files."""
+    from densessm.files import atomic_output_dir, atomic_output_file, atomic_write_text, check_destination
+
+    kept, folder = tmp_path / "keep.txt", tmp_path / "victim"
+    kept.write_text("mine")
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    refused = pytest.raises(TypeError, match=f"^overwrite must be True or False, got {value!r}$")
+    with refused:
+        atomic_write_text(kept, "new", overwrite=value)
+    with refused, atomic_output_file(kept, overwrite=value):
+        pytest.fail("worked before refusing")
+    with refused, atomic_output_dir(folder, overwrite=value):
+        pytest.fail("worked before refusing")
+    with refused:
+        check_destination(folder, value)
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("kind", ["loop", "dangling"])
 def test_a_file_or_folder_destination_that_is_a_broken_symlink_is_named_and_replaced_only_when_asked(tmp_path, kind):
     from densessm.errors import UsageError

@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_mamba_config
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
-from densessm.errors import ModelLoadError
+from densessm.errors import ModelLoadError, UsageError
 from densessm.inference import InferenceOnlyError, Int8Linear, fuse_projections, prepack_for_cpu, quantize_int8
 from densessm.loading import read_config
 from densessm.models import FAMILIES as REGISTERED
@@ -715,3 +715,50 @@ def test_save_pretrained_into_a_file_is_an_error(tmp_path):
     with pytest.raises(NotADirectoryError, match="it is a file, not a directory"):
         _model("retnet").save_pretrained(tmp_path / "afile")
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_save_pretrained_into_a_symlink_that_leads_nowhere_is_named(tmp_path, kind):
+    """transformers' ``os.makedirs`` said only "[Errno 17] File exists"."""
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / ("nowhere" if kind == "dangling" else "out"))
+    reason = "is a symlink loop" if kind == "loop" else f"is a symlink to a missing target ({tmp_path / 'nowhere'})"
+    with pytest.raises(UsageError, match=f"^{re.escape(f'save_directory {link} {reason}; name another path')}$"):
+        _model("mamba").save_pretrained(link)
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("preset", ["dense_retnet_tiny", "dense_mamba_tiny", "dense_mamba2_tiny"])
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise"])
+def test_a_chunk_size_set_on_the_configuration_after_loading_is_checked(preset, mode):
+    """``model.config.chunk_size = 0`` after construction ended in a raw ZeroDivisionError (DenseMamba2's blocked
+    SSD) instead of the constructor's check."""
+    from densessm.presets import load_preset
+
+    model = AutoModelForCausalLM.from_config(load_preset(preset)).eval()
+    model.config.chunk_size = 0
+    with pytest.raises(ValueError, match=r"^config.chunk_size must be >= 1 \(a positive integer\), got 0$"):
+        model(TOKENS[:, :6], mode=mode)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an int, got 2.5"),
+        (dict(top_k=2.0), "top_k must be an int, got 2.0"),
+        (dict(top_p=float("nan")), "top_p must be a finite number, got nan"),
+        (dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number, got nan"),
+    ],
+)
+def test_generation_settings_that_cannot_mean_anything_are_refused(model, setting, message):
+    """transformers' processors compare a NaN top_p false everywhere (the filter was off) and rounded a
+    fractional max_new_tokens up; the CLI refused both, the Python generate() did not."""
+    kwargs = dict(max_new_tokens=2, do_sample=True, pad_token_id=0) | setting
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        model.generate(TOKENS[:, :4], **kwargs)
+    config = GenerationConfig(**kwargs) if "max_new_tokens" not in setting else None
+    if config is not None:  # the same settings in a generation config
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            model.generate(TOKENS[:, :4], generation_config=config)
+    assert model.generate(TOKENS[:, :4], max_new_tokens=np.int64(2), do_sample=False, pad_token_id=0).shape[1] == 6

@@ -40,6 +40,7 @@ from tiny_training import (
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import densessm.train
+import densessm.trainer_flags
 from densessm.cli import main as cli_main
 from densessm.errors import Interrupted, UsageError
 from densessm.loading import load_causal_lm
@@ -311,6 +312,34 @@ def test_use_liger_kernel_without_the_package_is_refused_before_any_work(tmp_pat
         2,
         "densessm train: error: --use_liger_kernel needs the liger-kernel package (pip install liger-kernel)",
     )
+
+
+def test_deepspeed_without_the_package_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """transformers' own error was a garbled sentence ("No package metadata was found for The 'deepspeed>=0.9.3'
+    distribution was not found ..."), exit 1."""
+    find_spec = densessm.trainer_flags.importlib.util.find_spec
+    monkeypatch.setattr(
+        densessm.trainer_flags.importlib.util,
+        "find_spec",
+        lambda name: None if name == "deepspeed" else find_spec(name),
+    )
+    code, err = cli(train_argv(tmp_path, deepspeed=str(ROOT / "configs" / "deepspeed" / "zero2.json")), capsys)
+    assert (code, err) == (2, "densessm train: error: --deepspeed needs the deepspeed package (pip install deepspeed)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_logging_dir_that_cannot_be_a_directory_is_refused_before_any_work(tmp_path, capsys):
+    """A file as --logging_dir failed with a raw "[Errno 17] File exists" once the model was built (TensorBoard's
+    writer), exit 1."""
+    (tmp_path / "afile").write_text("mine\n")
+    for logging_dir, message in (
+        (tmp_path / "afile", f"--logging_dir {tmp_path / 'afile'} is a file, not a directory"),
+        (tmp_path / "afile" / "tb", f"cannot be created: {tmp_path / 'afile'} is a file, not a directory"),
+    ):
+        code, err = cli(train_argv(tmp_path, report_to="tensorboard", logging_dir=logging_dir), capsys)
+        assert code == 2 and message in err, err
+        assert not (tmp_path / "out").exists()
+    assert (tmp_path / "afile").read_text() == "mine\n"
 
 
 @pytest.mark.parametrize("metric", ["perplexity", "eval_perplexity", "loss"])

@@ -394,3 +394,13 @@ def test_a_token_the_tokenizer_cannot_write_fails_the_request_naming_why(engines
     assert engine.stats()["running"] == 0  # its rows left the batch
     fine = wait(submit(engine, [5, 17, 33], max_tokens=2, logit_bias={5: 1000.0})[1])  # the engine goes on
     assert isinstance(fine["end"], Done) and fine["tokens"][0] == [5, 5]
+
+
+def test_starting_does_not_warn_of_padding(word_tokenizer, monkeypatch):
+    """The warm-up token (id 0, the padding id) went in without a mask: every start printed transformers' "We
+    strongly recommend passing in an attention_mask since your input_ids may be padded"."""
+    model = make_model("mamba")
+    calls = []
+    monkeypatch.setattr(model.base_model, "warn_if_padding_and_no_attention_mask", lambda ids, m: calls.append(m))
+    Engine(model, word_tokenizer, EngineConfig(max_batch=2)).stop()
+    assert calls and all(mask is not None for mask in calls)

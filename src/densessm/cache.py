@@ -57,7 +57,7 @@ from safetensors.torch import save
 from transformers import Cache
 
 from densessm.errors import UsageError
-from densessm.files import DestinationExistsError, atomic_write_bytes, check_link, check_path
+from densessm.files import DestinationExistsError, atomic_write_bytes, check_flag, check_link, check_path
 
 _FORMAT = "densessm.RecurrentCache/2"
 _UNCHECKED_FORMATS = ("densessm.RecurrentCache/1",)  # no identity recorded: readable with check_model=False
@@ -377,6 +377,7 @@ class RecurrentCache(Cache):
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the state and the identity of its model to a safetensors file, atomically (a prompt cache
         to restore later); an existing file is replaced only with ``overwrite``. Returns the path."""
+        check_flag(overwrite, "overwrite")
         path = check_path(path, "cache file")
         if path.is_dir():
             raise UsageError(f"{path} is a directory: name the cache file to write, e.g. {path / 'prompt.safetensors'}")
@@ -436,6 +437,7 @@ class RecurrentCache(Cache):
         finite model computes one). ``check_model=False`` drops the recorded identity (and reads files of
         the first format, which had none): any model whose state has this layout will then accept the cache.
         """
+        check_flag(check_model, "check_model")
         path = Path(path)
         device = _usable_device(device)
         if device.type == "meta":  # a state without values: every read of it would fail later, far from here

@@ -152,10 +152,19 @@ def _check_accepts_files(directory: Path, path: Path, what: str) -> None:
     os.unlink(probe)
 
 
+def check_flag(value: object, name: str) -> bool:
+    """``value`` if it is True or False, else a ``TypeError`` naming it: a switch that guards data must not
+    take ``"no"`` or ``"false"`` (truthy strings) for yes."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_link(path: str | os.PathLike, what: str = "destination", overwrite: bool = False) -> None:
     """Refuse ``path`` if it is a symlink loop or a symlink to a missing target, unless ``overwrite`` (the
     write then replaces the link itself): found late, it would fail as a raw "File exists" or "Symlink loop",
     or as if another process had filled it."""
+    check_flag(overwrite, "overwrite")
     broken = _broken_link(Path(path))
     if broken is not None and not overwrite:
         raise UsageError(f"{what} {path} {broken}; name another path")
@@ -163,6 +172,7 @@ def check_link(path: str | os.PathLike, what: str = "destination", overwrite: bo
 
 def check_destination(path: str | os.PathLike, overwrite: bool, what: str = "destination", flag: str = "--overwrite"):
     """Refuse ``path`` if it holds data (unless ``overwrite``) or is a file where a directory is wanted."""
+    check_flag(overwrite, "overwrite")
     path = check_path(path, what)
     check_link(path, what, overwrite)
     if path.exists() and not path.is_dir():
@@ -402,6 +412,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "check_destination",
+    "check_flag",
     "check_link",
     "check_separate",
     "confined_file",

@@ -62,7 +62,7 @@ from densessm import run_state
 from densessm.argtypes import MAX_COUNT
 from densessm.data import DataArguments, collate_blocks, find_data_files, load_blocks, tokenizer_fingerprint
 from densessm.errors import Interrupted, ModelLoadError, NonFiniteError, UsageError
-from densessm.files import check_link
+from densessm.files import check_link, check_path
 from densessm.loading import check_weights, first_nonfinite_parameter, load_causal_lm, read_config
 from densessm.models.recurrent import trusted_values
 from densessm.presets import list_presets, load_preset
@@ -374,6 +374,11 @@ class DenseTrainingArguments(TrainingArguments):
                 self.greater_is_better = False
         if self.use_liger_kernel and not is_liger_kernel_available():  # else found after the model is built
             raise UsageError("--use_liger_kernel needs the liger-kernel package (pip install liger-kernel)")
+        if self.logging_dir is not None:  # TensorBoard's writer failed on a file there only once the model was built
+            logging_dir = check_path(self.logging_dir, "--logging_dir")
+            check_link(logging_dir, "--logging_dir")
+            if logging_dir.exists() and not logging_dir.is_dir():
+                raise UsageError(f"--logging_dir {logging_dir} is a file, not a directory")
         self.do_train, self.do_predict = True, False
         self.do_eval = bool(self.do_eval)
 

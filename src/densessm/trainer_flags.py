@@ -12,6 +12,7 @@ is not the flag's format are named at once.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import json
 import math
@@ -148,6 +149,8 @@ def parse_json_flags(args: TrainingArguments) -> None:
             )
     if args.deepspeed == {}:  # transformers takes an empty configuration for no DeepSpeed at all
         raise UsageError("--deepspeed {}: an empty configuration; give DeepSpeed's settings (or its JSON file)")
+    if args.deepspeed and importlib.util.find_spec("deepspeed") is None:  # transformers' own message is garbled
+        raise UsageError("--deepspeed needs the deepspeed package (pip install deepspeed)")
     _check_checkpointing_kwargs(args)
     config = args.accelerator_config
     if isinstance(config, str):  # the path of a JSON file

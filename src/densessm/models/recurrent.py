@@ -11,6 +11,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import numbers
 import weakref
 from collections.abc import Iterator
@@ -181,19 +182,19 @@ MAX_CHUNK_SIZE = 2**31 - 1
 """The largest chunk size taken: torch's sizes beyond it fail with its own words."""
 
 
-def check_chunk_size(chunk_size: object) -> None:
+def check_chunk_size(chunk_size: object, name: str = "chunk_size") -> None:
     """A chunk size, if given, is a positive integer (it only schedules the computation: any one gives the same
     result, and modes that do not cut the input into chunks ignore it)."""
     if chunk_size is None:
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):  # numpy's ints fail in torch's split
         raise ValueError(
-            f"chunk_size must be a Python int, got {chunk_size!r}, a {type(chunk_size).__name__} (pass int(...))"
+            f"{name} must be a Python int, got {chunk_size!r}, a {type(chunk_size).__name__} (pass int(...))"
         )
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 (a positive integer), got {chunk_size!r}")
+        raise ValueError(f"{name} must be >= 1 (a positive integer), got {chunk_size!r}")
     if chunk_size > MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk_size must be at most {MAX_CHUNK_SIZE} (2**31 - 1), got {chunk_size!r}")
+        raise ValueError(f"{name} must be at most {MAX_CHUNK_SIZE} (2**31 - 1), got {chunk_size!r}")
 
 
 def check_labels(labels: object, expected_shape: tuple[int, ...], vocab_size: int, ignore_index: int) -> torch.Tensor:
@@ -636,6 +637,26 @@ def check_digests(cache: RecurrentCache, batch: int | None) -> None:
             )
 
 
+_GENERATION_REALS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "epsilon_cutoff", "eta_cutoff")
+_GENERATION_COUNTS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "top_k", "no_repeat_ngram_size")
+
+
+def check_generation_numbers(kwargs: dict, config: object) -> None:
+    """Sampling settings that transformers' processors take without a word although they cannot mean anything:
+    a NaN or infinite ``top_p`` (or temperature, ...) compares false everywhere and so turned the filter off, and
+    a fractional ``max_new_tokens`` was rounded up. Given as arguments or in the generation config."""
+    for name in (*_GENERATION_REALS, *_GENERATION_COUNTS):
+        value = kwargs[name] if name in kwargs else getattr(config, name, None)
+        if value is None:
+            continue
+        if name in _GENERATION_COUNTS and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+        if name in _GENERATION_REALS and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+        ):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def check_continuation(
     cache: RecurrentCache,
     consumed: torch.Tensor | None,
@@ -703,6 +724,13 @@ def check_continuation(
             "differs): pass the sequence the cache was computed from, or only the new tokens with an attention_mask "
             "over the whole sequence (or, if you know the state fits, set cache.token_digest = None to skip this "
             "check)"
+        )
+    if vectors_compared and not ok[1 + compared] and consumed is not None:  # ids given, the state made from vectors
+        raise ValueError(
+            f"input_ids do not begin with the {cache.embedding_digest_steps} input vectors this cache consumed (it "
+            "was given inputs_embeds, and these ids embed to other vectors): pass the sequence the cache was "
+            "computed from, or only the new tokens with an attention_mask over the whole sequence (or, if you know "
+            "the state fits, set cache.embedding_digest = None to skip this check)"
         )
     if vectors_compared and not ok[1 + compared]:
         raise ValueError(
@@ -869,6 +897,7 @@ class RecurrentGenerationMixin:
                 "prefill_chunk_size is not taken by this model: pass mode='chunkwise' (and chunk_size=N), which "
                 "prefills chunk by chunk inside one forward, holding one chunk's activations at a time"
             )
+        check_generation_numbers(kwargs, config)
         mask = kwargs.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise ValueError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")

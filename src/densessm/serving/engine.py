@@ -336,7 +336,8 @@ class Engine:
     def _warm_up(self) -> RecurrentCache:
         """Run one token: proves the model computes finite logits and gives the shape of its state."""
         token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        out = self.model(input_ids=token, use_cache=True, return_dict=True)
+        # with its mask: token 0 is often the padding id, which made transformers warn of padding at every start
+        out = self.model(input_ids=token, attention_mask=torch.ones_like(token), use_cache=True, return_dict=True)
         if not bool(torch.isfinite(out.logits).all()):
             raise_nonfinite(self.model, "the logits of a warm-up token")
         return out.cache

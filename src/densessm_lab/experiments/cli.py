@@ -137,10 +137,16 @@ def _grid(args: argparse.Namespace, scale: exp.Scale, corpus: Path, out: Path) -
     if args.plan:
         rates = exp.measure_throughput(corpus, out, scale, args.jobs)
         per_run = {name: scale.tokens_per_run / rate for name, rate in rates.items()}
-        total = sum(per_run.values()) * len(scale.seeds) / args.jobs
+        total = exp.grid_seconds(per_run, len(scale.seeds), args.jobs)
         for name, rate in rates.items():
             print(f"{name:13s} {rate:8,.0f} training tokens/s ({args.jobs} jobs) -> {per_run[name] / 60:5.1f} min/run")
         print(f"estimated grid time (training only): {total / 3600:.2f} h with {args.jobs} jobs")
+        cores = os.cpu_count() or 1
+        if min(args.jobs, len(per_run) * len(scale.seeds)) > cores:
+            print(
+                f"note: more runs at a time than this machine's {cores} cores share them, and the throughput was "
+                f"measured {min(args.jobs, len(per_run))} at a time: the grid will take longer than estimated"
+            )
         record = {"jobs": args.jobs, "tokens_per_second": rates, "estimated_hours": total / 3600}
         atomic_write_text(out / "throughput.json", json.dumps(record, indent=1) + "\n", overwrite=True)
         return

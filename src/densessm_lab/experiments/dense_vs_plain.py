@@ -615,6 +615,15 @@ def run_grid(
             yield futures[future], future.result()
 
 
+def grid_seconds(per_run: dict[str, float], seeds: int, jobs: int) -> float:
+    """The wall time of the grid's training: its runs (seed by seed, as :func:`grid` orders them) each taken by
+    the first of ``jobs`` slots to come free. Never below the longest run, however many jobs."""
+    slots = [0.0] * max(1, min(jobs, len(per_run) * seeds))
+    for seconds in list(per_run.values()) * seeds:
+        slots[slots.index(min(slots))] += seconds
+    return max(slots)
+
+
 def measure_throughput(corpus: Path, out: Path, scale: Scale, jobs: int, steps: int = 10) -> dict[str, float]:
     """Training tokens/s of each model over ``steps`` steps, ``jobs`` at a time as in the grid: to size a grid."""
     threads = max(1, (os.cpu_count() or 1) // jobs)

@@ -31,6 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from densessm.cache import RecurrentCache
+from densessm.files import check_link
 from densessm.models.dense.mixer import Handoff, LayerState, Mixer, MixerCall
 from densessm.models.norm import RMSNorm
 from densessm.models.precision import at_least_fp32
@@ -103,9 +104,11 @@ class DenseSSMPreTrainedModel(PreTrainedModel):
         """``PreTrainedModel.save_pretrained``, after asking every module for its state first: a module that
         cannot be saved (an inference transform's, see :mod:`densessm.inference`) refuses before anything is
         written, not halfway through. A ``save_directory`` that is a file is refused (transformers logs it and
-        returns, saving nothing: a caller would believe the model saved)."""
+        returns, saving nothing: a caller would believe the model saved), and so is a symlink that leads nowhere
+        (transformers' ``os.makedirs`` said only "File exists")."""
         if os.path.isfile(save_directory):
             raise NotADirectoryError(f"cannot save the model into {save_directory}: it is a file, not a directory")
+        check_link(save_directory, "save_directory")
         self.state_dict()
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -237,7 +240,9 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
             self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
         hidden = step.hide_padding(hidden)
         cache = step.cache
-        chunk_size = config.chunk_size if chunk_size is None else chunk_size
+        if chunk_size is None:  # the configuration's, checked again: it may have been set after loading
+            chunk_size = config.chunk_size
+            check_chunk_size(chunk_size, "config.chunk_size")
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
 
