@@ -288,3 +288,16 @@ def test_prepare_for_decoding_names_a_quantization_it_does_not_have(asked):
     with pytest.raises(ValueError, match=r"quantize must be None or one of int8, got "):
         prepare_for_decoding(model, asked, prepack=False, compiled=False)
     assert not any(type(m).__name__ == "Int8Linear" for m in model.modules())
+
+
+@pytest.mark.parametrize("switch", ["prepack", "compiled"])
+def test_prepare_for_decoding_takes_its_switches_only_as_true_or_false(switch):
+    """``prepack="no"`` (a truthy string) prepacked."""
+    from densessm.inference import prepare_for_decoding
+
+    model = DenseRetNetForCausalLM(tiny_config()).eval()
+    before = [type(m) for m in model.modules()]
+    switches = {"prepack": False, "compiled": False} | {switch: "no"}
+    with pytest.raises(TypeError, match=f"^{switch} must be True or False, got 'no'$"):
+        prepare_for_decoding(model, None, **switches)
+    assert [type(m) for m in model.modules()] == before

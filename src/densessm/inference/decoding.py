@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from densessm.files import check_flag
 from densessm.inference.fused_step import fuse_decode_steps
 from densessm.inference.prepack import prepack_for_cpu
 from densessm.inference.quantize import QUANTIZE_CHOICES, quantize_int8
@@ -19,6 +20,8 @@ def prepare_for_decoding(model: nn.Module, quantize: str | None, prepack: bool, 
     """``model`` (in place) as the commands decode with it; ``quantize`` is None or ``"int8"``."""
     if quantize is not None and quantize not in QUANTIZE_CHOICES:  # "int4" once gave int8 weights without a word
         raise ValueError(f"quantize must be None or one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    check_flag(prepack, "prepack")  # "no" is truthy
+    check_flag(compiled, "compiled")
     if quantize:
         quantize_int8(model)
     if model.device.type == "cpu" and not compiled:
