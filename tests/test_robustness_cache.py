@@ -156,6 +156,26 @@ def test_switches_that_guard_a_file_take_only_true_or_false(tmp_path, value):
         RecurrentCache.load(target, check_model=value)
 
 
+@pytest.mark.parametrize("family", ["retnet", "mamba2"])
+def test_save_writes_no_file_its_own_load_refuses(tmp_path, family):
+    """``cache.steps`` set by hand (2.0, or fewer than the digest covers) was saved, and every load refused it."""
+    cache = _cache(_model(family))
+    edits = {
+        "steps 2.0": (lambda c: setattr(c, "steps", 2.0), "cache.steps must be a non-negative int"),
+        "steps below the digest": (lambda c: setattr(c, "steps", 2), "cache.steps is 2, but cache.token_digest covers"),
+        "positions beyond steps": (
+            lambda c: setattr(c, "positions", c.positions + 1),
+            "cannot save the state: cache.positions",
+        ),
+    }
+    for edit, message in edits.values():
+        edited = cache.clone()
+        edit(edited)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            edited.save(tmp_path / "c.safetensors")
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_save_names_a_directory_or_a_parent_that_is_a_file(tmp_path):
     cache = _cache(_model("retnet"))
     (tmp_path / "folder").mkdir()

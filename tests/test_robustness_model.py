@@ -749,11 +749,22 @@ def test_a_chunk_size_set_on_the_configuration_after_loading_is_checked(preset, 
         (dict(top_p=float("nan")), "top_p must be a finite number, got nan"),
         (dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
         (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number, got nan"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+        (dict(length_penalty=float("nan"), num_beams=2), "length_penalty must be a finite number, got nan"),
+        (dict(num_beams=2.5), "num_beams must be an int, got 2.5"),
+        (dict(num_beams=0), "num_beams must be at least 1, got 0"),
+        (dict(num_return_sequences=0), "num_return_sequences must be at least 1, got 0"),
+        (dict(min_new_tokens=-1), "min_new_tokens must be at least 0, got -1"),
+        (dict(do_sample="no"), "do_sample must be True or False, got 'no'"),
+        (dict(eos_token_id=-1), "eos_token_id -1 is not a token of this model (ids 0..96)"),
+        (dict(eos_token_id=[2, 97]), "eos_token_id 97 is not a token of this model (ids 0..96)"),
     ],
 )
 def test_generation_settings_that_cannot_mean_anything_are_refused(model, setting, message):
     """transformers' processors compare a NaN top_p false everywhere (the filter was off) and rounded a
-    fractional max_new_tokens up; the CLI refused both, the Python generate() did not."""
+    fractional max_new_tokens up; the CLI refused both, the Python generate() did not. A NaN length penalty made
+    every beam score NaN, a NaN guidance scale repeated token 0, num_beams 2.5 or 0 failed deep in transformers,
+    and do_sample="no" sampled."""
     kwargs = dict(max_new_tokens=2, do_sample=True, pad_token_id=0) | setting
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         model.generate(TOKENS[:, :4], **kwargs)
@@ -762,3 +773,12 @@ def test_generation_settings_that_cannot_mean_anything_are_refused(model, settin
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             model.generate(TOKENS[:, :4], generation_config=config)
     assert model.generate(TOKENS[:, :4], max_new_tokens=np.int64(2), do_sample=False, pad_token_id=0).shape[1] == 6
+
+
+@pytest.mark.parametrize("ids", [np.array([[3, 4, 5]]), [[3, 4, 5]]])
+def test_generate_names_ids_that_are_no_tensor(model, ids):
+    """transformers failed with "'str' object has no attribute 'type'" on a numpy array."""
+    with pytest.raises(ValueError, match=f"^inputs must be a torch.Tensor of token ids, got {type(ids).__name__}$"):
+        model.generate(ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="^input_ids must be a torch.Tensor of token ids"):
+        model.generate(input_ids=ids, max_new_tokens=2)

@@ -395,6 +395,20 @@ class RecurrentCache(Cache):
         check_link(path, "cache file", overwrite)  # a symlink loop or one to nowhere: named, not "already exists"
         if (path.exists() or path.is_symlink()) and not overwrite:
             raise _exists(path)
+        # the counters load checks, checked here: a cache whose steps were set by hand was saved, then never loaded
+        from densessm.models.recurrent import check_digests  # the models import this module
+
+        check_digests(self, None)
+        positions = self.positions
+        if (
+            isinstance(positions, torch.Tensor)
+            and positions.numel()
+            and (bool((positions < 0).any()) or int(positions.max()) > self.steps)
+        ):
+            raise ValueError(
+                f"cannot save the state: cache.positions {positions.tolist()[:8]} must lie in [0, cache.steps="
+                f"{self.steps}] (real tokens consumed per row, at most the tokens consumed)"
+            )
         # contiguous copies: a state tensor may be a strided view sharing memory with another (safetensors refuses)
         tensors = {f"layers.{i}.{name}": _copy(t) for i, layer in enumerate(self.layers) for name, t in layer.items()}
         nonfinite = next((key for key, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)

@@ -637,20 +637,59 @@ def check_digests(cache: RecurrentCache, batch: int | None) -> None:
             )
 
 
-_GENERATION_REALS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "epsilon_cutoff", "eta_cutoff")
-_GENERATION_COUNTS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "top_k", "no_repeat_ngram_size")
+_GENERATION_REALS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "length_penalty",
+    "guidance_scale",
+    "diversity_penalty",
+)
+# the least each count can be: a count below it (or fractional) failed deep in transformers or meant nothing
+_GENERATION_COUNTS = {
+    "max_new_tokens": 0,
+    "min_new_tokens": 0,
+    "max_length": 0,
+    "min_length": 0,
+    "top_k": 0,
+    "no_repeat_ngram_size": 0,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+}
+_GENERATION_SWITCHES = (
+    "do_sample",
+    "use_cache",
+    "renormalize_logits",
+    "remove_invalid_values",
+    "return_dict_in_generate",
+    "output_scores",
+    "output_logits",
+    "output_hidden_states",
+    "output_attentions",
+)
 
 
 def check_generation_numbers(kwargs: dict, config: object) -> None:
-    """Sampling settings that transformers' processors take without a word although they cannot mean anything:
-    a NaN or infinite ``top_p`` (or temperature, ...) compares false everywhere and so turned the filter off, and
-    a fractional ``max_new_tokens`` was rounded up. Given as arguments or in the generation config."""
-    for name in (*_GENERATION_REALS, *_GENERATION_COUNTS):
+    """Generation settings that transformers' processors take without a word although they cannot mean anything:
+    a NaN or infinite ``top_p`` (or temperature, length penalty, guidance scale, ...) compares false everywhere
+    and so turned the filter off or made every score NaN; a fractional ``max_new_tokens`` was rounded up, a
+    fractional or zero ``num_beams`` failed deep inside; a switch given as ``"no"`` (truthy) sampled. Given as
+    arguments or in the generation config."""
+    for name in (*_GENERATION_REALS, *_GENERATION_COUNTS, *_GENERATION_SWITCHES):
         value = kwargs[name] if name in kwargs else getattr(config, name, None)
         if value is None:
             continue
-        if name in _GENERATION_COUNTS and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-            raise ValueError(f"{name} must be an int, got {value!r}")
+        if name in _GENERATION_SWITCHES and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+        if name in _GENERATION_COUNTS:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+            if value < _GENERATION_COUNTS[name]:
+                raise ValueError(f"{name} must be at least {_GENERATION_COUNTS[name]}, got {value!r}")
         if name in _GENERATION_REALS and (
             isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
         ):
@@ -898,6 +937,23 @@ class RecurrentGenerationMixin:
                 "prefills chunk by chunk inside one forward, holding one chunk's activations at a time"
             )
         check_generation_numbers(kwargs, config)
+        eos = kwargs["eos_token_id"] if "eos_token_id" in kwargs else getattr(config, "eos_token_id", None)
+        eos_ids = eos.tolist() if isinstance(eos, torch.Tensor) else eos
+        for token in eos_ids if isinstance(eos_ids, list) else [] if eos_ids is None else [eos_ids]:
+            if (
+                isinstance(token, bool)
+                or not isinstance(token, numbers.Integral)
+                or not 0 <= token < self.config.vocab_size
+            ):
+                raise ValueError(  # no token matches it: generation never stopped early
+                    f"eos_token_id {token!r} is not a token of this model (ids 0..{self.config.vocab_size - 1})"
+                )
+        for name, given in (
+            ("inputs", args[0] if args else kwargs.get("inputs")),
+            ("input_ids", kwargs.get("input_ids")),
+        ):
+            if given is not None and not isinstance(given, torch.Tensor):  # transformers failed on its .device
+                raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(given).__name__}")
         mask = kwargs.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise ValueError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
