@@ -10,6 +10,9 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -1378,3 +1381,74 @@ def test_a_destination_that_refuses_new_files_is_refused_before_the_work(
 def test_a_report_under_proc_is_refused_before_the_evaluation(model_dir, corpus, capsys):
     code, err = run(["eval", "ppl", str(model_dir), "--data", str(corpus), "--output", "/proc/report"], capsys)
     assert code == 2 and "--output /proc/report cannot be written: /proc does not accept new files" in err, err
+
+
+HOLD_LOCK = """
+import sys, time
+from densessm.run_state import RunLock
+lock = RunLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_overwrite_never_replaces_the_folder_of_a_running_training_run(tmp_path, capsys):
+    """``convert --overwrite`` into the folder of a live run deleted its lock, run files and checkpoints while it
+    trained on, and a second run was then let in beside the first."""
+    from densessm.files import DestinationInUseError, atomic_write_text
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(  # another process holds the run's lock, as `densessm train` does for its lifetime
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (run_dir / "checkpoint-5").mkdir()
+        (run_dir / "checkpoint-5" / "model.safetensors").write_bytes(b"weights")
+        (run_dir / "notes.txt").write_text("mine")
+        before = snapshot(run_dir)
+        ref = _write_reference(tmp_path, DenseRetNetForCausalLM(tiny_config()).eval())
+        for target in (run_dir, run_dir / "checkpoint-5"):
+            code, err = run(["convert", str(ref), str(target), "--overwrite"], capsys)
+            assert code == 1, err
+            assert (
+                f"destination {target} cannot be replaced: {run_dir} is in use by a running densessm command (pid"
+                in err
+            )
+        with pytest.raises(DestinationInUseError, match="is in use by a running densessm command"):
+            atomic_write_text(run_dir / "notes.txt", "new", overwrite=True)
+        assert snapshot(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    code, err = run(["convert", str(ref), str(run_dir), "--overwrite"], capsys)  # ended: replaced as asked
+    assert code == 0 and (run_dir / "config.json").is_file() and not (run_dir / "notes.txt").exists(), err
+
+
+def test_a_settings_or_vocabulary_file_that_is_a_device_is_named_as_such(model_dir, tmp_path, capsys):
+    """A config.json linked to /dev/zero was reported as missing ("has no config.json"), and so was such a
+    tokenizer.json; ``read_json`` of a device read without end."""
+    from densessm.files import read_json
+
+    device = Path("/dev/null")
+    with pytest.raises(OSError, match=f"^{re.escape(str(device))} is not a regular file \\(a device or a pipe\\)"):
+        read_json(device)
+    for name, message in (
+        ("config.json", "config.json is not a regular file: a model's config.json is a JSON file"),
+        ("tokenizer.json", "tokenizer.json is not a regular file: a tokenizer's vocabulary is a file"),
+    ):
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(model_dir, broken)
+        (broken / name).unlink()
+        (broken / name).symlink_to(device)
+        code, err = run(["generate", str(broken), "--prompt", "w1", "--max-new-tokens", "1"], capsys)
+        assert code == 1 and f"{broken / name}" in err and message in err, err
+
+
+def test_atomic_write_text_names_bytes_given_as_text(tmp_path):
+    from densessm.files import atomic_write_text
+
+    with pytest.raises(TypeError, match=r"^text must be a str, got bytes \(atomic_write_bytes writes bytes\)$"):
+        atomic_write_text(tmp_path / "a.txt", b"bytes")
+    assert list(tmp_path.iterdir()) == []

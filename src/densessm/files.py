@@ -31,6 +31,10 @@ class DestinationExistsError(FileExistsError):
     """The destination holds data and the caller did not ask to replace it."""
 
 
+class DestinationInUseError(DestinationExistsError):
+    """The destination belongs to a command that is still running: replacing it would break that command."""
+
+
 class OutsideDirectoryError(PermissionError):
     """A path named by a file inside a directory points outside that directory (or is not a regular file)."""
 
@@ -89,8 +93,11 @@ def read_json(path: str | os.PathLike) -> object:
     """The JSON value in the UTF-8 file ``path``. Whatever makes it unreadable as such is a ``ValueError``:
     invalid UTF-8 or JSON, a key given twice in one object, and also nesting deeper than Python's parser
     follows (a ``RecursionError`` from the parser: a crafted file would otherwise end a command with an
-    internal error)."""
-    text = Path(path).read_text(encoding="utf-8")
+    internal error). A device or pipe is an ``OSError`` before anything is read (``/dev/zero`` never ends)."""
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise OSError(f"{path} is not a regular file (a device or a pipe): there is no JSON file to read")
+    text = path.read_text(encoding="utf-8")
     try:
         return json.loads(text, object_pairs_hook=unique_object)
     except RecursionError:
@@ -170,6 +177,16 @@ def check_link(path: str | os.PathLike, what: str = "destination", overwrite: bo
         raise UsageError(f"{what} {path} {broken}; name another path")
 
 
+def check_not_in_use(path: Path, what: str) -> None:
+    """Refuse to replace ``path`` while a running training run or experiment grid holds it (or a folder above
+    it): ``--overwrite`` asks to replace finished work, never work in progress."""
+    from densessm.run_state import live_run_holding  # the run's lock lives there, and that module uses this one
+
+    holder = live_run_holding(path)
+    if holder is not None:
+        raise DestinationInUseError(f"{what} {path} cannot be replaced: {holder}; nothing was written")
+
+
 def check_destination(path: str | os.PathLike, overwrite: bool, what: str = "destination", flag: str = "--overwrite"):
     """Refuse ``path`` if it holds data (unless ``overwrite``) or is a file where a directory is wanted."""
     check_flag(overwrite, "overwrite")
@@ -182,6 +199,7 @@ def check_destination(path: str | os.PathLike, overwrite: bool, what: str = "des
             f"{what} {path} already holds files; nothing was written. Choose another, or pass {flag} to replace it"
         )
     if overwrite and path.exists():
+        check_not_in_use(path, what)
         here, target = Path.cwd().resolve(), path.resolve()
         if target == here or target in here.parents:  # replaced by a rename, which the working directory blocks
             raise UsageError(
@@ -311,6 +329,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = F
         raise UsageError(f"{path} is a directory, not a file")
     if path.exists() and not overwrite:
         raise _exists_error(path)
+    if path.exists():
+        check_not_in_use(path, "output file")
     tmp = _temp_sibling(path, "file")
     try:
         with open(tmp, "wb") as f:
@@ -326,6 +346,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = F
 
 def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
     """:func:`atomic_write_bytes` for UTF-8 text."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__} (atomic_write_bytes writes bytes)")
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
 
 
@@ -339,6 +361,8 @@ def atomic_output_file(path: str | os.PathLike, overwrite: bool = False) -> Iter
         raise UsageError(f"{path} is a directory, not a file")
     if path.exists() and not overwrite:
         raise _exists_error(path)
+    if path.exists():
+        check_not_in_use(path, "output file")
     tmp = _temp_sibling(path, "file")
     try:
         yield tmp
@@ -405,6 +429,7 @@ def confined_file(root: str | os.PathLike, name: str) -> Path:
 
 __all__ = [
     "DestinationExistsError",
+    "DestinationInUseError",
     "check_path",
     "OutsideDirectoryError",
     "atomic_output_dir",

@@ -60,6 +60,8 @@ def read_config(model_dir: str | Path) -> PretrainedConfig:
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is a file, not a model directory")
     config_file = path / "config.json"
+    if config_file.exists() and not config_file.is_file():  # a folder, or a link to a device or pipe
+        raise ModelLoadError(f"{config_file} is not a regular file: a model's config.json is a JSON file")
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a model saved with save_pretrained()")
     raw = json_object(config_file)
@@ -94,6 +96,11 @@ def load_tokenizer_dir(directory: str | Path, **kwargs) -> PreTrainedTokenizerBa
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
     if not path.is_dir():
         raise NotADirectoryError(f"tokenizer directory {path} is a file, not a directory")
+    odd = next(
+        (path / name for name in VOCABULARY_FILES if (path / name).exists() and not (path / name).is_file()), None
+    )
+    if odd is not None:  # a folder, or a link to a device or pipe: not "no tokenizer"
+        raise ModelLoadError(f"{odd} is not a regular file: a tokenizer's vocabulary is a file")
     if not any((path / name).is_file() for name in VOCABULARY_FILES):
         raise FileNotFoundError(
             f"{path} has no tokenizer ({' / '.join(VOCABULARY_FILES)}): save it next to the model with "

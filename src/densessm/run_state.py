@@ -75,6 +75,37 @@ def _describe_holder(holder_file: Path) -> str:
         return "its pid and command are not recorded yet"
 
 
+def live_run_holding(path: str | os.PathLike) -> str | None:
+    """Who holds ``path`` or a folder above it (a training run or an experiment grid that is running), or None.
+    A writer told to overwrite asks first: ``convert --overwrite`` into a live run's folder once deleted its lock
+    and checkpoints, and a second run was then let in beside the first."""
+    for folder in (Path(path), *Path(path).parents):
+        lock_file = folder / LOCK_NAME
+        if lock_file.is_symlink() or not lock_file.is_file():
+            continue
+        lock = FileLock(str(lock_file), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            if _held_by_this_run(folder / HOLDER_NAME):  # the run writing its own files (in a grid it holds)
+                return None
+            return f"{folder} is in use by a running densessm command ({_describe_holder(folder / HOLDER_NAME)})"
+        except OSError:
+            continue
+        lock.release()
+    return None
+
+
+def _held_by_this_run(holder_file: Path) -> bool:
+    """Whether the holder is this process: the run writing its own files (only the process that holds the lock
+    writes the run's files)."""
+    try:
+        info = read_json(holder_file)
+        return info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 class RunLock:
     """The lock on a run's output directory; :meth:`acquire` fails at once (no waiting) if another run holds it.
     ``what`` and ``flag`` name the holder and the option in the refusal (a training run's ``--output_dir``, an
@@ -107,6 +138,8 @@ class RunLock:
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": shlex.join(sys.argv),
         }
+        # a killed holder's record goes first: the writer would otherwise take it for another live run's file
+        (self.output_dir / HOLDER_NAME).unlink(missing_ok=True)
         atomic_write_text(self.output_dir / HOLDER_NAME, json.dumps(holder, indent=1) + "\n", overwrite=True)
 
     def release(self) -> None:
@@ -601,6 +634,7 @@ __all__ = [
     "format_table",
     "fresh_staging_dir",
     "holds_work",
+    "live_run_holding",
     "last_complete_checkpoint",
     "last_good_checkpoint",
     "list_names",
