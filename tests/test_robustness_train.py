@@ -1286,6 +1286,7 @@ def test_two_concurrent_runs_on_one_directory_the_second_fails_at_once(tmp_path,
 # ---- kill at each phase of a checkpoint write, resume, compare bit for bit ----------------------------------------
 
 PHASES = [
+    pytest.param("config.json", 2),  # the first file of a save: the folder once passed for a user's folder
     pytest.param("model.safetensors", 2, marks=pytest.mark.slow),
     pytest.param("optimizer.pt", 2),
     pytest.param("scheduler.pt", 2, marks=pytest.mark.slow),

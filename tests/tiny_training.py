@@ -95,7 +95,8 @@ PYTHON = sys.executable
 # `densessm train ARGS` (through densessm.cli.main, so exit codes and messages are the command's) with two test
 # hooks from the environment, applied by wrapping library functions, so that the product has no test hook:
 #   CRASH_AFTER=NAME@FOLDER  SIGKILL the process right after FOLDER/NAME is written (torch.save, the
-#                            safetensors writer, the trainer state, densessm's atomic writes, os.replace)
+#                            safetensors writer, the trainer state, a model's config, densessm's atomic writes,
+#                            os.replace)
 #   HOLD_AT=STEP@DIR         at the end of step STEP, write DIR/ready and wait until DIR/release exists
 #   KILL_AT=STEP             SIGKILL the process at the end of step STEP (mid-run, between checkpoints)
 DRIVER = """
@@ -103,6 +104,7 @@ import os, signal, sys, time
 from pathlib import Path
 
 import torch
+import transformers
 import transformers.modeling_utils
 from transformers import TrainerCallback
 from transformers.trainer_callback import TrainerState
@@ -129,6 +131,9 @@ if os.environ.get("CRASH_AFTER"):
         transformers.modeling_utils.safe_save_file, lambda tensors, filename, *a, **k: filename
     )
     TrainerState.save_to_json = crash_after(TrainerState.save_to_json, lambda self, json_path: json_path)
+    transformers.PretrainedConfig.to_json_file = crash_after(
+        transformers.PretrainedConfig.to_json_file, lambda self, json_file_path, *a, **k: json_file_path
+    )
     densessm.run_state.atomic_write_text = crash_after(densessm.run_state.atomic_write_text, lambda p, *a, **k: p)
     os.replace = crash_after(os.replace, lambda src, dst, *a, **k: dst)
 

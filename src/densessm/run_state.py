@@ -175,13 +175,18 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 def foreign_checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
     """The ``checkpoint-N`` folders of ``output_dir`` that hold files but none that the Trainer writes (no
     weights, optimizer, scheduler, RNG state, trainer state or marker): a user's folder of that name, which a run
-    must never delete or write into."""
+    must never delete or write into. In a run's own folder (its ``run_arguments.json``) the model's settings files,
+    which a save writes first, count as the Trainer's too: a run killed right after them left a save cut short,
+    which was taken for a user's folder and blocked the resume."""
     found = []
+    first_written = ("config.json", "generation_config.json")
+    run = (Path(output_dir) / ARGUMENTS_NAME).is_file()
     for path in list_checkpoints(output_dir):
         if path.is_symlink():  # only the link is ever removed
             continue
         names = [p.name for p in path.iterdir()]
         ours = (MARKER_NAME, TRAINER_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, *WEIGHT_FILES)
+        ours += first_written if run else ()
         if names and not any(n in ours or n.startswith(("rng_state", *_ENGINE_WEIGHTS)) for n in names):
             found.append(path)
     return found
