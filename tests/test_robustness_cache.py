@@ -167,6 +167,10 @@ def test_save_writes_no_file_its_own_load_refuses(tmp_path, family):
             lambda c: setattr(c, "positions", c.positions + 1),
             "cannot save the state: cache.positions",
         ),
+        "positions as floats": (
+            lambda c: setattr(c, "positions", c.positions.float()),
+            "cannot save the state: cache.positions must be an int64 tensor [batch]",
+        ),
     }
     for edit, message in edits.values():
         edited = cache.clone()

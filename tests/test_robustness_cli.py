@@ -867,12 +867,16 @@ def test_confined_file_refuses_every_way_out(tmp_path):
     (root / "ok.txt").write_text("ok")
     (tmp_path / "outside.txt").write_text("secret")
     (root / "link").symlink_to(tmp_path / "outside.txt")
+    (root / "loop").symlink_to(root / "loop")
     assert confined_file(root, "sub/../ok.txt").read_text() == "ok"
     for name, message in [
         ("../outside.txt", "leads outside"),
         (str(tmp_path / "outside.txt"), "absolute path"),
         ("link", "leads outside"),
         ("sub", "not a regular file"),
+        ("loop", "is a symlink loop: refused"),  # was a raw RuntimeError
+        ("", "names the directory itself, not a file in it"),  # was "leads outside it"
+        (".", "names the directory itself, not a file in it"),
     ]:
         with pytest.raises(OutsideDirectoryError, match=message):
             confined_file(root, name)

@@ -400,11 +400,12 @@ class RecurrentCache(Cache):
 
         check_digests(self, None)
         positions = self.positions
-        if (
-            isinstance(positions, torch.Tensor)
-            and positions.numel()
-            and (bool((positions < 0).any()) or int(positions.max()) > self.steps)
-        ):
+        if not isinstance(positions, torch.Tensor) or positions.dtype != torch.long or positions.dim() != 1:
+            raise ValueError(
+                "cannot save the state: cache.positions must be an int64 tensor [batch] (real tokens consumed per "
+                f"row), got {positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__}"
+            )
+        if positions.numel() and (bool((positions < 0).any()) or int(positions.max()) > self.steps):
             raise ValueError(
                 f"cannot save the state: cache.positions {positions.tolist()[:8]} must lie in [0, cache.steps="
                 f"{self.steps}] (real tokens consumed per row, at most the tokens consumed)"

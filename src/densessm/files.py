@@ -417,7 +417,12 @@ def confined_file(root: str | os.PathLike, name: str) -> Path:
         raise OutsideDirectoryError(
             f"{name!r} (named in {root}) is an absolute path: refused, only files inside {root} are read"
         )
-    resolved = candidate.resolve()
+    try:
+        resolved = candidate.resolve()
+    except (RuntimeError, OSError):  # a symlink loop: Python raises RuntimeError or OSError (ELOOP)
+        raise OutsideDirectoryError(f"{candidate} is a symlink loop: refused") from None
+    if resolved == root_r:  # "", ".", "sub/..": the directory itself
+        raise OutsideDirectoryError(f"{name!r} (in {root}) names the directory itself, not a file in it: refused")
     if root_r not in resolved.parents:
         raise OutsideDirectoryError(f"{name!r} (in {root}) leads outside it, to {resolved}: refused")
     if not resolved.exists():
