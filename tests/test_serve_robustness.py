@@ -349,6 +349,23 @@ REFUSED = [
         "temperature",
         "invalid 'temperature': expected a number, got false",
     ),
+    # NaN and Infinity, which Python's JSON parser reads, were blamed on the range ("greater than or equal to 0")
+    (
+        "temperature-nan",
+        "/v1/chat/completions",
+        chat({"content": "w1"}, temperature=float("nan")),
+        400,
+        "temperature",
+        "invalid 'temperature': expected a finite number, got NaN",
+    ),
+    (
+        "logit-bias-inf",
+        "/v1/completions",
+        completion(logit_bias={"5": float("-inf")}),
+        400,
+        "logit_bias.5",
+        "invalid 'logit_bias.5': expected a finite number, got -Infinity",
+    ),
 ]
 
 

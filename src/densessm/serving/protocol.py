@@ -12,6 +12,7 @@ been tokenized (:mod:`densessm.serving.app`).
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -110,9 +111,11 @@ def _unicode(value: str, where: str = "the text ") -> str:
 
 def _a_number(value: Any) -> Any:
     """JSON's true/false and strings are not numbers: without this, pydantic would read them as 1 and 0, and "3"
-    as 3 (OpenAI's API refuses both)."""
+    as 3 (OpenAI's API refuses both). Nor are NaN and Infinity, which Python's parser reads."""
     if isinstance(value, bool | str):
         raise ValueError(f"expected a number, got {_shown(value)}")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN/Infinity: named, not "should be >= 0"
+        raise ValueError(f"expected a finite number, got {_shown(value)}")
     return value
 
 
