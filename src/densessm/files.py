@@ -189,9 +189,8 @@ def check_not_in_use(path: Path, what: str) -> None:
 
 def check_destination(path: str | os.PathLike, overwrite: bool, what: str = "destination", flag: str = "--overwrite"):
     """Refuse ``path`` if it holds data (unless ``overwrite``) or is a file where a directory is wanted."""
-    check_flag(overwrite, "overwrite")
     path = check_path(path, what)
-    check_link(path, what, overwrite)
+    check_link(path, what, overwrite)  # also checks that overwrite is True or False
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} {path} is a file, not a directory")
     if _is_nonempty(path) and not overwrite:
@@ -320,17 +319,24 @@ def _place_file(tmp: Path, path: Path, overwrite: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename; refuse an existing file unless
-    ``overwrite``."""
+def _checked_file_destination(path: str | os.PathLike, overwrite: bool) -> Path:
+    """``path`` as a file the atomic writers may write: not a directory, not existing unless ``overwrite``, and
+    not a file of a command that is still running."""
     path = check_path(path, "output file")
     check_link(path, "output file", overwrite)
     if path.is_dir():
         raise UsageError(f"{path} is a directory, not a file")
-    if path.exists() and not overwrite:
-        raise _exists_error(path)
     if path.exists():
+        if not overwrite:
+            raise _exists_error(path)
         check_not_in_use(path, "output file")
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename; refuse an existing file unless
+    ``overwrite``."""
+    path = _checked_file_destination(path, overwrite)
     tmp = _temp_sibling(path, "file")
     try:
         with open(tmp, "wb") as f:
@@ -355,14 +361,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = Fals
 def atomic_output_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """A temporary path to write ``path``'s content to (by a library that wants a file name); moved into place
     when the block ends without an error, removed otherwise."""
-    path = check_path(path, "output file")
-    check_link(path, "output file", overwrite)
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory, not a file")
-    if path.exists() and not overwrite:
-        raise _exists_error(path)
-    if path.exists():
-        check_not_in_use(path, "output file")
+    path = _checked_file_destination(path, overwrite)
     tmp = _temp_sibling(path, "file")
     try:
         yield tmp

@@ -96,12 +96,11 @@ def load_tokenizer_dir(directory: str | Path, **kwargs) -> PreTrainedTokenizerBa
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
     if not path.is_dir():
         raise NotADirectoryError(f"tokenizer directory {path} is a file, not a directory")
-    odd = next(
-        (path / name for name in VOCABULARY_FILES if (path / name).exists() and not (path / name).is_file()), None
-    )
-    if odd is not None:  # a folder, or a link to a device or pipe: not "no tokenizer"
-        raise ModelLoadError(f"{odd} is not a regular file: a tokenizer's vocabulary is a file")
-    if not any((path / name).is_file() for name in VOCABULARY_FILES):
+    vocabularies = [path / name for name in VOCABULARY_FILES]
+    for file in vocabularies:
+        if file.exists() and not file.is_file():  # a folder, or a link to a device or pipe: not "no tokenizer"
+            raise ModelLoadError(f"{file} is not a regular file: a tokenizer's vocabulary is a file")
+    if not any(file.is_file() for file in vocabularies):
         raise FileNotFoundError(
             f"{path} has no tokenizer ({' / '.join(VOCABULARY_FILES)}): save it next to the model with "
             "tokenizer.save_pretrained(DIR), or name a tokenizer directory"

@@ -673,12 +673,21 @@ _GENERATION_SWITCHES = (
 )
 
 
-def check_generation_numbers(kwargs: dict, config: object) -> None:
-    """Generation settings that transformers' processors take without a word although they cannot mean anything:
-    a NaN or infinite ``top_p`` (or temperature, length penalty, guidance scale, ...) compares false everywhere
-    and so turned the filter off or made every score NaN; a fractional ``max_new_tokens`` was rounded up, a
-    fractional or zero ``num_beams`` failed deep inside; a switch given as ``"no"`` (truthy) sampled. Given as
-    arguments or in the generation config."""
+def check_generation_arguments(args: tuple, kwargs: dict, config: object, vocab_size: int) -> None:
+    """Generation arguments that transformers takes without a word although they cannot mean anything: a NaN or
+    infinite ``top_p`` (or temperature, length penalty, guidance scale, ...) compares false everywhere and so
+    turned the filter off or made every score NaN; a fractional ``max_new_tokens`` was rounded up, a fractional
+    or zero ``num_beams`` failed deep inside; a switch given as ``"no"`` (truthy) sampled; an ``eos_token_id``
+    outside the vocabulary never stopped the text; ids that are no tensor failed on their ``.device``. Settings
+    are taken from the arguments or the generation config."""
+    for name, given in (("inputs", args[0] if args else kwargs.get("inputs")), ("input_ids", kwargs.get("input_ids"))):
+        if given is not None and not isinstance(given, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(given).__name__}")
+    eos = kwargs["eos_token_id"] if "eos_token_id" in kwargs else getattr(config, "eos_token_id", None)
+    eos = eos.tolist() if isinstance(eos, torch.Tensor) else eos
+    for token in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token < vocab_size:
+            raise ValueError(f"eos_token_id {token!r} is not a token of this model (ids 0..{vocab_size - 1})")
     for name in (*_GENERATION_REALS, *_GENERATION_COUNTS, *_GENERATION_SWITCHES):
         value = kwargs[name] if name in kwargs else getattr(config, name, None)
         if value is None:
@@ -936,24 +945,7 @@ class RecurrentGenerationMixin:
                 "prefill_chunk_size is not taken by this model: pass mode='chunkwise' (and chunk_size=N), which "
                 "prefills chunk by chunk inside one forward, holding one chunk's activations at a time"
             )
-        check_generation_numbers(kwargs, config)
-        eos = kwargs["eos_token_id"] if "eos_token_id" in kwargs else getattr(config, "eos_token_id", None)
-        eos_ids = eos.tolist() if isinstance(eos, torch.Tensor) else eos
-        for token in eos_ids if isinstance(eos_ids, list) else [] if eos_ids is None else [eos_ids]:
-            if (
-                isinstance(token, bool)
-                or not isinstance(token, numbers.Integral)
-                or not 0 <= token < self.config.vocab_size
-            ):
-                raise ValueError(  # no token matches it: generation never stopped early
-                    f"eos_token_id {token!r} is not a token of this model (ids 0..{self.config.vocab_size - 1})"
-                )
-        for name, given in (
-            ("inputs", args[0] if args else kwargs.get("inputs")),
-            ("input_ids", kwargs.get("input_ids")),
-        ):
-            if given is not None and not isinstance(given, torch.Tensor):  # transformers failed on its .device
-                raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(given).__name__}")
+        check_generation_arguments(args, kwargs, config, self.config.vocab_size)
         mask = kwargs.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise ValueError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
