@@ -136,13 +136,16 @@ def test_gradient_checkpointing_flag_trains_to_the_same_weights(tmp_path):
 
 
 class _CheckPrecision(TrainerCallback):
-    """Records the master weights' dtypes after each step and the dtype the LM head computes in when training."""
+    """Records the master weights' dtypes after each step and the dtype the layers' linear projections compute in
+    when training (the LM head's loss runs in autocast's dtype too: tests/test_linear_cross_entropy.py)."""
 
     def __init__(self):
         self.weight_dtypes, self.compute_dtypes = set(), set()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        model.lm_head.register_forward_hook(self._record)
+        for module in model.base_model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(self._record)
 
     def _record(self, module, inputs, output):
         if module.training:

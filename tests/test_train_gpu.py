@@ -104,10 +104,12 @@ class _NanFromStep(TrainerCallback):
         self.step, self.found_inf = step, None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        def poison(module, inputs, output):
-            return output * math.nan if state.global_step + 1 >= self.step else output
+        def poison(module, inputs, output):  # the backbone's output: the training step scores it without logits
+            if state.global_step + 1 >= self.step:
+                output.last_hidden_state = output.last_hidden_state * math.nan
+            return output
 
-        model.lm_head.register_forward_hook(poison)
+        model.base_model.register_forward_hook(poison)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self.found_inf = getattr(getattr(optimizer, "optimizer", optimizer), "found_inf", None)

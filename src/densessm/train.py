@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -576,8 +577,25 @@ class DenseTrainer(Trainer):
         """The model's loss on a batch of the run's token blocks, whose ids the model's vocabulary covers (the
         tokenizer is checked against it when the run starts): no per-step range check reads them back
         (:func:`~densessm.models.recurrent.trusted_values`)."""
+        if model.training:
+            inputs = self._loss_alone(inputs)
         with trusted_values():
             return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, *args, **kwargs):
+        if prediction_loss_only:
+            inputs = self._loss_alone(inputs)
+        return super().prediction_step(model, inputs, prediction_loss_only, *args, **kwargs)
+
+    def _loss_alone(self, inputs: dict) -> dict:
+        """``inputs`` asking the model for its loss without logits (``skip_logits``) where nothing else is used:
+        the step never holds the ``[tokens, vocab]`` logits, their log-softmax and their gradients (the largest
+        tensors of a long-input step). A label smoother or a custom loss reads the logits, so they keep them."""
+        if inputs.get("labels") is None or self.label_smoother is not None or self.compute_loss_func is not None:
+            return inputs
+        if "skip_logits" not in inspect.signature(self.accelerator.unwrap_model(self.model).forward).parameters:
+            return inputs  # a head without the switch (a classifier, a wrapper that hides the signature)
+        return {**inputs, "skip_logits": True}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

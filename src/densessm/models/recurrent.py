@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers.generation.utils import GenerateOutput
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from densessm.cache import CacheIdentity, RecurrentCache, digest_embeddings, digest_tokens, embedding_values
 from densessm.compiled_decoding import CompiledDecoder
+from densessm.ops.linear_cross_entropy import linear_cross_entropy
 
 # The models holding a list of their parameters (see RecurrentBackbone._weights_key). Registering a parameter
 # or a submodule anywhere drops those lists (they may be stale), so the per-step check walks a list instead of
@@ -1048,11 +1050,16 @@ class RecurrentGenerationMixin:
         inputs_embeds: object,
         labels: object,
         logits_to_keep: object,
+        skip_logits: object,
         loss_kwargs: dict,
     ) -> torch.Tensor | None:
-        """``labels`` (widened to int64) and ``logits_to_keep`` checked before the backbone runs: found after it,
-        an error left a carried cache advanced by the tokens of a call that failed, and a retry fed them twice.
-        Returns the labels; inputs of a shape the backbone refuses are left to it."""
+        """``labels`` (widened to int64), ``logits_to_keep`` and ``skip_logits`` checked before the backbone runs:
+        found after it, an error left a carried cache advanced by the tokens of a call that failed, and a retry fed
+        them twice. Returns the labels; inputs of a shape the backbone refuses are left to it."""
+        if not isinstance(skip_logits, bool | None):
+            raise ValueError(f"skip_logits must be True, False or None, got {skip_logits!r}")
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True returns the loss alone: it needs labels")
         given = input_ids if input_ids is not None else inputs_embeds
         if not isinstance(given, torch.Tensor) or given.dim() < 2:
             return labels
@@ -1077,24 +1084,31 @@ class RecurrentGenerationMixin:
         outputs: BaseModelOutputWithPast,
         labels: torch.Tensor | None,
         logits_to_keep: int | torch.Tensor,
+        skip_logits: bool | None,
         return_dict: bool | None,
         **loss_kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits of the backbone's output (or of its last ``logits_to_keep`` positions, or of the positions a 1-D
         tensor ``logits_to_keep`` lists, as transformers takes it) and, with ``labels``, the shifted LM loss
-        (``labels`` and ``logits_to_keep`` as :meth:`check_head_arguments` returned and checked them)."""
+        (``labels`` and ``logits_to_keep`` as :meth:`check_head_arguments` returned and checked them); with
+        ``skip_logits`` the loss alone, scored a chunk of positions at a time."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep.to(torch.long)]
         elif logits_to_keep:
             hidden = hidden[:, -int(logits_to_keep) :]
-        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
-        loss = None
-        if labels is not None:
+        logits = loss = None
+        if skip_logits and not is_deepspeed_zero3_enabled():
+            loss = linear_cross_entropy(hidden, self.lm_head.weight, labels, **loss_kwargs)
+        else:  # ZeRO-3 gathers the head's weight only inside the head's own forward: the logits path
+            logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        if labels is not None and logits is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        if skip_logits:
+            logits = None
         if not return_dict:
-            output = (logits,) + tuple(x for x in (outputs.cache, outputs.hidden_states) if x is not None)
+            output = tuple(x for x in (logits, outputs.cache, outputs.hidden_states) if x is not None)
             return (loss,) + output if loss is not None else output
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states

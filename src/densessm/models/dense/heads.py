@@ -68,13 +68,16 @@ class DenseSSMForCausalLM(RecurrentGenerationMixin, DenseSSMPreTrainedModel, Gen
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for every position (or the last ``logits_to_keep``, or the positions a 1-D tensor of them
-        lists); ``labels`` give the shifted LM loss."""
+        lists); ``labels`` give the shifted LM loss. ``skip_logits=True`` (with ``labels``; the name transformers'
+        Trainer passes) returns the loss alone, computed without ever holding every logit at once
+        (:func:`~densessm.ops.linear_cross_entropy.linear_cross_entropy`): what a long training step needs."""
         cache = given_cache(cache, kwargs)
         check_no_other_arguments(self, kwargs, accepted=LOSS_ARGUMENTS)
-        labels = self.check_head_arguments(input_ids, inputs_embeds, labels, logits_to_keep, kwargs)
+        labels = self.check_head_arguments(input_ids, inputs_embeds, labels, logits_to_keep, skip_logits, kwargs)
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -88,9 +91,9 @@ class DenseSSMForCausalLM(RecurrentGenerationMixin, DenseSSMPreTrainedModel, Gen
             return_dict=True,
         )
         if cache is None or torch.compiler.is_compiling():
-            return self.causal_lm_output(outputs, labels, logits_to_keep, return_dict, **kwargs)
+            return self.causal_lm_output(outputs, labels, logits_to_keep, skip_logits, return_dict, **kwargs)
         try:
-            return self.causal_lm_output(outputs, labels, logits_to_keep, return_dict, **kwargs)
+            return self.causal_lm_output(outputs, labels, logits_to_keep, skip_logits, return_dict, **kwargs)
         except BaseException as err:  # out of memory for the logits, Ctrl-C...: the state has taken this step
             cache.broken = broken_by(err)
             raise

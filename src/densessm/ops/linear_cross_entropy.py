@@ -1,0 +1,167 @@
+"""The LM loss of a linear head, computed over chunks of positions so that the ``[tokens, vocab]`` logits never
+exist whole.
+
+Why: at long inputs the logits dominate a training step's memory. A 32k-vocabulary head over 16,384 tokens makes
+2 GB of fp32 logits; the loss keeps their log-softmax for the backward and the backward makes two more tensors of
+that size, so the head alone holds about 6 GB at 16k and 12 GB at 32k, more than a 350M model's layers. Here each
+chunk's logits live only while that chunk is scored. The loss is a scalar, so the gradients of the hidden states
+and of the head's weight are computed in the same pass (softmax minus the one-hot target, times the head); the
+backward only scales them by the incoming gradient, and no logits are computed twice.
+
+:func:`naive_linear_cross_entropy` is the reference it is tested against: the head's logits and transformers'
+``ForCausalLMLoss`` on them (as the model's forward computes its loss when it returns logits), in float64 where
+the inputs are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_BYTES = 128 * 2**20
+"""Bytes of fp32 logits one chunk may hold (1,024 positions of a 32k vocabulary): large enough that the head's
+products stay efficient, small beside the model's activations."""
+
+
+def shifted_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The target of each position is the next position's label; the last position has none (as transformers'
+    ``ForCausalLMLoss`` shifts them)."""
+    return torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Positions per chunk: :data:`CHUNK_BYTES` of fp32 logits."""
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The causal LM loss of the logits ``hidden @ weight.T``, equal to transformers' ``ForCausalLMLoss`` on them:
+    ``hidden [..., L, H]``, ``weight [V, H]``, ``labels [..., L]`` (shifted here) or ``shift_labels`` (already
+    the targets). Positions whose target is ``ignore_index`` add nothing; the sum is divided by the positions
+    scored, or by ``num_items_in_batch`` when given (the Trainer's count over accumulated micro-batches).
+    ``chunk_size`` positions are scored at a time (default: :func:`chunk_rows`)."""
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("linear_cross_entropy needs labels or shift_labels")
+        shift_labels = shifted_targets(labels, ignore_index)
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    hidden = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{targets.shape[0]} targets for {hidden.shape[0]} positions of hidden states")
+    rows = chunk_size if chunk_size is not None else chunk_rows(weight.shape[0])
+    if rows < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {rows}")
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # the head's product in autocast's dtype, as nn.Linear would run it
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(device, enabled=False):
+        if grads:
+            total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, rows)
+        else:
+            total = _chunked_loss(hidden, weight, targets, ignore_index, rows, False, False)[0]
+    if num_items_in_batch is None:
+        return total / (targets != ignore_index).sum()
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def naive_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference: every logit at once, then the cross-entropy of transformers' ``ForCausalLMLoss`` (which
+    this equals at fp32; it would round float64 logits to fp32)."""
+    logits = _upcast(hidden.to(weight.dtype) @ weight.T)
+    targets = shifted_targets(labels, ignore_index).reshape(-1)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, weight.shape[0]), targets, ignore_index=ignore_index, reduction=reduction
+    )
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Logits of a half-precision head in fp32 for the loss (as transformers' loss takes them)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _chunked_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    rows: int,
+    grad_hidden: bool,
+    grad_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The summed loss of every scored position and, where asked, its gradients (the hidden states' in their
+    dtype, the weight's accumulated in fp32 over the chunks). The logits are upcast to fp32 as transformers'
+    loss does (float64 stays float64); no value is read back to the host (a CUDA step is not made to wait)."""
+    wide = _upcast(weight[:0, :0]).dtype
+    total = torch.zeros((), dtype=wide, device=hidden.device)
+    d_hidden = torch.empty_like(hidden) if grad_hidden else None
+    allocate = torch.empty if hidden.shape[0] else torch.zeros  # no position: nothing writes the gradient
+    d_weight = allocate(weight.shape, dtype=wide, device=weight.device) if grad_weight else None
+    for start in range(0, hidden.shape[0], rows):
+        stop = min(start + rows, hidden.shape[0])
+        chunk = hidden[start:stop]
+        target = targets[start:stop]
+        scored = target != ignore_index
+        picked = target.masked_fill(~scored, 0).unsqueeze(1)
+        logits = _upcast(chunk @ weight.T)
+        norm = torch.logsumexp(logits, dim=1)
+        total += ((norm - logits.gather(1, picked).squeeze(1)) * scored).sum()
+        if not (grad_hidden or grad_weight):
+            continue
+        probs = logits.sub_(norm.unsqueeze(1)).exp_()  # softmax, in the logits' memory
+        probs.scatter_add_(1, picked, torch.full_like(norm, -1.0).unsqueeze(1))
+        grad = probs.mul_(scored.unsqueeze(1)).to(weight.dtype)
+        if d_hidden is not None:
+            torch.matmul(grad, weight, out=d_hidden[start:stop])
+        if d_weight is None:
+            continue
+        if d_weight.dtype != grad.dtype:  # a half-precision head: its gradient summed in fp32
+            part = grad.T @ chunk
+            d_weight.copy_(part) if start == 0 else d_weight.add_(part)
+        elif start == 0:  # the first chunk writes it: no pass to zero it first
+            torch.mm(grad.T, chunk, out=d_weight)
+        else:
+            d_weight.addmm_(grad.T, chunk)
+    return total, d_hidden, d_weight
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """The summed loss, with its gradients computed in the forward and scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, rows):
+        total, d_hidden, d_weight = _chunked_loss(
+            hidden, weight, targets, ignore_index, rows, *ctx.needs_input_grad[:2]
+        )
+        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        d_hidden, d_weight = ctx.saved_tensors
+        if d_hidden is not None:
+            d_hidden = d_hidden * grad_total.to(d_hidden.dtype)
+        if d_weight is not None:
+            d_weight = (d_weight * grad_total).to(ctx.weight_dtype)
+        return d_hidden, d_weight, None, None, None

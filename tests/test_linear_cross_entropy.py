@@ -1,0 +1,198 @@
+"""The LM loss scored in chunks of positions (``skip_logits=True``) against every logit at once: the op in float64
+against its reference, the models' losses and gradients against their own logits path, the Trainer's use of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from densessm.ops.linear_cross_entropy import chunk_rows, linear_cross_entropy, naive_linear_cross_entropy
+from densessm.presets import load_preset
+from densessm.train import DenseTrainer, DenseTrainingArguments
+
+FAMILIES = ("dense_retnet_tiny", "dense_mamba_tiny", "dense_mamba2_tiny", "retnet_tiny", "mamba_tiny")
+
+
+def problem(seed: int, batch: int, length: int, hidden: int, vocab: int, dtype=torch.float64, ignored: float = 0.2):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, length, hidden, generator=gen, dtype=dtype).requires_grad_()
+    w = torch.randn(vocab, hidden, generator=gen, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, length), generator=gen)
+    labels[torch.rand(batch, length, generator=gen) < ignored] = -100
+    return h, w, labels
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_chunked_loss_and_its_gradients_equal_every_logit_at_once_in_float64(seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    batch, length, hidden, vocab = (int(torch.randint(1, n, (), generator=gen)) for n in (4, 40, 24, 90))
+    h, w, labels = problem(seed, batch, length + 1, hidden, vocab)
+    chunk = int(torch.randint(1, 2 * batch * (length + 1), (), generator=gen))
+    for kwargs in ({}, {"num_items_in_batch": 7}, {"num_items_in_batch": torch.tensor(11)}):
+        got = linear_cross_entropy(h, w, labels, chunk_size=chunk, **kwargs)
+        want = naive_linear_cross_entropy(h, w, labels, **kwargs)
+        # a gradient that is not 1 reaches the loss: the backward scales what the forward computed
+        got_grads = torch.autograd.grad(got * 2.5, (h, w))
+        want_grads = torch.autograd.grad(want * 2.5, (h, w))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_the_chunked_loss_equals_transformers_loss_at_fp32_with_an_ignore_index_and_given_targets():
+    h, w, labels = problem(0, 2, 33, 16, 50, torch.float32)
+    labels[labels == -100] = 7
+    labels[0, :4] = 7
+    want = ForCausalLMLoss(logits=h @ w.T, labels=labels, vocab_size=50, ignore_index=7)
+    torch.testing.assert_close(linear_cross_entropy(h, w, labels, ignore_index=7, chunk_size=5), want)
+    targets = torch.nn.functional.pad(labels, (0, 1), value=7)[:, 1:]
+    got = linear_cross_entropy(h, w, shift_labels=targets, ignore_index=7, chunk_size=5)
+    torch.testing.assert_close(got, want)
+
+
+def test_bf16_weights_score_their_bf16_logits_in_fp32_and_autocast_runs_the_head_in_its_dtype():
+    h, w, labels = problem(1, 2, 20, 16, 40, torch.float32)
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    want = ForCausalLMLoss(logits=hb @ wb.T, labels=labels, vocab_size=40)
+    got = linear_cross_entropy(hb, wb, labels, chunk_size=6)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    got.backward()
+    assert hb.grad.dtype == wb.grad.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = linear_cross_entropy(h, w, labels, chunk_size=6)
+        auto_want = ForCausalLMLoss(logits=torch.nn.functional.linear(h, w), labels=labels, vocab_size=40)
+    torch.testing.assert_close(auto, auto_want, rtol=1e-6, atol=1e-6)
+    auto.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+def test_without_gradients_nothing_is_kept_for_a_backward():
+    h, w, labels = problem(2, 1, 10, 8, 30)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, labels, chunk_size=3)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, naive_linear_cross_entropy(h, w, labels).detach())
+
+
+def test_bad_arguments_are_named():
+    h, w, labels = problem(3, 1, 10, 8, 30)
+    with pytest.raises(ValueError, match="needs labels or shift_labels"):
+        linear_cross_entropy(h, w)
+    with pytest.raises(ValueError, match="9 targets for 10 positions"):
+        linear_cross_entropy(h, w, shift_labels=labels[:, :9])
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        linear_cross_entropy(h, w, labels, chunk_size=0)
+    assert chunk_rows(32000) == 1048 and chunk_rows(10**12) == 1
+
+
+def model_of(preset: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(load_preset(preset))
+    with torch.no_grad():  # the dense gates start closed: open them so the dense path reaches the loss
+        for name, param in model.named_parameters():
+            if "gate" in name:
+                param.normal_(0.0, 0.5)
+    return model.train()
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_a_model_asked_for_its_loss_alone_gives_the_same_loss_and_gradients_without_logits(preset, one_thread):
+    model = model_of(preset)
+    model.eval()  # no dropout: both passes see the same function
+    ids = torch.randint(3, model.config.vocab_size, (2, 24))
+    labels = ids.clone()
+    labels[1, :5] = -100
+    full = model(input_ids=ids, labels=labels)
+    want = torch.autograd.grad(full.loss, list(model.parameters()), allow_unused=True)
+    alone = model(input_ids=ids, labels=labels, skip_logits=True)
+    got = torch.autograd.grad(alone.loss, list(model.parameters()), allow_unused=True)
+    assert alone.logits is None and full.logits.shape == (2, 24, model.config.vocab_size)
+    torch.testing.assert_close(alone.loss, full.loss, rtol=1e-6, atol=1e-6)
+    for (name, _), a, b in zip(model.named_parameters(), got, want, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    kept = model(
+        input_ids=ids, labels=labels[:, -6:], logits_to_keep=6, skip_logits=True, return_dict=False, use_cache=False
+    )
+    torch.testing.assert_close(kept[0], model(input_ids=ids, labels=labels[:, -6:], logits_to_keep=6).loss)
+    assert len(kept) == 1  # the loss alone: no logits in the tuple either
+
+
+def test_skip_logits_is_refused_without_labels_or_as_anything_but_a_bool():
+    model = model_of("dense_retnet_tiny")
+    ids = torch.randint(3, model.config.vocab_size, (1, 8))
+    with pytest.raises(ValueError, match="skip_logits=True returns the loss alone: it needs labels"):
+        model(input_ids=ids, skip_logits=True)
+    with pytest.raises(ValueError, match="skip_logits must be True, False or None, got 'yes'"):
+        model(input_ids=ids, labels=ids, skip_logits="yes")
+    assert model(input_ids=ids, labels=ids, skip_logits=False).logits is not None
+
+
+def test_the_trainer_asks_for_the_loss_alone_where_only_the_loss_is_used(tmp_path, one_thread):
+    model = model_of("dense_retnet_tiny")
+    ids = torch.randint(3, model.config.vocab_size, (2, 16))
+    inputs = {"input_ids": ids, "labels": ids}
+    trainer = DenseTrainer(model=model, args=DenseTrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    loss, outputs = trainer.compute_loss(model.train(), dict(inputs), return_outputs=True)
+    assert outputs.logits is None and torch.isfinite(loss)
+    model.eval()
+    loss_alone, logits, _ = trainer.prediction_step(model, dict(inputs), prediction_loss_only=True)
+    with_logits, logits_kept, _ = trainer.prediction_step(model, dict(inputs), prediction_loss_only=False)
+    assert logits is None and logits_kept.shape == (2, 16, model.config.vocab_size)
+    torch.testing.assert_close(loss_alone, with_logits)
+    smoothing = DenseTrainingArguments(output_dir=str(tmp_path), report_to="none", label_smoothing_factor=0.1)
+    smoothed = DenseTrainer(model=model, args=smoothing)  # the smoother reads the logits: they are kept
+    _, outputs = smoothed.compute_loss(model.train(), dict(inputs), return_outputs=True)
+    assert outputs.logits is not None
+
+
+def test_under_deepspeed_zero3_the_loss_alone_comes_from_the_head_s_own_forward(monkeypatch):
+    """ZeRO-3 gathers a partitioned weight only inside its module's forward: read directly, the head's weight
+    would be an empty shard."""
+    model = model_of("dense_mamba_tiny").eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, 12))
+    want = model(input_ids=ids, labels=ids).loss
+    monkeypatch.setattr("densessm.models.recurrent.is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr("densessm.models.recurrent.linear_cross_entropy", None)  # never called
+    alone = model(input_ids=ids, labels=ids, skip_logits=True)
+    assert alone.logits is None
+    torch.testing.assert_close(alone.loss, want)
+
+
+def test_no_position_to_score_gives_the_reference_s_nan_and_zero_gradients():
+    h, w, _ = problem(4, 1, 0, 8, 30)
+    labels = torch.zeros(1, 0, dtype=torch.long)
+    loss = linear_cross_entropy(h, w, labels)
+    assert loss.isnan() and naive_linear_cross_entropy(h, w, labels).isnan()  # 0 / 0, as transformers' mean
+    assert torch.equal(torch.autograd.grad(linear_cross_entropy(h, w, labels, num_items_in_batch=1), w)[0], w * 0)
+
+
+def test_no_tensor_of_every_position_s_logits_is_ever_made(monkeypatch):
+    """What the chunks are for: no operator in the forward or the backward outputs more than one chunk of
+    logits (the ``[tokens, vocab]`` tensors of the logits path: logits, log-softmax and their gradients)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == vocab:
+                    self.rows = max(self.rows, t.numel() // vocab)
+            return out
+
+    model = model_of("dense_retnet_tiny")
+    vocab = model.config.vocab_size
+    monkeypatch.setattr("densessm.ops.linear_cross_entropy.CHUNK_BYTES", 4 * vocab * 16)  # 16 positions a chunk
+    ids = torch.randint(3, vocab, (2, 60))
+    with Largest() as seen:
+        model(input_ids=ids, labels=ids, skip_logits=True).loss.backward()
+    assert seen.rows == model.config.hidden_size == 64  # the largest: the head's weight seen as [hidden, vocab]
+    with Largest() as seen:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert seen.rows == 120  # the logits path does make them: the probe sees them
