@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from densessm.inference import quantize_int8
 from densessm.ops.linear_cross_entropy import chunk_rows, linear_cross_entropy, naive_linear_cross_entropy
 from densessm.presets import load_preset
 from densessm.train import DenseTrainer, DenseTrainingArguments
@@ -150,15 +151,50 @@ def test_the_trainer_asks_for_the_loss_alone_where_only_the_loss_is_used(tmp_pat
     assert outputs.logits is not None
 
 
-def test_under_deepspeed_zero3_the_loss_alone_comes_from_the_head_s_own_forward(monkeypatch):
-    """ZeRO-3 gathers a partitioned weight only inside its module's forward: read directly, the head's weight
-    would be an empty shard."""
-    model = model_of("dense_mamba_tiny").eval()
-    ids = torch.randint(3, model.config.vocab_size, (1, 12))
-    want = model(input_ids=ids, labels=ids).loss
+class _ScaledHead(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def _zero3(model, monkeypatch):
     monkeypatch.setattr("densessm.models.recurrent.is_deepspeed_zero3_enabled", lambda: True)
+
+
+def _hooked(model, monkeypatch):
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output * 0.5)
+
+
+def _subclass(model, monkeypatch):
+    head = _ScaledHead(model.config.hidden_size, model.config.vocab_size, bias=False)
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+
+
+def _replaced_forward(model, monkeypatch):  # as accelerate's offloading hooks do
+    plain = model.lm_head.forward
+    model.lm_head.forward = lambda x: plain(x) * 0.5
+
+
+def _int8(model, monkeypatch):
+    quantize_int8(model)
+    assert type(model.lm_head).__name__ == "Int8Linear"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_zero3, _hooked, _subclass, _replaced_forward, _int8],
+    ids=["zero3", "hook", "subclass", "forward", "int8"],
+)
+def test_a_head_that_is_no_plain_linear_gives_its_own_loss_when_asked_for_the_loss_alone(change, monkeypatch):
+    """Reading the head's weight would bypass what the head computes (an int8 product, a hook, a subclass's
+    forward) or, under ZeRO-3, read an empty shard: those heads are called, and their logits dropped."""
+    model = model_of("dense_mamba_tiny").eval()
+    change(model, monkeypatch)
+    ids = torch.randint(3, model.config.vocab_size, (1, 12))
     monkeypatch.setattr("densessm.models.recurrent.linear_cross_entropy", None)  # never called
-    alone = model(input_ids=ids, labels=ids, skip_logits=True)
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=ids).loss
+        alone = model(input_ids=ids, labels=ids, skip_logits=True)
     assert alone.logits is None
     torch.testing.assert_close(alone.loss, want)
 

@@ -158,6 +158,22 @@ LOSS_ARGUMENTS = frozenset({"num_items_in_batch", "ignore_index", "shift_labels"
 """What the causal LM's forward passes on to its loss (the Trainer's token count for gradient accumulation)."""
 
 
+def plain_linear(head: torch.nn.Module) -> bool:
+    """Whether a loss may read ``head``'s weight instead of calling it: not where the head computes something
+    else (int8, prepacked or adapter layers, a subclass, a hook, a replaced forward), nor under DeepSpeed ZeRO-3,
+    which gathers a partitioned weight only inside its module's forward. Those get their logits made (and
+    dropped)."""
+    modules = torch.nn.modules.module
+    return (
+        type(head) is torch.nn.Linear
+        and "forward" not in vars(head)  # accelerate's offloading hooks replace the instance's forward
+        and head.bias is None
+        and not (head._forward_hooks or head._forward_pre_hooks)
+        and not (modules._global_forward_hooks or modules._global_forward_pre_hooks)
+        and not is_deepspeed_zero3_enabled()
+    )
+
+
 def given_cache(cache: object, kwargs: dict) -> object:
     """``cache``, or the state given under one of transformers' names for it (:data:`CACHE_ALIASES`), popped from
     ``kwargs``; the same state under two names is fine, two different ones are refused."""
@@ -1099,9 +1115,9 @@ class RecurrentGenerationMixin:
         elif logits_to_keep:
             hidden = hidden[:, -int(logits_to_keep) :]
         logits = loss = None
-        if skip_logits and not is_deepspeed_zero3_enabled():
+        if skip_logits and plain_linear(self.lm_head):
             loss = linear_cross_entropy(hidden, self.lm_head.weight, labels, **loss_kwargs)
-        else:  # ZeRO-3 gathers the head's weight only inside the head's own forward: the logits path
+        else:
             logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         if labels is not None and logits is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
