@@ -19,7 +19,14 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from densessm import DenseMambaForCausalLM, DenseRetNetForCausalLM
 from densessm.errors import ModelLoadError, UsageError
-from densessm.inference import InferenceOnlyError, Int8Linear, fuse_projections, prepack_for_cpu, quantize_int8
+from densessm.inference import (
+    InferenceOnlyError,
+    Int8Linear,
+    fuse_decode_steps,
+    fuse_projections,
+    prepack_for_cpu,
+    quantize_int8,
+)
 from densessm.loading import read_config
 from densessm.models import FAMILIES as REGISTERED
 from densessm.models.dense.mixer import MixerCall
@@ -656,6 +663,14 @@ def test_a_transform_names_a_min_weight_that_is_no_count(transform, min_weight):
         {"quantize_int8": quantize_int8, "prepack_for_cpu": prepack_for_cpu}[transform](model, min_weight=min_weight)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("transform", [quantize_int8, prepack_for_cpu, fuse_projections, fuse_decode_steps])
+@pytest.mark.parametrize("model", [None, "checkpoints/model", {"weight": 1}])
+def test_a_transform_given_no_model_names_what_it_got(transform, model):
+    """None or a path failed inside with "'NoneType' object has no attribute 'modules'"."""
+    with pytest.raises(TypeError, match=rf"^{transform.__name__} takes a model \(a torch.nn.Module\), got "):
+        transform(model)
 
 
 @pytest.mark.parametrize("family", [family.name for family in REGISTERED])

@@ -100,6 +100,12 @@ def _refuse_training_forward(model: nn.Module, args: tuple, kwargs: dict) -> Non
         )
 
 
+def check_model(model: object, transform: str) -> None:
+    """A transform is given a module (``None`` or a path would fail deep inside with an AttributeError)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{transform} takes a model (a torch.nn.Module), got {type(model).__name__}: {model!r:.80}")
+
+
 def check_count(name: str, value: object, minimum: int = 0) -> None:
     """A transform's size argument is an int of at least ``minimum`` (a string or float would fail deep inside
     with a bare comparison error)."""

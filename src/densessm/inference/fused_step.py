@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from densessm.inference.frozen import InferenceOnly, seal_for_inference
+from densessm.inference.frozen import InferenceOnly, check_model, seal_for_inference
 from densessm.inference.fusion import FusedMambaMixer, FusedRetention, fuse_projections
 from densessm.models.dense.mixer import Handoff, LayerState, MixerCall
 from densessm.models.mamba.modeling_dense_mamba import DenseMambaMixer
@@ -143,6 +143,7 @@ def fuse_decode_steps(model: nn.Module) -> bool:
     step is in use: False, with a one-line notice logged once, when it cannot be built here (no C++ compiler),
     and the model then decodes with its PyTorch step; False too for a model without such mixers (DenseMamba2),
     which is left as it was. Inference only, like every transform here."""
+    check_model(model, "fuse_decode_steps")
     if fused_ops() is None:
         return False
     if not any(_steppable(m) for m in model.modules()):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densessm.inference.frozen import InferenceOnly, frozen_linear, seal_for_inference
+from densessm.inference.frozen import InferenceOnly, check_model, frozen_linear, seal_for_inference
 from densessm.models.mamba.modeling_dense_mamba import DenseMambaMixer
 from densessm.models.recurrent import state_identity_kept
 from densessm.models.retnet.modeling_dense_retnet import DenseRetNetRetention
@@ -93,6 +93,7 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     Irreversible and inference only: the fused modules refuse to train or be saved. A model's caches stay
     valid: the function is unchanged, so its state identity is kept as it was before the fusion (until a weight
     changes after it)."""
+    check_model(model, "fuse_projections")
     with state_identity_kept(model):
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):

@@ -14,7 +14,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from densessm.inference.frozen import InferenceOnly, InferenceOnlyError, SiLULinear, check_count, seal_for_inference
+from densessm.inference.frozen import (
+    InferenceOnly,
+    InferenceOnlyError,
+    SiLULinear,
+    check_count,
+    check_model,
+    seal_for_inference,
+)
 from densessm.inference.fusion import fuse_projections
 from densessm.models.recurrent import state_identity_kept
 
@@ -87,6 +94,7 @@ def prepack_for_cpu(model: nn.Module, min_weight: int = 2**15, batch_size_hint: 
     Tiny layers stay as they are (below ~32k weights the default kernel is as fast). A build without oneDNN
     leaves the weights as they are. Inference only: the replaced modules refuse to train or be saved.
     """
+    check_model(model, "prepack_for_cpu")
     check_count("min_weight", min_weight)
     if batch_size_hint is not None:
         check_count("batch_size_hint", batch_size_hint, minimum=1)

@@ -37,7 +37,14 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
-from densessm.inference.frozen import InferenceOnly, InferenceOnlyError, SiLULinear, check_count, seal_for_inference
+from densessm.inference.frozen import (
+    InferenceOnly,
+    InferenceOnlyError,
+    SiLULinear,
+    check_count,
+    check_model,
+    seal_for_inference,
+)
 from densessm.inference.fusion import fuse_projections
 from densessm.inference.prepack import PrepackedLinear
 from densessm.models.recurrent import state_identity_kept
@@ -130,6 +137,7 @@ def quantize_int8(model: nn.Module, min_weight: int = 2**15) -> nn.Module:
     packed). Inference only: the replaced modules refuse to train or be saved. Raises ValueError when there is
     nothing the model could quantize, rather than return it unchanged as if it were int8.
     """
+    check_model(model, "quantize_int8")
     check_count("min_weight", min_weight)
     linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
     if any(isinstance(child, PrepackedLinear) for _, _, child in linears):
