@@ -82,9 +82,9 @@ def test_bad_arguments_are_named():
     h, w, labels = problem(3, 1, 10, 8, 30)
     with pytest.raises(ValueError, match="needs labels or shift_labels"):
         linear_cross_entropy(h, w)
-    with pytest.raises(ValueError, match="9 targets for 10 positions"):
+    with pytest.raises(ValueError, match=r"shift_labels must have the hidden states' shape \(1, 10\), got \(1, 9\)"):
         linear_cross_entropy(h, w, shift_labels=labels[:, :9])
-    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1, got 0"):
         linear_cross_entropy(h, w, labels, chunk_size=0)
     assert chunk_rows(32000) == 1048 and chunk_rows(10**12) == 1
 
@@ -164,6 +164,10 @@ def _hooked(model, monkeypatch):
     model.lm_head.register_forward_hook(lambda module, inputs, output: output * 0.5)
 
 
+def _backward_hooked(model, monkeypatch):
+    model.lm_head.register_full_backward_hook(lambda module, grad_in, grad_out: (grad_in[0] * 0.5,))
+
+
 def _subclass(model, monkeypatch):
     head = _ScaledHead(model.config.hidden_size, model.config.vocab_size, bias=False)
     head.weight = model.lm_head.weight
@@ -182,8 +186,8 @@ def _int8(model, monkeypatch):
 
 @pytest.mark.parametrize(
     "change",
-    [_zero3, _hooked, _subclass, _replaced_forward, _int8],
-    ids=["zero3", "hook", "subclass", "forward", "int8"],
+    [_zero3, _hooked, _backward_hooked, _subclass, _replaced_forward, _int8],
+    ids=["zero3", "hook", "backward-hook", "subclass", "forward", "int8"],
 )
 def test_a_head_that_is_no_plain_linear_gives_its_own_loss_when_asked_for_the_loss_alone(change, monkeypatch):
     """Reading the head's weight would bypass what the head computes (an int8 product, a hook, a subclass's
@@ -192,11 +196,15 @@ def test_a_head_that_is_no_plain_linear_gives_its_own_loss_when_asked_for_the_lo
     change(model, monkeypatch)
     ids = torch.randint(3, model.config.vocab_size, (1, 12))
     monkeypatch.setattr("densessm.models.recurrent.linear_cross_entropy", None)  # never called
-    with torch.no_grad():
+    grads = change is not _int8
+    with torch.set_grad_enabled(grads):
         want = model(input_ids=ids, labels=ids).loss
+        want_grads = torch.autograd.grad(want, model.get_input_embeddings().weight) if grads else None
         alone = model(input_ids=ids, labels=ids, skip_logits=True)
+        alone_grads = torch.autograd.grad(alone.loss, model.get_input_embeddings().weight) if grads else None
     assert alone.logits is None
     torch.testing.assert_close(alone.loss, want)
+    torch.testing.assert_close(alone_grads, want_grads)
 
 
 def test_no_position_to_score_gives_the_reference_s_nan_and_zero_gradients():
@@ -232,3 +240,103 @@ def test_no_tensor_of_every_position_s_logits_is_ever_made(monkeypatch):
     with Largest() as seen:
         model(input_ids=ids, labels=ids).loss.backward()
     assert seen.rows == 120  # the logits path does make them: the probe sees them
+
+
+def test_no_position_scored_gives_the_logits_path_s_nan_loss_and_zero_gradients():
+    """transformers' mean over no scored position is 0/0, with zero gradients; scaling the precomputed ones by
+    1/0 made every gradient NaN (and an optimizer step then made every weight NaN)."""
+    model = model_of("dense_retnet_tiny").eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 16))
+    for labels in (torch.full_like(ids, -100), ids[:, :1]):
+        inputs = ids if labels.shape == ids.shape else ids[:, :1]
+        grads = {}
+        for skip in (False, True):
+            loss = model(input_ids=inputs, labels=labels, skip_logits=skip).loss
+            assert loss.isnan()
+            grads[skip] = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        for a, b in zip(grads[False], grads[True], strict=True):
+            assert (a is None and b is None) or (torch.equal(a, torch.zeros_like(a)) and torch.equal(b, a))
+
+
+def test_a_float64_model_under_autocast_keeps_its_float64_loss():
+    """CPU autocast leaves float64 alone, so the logits path stays float64: the chunks do too."""
+    model = model_of("mamba_tiny").double().eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 20))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids, labels=ids).loss
+        got = model(input_ids=ids, labels=ids, skip_logits=True).loss
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's forward-AD rules load through it
+def test_a_second_order_gradient_is_refused_and_forward_mode_ad_is_exact():
+    """The backward only scales gradients computed in the forward: differentiating it again gave nothing for the
+    head, silently; create_graph is refused. Forward-mode AD takes the plain form."""
+    model = model_of("dense_retnet_tiny").double().eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    loss = model(input_ids=ids, labels=ids, skip_logits=True).loss
+    with pytest.raises(RuntimeError, match=r"is differentiable once: a second-order gradient \(create_graph=True\)"):
+        torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    embeds = model.get_input_embeddings()(ids).detach()
+    tangent = torch.randn_like(embeds)
+    import torch.autograd.forward_ad as fwad
+
+    results = []
+    for skip in (False, True):
+        with fwad.dual_level():
+            out = model(inputs_embeds=fwad.make_dual(embeds, tangent), labels=ids, skip_logits=skip).loss
+            results.append(fwad.unpack_dual(out))
+    torch.testing.assert_close(results[1].primal, results[0].primal.to(results[1].primal.dtype))
+    torch.testing.assert_close(results[1].tangent, results[0].tangent.to(results[1].tangent.dtype))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.index_fill(1, torch.tensor([0]), 9999), "shift_labels 9999 is out of range: shift_labels are"),
+        (lambda s: s.short().float(), "shift_labels must be integer token ids"),
+        (lambda s: s[:, :-1], r"shift_labels must have shape \(1, 6\), got \(1, 5\)"),
+    ],
+)
+def test_shift_labels_are_checked_before_the_backbone_as_labels_are(change, message):
+    """Found after the backbone (a raw index error), they left a carried cache marked broken."""
+    model = model_of("dense_mamba_tiny").eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :6], use_cache=True).cache
+        before = [t.clone() for t in cache.to_legacy()] if hasattr(cache, "to_legacy") else None
+        shift = change(torch.nn.functional.pad(ids[:, 6:], (0, 1), value=-100)[:, 1:])
+        for skip in (False, True):
+            with pytest.raises(ValueError, match=message):
+                model(input_ids=ids[:, 6:], labels=ids[:, 6:], shift_labels=shift, cache=cache, skip_logits=skip)
+        assert not cache.broken
+        model(input_ids=ids[:, 6:], use_cache=True, cache=cache)  # the cache goes on
+    del before
+    with pytest.raises(ValueError, match="shift_labels .* need labels too"):
+        model(input_ids=ids, shift_labels=ids)
+
+
+def test_the_op_names_bad_arguments_and_ignores_a_non_finite_ignored_position():
+    h, w, labels = problem(5, 2, 9, 8, 30)
+    for bad, message in (
+        (labels.reshape(-1), r"labels must have the hidden states' shape \(2, 9\), got \(18,\)"),
+        (labels.T, r"labels must have the hidden states' shape \(2, 9\), got \(9, 2\)"),
+        (labels.float(), "labels must be integer token ids, got torch.float32"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            linear_cross_entropy(h, w, bad)
+    with pytest.raises(ValueError, match=r"shift_labels must have the hidden states' shape"):
+        linear_cross_entropy(h, w, shift_labels=labels[:, 1:])
+    for chunk in (2.5, True, "4"):
+        with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+            linear_cross_entropy(h, w, labels, chunk_size=chunk)
+    with pytest.raises(ValueError, match="ignore_index must be an int, got True"):
+        linear_cross_entropy(h, w, labels, ignore_index=True)
+    with pytest.raises(ValueError, match=r"a head weight \[V, H\] are needed, got \(2, 9, 8\) and \(30,\)"):
+        linear_cross_entropy(h, w[:, 0])
+    with torch.no_grad():
+        h[0, -1] = torch.inf  # the last position of a row has no target
+    torch.testing.assert_close(  # transformers' loss runs in fp32
+        linear_cross_entropy(h, w, labels.short(), chunk_size=4).float(),
+        ForCausalLMLoss(logits=h @ w.T, labels=labels, vocab_size=30),
+    )

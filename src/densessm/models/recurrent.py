@@ -168,8 +168,9 @@ def plain_linear(head: torch.nn.Module) -> bool:
         type(head) is torch.nn.Linear
         and "forward" not in vars(head)  # accelerate's offloading hooks replace the instance's forward
         and head.bias is None
-        and not (head._forward_hooks or head._forward_pre_hooks)
+        and not (head._forward_hooks or head._forward_pre_hooks or head._backward_hooks or head._backward_pre_hooks)
         and not (modules._global_forward_hooks or modules._global_forward_pre_hooks)
+        and not (modules._global_backward_hooks or modules._global_backward_pre_hooks)
         and not is_deepspeed_zero3_enabled()
     )
 
@@ -215,25 +216,27 @@ def check_chunk_size(chunk_size: object, name: str = "chunk_size") -> None:
         raise ValueError(f"{name} must be at most {MAX_CHUNK_SIZE} (2**31 - 1), got {chunk_size!r}")
 
 
-def check_labels(labels: object, expected_shape: tuple[int, ...], vocab_size: int, ignore_index: int) -> torch.Tensor:
-    """LM labels: integer ids in ``[0, vocab_size)`` or ``ignore_index``, shaped like the input; returned as
-    int64 (narrow integer dtypes are widened)."""
+def check_labels(
+    labels: object, expected_shape: tuple[int, ...], vocab_size: int, ignore_index: int, name: str = "labels"
+) -> torch.Tensor:
+    """LM labels (or the ``shift_labels`` given as the loss's targets): integer ids in ``[0, vocab_size)`` or
+    ``ignore_index``, shaped like the input; returned as int64 (narrow integer dtypes are widened)."""
     if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
+        raise ValueError(f"{name} must be a tensor of token ids, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(
-            f"labels must be integer token ids (or {ignore_index} to ignore a position), got {labels.dtype}"
+            f"{name} must be integer token ids (or {ignore_index} to ignore a position), got {labels.dtype}"
         )
     if labels.shape != expected_shape:
-        raise ValueError(f"labels must have shape {expected_shape}, got {tuple(labels.shape)}")
+        raise ValueError(f"{name} must have shape {expected_shape}, got {tuple(labels.shape)}")
     labels = labels.long()
     if not torch.compiler.is_compiling() and not values_trusted():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
         if bool(bad.any()):
             value = int(labels[bad][0])
             raise ValueError(
-                f"label {value} is out of range: labels are token ids in [0, {vocab_size}) or {ignore_index} "
-                "(a position without loss)"
+                f"{'label' if name == 'labels' else name} {value} is out of range: {name} are token ids in "
+                f"[0, {vocab_size}) or {ignore_index} (a position without loss)"
             )
     return labels
 
@@ -1076,6 +1079,8 @@ class RecurrentGenerationMixin:
             raise ValueError(f"skip_logits must be True, False or None, got {skip_logits!r}")
         if skip_logits and labels is None:
             raise ValueError("skip_logits=True returns the loss alone: it needs labels")
+        if loss_kwargs.get("shift_labels") is not None and labels is None:
+            raise ValueError("shift_labels (the loss's targets) need labels too: without labels no loss is computed")
         given = input_ids if input_ids is not None else inputs_embeds
         if not isinstance(given, torch.Tensor) or given.dim() < 2:
             return labels
@@ -1093,6 +1098,10 @@ class RecurrentGenerationMixin:
         count = loss_kwargs.get("num_items_in_batch")
         if count is not None and (isinstance(count, bool) or not isinstance(count, int | torch.Tensor)):
             raise ValueError(f"num_items_in_batch must be an int or a tensor (the tokens counted), got {count!r}")
+        if loss_kwargs.get("shift_labels") is not None:
+            loss_kwargs["shift_labels"] = check_labels(
+                loss_kwargs["shift_labels"], (batch, kept), self.config.vocab_size, ignore_index, "shift_labels"
+            )
         return check_labels(labels, (batch, kept), self.config.vocab_size, ignore_index)
 
     def causal_lm_output(

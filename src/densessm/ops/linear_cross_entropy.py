@@ -47,33 +47,64 @@ def linear_cross_entropy(
     ``hidden [..., L, H]``, ``weight [V, H]``, ``labels [..., L]`` (shifted here) or ``shift_labels`` (already
     the targets). Positions whose target is ``ignore_index`` add nothing; the sum is divided by the positions
     scored, or by ``num_items_in_batch`` when given (the Trainer's count over accumulated micro-batches).
-    ``chunk_size`` positions are scored at a time (default: :func:`chunk_rows`)."""
-    if shift_labels is None:
-        if labels is None:
-            raise ValueError("linear_cross_entropy needs labels or shift_labels")
-        shift_labels = shifted_targets(labels, ignore_index)
-    targets = shift_labels.reshape(-1).to(hidden.device)
-    hidden = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
-    if targets.shape[0] != hidden.shape[0]:
-        raise ValueError(f"{targets.shape[0]} targets for {hidden.shape[0]} positions of hidden states")
-    rows = chunk_size if chunk_size is not None else chunk_rows(weight.shape[0])
-    if rows < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {rows}")
+    ``chunk_size`` positions are scored at a time (default: :func:`chunk_rows`).
+
+    Differentiable once (``create_graph=True`` is refused: a second-order gradient would be wrong); forward-mode
+    AD gets every logit at once. Token ids are not range-checked here (the models check them before their
+    backbone runs)."""
+    targets = _checked_targets(hidden, weight, labels, shift_labels, ignore_index)
+    rows = chunk_rows(weight.shape[0]) if chunk_size is None else chunk_size
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {rows!r}")
+    count = (targets != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
+    if isinstance(count, torch.Tensor):
+        count = count.to(hidden.device)
     device = hidden.device.type
-    if torch.is_autocast_enabled(device):  # the head's product in autocast's dtype, as nn.Linear would run it
+    if torch.is_autocast_enabled(device) and weight.dtype != torch.float64:  # as autocast runs nn.Linear
         dtype = torch.get_autocast_dtype(device)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    hidden = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
+    if _has_tangent(hidden) or _has_tangent(weight):  # forward-mode AD: the plain form, which has its rules
+        logits = _upcast(hidden @ weight.T)
+        loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+        return loss / count
     with torch.autocast(device, enabled=False):
-        if grads:
-            total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, rows)
-        else:
-            total = _chunked_loss(hidden, weight, targets, ignore_index, rows, False, False)[0]
-    if num_items_in_batch is None:
-        return total / (targets != ignore_index).sum()
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, rows, count)
+        return _chunked_loss(hidden, weight, targets, ignore_index, rows, False, False)[0] / count
+
+
+def _checked_targets(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    shift_labels: torch.Tensor | None,
+    ignore_index: object,
+) -> torch.Tensor:
+    """The flat int64 targets, after the checks whose failure would otherwise be a raw error from inside (or,
+    for labels of another shape, a shift across rows)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden states [..., H] and a head weight [V, H] are needed, got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    name, given = ("labels", labels) if shift_labels is None else ("shift_labels", shift_labels)
+    if given is None:
+        raise ValueError("linear_cross_entropy needs labels or shift_labels")
+    if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
+        raise ValueError(f"{name} must be integer token ids, got {given.dtype}")
+    if given.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"{name} must have the hidden states' shape {tuple(hidden.shape[:-1])}, got {tuple(given.shape)}"
+        )
+    given = given.to(hidden.device, torch.long)
+    return (given if shift_labels is not None else shifted_targets(given, ignore_index)).reshape(-1)
+
+
+def _has_tangent(tensor: torch.Tensor) -> bool:
+    return torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None
 
 
 def naive_linear_cross_entropy(
@@ -125,12 +156,13 @@ def _chunked_loss(
         picked = target.masked_fill(~scored, 0).unsqueeze(1)
         logits = _upcast(chunk @ weight.T)
         norm = torch.logsumexp(logits, dim=1)
-        total += ((norm - logits.gather(1, picked).squeeze(1)) * scored).sum()
+        # where, not a product with the mask: an ignored position's non-finite logits add nothing (0 * inf is NaN)
+        total += torch.where(scored, norm - logits.gather(1, picked).squeeze(1), 0).sum()
         if not (grad_hidden or grad_weight):
             continue
         probs = logits.sub_(norm.unsqueeze(1)).exp_()  # softmax, in the logits' memory
         probs.scatter_add_(1, picked, torch.full_like(norm, -1.0).unsqueeze(1))
-        grad = probs.mul_(scored.unsqueeze(1)).to(weight.dtype)
+        grad = probs.masked_fill_(~scored.unsqueeze(1), 0).to(weight.dtype)
         if d_hidden is not None:
             torch.matmul(grad, weight, out=d_hidden[start:stop])
         if d_weight is None:
@@ -146,22 +178,31 @@ def _chunked_loss(
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """The summed loss, with its gradients computed in the forward and scaled in the backward."""
+    """The loss over ``count``, with its gradients computed in the forward and scaled in the backward. A count
+    of 0 (no position scored) gives the NaN loss of transformers' mean and, as there, zero gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, rows):
+    def forward(ctx, hidden, weight, targets, ignore_index, rows, count):
         total, d_hidden, d_weight = _chunked_loss(
             hidden, weight, targets, ignore_index, rows, *ctx.needs_input_grad[:2]
         )
         ctx.save_for_backward(d_hidden, d_weight)
+        ctx.count = count
         ctx.weight_dtype = weight.dtype
-        return total
+        return total / count
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: the scaled gradients would have no graph to go on
+            raise RuntimeError(
+                "the LM loss scored in chunks (skip_logits=True) is differentiable once: a second-order gradient "
+                "(create_graph=True) needs the loss from the logits (skip_logits=False)"
+            )
         d_hidden, d_weight = ctx.saved_tensors
+        count = torch.as_tensor(ctx.count, dtype=grad_loss.dtype, device=grad_loss.device)
+        scale = torch.where(count != 0, grad_loss / count, 0)
         if d_hidden is not None:
-            d_hidden = d_hidden * grad_total.to(d_hidden.dtype)
+            d_hidden = d_hidden * scale.to(d_hidden.dtype)
         if d_weight is not None:
-            d_weight = (d_weight * grad_total).to(ctx.weight_dtype)
-        return d_hidden, d_weight, None, None, None
+            d_weight = (d_weight * scale).to(ctx.weight_dtype)
+        return d_hidden, d_weight, None, None, None, None
