@@ -340,3 +340,68 @@ def test_the_op_names_bad_arguments_and_ignores_a_non_finite_ignored_position():
         linear_cross_entropy(h, w, labels.short(), chunk_size=4).float(),
         ForCausalLMLoss(logits=h @ w.T, labels=labels, vocab_size=30),
     )
+
+
+def test_a_replaced_loss_function_is_what_the_loss_alone_computes(tmp_path):
+    """The chunks compute transformers' causal LM loss: a model given another loss (``loss_function``, or a
+    ``loss_type``) scores its logits with it, also when the Trainer asks for the loss alone."""
+    model = model_of("dense_retnet_tiny").eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 14))
+    model.loss_type = "ForMaskedLM"
+    torch.testing.assert_close(
+        model(input_ids=ids, labels=ids, skip_logits=True).loss, model(input_ids=ids, labels=ids).loss
+    )
+    del model.loss_type
+    model.loss_function = lambda logits, labels, vocab_size, **kw: ForCausalLMLoss(logits, labels, vocab_size) * 2 + 1
+    want = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(model(input_ids=ids, labels=ids, skip_logits=True).loss, want)
+    trainer = DenseTrainer(model=model, args=DenseTrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    torch.testing.assert_close(trainer.compute_loss(model.eval(), {"input_ids": ids, "labels": ids}), want)
+
+
+def test_a_count_of_zero_with_positions_scored_gives_non_finite_gradients_as_the_logits_path():
+    model = model_of("dense_retnet_tiny").eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    for skip in (False, True):
+        loss = model(input_ids=ids, labels=ids, num_items_in_batch=0, skip_logits=skip).loss
+        (grad,) = torch.autograd.grad(loss, [model.lm_head.weight])
+        assert loss.isinf() and not torch.isfinite(grad).all()
+
+
+def test_non_contiguous_shift_labels_are_taken_by_both_paths():
+    model = model_of("dense_retnet_tiny").eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    shift = torch.randint(0, model.config.vocab_size, (6, 2)).T
+    assert not shift.is_contiguous()
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :4], use_cache=True).cache
+        losses = [
+            model(input_ids=ids[:, 4:], labels=ids[:, 4:], shift_labels=shift, skip_logits=skip).loss
+            for skip in (False, True)
+        ]
+        model(input_ids=ids[:, 4:], labels=ids[:, 4:], shift_labels=shift, cache=cache, use_cache=True)
+    torch.testing.assert_close(losses[1], losses[0])
+    assert not cache.broken
+
+
+def test_torch_func_transforms_get_the_plain_form():
+    model = model_of("dense_retnet_tiny").eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 8))
+
+    def loss_of(weight, skip):
+        call = dict(input_ids=ids, labels=ids, skip_logits=skip, use_cache=False)
+        return torch.func.functional_call(model, {"lm_head.weight": weight}, (), call).loss
+
+    weight = model.lm_head.weight.detach()
+    torch.testing.assert_close(
+        torch.func.grad(loss_of)(weight, True), torch.func.grad(loss_of)(weight, False), rtol=1e-5, atol=1e-7
+    )
+    h, w, labels = problem(6, 3, 7, 16, 40)
+    labels = labels.unsqueeze(1)
+    got = torch.func.vmap(lambda x, y: linear_cross_entropy(x, w, y, chunk_size=3))(h.unsqueeze(1), labels)
+    want = torch.stack([naive_linear_cross_entropy(h[i : i + 1], w, labels[i]) for i in range(3)])
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="labels must be a tensor of token ids, got list"):
+        linear_cross_entropy(h, w, labels.squeeze(1).tolist())
+    with pytest.raises(ValueError, match=r"hidden states \[\.\.\., L, H\] and a head weight \[V, H\] are needed"):
+        linear_cross_entropy(h[0, 0], w, torch.tensor(3))

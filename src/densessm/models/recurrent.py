@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.utils import GenerateOutput
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.loss.loss_utils import LOSS_MAPPING
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from densessm.cache import CacheIdentity, RecurrentCache, digest_embeddings, digest_tokens, embedding_values
@@ -229,7 +230,7 @@ def check_labels(
         )
     if labels.shape != expected_shape:
         raise ValueError(f"{name} must have shape {expected_shape}, got {tuple(labels.shape)}")
-    labels = labels.long()
+    labels = labels.long().contiguous()  # transformers' loss views them flat
     if not torch.compiler.is_compiling() and not values_trusted():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
         if bool(bad.any()):
@@ -1124,9 +1125,9 @@ class RecurrentGenerationMixin:
         elif logits_to_keep:
             hidden = hidden[:, -int(logits_to_keep) :]
         logits = loss = None
-        if skip_logits and plain_linear(self.lm_head):
+        if skip_logits and plain_linear(self.lm_head) and self.loss_function is LOSS_MAPPING["ForCausalLM"]:
             loss = linear_cross_entropy(hidden, self.lm_head.weight, labels, **loss_kwargs)
-        else:
+        else:  # a head or a loss of another kind (see plain_linear): its own logits, then dropped
             logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         if labels is not None and logits is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)

@@ -50,8 +50,8 @@ def linear_cross_entropy(
     ``chunk_size`` positions are scored at a time (default: :func:`chunk_rows`).
 
     Differentiable once (``create_graph=True`` is refused: a second-order gradient would be wrong); forward-mode
-    AD gets every logit at once. Token ids are not range-checked here (the models check them before their
-    backbone runs)."""
+    AD and ``torch.func`` transforms (grad, vmap) get every logit at once. Token ids are not range-checked here
+    (the models check them before their backbone runs)."""
     targets = _checked_targets(hidden, weight, labels, shift_labels, ignore_index)
     rows = chunk_rows(weight.shape[0]) if chunk_size is None else chunk_size
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
@@ -64,7 +64,8 @@ def linear_cross_entropy(
         dtype = torch.get_autocast_dtype(device)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     hidden = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
-    if _has_tangent(hidden) or _has_tangent(weight):  # forward-mode AD: the plain form, which has its rules
+    if torch._C._are_functorch_transforms_active() or _has_tangent(hidden) or _has_tangent(weight):
+        # torch.func's transforms and forward-mode AD: the plain form, which has their rules
         logits = _upcast(hidden @ weight.T)
         loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
         return loss / count
@@ -85,14 +86,16 @@ def _checked_targets(
     for labels of another shape, a shift across rows)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+    if weight.dim() != 2 or hidden.dim() < 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"hidden states [..., H] and a head weight [V, H] are needed, got {tuple(hidden.shape)} and "
+            f"hidden states [..., L, H] and a head weight [V, H] are needed, got {tuple(hidden.shape)} and "
             f"{tuple(weight.shape)}"
         )
     name, given = ("labels", labels) if shift_labels is None else ("shift_labels", shift_labels)
     if given is None:
         raise ValueError("linear_cross_entropy needs labels or shift_labels")
+    if not isinstance(given, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor of token ids, got {type(given).__name__}")
     if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
         raise ValueError(f"{name} must be integer token ids, got {given.dtype}")
     if given.shape != hidden.shape[:-1]:
@@ -178,8 +181,9 @@ def _chunked_loss(
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """The loss over ``count``, with its gradients computed in the forward and scaled in the backward. A count
-    of 0 (no position scored) gives the NaN loss of transformers' mean and, as there, zero gradients."""
+    """The loss over ``count``, with its gradients computed in the forward and scaled in the backward. As with
+    transformers' loss: no position scored gives a NaN loss and zero gradients; a ``count`` of 0 with positions
+    scored, non-finite ones."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, rows, count):
@@ -188,6 +192,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.count = count
+        ctx.scored = (targets != ignore_index).any()  # on the device: no read back
         ctx.weight_dtype = weight.dtype
         return total / count
 
@@ -200,7 +205,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             )
         d_hidden, d_weight = ctx.saved_tensors
         count = torch.as_tensor(ctx.count, dtype=grad_loss.dtype, device=grad_loss.device)
-        scale = torch.where(count != 0, grad_loss / count, 0)
+        scale = torch.where(ctx.scored, grad_loss / count, 0)  # nothing scored: the gradients are exactly 0
         if d_hidden is not None:
             d_hidden = d_hidden * scale.to(d_hidden.dtype)
         if d_weight is not None:
