@@ -215,9 +215,11 @@ def test_no_position_to_score_gives_the_reference_s_nan_and_zero_gradients():
     assert torch.equal(torch.autograd.grad(linear_cross_entropy(h, w, labels, num_items_in_batch=1), w)[0], w * 0)
 
 
-def test_no_tensor_of_every_position_s_logits_is_ever_made(monkeypatch):
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_no_tensor_of_every_position_s_logits_is_ever_made(preset, monkeypatch):
     """What the chunks are for: no operator in the forward or the backward outputs more than one chunk of
-    logits (the ``[tokens, vocab]`` tensors of the logits path: logits, log-softmax and their gradients)."""
+    logits (the ``[tokens, vocab]`` tensors of the logits path: logits, log-softmax and their gradients). Run
+    on every family, so that none falls back to the logits path unseen."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Largest(TorchDispatchMode):
@@ -230,13 +232,14 @@ def test_no_tensor_of_every_position_s_logits_is_ever_made(monkeypatch):
                     self.rows = max(self.rows, t.numel() // vocab)
             return out
 
-    model = model_of("dense_retnet_tiny")
+    model = model_of(preset)
     vocab = model.config.vocab_size
     monkeypatch.setattr("densessm.ops.linear_cross_entropy.CHUNK_BYTES", 4 * vocab * 16)  # 16 positions a chunk
     ids = torch.randint(3, vocab, (2, 60))
     with Largest() as seen:
         model(input_ids=ids, labels=ids, skip_logits=True).loss.backward()
-    assert seen.rows == model.config.hidden_size == 64  # the largest: the head's weight seen as [hidden, vocab]
+    # the largest: a chunk's logits, or the head's weight seen as [hidden, vocab]
+    assert seen.rows == max(16, model.config.hidden_size)
     with Largest() as seen:
         model(input_ids=ids, labels=ids).loss.backward()
     assert seen.rows == 120  # the logits path does make them: the probe sees them
