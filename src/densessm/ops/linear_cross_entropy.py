@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 CHUNK_BYTES = 128 * 2**20
-"""Bytes of fp32 logits one chunk may hold (1,024 positions of a 32k vocabulary): large enough that the head's
+"""Bytes of fp32 logits one chunk may hold (1,048 positions of a 32k vocabulary): large enough that the head's
 products stay efficient, small beside the model's activations."""
 
 
@@ -170,9 +170,10 @@ def _chunked_loss(
             torch.matmul(grad, weight, out=d_hidden[start:stop])
         if d_weight is None:
             continue
-        if d_weight.dtype != grad.dtype:  # a half-precision head: its gradient summed in fp32
-            part = grad.T @ chunk
-            d_weight.copy_(part) if start == 0 else d_weight.add_(part)
+        if d_weight.dtype != grad.dtype and start == 0:  # a half-precision head: its gradient summed in fp32
+            d_weight.copy_(grad.T @ chunk)
+        elif d_weight.dtype != grad.dtype:
+            d_weight += grad.T @ chunk
         elif start == 0:  # the first chunk writes it: no pass to zero it first
             torch.mm(grad.T, chunk, out=d_weight)
         else:

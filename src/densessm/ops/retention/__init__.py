@@ -109,7 +109,9 @@ def retention(
             out, final = load_kernels("retention").triton_chunk_retention(q, k, v, log_decay, chunk, mask, state)
         else:
             chunk = default_chunk_size(q.shape[-1], v.shape[-1]) if chunk_size is None else chunk_size
-            out, final = chunkwise_retention(q, k, v, log_decay, chunk, mask=mask, state=state)
+            out, final = chunkwise_retention(
+                q, k, v, log_decay, chunk, mask=mask, state=state, output_state=output_state
+            )
     else:
         step = None
         if inplace:

@@ -26,11 +26,13 @@ def chunkwise_retention(
     chunk_size: int,
     mask: torch.Tensor | None = None,
     state: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    output_state: bool = True,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Retention of ``q, k [B, H, L, Dk]``, ``v [B, H, L, Dv]`` in chunks of ``chunk_size`` tokens.
 
     ``state`` is the recurrent state ``(S [B, H, Dk, Dv] normalised, scale [B, H])`` to continue from.
-    Returns ``(out [B, H, L, Dv], final state)``.
+    Returns ``(out [B, H, L, Dv], final state)``; the final state is None (and not computed) without
+    ``output_state``.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | torch.SymInt):
         raise ValueError(f"chunk_size must be a Python int, got {chunk_size!r}, a {type(chunk_size).__name__}")
@@ -74,8 +76,8 @@ def chunkwise_retention(
     chunk_scale = to_end.sum(-1).expand(batch, heads, chunks)  # [B, H, N]
     chunk_decay = from_start[..., -1].expand(batch, heads, chunks)  # γ over the whole chunk
 
-    if state is None:
-        memory = q.new_zeros(batch, heads, key_dim, value_dim)
+    if state is None:  # an empty state: nothing to read before the first chunk's kᵀv (None skips its product)
+        memory = None
         scale = torch.zeros(batch, heads, dtype=stat, device=q.device)
     else:
         memory = state[0] * state[1].sqrt()[..., None, None].to(state[0].dtype)
@@ -94,10 +96,16 @@ def chunkwise_retention(
         chunk_scale.unbind(2),
         strict=True,
     )
-    for q_chunk, k_chunk, v_chunk, decay, added in steps:
-        read_outs.append(q_chunk @ memory)  # [B, H, C, Dv]
+    for index, (q_chunk, k_chunk, v_chunk, decay, added) in enumerate(steps):
+        if memory is None:
+            read_outs.append(q_chunk.new_zeros(batch, heads, chunk, value_dim))
+        else:
+            read_outs.append(q_chunk @ memory)  # [B, H, C, Dv]
         entering_scale.append(scale)
-        memory = torch.addcmul(k_chunk @ v_chunk, memory, decay[..., None, None].to(memory.dtype))
+        if index == chunks - 1 and not output_state:
+            break  # the state leaving the last chunk is read by nobody
+        kv = k_chunk @ v_chunk
+        memory = kv if memory is None else torch.addcmul(kv, memory, decay[..., None, None].to(memory.dtype))
         scale = scale * decay + added
     entering_scale = torch.stack(entering_scale, dim=2)  # [B, H, N]
 
@@ -105,5 +113,7 @@ def chunkwise_retention(
     total_scale = from_start * entering_scale[..., None] + intra_scale
     out = (inter + intra) * total_scale.clamp_min(_TINY).rsqrt()[..., None].to(q.dtype)
     out = out.flatten(2, 3)[:, :, :length]
+    if not output_state:
+        return out, None
     final = (memory * scale.clamp_min(_TINY).rsqrt()[..., None, None].to(memory.dtype), scale)
     return out, final
