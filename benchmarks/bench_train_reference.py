@@ -162,7 +162,7 @@ def targets(records: list[dict]) -> list[str]:
         for r in (r for r in records if r["length"] == length and "speedup" in r):
             met = "met" if r["speedup"] >= goal else "not met"
             lines.append(
-                f"- {length:,} tokens, {r['layers']} layers: {r['speedup']:.2f}× the reference (>= {goal}×: {met})"
+                f"- {length:,} tokens, {r['layers']} layers: {r['speedup']:.3f}× the reference (>= {goal}×: {met})"
             )
     for r in records:
         if r["length"] <= 2048:
