@@ -146,7 +146,7 @@ def _chunked_loss(
     """The summed loss of every scored position and, where asked, its gradients (the hidden states' in their
     dtype, the weight's accumulated in fp32 over the chunks). The logits are upcast to fp32 as transformers'
     loss does (float64 stays float64); no value is read back to the host (a CUDA step is not made to wait)."""
-    wide = _upcast(weight[:0, :0]).dtype
+    wide = torch.promote_types(weight.dtype, torch.float32)  # the loss's dtype, as _upcast gives the logits
     total = torch.zeros((), dtype=wide, device=hidden.device)
     d_hidden = torch.empty_like(hidden) if grad_hidden else None
     allocate = torch.empty if hidden.shape[0] else torch.zeros  # no position: nothing writes the gradient
