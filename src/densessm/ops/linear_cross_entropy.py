@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from densessm.ops.transforms import transforms_active
+
 CHUNK_BYTES = 128 * 2**20
 """Bytes of fp32 logits one chunk may hold (1,048 positions of a 32k vocabulary): large enough that the head's
 products stay efficient, small beside the model's activations."""
@@ -64,7 +66,7 @@ def linear_cross_entropy(
         dtype = torch.get_autocast_dtype(device)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     hidden = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
-    if torch._C._are_functorch_transforms_active() or _has_tangent(hidden) or _has_tangent(weight):
+    if transforms_active(hidden, weight):
         # torch.func's transforms and forward-mode AD: the plain form, which has their rules
         logits = _upcast(hidden @ weight.T)
         loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
@@ -104,10 +106,6 @@ def _checked_targets(
         )
     given = given.to(hidden.device, torch.long)
     return (given if shift_labels is not None else shifted_targets(given, ignore_index)).reshape(-1)
-
-
-def _has_tangent(tensor: torch.Tensor) -> bool:
-    return torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None
 
 
 def naive_linear_cross_entropy(
@@ -151,20 +149,28 @@ def _chunked_loss(
     d_hidden = torch.empty_like(hidden) if grad_hidden else None
     allocate = torch.empty if hidden.shape[0] else torch.zeros  # no position: nothing writes the gradient
     d_weight = allocate(weight.shape, dtype=wide, device=weight.device) if grad_weight else None
+    # one logits buffer for every chunk: a fresh [rows, vocab] tensor per chunk costs its first touch of memory
+    # (page faults) as much as a pass over it; a half-precision head's logits are upcast into new memory instead
+    buffer = None
+    if weight.dtype == wide:
+        buffer = torch.empty(min(rows, hidden.shape[0]), weight.shape[0], dtype=wide, device=hidden.device)
     for start in range(0, hidden.shape[0], rows):
         stop = min(start + rows, hidden.shape[0])
         chunk = hidden[start:stop]
         target = targets[start:stop]
         scored = target != ignore_index
         picked = target.masked_fill(~scored, 0).unsqueeze(1)
-        logits = _upcast(chunk @ weight.T)
-        norm = torch.logsumexp(logits, dim=1)
+        if buffer is not None:
+            logits = torch.mm(chunk, weight.T, out=buffer[: stop - start])
+        else:
+            logits = _upcast(chunk @ weight.T)
+        log_probs = _log_softmax_(logits)
         # where, not a product with the mask: an ignored position's non-finite logits add nothing (0 * inf is NaN)
-        total += torch.where(scored, norm - logits.gather(1, picked).squeeze(1), 0).sum()
+        total -= torch.where(scored, log_probs.gather(1, picked).squeeze(1), 0).sum()
         if not (grad_hidden or grad_weight):
             continue
-        probs = logits.sub_(norm.unsqueeze(1)).exp_()  # softmax, in the logits' memory
-        probs.scatter_add_(1, picked, torch.full_like(norm, -1.0).unsqueeze(1))
+        probs = log_probs.exp_()  # softmax, in the logits' memory
+        probs.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=probs.dtype))
         grad = probs.masked_fill_(~scored.unsqueeze(1), 0).to(weight.dtype)
         if d_hidden is not None:
             torch.matmul(grad, weight, out=d_hidden[start:stop])
@@ -179,6 +185,15 @@ def _chunked_loss(
         else:
             d_weight.addmm_(grad.T, chunk)
     return total, d_hidden, d_weight
+
+
+def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """The log-softmax over the vocabulary written over the logits: one fused pass over each row, no new memory.
+    (Row by row, each output is written after its row is read: bit-identical to ``torch.log_softmax`` on the CPU
+    and CUDA kernels; other devices get the out-of-place call.)"""
+    if logits.device.type in ("cpu", "cuda"):
+        return torch._log_softmax(logits, 1, False, out=logits)
+    return torch.log_softmax(logits, 1)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
