@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from densessm.models.precision import at_least_fp32
+from densessm.ops.rms_norm import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -18,11 +18,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in at least fp32 (float64 stays float64: a float64 model is a precision reference);
-        # torch's kernel does the same arithmetic (bit-identical here) in fewer operator calls
+        # statistics in at least fp32 (float64 stays float64: a float64 model is a precision reference); the op
+        # is torch's arithmetic, with a backward of fewer passes on the CPU (densessm.ops.rms_norm)
         wide = at_least_fp32(x)
         weight = self.weight if self.weight.dtype == wide.dtype else self.weight.to(wide.dtype)
-        return F.rms_norm(wide, self.weight.shape, weight, self.eps).to(x.dtype)
+        return rms_norm(wide, weight, self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

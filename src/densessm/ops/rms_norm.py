@@ -1,0 +1,68 @@
+"""RMSNorm with a backward of few passes over memory, for training on the CPU.
+
+Why: on the CPU, torch's ``rms_norm`` is composed of a power, a mean, an rsqrt and two products, and autograd
+differentiates each of them: its backward makes about ten passes and six new tensors the size of the input, where
+the gradient needs four passes and two. A norm sits four times in each DenseRetNet layer (block input, k and v
+after the dense fusion, the heads' output); at the 350M shape this backward takes about half the time of torch's
+(docs/benchmarks/train_reference_2k.md). The forward is torch's arithmetic, in its order, so the values are
+bit-identical to :func:`naive_rms_norm`; the gradients equal its gradients to rounding.
+
+CUDA keeps torch's own fused kernel; forward-mode AD and ``torch.func`` transforms get :func:`naive_rms_norm`
+(they have its rules).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from densessm.ops.transforms import transforms_active
+
+
+def naive_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference: torch's ``rms_norm`` over the last dimension."""
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x²) + eps) * weight`` over the last dimension of ``x``, in the dtype of ``x`` (the caller
+    widens it for the statistics; ``weight`` must have that dtype)."""
+    differentiated = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if not differentiated or x.device.type != "cpu" or transforms_active(x, weight):
+        return naive_rms_norm(x, weight, eps)
+    return _RMSNorm.apply(x, weight, eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """Saves the input and its per-row ``1/rms`` (``r``); the backward is
+    ``dx = r·(g⊙w) - x·r³/D·Σ(x⊙g⊙w)`` and ``dw = Σ_rows g⊙x·r``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        inverse_rms = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, inverse_rms)
+        ctx.eps = eps
+        return x.mul(inverse_rms).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, inverse_rms = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: torch's form, whose gradient has a graph of its own
+            return _differentiable_backward(ctx, x, weight, grad)
+        width = x.shape[-1]
+        d_x = d_weight = None
+        if ctx.needs_input_grad[1]:
+            d_weight = torch.mv((grad * x).reshape(-1, width).T, inverse_rms.reshape(-1))
+        if ctx.needs_input_grad[0]:
+            scaled = grad * weight
+            spread = torch.linalg.vecdot(x, scaled, dim=-1).unsqueeze(-1).mul_(inverse_rms.pow(3)).div_(-width)
+            d_x = scaled.mul_(inverse_rms).addcmul_(x, spread)
+        return d_x, d_weight, None
+
+
+def _differentiable_backward(ctx, x, weight, grad):
+    """The gradients through :func:`naive_rms_norm`, as a graph (for second-order gradients)."""
+    eps = ctx.eps
+    wanted = [tensor for tensor, needed in zip((x, weight), ctx.needs_input_grad[:2], strict=True) if needed]
+    found = iter(torch.autograd.grad(naive_rms_norm(x, weight, eps), wanted, grad, create_graph=True))
+    return tuple(next(found) if needed else None for needed in ctx.needs_input_grad[:2]) + (None,)
