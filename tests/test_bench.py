@@ -280,3 +280,21 @@ def test_ctrl_c_during_the_second_batch_size_says_what_each_file_holds(tmp_path,
     )
     assert json.loads((tmp_path / "gen_batch1.json").read_text())["meta"]["complete"]
     assert not (tmp_path / "gen_batch2.md").exists()
+
+
+def test_rms_norm_benchmark_script_writes_its_report(tmp_path, monkeypatch):
+    """benchmarks/bench_rms_norm.py at a short length: every norm of the presets timed in both forms, the median
+    of the per-round ratios as its speed-up, a table and a plot."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rms_norm.py"
+    out = tmp_path / "norms"
+    monkeypatch.setattr("sys.argv", [str(script), "--length", "8", "--rounds", "3", "--out", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert [row["shape"][1] for row in results["rows"]] == [8] * 5
+    assert any(row["transposed"] for row in results["rows"])
+    for row in results["rows"]:
+        assert all(len(times) == 3 and min(times) > 0 for times in row["seconds"].values())
+        assert row["speedup"] == sorted(row["ratios"])[1]
+    table = out.with_suffix(".md").read_text()
+    assert table.count("| DenseRetNet-350M") == 4 and "(transposed view)" in table
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -110,3 +110,12 @@ def test_every_norm_of_a_training_model_runs_through_the_op_and_its_gradients_ar
     want = torch.autograd.grad(model(input_ids=ids, labels=ids).loss, list(model.parameters()))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_inputs_the_op_does_not_cover_get_torch_s_form():
+    x, weight = inputs(2, torch.float32)
+    flat = x.detach()[:, :, :1].requires_grad_()  # [2, H, 1, D]: a weight over its last two dimensions fits
+    for a, b in ((x.bfloat16(), weight.bfloat16()), (x, weight.double()), (flat, weight[None].detach().clone())):
+        out = rms_norm(a, b, 1e-6)
+        assert out.grad_fn.name() != "_RMSNormBackward"
+        assert torch.equal(out, torch.nn.functional.rms_norm(a, b.shape, b, 1e-6))

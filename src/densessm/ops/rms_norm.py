@@ -4,7 +4,7 @@ Why: on the CPU, torch's ``rms_norm`` is composed of a power, a mean, an rsqrt a
 differentiates each of them: its backward makes about ten passes and six new tensors the size of the input, where
 the gradient needs four passes and two. A norm sits four times in each DenseRetNet layer (block input, k and v
 after the dense fusion, the heads' output); at the 350M shape this backward takes about half the time of torch's
-(docs/benchmarks/train_reference_2k.md). The forward is torch's arithmetic, in its order, so the values are
+(docs/benchmarks/rms_norm.md). The forward is torch's arithmetic, in its order, so the values are
 bit-identical to :func:`naive_rms_norm`; the gradients equal its gradients to rounding.
 
 CUDA keeps torch's own fused kernel; forward-mode AD and ``torch.func`` transforms get :func:`naive_rms_norm`
@@ -26,9 +26,12 @@ def naive_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / sqrt(mean(x²) + eps) * weight`` over the last dimension of ``x``, in the dtype of ``x`` (the caller
-    widens it for the statistics; ``weight`` must have that dtype)."""
+    widens it for the statistics). Other inputs (a narrower ``x``, a weight of another dtype or over more than one
+    dimension) get torch's form."""
     differentiated = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if not differentiated or x.device.type != "cpu" or transforms_active(x, weight):
+    wide = x.dtype in (torch.float32, torch.float64)  # torch's form widens narrower inputs inside
+    covered = wide and weight.dim() == 1 and weight.dtype == x.dtype and x.device.type == "cpu"
+    if not differentiated or not covered or transforms_active(x, weight):
         return naive_rms_norm(x, weight, eps)
     return _RMSNorm.apply(x, weight, eps)
 
