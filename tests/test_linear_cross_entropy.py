@@ -408,3 +408,15 @@ def test_torch_func_transforms_get_the_plain_form():
         linear_cross_entropy(h, w, labels.squeeze(1).tolist())
     with pytest.raises(ValueError, match=r"hidden states \[\.\.\., L, H\] and a head weight \[V, H\] are needed"):
         linear_cross_entropy(h[0, 0], w, torch.tensor(3))
+
+
+def test_an_infinite_logit_at_a_scored_position_gives_the_reference_s_nan():
+    h, w, labels = problem(9, 1, 6, 4, 5)
+    labels[:] = 2
+    with torch.no_grad():
+        w[3] = 0.0
+        w[3, 0] = float("inf")
+        h[0, 1, 0] = 1.0  # a +inf logit in the second row, which is scored
+    got = linear_cross_entropy(h, w, labels, chunk_size=4)
+    want = naive_linear_cross_entropy(h, w, labels)
+    assert want.isnan() and got.isnan()

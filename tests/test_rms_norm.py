@@ -119,3 +119,36 @@ def test_inputs_the_op_does_not_cover_get_torch_s_form():
         out = rms_norm(a, b, 1e-6)
         assert out.grad_fn.name() != "_RMSNormBackward"
         assert torch.equal(out, torch.nn.functional.rms_norm(a, b.shape, b, 1e-6))
+
+
+def test_an_input_without_gradient_is_not_kept_so_writing_it_after_the_norm_is_allowed():
+    x, weight = inputs(4, torch.float32)
+    x = x.detach()
+    out = rms_norm(x, weight, 1e-6)
+    assert out.grad_fn.name() == "_RMSNormBackward"
+    want = torch.autograd.grad(naive_rms_norm(x, weight, 1e-6).square().sum(), weight)[0]
+    x.add_(1.0)  # torch's form keeps nothing of x when only the weight needs a gradient
+    torch.testing.assert_close(torch.autograd.grad(out.square().sum(), weight)[0], want)
+    x64, weight64 = inputs(5)
+    assert torch.autograd.gradgradcheck(lambda b: rms_norm(x64.detach(), b, 1e-5), (weight64,))
+
+
+def test_a_backward_inside_an_autocast_region_keeps_the_forward_s_precision():
+    x, weight = inputs(6, torch.float32)
+    grad = torch.randn_like(x)
+    want = torch.autograd.grad(naive_rms_norm(x, weight, 1e-6), (x, weight), grad)
+    out = rms_norm(x, weight, 1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.autograd.grad(out, (x, weight), grad)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_weight_that_does_not_fit_is_refused_as_torch_refuses_it_and_an_empty_width_is_torch_s():
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        rms_norm(x, torch.ones(1, requires_grad=True), 1e-6)
+    empty, weight = torch.randn(5, 0, requires_grad=True), torch.ones(0, requires_grad=True)
+    d_x, d_weight = torch.autograd.grad(rms_norm(empty, weight, 1e-6).sum(), (empty, weight))
+    assert d_x.shape == (5, 0) and d_weight.shape == (0,)

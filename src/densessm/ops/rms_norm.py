@@ -30,7 +30,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dimension) get torch's form."""
     differentiated = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     wide = x.dtype in (torch.float32, torch.float64)  # torch's form widens narrower inputs inside
-    covered = wide and weight.dim() == 1 and weight.dtype == x.dtype and x.device.type == "cpu"
+    fits = weight.dim() == 1 and weight.shape[0] == x.shape[-1] > 0  # else torch's form raises (or is empty)
+    covered = wide and fits and weight.dtype == x.dtype and x.device.type == "cpu"
     if not differentiated or not covered or transforms_active(x, weight):
         return naive_rms_norm(x, weight, eps)
     return _RMSNorm.apply(x, weight, eps)
@@ -43,24 +44,32 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         inverse_rms = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
-        ctx.save_for_backward(x, weight, inverse_rms)
+        normalized = x.mul(inverse_rms)
         ctx.eps = eps
-        return x.mul(inverse_rms).mul_(weight)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(x, weight, inverse_rms)
+            return normalized.mul_(weight)
+        # the weight's gradient alone needs the normalized input, not the input (which may be written in place later)
+        ctx.save_for_backward(normalized)
+        return normalized * weight
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, inverse_rms = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: torch's form, whose gradient has a graph of its own
-            return _differentiable_backward(ctx, x, weight, grad)
-        width = x.shape[-1]
-        d_x = d_weight = None
-        if ctx.needs_input_grad[1]:
-            d_weight = torch.mv((grad * x).reshape(-1, width).T, inverse_rms.reshape(-1))
-        if ctx.needs_input_grad[0]:
+        # in the precision of the forward, whatever autocast region the backward is called in
+        with torch.autocast("cpu", enabled=False):
+            if not ctx.needs_input_grad[0]:  # linear in grad: differentiable as it stands (create_graph=True)
+                (normalized,) = ctx.saved_tensors
+                return None, (grad * normalized).reshape(-1, normalized.shape[-1]).sum(0), None
+            x, weight, inverse_rms = ctx.saved_tensors
+            if torch.is_grad_enabled():  # create_graph=True: torch's form, whose gradient has a graph of its own
+                return _differentiable_backward(ctx, x, weight, grad)
+            width = x.shape[-1]
+            d_weight = None
+            if ctx.needs_input_grad[1]:
+                d_weight = torch.mv((grad * x).reshape(-1, width).T, inverse_rms.reshape(-1))
             scaled = grad * weight
             spread = torch.linalg.vecdot(x, scaled, dim=-1).unsqueeze(-1).mul_(inverse_rms.pow(3)).div_(-width)
-            d_x = scaled.mul_(inverse_rms).addcmul_(x, spread)
-        return d_x, d_weight, None
+            return scaled.mul_(inverse_rms).addcmul_(x, spread), d_weight, None
 
 
 def _differentiable_backward(ctx, x, weight, grad):
