@@ -91,6 +91,19 @@ class DenseSSMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DenseBlock"]
 
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
+        """``PreTrainedModel``'s, refusing reentrant checkpointing in a dense model: a layer hands its k and v (or
+        SSM states) up inside a list, which a reentrant checkpoint returns without their graph, so the dense
+        connections would silently get no gradient. The default (``use_reentrant=False``) sees them."""
+        function = kwargs.get("gradient_checkpointing_func", args[0] if args else None)
+        reentrant = getattr(function, "keywords", {}).get("use_reentrant", False)
+        if enable and reentrant and self.config.dense_block_layers:
+            raise ValueError(
+                "gradient checkpointing with use_reentrant=True would drop the gradients of the dense connections "
+                f"(dense_block_layers={self.config.dense_block_layers}): use use_reentrant=False (the default)"
+            )
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """``PreTrainedModel``'s initialisation, and zeros for a layer marked ``zero_init`` (the second layer of a
