@@ -2,9 +2,9 @@
 
 Why: on the CPU, torch's ``rms_norm`` is composed of a power, a mean, an rsqrt and two products, and autograd
 differentiates each of them: its backward makes about ten passes and six new tensors the size of the input, where
-the gradient needs four passes and two. A norm sits four times in each DenseRetNet layer (block input, k and v
-after the dense fusion, the heads' output); at the 350M shape this backward takes about half the time of torch's
-(docs/benchmarks/rms_norm.md). The forward is torch's arithmetic, in its order, so the values are
+both gradients need six passes and two. A norm sits four times in each DenseRetNet layer (block input, k and v
+after the dense fusion, the heads' output); at the 350M shapes a forward and backward take a quarter to two thirds
+of torch's time (docs/benchmarks/rms_norm.md). The forward is torch's arithmetic, in its order, so the values are
 bit-identical to :func:`naive_rms_norm`; the gradients equal its gradients to rounding.
 
 CUDA keeps torch's own fused kernel; forward-mode AD and ``torch.func`` transforms get :func:`naive_rms_norm`
