@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -62,8 +63,9 @@ class ModuleNames(NamedTuple):
 class DenseBlock(GradientCheckpointingLayer):
     """One layer: ``x + mixer(norm(x), what the layers below hand up)``.
 
-    The handed-up tensors come in as positional arguments, so that gradient checkpointing sees every tensor
-    the layer depends on."""
+    The handed-up tensors come in as positional arguments and go out as a flat tail of the outputs (not inside
+    a list), so that gradient checkpointing, reentrant included, sees every tensor the layer depends on and
+    every tensor it hands up."""
 
     def __init__(self, layer_idx: int, names: ModuleNames, norm: nn.Module, mixer: Mixer, residual_in_fp32: bool):
         super().__init__()
@@ -73,15 +75,23 @@ class DenseBlock(GradientCheckpointingLayer):
         self.add_module(names.mixer, mixer)
         self.residual_in_fp32 = residual_in_fp32
 
-    def forward(
-        self, hidden: torch.Tensor, *shallow: torch.Tensor, call: MixerCall, state: LayerState | None
-    ) -> tuple[torch.Tensor, list[Handoff], LayerState | None]:
+    @property
+    def handoff_arity(self) -> int:
+        return self._modules[self.mixer_name].handoff_arity
+
+    def forward(self, hidden: torch.Tensor, *shallow: torch.Tensor, call: MixerCall, state: LayerState | None) -> tuple:
+        """``(hidden, new state, *handed-up tensors)``: the items of the handoff, flattened (see
+        :meth:`handoff_items`)."""
         norm, mixer = self._modules[self.norm_name], self._modules[self.mixer_name]
-        arity = mixer.handoff_arity
-        items = [shallow[i : i + arity] for i in range(0, len(shallow), arity)]
+        items = self.handoff_items(shallow)
         residual = at_least_fp32(hidden) if self.residual_in_fp32 else hidden
         out, handoff, new_state = mixer(norm(hidden.to(norm.weight.dtype)), items, call, state)
-        return residual + out, handoff, new_state
+        return residual + out, new_state, *(tensor for item in handoff for tensor in item)
+
+    def handoff_items(self, flat: Sequence[torch.Tensor]) -> list[Handoff]:
+        """Flat handed-up tensors grouped back into items of ``handoff_arity``."""
+        arity = self.handoff_arity
+        return [tuple(flat[i : i + arity]) for i in range(0, len(flat), arity)]
 
 
 class DenseSSMPreTrainedModel(PreTrainedModel):
@@ -90,19 +100,6 @@ class DenseSSMPreTrainedModel(PreTrainedModel):
 
     supports_gradient_checkpointing = True
     _no_split_modules = ["DenseBlock"]
-
-    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
-        """``PreTrainedModel``'s, refusing reentrant checkpointing in a dense model: a layer hands its k and v (or
-        SSM states) up inside a list, which a reentrant checkpoint returns without their graph, so the dense
-        connections would silently get no gradient. The default (``use_reentrant=False``) sees them."""
-        function = kwargs.get("gradient_checkpointing_func", args[0] if args else None)
-        reentrant = getattr(function, "keywords", {}).get("use_reentrant", False)
-        if enable and reentrant and self.config.dense_block_layers:
-            raise ValueError(
-                "gradient checkpointing with use_reentrant=True would drop the gradients of the dense connections "
-                f"(dense_block_layers={self.config.dense_block_layers}): use use_reentrant=False (the default)"
-            )
-        super()._set_gradient_checkpointing(enable, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -344,7 +341,8 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
             # the layer `distance` below hands this one its item `distance - 1` (this is its distance-th reader)
             distances = range(len(history), 0, -1)
             shallow = [t for d, items in zip(distances, history, strict=True) for t in items[d - 1]]
-            hidden, handoff, new_state = block(hidden, *shallow, call=call, state=state)
+            hidden, new_state, *handed_up = block(hidden, *shallow, call=call, state=state)
+            handoff = block.handoff_items(handed_up)
             new_states.append(new_state)
             if m:
                 history = (history + [handoff])[-m:]
