@@ -73,8 +73,8 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def _differentiable_backward(ctx, x, weight, grad):
-    """The gradients through :func:`naive_rms_norm`, as a graph (for second-order gradients)."""
-    eps = ctx.eps
-    wanted = [tensor for tensor, needed in zip((x, weight), ctx.needs_input_grad[:2], strict=True) if needed]
-    found = iter(torch.autograd.grad(naive_rms_norm(x, weight, eps), wanted, grad, create_graph=True))
-    return tuple(next(found) if needed else None for needed in ctx.needs_input_grad[:2]) + (None,)
+    """The gradients through :func:`naive_rms_norm`, as a graph (for second-order gradients); ``x`` needs one."""
+    with_weight = ctx.needs_input_grad[1]
+    wanted = (x, weight) if with_weight else (x,)
+    found = torch.autograd.grad(naive_rms_norm(x, weight, ctx.eps), wanted, grad, create_graph=True)
+    return found[0], found[1] if with_weight else None, None

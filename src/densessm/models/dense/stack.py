@@ -342,10 +342,9 @@ class DenseSSMModel(RecurrentBackbone, DenseSSMPreTrainedModel):
             distances = range(len(history), 0, -1)
             shallow = [t for d, items in zip(distances, history, strict=True) for t in items[d - 1]]
             hidden, new_state, *handed_up = block(hidden, *shallow, call=call, state=state)
-            handoff = block.handoff_items(handed_up)
             new_states.append(new_state)
             if m:
-                history = (history + [handoff])[-m:]
+                history = (history + [block.handoff_items(handed_up)])[-m:]
         return hidden, new_states, inputs
 
     def _chunk_by_chunk(
