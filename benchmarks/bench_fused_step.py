@@ -518,7 +518,8 @@ def markdown(results: dict) -> str:
     head += ["weights (GB)", "state (GB)", "today moves (GB)", "fused moves (GB)"]
     if llama:
         head += ["stock LLaMA (ms)", "optimised LLaMA (ms)", "stock / fused", "optimised / fused", "KV cache (GB)"]
-    lines += ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    if rows:  # none with --skip-steps
+        lines += ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     skips = []
     for r in rows:
         m, b = r["median_s"], r["bytes"]

@@ -16,7 +16,7 @@ from densessm.inference import (
     prepack_for_cpu,
     prepacking_available,
 )
-from densessm.inference.fusion import FusedMambaMixer, FusedRetention
+from densessm.inference.fusion import GATE_PANEL, FusedMambaMixer, FusedRetention, pack_gate_weight, packed_silu_gate
 
 needs_onednn = pytest.mark.skipif(not prepacking_available(), reason="this PyTorch build has no oneDNN linear kernels")
 
@@ -51,19 +51,16 @@ def test_fused_projections_match_the_separate_ones(dense_block_layers, transform
     retention = model.model.layers[1].retention
     assert isinstance(retention, FusedRetention) and "q_proj" not in dict(retention.named_children())
     if dense_block_layers:
-        assert retention.dense.k_gate is None and retention.gate_product is not None
+        assert retention.dense.k_gate is None and retention.k_gate_weight is not None
+    else:
+        assert retention.k_gate_weight is None and retention.v_gate_weight is None
     if transform == "prepack":  # the silu after each fused product runs inside it
         assert retention.projection.activation == "swish"
-        assert not dense_block_layers or retention.gate_product.activation == "swish"
         return
-    # every weight is kept once; the only extra numbers are the zeros of the block-diagonal gate product
-    config = model.config
-    fresh = DenseRetNetForCausalLM(config)
-    k_hidden, v_hidden = config.hidden_size // config.k_gate_reduction, config.hidden_size // config.v_gate_reduction
-    zeros = k_hidden * config.value_dim + v_hidden * config.query_key_dim
-    dense_layers = config.num_hidden_layers - 1 if dense_block_layers else 0
-    expected = sum(p.numel() for p in fresh.parameters()) + dense_layers * zeros
-    assert sum(p.numel() for p in model.parameters()) == expected
+    # every weight is kept once: the gates' second layers as packed buffers, the rest as parameters
+    fresh = DenseRetNetForCausalLM(model.config)
+    gate_weights = sum(p.numel() for name, p in fresh.named_parameters() if ".fc2." in name)
+    assert sum(p.numel() for p in model.parameters()) + gate_weights == sum(p.numel() for p in fresh.parameters())
 
 
 def test_fusing_twice_is_harmless():
@@ -105,11 +102,9 @@ def test_fused_mamba_projection_matches_the_separate_ones(dense_block_layers, us
     mixer = model.backbone.layers[1].mixer
     assert isinstance(mixer, FusedMambaMixer) == bool(dense_block_layers)
     if dense_block_layers:
-        assert "in_proj" not in dict(mixer.named_children())
-        if transform == "prepack":
-            assert mixer.gate_out.activation == "swish"
-        else:
-            assert isinstance(mixer.gate_out, SiLULinear)
+        assert "in_proj" not in dict(mixer.named_children()) and mixer.dense_gate is None
+        units, channels = config.hidden_size // config.dense_gate_reduction, mixer.D.shape[0]
+        assert mixer.gate_weight.shape == (-(-channels // GATE_PANEL), units, GATE_PANEL)
 
 
 @pytest.mark.parametrize("transform", ["fuse", "prepack"])
@@ -158,3 +153,19 @@ def test_loading_weights_into_a_transformed_model_is_refused_with_the_fix(transf
         prepack_for_cpu(model, min_weight=1)
     with pytest.raises(InferenceOnlyError, match="^cannot load weights into .*load them into the original model"):
         model.load_state_dict(weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [1, 31, 32, 70])
+def test_a_packed_gate_weight_computes_the_gate(width, dtype):
+    """The packed layout (panels of 32 output columns, the last zero-padded) keeps every weight where the
+    fused step and the PyTorch path read it: both give silu(hidden @ W^T) of the unpacked weight."""
+    torch.manual_seed(0)
+    weight = torch.randn(width, 5, dtype=dtype)
+    panels = pack_gate_weight(weight)
+    assert panels.shape == (-(-width // GATE_PANEL), 5, GATE_PANEL) and panels.is_contiguous()
+    unpacked = panels.transpose(1, 2).reshape(-1, 5)
+    assert torch.equal(unpacked[:width], weight) and not unpacked[width:].any()
+    hidden = torch.randn(3, 2, 5, dtype=dtype)
+    expected = torch.nn.functional.silu(hidden @ weight.T)
+    torch.testing.assert_close(packed_silu_gate(hidden, panels, width), expected, rtol=1e-6, atol=1e-6)

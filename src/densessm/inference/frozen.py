@@ -1,6 +1,6 @@
 """What every inference transform builds on: modules that refuse to train or be saved, and fused linears.
 
-A transformed module stores its weights in another form (concatenated, block-diagonal, prepacked): training
+A transformed module stores its weights in another form (concatenated, in panels, prepacked): training
 it would update copies its original no longer shares, and a checkpoint of it would lack the original
 weights, which would then reload randomly initialised. So such a module refuses both itself, whatever
 model it sits in.
@@ -122,19 +122,18 @@ class SiLULinear(nn.Linear):
 
 
 class FrozenLinear(InferenceOnly, nn.Linear):
-    """A linear layer computing several: their weights stacked (one input) or block-diagonal (inputs side by
-    side). A decode step multiplies a few rows by each weight, so every separate product pays a call of its
-    own; concatenated weights stream the same bytes in fewer calls."""
+    """A linear layer computing several that read one input, their weights stacked. A decode step multiplies a
+    few rows by each weight, so every separate product pays a call of its own; concatenated weights stream the
+    same bytes in fewer calls."""
 
 
 class FrozenSiLULinear(InferenceOnly, SiLULinear):
     """:class:`FrozenLinear` followed by silu (every part was followed by it)."""
 
 
-def frozen_linear(parts: list[nn.Linear], block_diagonal: bool = False, silu: bool = False) -> nn.Linear:
-    """One inference-only linear layer computing ``parts`` (stacked or block-diagonal; biases kept)."""
-    weights = [p.weight.detach() for p in parts]
-    weight = torch.block_diag(*weights) if block_diagonal else torch.cat(weights)
+def frozen_linear(parts: list[nn.Linear], silu: bool = False) -> nn.Linear:
+    """One inference-only linear layer computing ``parts`` (stacked: they read one input; biases kept)."""
+    weight = torch.cat([p.weight.detach() for p in parts])
     has_bias = any(p.bias is not None for p in parts)
     kind = FrozenSiLULinear if silu else FrozenLinear
     fused = kind(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)

@@ -21,7 +21,6 @@ from densessm.inference.frozen import InferenceOnly, check_model, seal_for_infer
 from densessm.inference.fusion import FusedMambaMixer, FusedRetention, fuse_projections
 from densessm.models.dense.mixer import Handoff, LayerState, MixerCall
 from densessm.models.mamba.modeling_dense_mamba import DenseMambaMixer
-from densessm.models.precision import at_least_fp32
 from densessm.models.retnet.modeling_dense_retnet import DenseRetNetRetention
 from densessm.ops.fused import fused_ops
 
@@ -57,7 +56,7 @@ class FusedStepRetention(FusedRetention):
         if ops is None or not _decode_step(x, call, state):
             return super().forward(x, shallow, call, state)
         batch = x.shape[0]
-        q, k, v, gate, (k_gate, v_gate) = self.project(x)
+        q, k, v, gate, gate_hidden = self.project_hidden(x)
         dense = self.dense is not None and bool(shallow)
         (signed_sin, cos), log_decay = call.shared
         memory, scale = _owned(state["state"]), _owned(state["scale"])
@@ -68,8 +67,9 @@ class FusedStepRetention(FusedRetention):
             gate,
             [item[0] for item in shallow] if dense else [],
             [item[1] for item in shallow] if dense else [],
-            k_gate if dense else None,
-            v_gate if dense else None,
+            gate_hidden if dense else None,
+            self.k_gate_weight if dense else None,
+            self.v_gate_weight if dense else None,
             self.dense.k_norm.weight if dense else None,
             self.dense.v_norm.weight if dense else None,
             self.dense.k_norm.eps if dense else 0.0,
@@ -88,7 +88,8 @@ class FusedStepRetention(FusedRetention):
 
 class _FusedScanStep:
     """The decode step of a DenseMamba mixer: conv window, then (after the small products of ``u``: ``Δ``, ``B``,
-    ``C``) the scan update, its read-out, the shallow read-outs, skip and gate in one pass."""
+    ``C``) the scan update, its read-out, the dense gate's second layer and the shallow read-outs, skip and
+    gate in one pass."""
 
     def forward(
         self, x: torch.Tensor, shallow: list[Handoff], call: MixerCall, state: LayerState | None
@@ -96,13 +97,13 @@ class _FusedScanStep:
         ops, mask = fused_ops(), call.mask
         if ops is None or not _decode_step(x, call, state) or state["ssm"].dtype not in (torch.float32, torch.float64):
             return super().forward(x, shallow, call, state)
-        xs, z, gate = self.project(x)
+        xs, z, gate_hidden = self.project_hidden(x)
         conv, ssm = _owned(state["conv"]), _owned(state["ssm"])
         u = ops.mamba_conv_step(xs, self.conv1d.weight, self.conv1d.bias, conv, mask)
         delta, B, C = self.ssm_inputs(u)
         shallow_states = [item[0] for item in shallow]
-        gate = at_least_fp32(gate) if shallow_states else None
-        y = ops.mamba_scan_step(u, delta, self.transition(), B, C, self.D, z, shallow_states, gate, ssm, mask)
+        dense = (gate_hidden, self.gate_weight) if shallow_states else (None, None)
+        y = ops.mamba_scan_step(u, delta, self.transition(), B, C, self.D, z, shallow_states, *dense, ssm, mask)
         out = self.out_proj(y.to(x.dtype).view(x.shape[0], 1, -1))
         return out, [(ssm[:, None],)] * self.readers, {"conv": conv, "ssm": ssm}
 
@@ -113,6 +114,12 @@ class FusedStepMambaMixer(_FusedScanStep, FusedMambaMixer):
 
 class StepMambaMixer(_FusedScanStep, InferenceOnly, DenseMambaMixer):
     """A DenseMamba mixer without dense inputs (layer 0, or ``m = 0``) with the fused decode step."""
+
+    gate_weight = None  # no dense gate
+
+    def project_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        xs, z, _ = self.project(x)
+        return xs, z, None
 
 
 def _steppable(module: nn.Module) -> bool:

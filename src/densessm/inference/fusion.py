@@ -28,10 +28,38 @@ def _take_over(source: nn.Module, cls: type[nn.Module], drop: tuple[str, ...]) -
     return module
 
 
+GATE_PANEL = 32
+"""Output columns per panel of a packed gate weight (the fused decode step's ``kPanel``)."""
+
+
+def pack_gate_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A selective-transition gate's second layer ``W [n, r]`` as panels of :data:`GATE_PANEL` output columns,
+    ``[ceil(n / GATE_PANEL), r, GATE_PANEL]`` (the last zero-padded): the fused decode step streams each panel
+    as one contiguous stretch into a tile of rows held in registers. At decode batch sizes this product has so
+    few inputs that a library call costs its call and a cold strided read, not its bytes
+    (``docs/benchmarks/dense_overhead_fused.md``)."""
+    n, r = weight.shape
+    padded = F.pad(weight.detach(), (0, 0, 0, -n % GATE_PANEL))
+    return padded.view(-1, GATE_PANEL, r).transpose(1, 2).contiguous()
+
+
+def packed_silu_gate(hidden: torch.Tensor, panels: torch.Tensor, width: int) -> torch.Tensor:
+    """``silu(hidden @ W^T)`` for a weight packed by :func:`pack_gate_weight` (``width = n``): the PyTorch
+    path (prefill, other devices) and the reference the fused step is tested against."""
+    out = torch.einsum("...r,prc->...pc", hidden, panels)
+    return F.silu(out.flatten(-2)[..., :width])
+
+
+def _keep_gate(module: nn.Module, name: str, gate: nn.Linear | None) -> None:
+    """Keep a gate's second layer packed (:func:`pack_gate_weight`; None outside dense layers). The gates
+    have no bias (:class:`~densessm.models.dense.gate.SelectiveTransitionGate`)."""
+    module.register_buffer(name, None if gate is None else pack_gate_weight(gate.weight), persistent=False)
+
+
 class FusedRetention(InferenceOnly, DenseRetNetRetention):
     """DenseRetNet's retention block with one product for every projection of ``x`` (q, k, [v, g] and the
-    dense gates' first layers, each followed by silu, which joins the product) and one block-diagonal
-    product for both gates' second layers."""
+    dense gates' first layers, each followed by silu, which joins the product); the gates' second layers are
+    kept packed (:func:`pack_gate_weight`)."""
 
     @classmethod
     def from_mixer(cls, source: DenseRetNetRetention) -> FusedRetention:
@@ -43,23 +71,31 @@ class FusedRetention(InferenceOnly, DenseRetNetRetention):
         sizes = [part.out_features for part in parts]
         fused.sizes = sizes[:3] + ([sum(sizes[3:])] if dense is not None else [])
         fused.projection = frozen_linear(parts, silu=True)
-        fused.gate_product = None
+        _keep_gate(fused, "k_gate_weight", None if dense is None else dense.k_gate.fc2)
+        _keep_gate(fused, "v_gate_weight", None if dense is None else dense.v_gate.fc2)
         if dense is not None:
-            fused.gate_product = frozen_linear([dense.k_gate.fc2, dense.v_gate.fc2], block_diagonal=True, silu=True)
-            fused.gate_sizes = (dense.k_gate.fc2.out_features, dense.v_gate.fc2.out_features)
-            dense.k_gate = dense.v_gate = None  # their weights live on in the fused products
+            dense.k_gate = dense.v_gate = None  # their weights live on in the fused product and the buffers
         return fused.eval()
 
-    def project(self, x: torch.Tensor):
+    def project_hidden(self, x: torch.Tensor):
+        """``q``, ``k`` (scaled), ``v``, the output gate, and in a dense layer both gates' hidden units side by
+        side (after silu; else None): what the fused decode step takes."""
         q, k, vg, *gate_hidden = self.projection(x).split(self.sizes, dim=-1)
         v, gate = vg.chunk(2, dim=-1)
-        gates = (None, None) if not gate_hidden else self.gate_product(gate_hidden[0]).split(self.gate_sizes, dim=-1)
-        return q, k * self.scaling, v, gate, gates
+        return q, k * self.scaling, v, gate, (gate_hidden[0] if gate_hidden else None)
+
+    def project(self, x: torch.Tensor):
+        q, k, v, gate, hidden = self.project_hidden(x)
+        if hidden is None:
+            return q, k, v, gate, (None, None)
+        k_hidden, v_hidden = hidden.split([self.k_gate_weight.shape[1], self.v_gate_weight.shape[1]], dim=-1)
+        k_gate = packed_silu_gate(k_hidden, self.k_gate_weight, k.shape[-1])
+        return q, k, v, gate, (k_gate, packed_silu_gate(v_hidden, self.v_gate_weight, v.shape[-1]))
 
 
 class FusedMambaMixer(InferenceOnly, DenseMambaMixer):
-    """A dense DenseMamba mixer with ``in_proj`` and the gate's first layer (both read ``x``) as one product,
-    and the gate's final silu inside its second layer's product."""
+    """A dense DenseMamba mixer with ``in_proj`` and the gate's first layer (both read ``x``) as one product;
+    the gate's second layer is kept packed (:func:`pack_gate_weight`)."""
 
     @classmethod
     def from_mixer(cls, source: DenseMambaMixer) -> FusedMambaMixer:
@@ -67,13 +103,18 @@ class FusedMambaMixer(InferenceOnly, DenseMambaMixer):
         fused = _take_over(source, cls, drop=("in_proj", "dense_gate"))
         fused.inner = source.D.shape[0]
         fused.projection = frozen_linear([source.in_proj, gate.fc1])
-        fused.gate_out = frozen_linear([gate.fc2], silu=True)
+        _keep_gate(fused, "gate_weight", gate.fc2)
         fused.dense_gate = None
         return fused.eval()
 
+    def project_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` and ``z`` of ``in_proj`` and the gate's hidden units (before silu): what the fused decode step
+        takes."""
+        return self.projection(x).split([self.inner, self.inner, self.gate_weight.shape[1]], dim=-1)
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        xs, z, hidden = self.projection(x).split([self.inner, self.inner, self.gate_out.in_features], dim=-1)
-        return xs, z, self.gate_out(F.silu(hidden))
+        xs, z, hidden = self.project_hidden(x)
+        return xs, z, packed_silu_gate(F.silu(hidden), self.gate_weight, self.inner)
 
 
 def _fused(module: nn.Module) -> nn.Module | None:
@@ -103,4 +144,4 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return seal_for_inference(model)
 
 
-__all__ = ["FusedMambaMixer", "FusedRetention", "fuse_projections"]
+__all__ = ["FusedMambaMixer", "FusedRetention", "fuse_projections", "pack_gate_weight", "packed_silu_gate"]

@@ -20,9 +20,10 @@ that would change if they went.
 Layers are replaced after :func:`~densessm.inference.fusion.fuse_projections`, so each fused product (the
 mixer's projections with the dense gates' first layers) is one int8 product; the embedding stays float (a
 lookup reads one row per token), and so do layers under ``min_weight`` weights, whose call costs more than
-the few bytes it saves. :func:`~densessm.inference.prepack.prepack_for_cpu` afterwards packs what
-stays float. The function changes (by the rounding): a model's caches stay valid, as for a copy of it in
-another precision.
+the few bytes it saves, and the dense gates' second layers, which the fused decode step computes inside its
+own pass (:mod:`~densessm.inference.fusion`). :func:`~densessm.inference.prepack.prepack_for_cpu`
+afterwards packs what stays float. The function changes (by the rounding): a model's caches stay valid, as
+for a copy of it in another precision.
 """
 
 from __future__ import annotations

@@ -109,12 +109,109 @@ inline void rms_norm(A* x, const A* w, int64_t n, double eps) {
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] * inv * w[i];
 }
 
+// ---- the dense gates' second layers -----------------------------------------------------------------------
+
+// silu(hidden @ W^T) for a selective-transition gate's second layer W [n, r], packed in panels of kPanel output
+// columns, [ceil(n / kPanel), r, kPanel] (densessm.inference.fusion.pack_gate_weight): each panel is one
+// contiguous stretch the prefetcher streams, multiplied into a tile of rows held in registers. At decode batch
+// sizes the weight arrives cold (the states flushed it) and the product has few inputs: the library's product
+// of a transposed weight measured 151 us per call here, a packed oneDNN one 108 us for both gates of a
+// DenseRetNet-350M layer (docs/benchmarks/dense_overhead_fused.md).
+constexpr int64_t kPanel = 32;
+#if defined(__AVX512F__)
+constexpr int kTileRows = 6;  // 6 x 2 accumulator registers of 16 floats
+#else
+constexpr int kTileRows = 3;  // 3 x 4 of 8 floats
+#endif
+
+// a weight as the arithmetic reads it (bf16: its bits widened, as c10::BFloat16 converts)
+template <typename A, typename W>
+inline A load(W w) {
+  if constexpr (std::is_same_v<W, c10::BFloat16>) {
+    return bf16_value(w.x);
+  } else {
+    return A(w);
+  }
+}
+
+template <int ROWS, typename W, typename A>
+inline void gate_tile(const A* hidden, int64_t hidden_stride, const W* panel, int64_t r, A* out, int64_t out_stride,
+                      int64_t width) {
+  A acc[ROWS][kPanel] = {};
+  for (int64_t i = 0; i < r; ++i) {
+    A w[kPanel];
+#pragma omp simd
+    for (int64_t j = 0; j < kPanel; ++j) w[j] = load<A>(panel[i * kPanel + j]);
+    for (int rr = 0; rr < ROWS; ++rr) {
+      const A h = hidden[rr * hidden_stride + i];
+#pragma omp simd
+      for (int64_t j = 0; j < kPanel; ++j) acc[rr][j] += h * w[j];
+    }
+  }
+  for (int rr = 0; rr < ROWS; ++rr) std::copy(acc[rr], acc[rr] + width, out + rr * out_stride);
+}
+
+template <int ROWS, typename W, typename A>
+inline void gate_rows(const A* hidden, int64_t hidden_stride, int64_t rows, const W* panel, int64_t r, A* out,
+                      int64_t out_stride, int64_t width) {
+  if constexpr (ROWS > 0) {
+    if (rows == ROWS) return gate_tile<ROWS>(hidden, hidden_stride, panel, r, out, out_stride, width);
+    gate_rows<ROWS - 1>(hidden, hidden_stride, rows, panel, r, out, out_stride, width);
+  }
+}
+
+template <typename W, typename A>
+void gate_panels(const A* hidden, int64_t hidden_stride, int64_t batch, const W* panels, int64_t r, int64_t n,
+                 A* out) {
+  const int64_t count = (n + kPanel - 1) / kPanel;
+  at::parallel_for(0, count, 4, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t j0 = p * kPanel, width = std::min(n, j0 + kPanel) - j0;
+      for (int64_t b = 0; b < batch; b += kTileRows) {
+        const int64_t rows = std::min<int64_t>(kTileRows, batch - b);
+        gate_rows<kTileRows>(hidden + b * hidden_stride, hidden_stride, rows, panels + p * r * kPanel, r,
+                             out + b * n + j0, n, width);
+      }
+    }
+    // silu over the columns written, a plain loop per row (inside the tile's unrolled loop GCC kept it scalar)
+    const int64_t j0 = p0 * kPanel, j1 = std::min(n, p1 * kPanel);
+    for (int64_t b = 0; b < batch; ++b) {
+      A* o = out + b * n;
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) o[j] = o[j] / (A(1) + exp_simd(-o[j]));
+    }
+  });
+}
+
+// the gate [batch, n] in the arithmetic's dtype, from the hidden units in columns [offset, offset + r)
+template <typename A>
+at::Tensor silu_gate(const RowView<A>& hidden, int64_t offset, int64_t batch, const at::Tensor& panels_in, int64_t n,
+                     const char* op) {
+  const auto acc = c10::CppTypeToScalarType<A>::value;
+  TORCH_CHECK(panels_in.dim() == 3 && panels_in.size(2) == kPanel && panels_in.size(0) == (n + kPanel - 1) / kPanel,
+              op, ": a gate weight must be packed as [ceil(", n, " / ", kPanel, "), r, ", kPanel, "], got ",
+              panels_in.sizes());
+  const int64_t r = panels_in.size(1);
+  TORCH_CHECK(hidden.held.size(1) >= offset + r, op, ": the gates' hidden units do not match their weights");
+  const at::Tensor panels = panels_in.scalar_type() == at::kBFloat16 ? panels_in.contiguous()
+                                                                      : panels_in.to(acc).contiguous();
+  at::Tensor out = at::empty({batch, n}, hidden.held.options());
+  if (panels.scalar_type() == at::kBFloat16) {
+    gate_panels(hidden.p + offset, hidden.stride, batch, panels.data_ptr<c10::BFloat16>(), r, n, out.data_ptr<A>());
+  } else {
+    gate_panels(hidden.p + offset, hidden.stride, batch, panels.data_ptr<A>(), r, n, out.data_ptr<A>());
+  }
+  return out;
+}
+
 // ---- retention ------------------------------------------------------------------------------------------
 
 template <typename S, typename A>
 at::Tensor retention_step_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                const at::Tensor& gate_in, at::TensorList k_shallow, at::TensorList v_shallow,
-                               const c10::optional<at::Tensor>& k_gate_in, const c10::optional<at::Tensor>& v_gate_in,
+                               const c10::optional<at::Tensor>& gate_hidden_in,
+                               const c10::optional<at::Tensor>& k_gate_weight_in,
+                               const c10::optional<at::Tensor>& v_gate_weight_in,
                                const c10::optional<at::Tensor>& k_norm_in, const c10::optional<at::Tensor>& v_norm_in,
                                double kv_eps, const at::Tensor& sin_in, const at::Tensor& cos_in,
                                const at::Tensor& log_decay, at::Tensor& state, at::Tensor& scale,
@@ -129,18 +226,23 @@ at::Tensor retention_step_impl(const at::Tensor& q_in, const at::Tensor& k_in, c
               "retention_step: q, k, v or gate do not match the state's shape");
   const bool dense = !k_shallow.empty();
   TORCH_CHECK(k_shallow.size() == v_shallow.size(), "retention_step: as many shallow k as shallow v");
+  const auto options = q.held.options();
   std::vector<RowView<A>> ks, vs;
   RowView<A> kg, vg;
   at::Tensor kw, vw;
   if (dense) {
-    TORCH_CHECK(k_gate_in && v_gate_in && k_norm_in && v_norm_in, "retention_step: dense inputs need gates and norms");
+    TORCH_CHECK(gate_hidden_in && k_gate_weight_in && v_gate_weight_in && k_norm_in && v_norm_in,
+                "retention_step: dense inputs need the gates' hidden units and second layers, and the k/v norms");
     for (const auto& t : k_shallow) ks.push_back(row_view<A>(t, B));
     for (const auto& t : v_shallow) vs.push_back(row_view<A>(t, B));
     for (const auto& t : ks) TORCH_CHECK(t.held.size(1) == QK, "retention_step: a shallow k of another shape");
     for (const auto& t : vs) TORCH_CHECK(t.held.size(1) == V, "retention_step: a shallow v of another shape");
-    kg = row_view<A>(*k_gate_in, B);
-    vg = row_view<A>(*v_gate_in, B);
-    TORCH_CHECK(kg.held.size(1) == QK && vg.held.size(1) == V, "retention_step: gates of another shape");
+    const auto hidden = row_view<A>(*gate_hidden_in, B);
+    kg = row_view<A>(silu_gate<A>(hidden, 0, B, *k_gate_weight_in, QK, "retention_step"), B);
+    const int64_t k_units = k_gate_weight_in->size(1);
+    vg = row_view<A>(silu_gate<A>(hidden, k_units, B, *v_gate_weight_in, V, "retention_step"), B);
+    TORCH_CHECK(hidden.held.size(1) == k_units + v_gate_weight_in->size(1),
+                "retention_step: the gates' hidden units do not match their weights");
     kw = k_norm_in->to(acc).contiguous();
     vw = v_norm_in->to(acc).contiguous();
   }
@@ -155,7 +257,6 @@ at::Tensor retention_step_impl(const at::Tensor& q_in, const at::Tensor& k_in, c
   at::Tensor decay = log_decay.to(scale.scalar_type()).exp().to(acc).contiguous();
 
   // per row: the token's k (kick = rotated k * fresh), q and v ready for the state pass; the scale advances
-  const auto options = q.held.options();
   at::Tensor kick = at::empty({B, QK}, options), qr = at::empty({B, QK}, options);
   at::Tensor vv = at::empty({B, V}, options), carry = at::empty({B, H}, options);
   A* kick_p = kick.data_ptr<A>();
@@ -290,25 +391,27 @@ at::Tensor retention_step_impl(const at::Tensor& q_in, const at::Tensor& k_in, c
 }
 
 at::Tensor retention_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gate,
-                          at::TensorList k_shallow, at::TensorList v_shallow, const c10::optional<at::Tensor>& k_gate,
-                          const c10::optional<at::Tensor>& v_gate, const c10::optional<at::Tensor>& k_norm,
+                          at::TensorList k_shallow, at::TensorList v_shallow,
+                          const c10::optional<at::Tensor>& gate_hidden, const c10::optional<at::Tensor>& k_gate_weight,
+                          const c10::optional<at::Tensor>& v_gate_weight, const c10::optional<at::Tensor>& k_norm,
                           const c10::optional<at::Tensor>& v_norm, double kv_eps, const at::Tensor& signed_sin,
                           const at::Tensor& cos, const at::Tensor& log_decay, at::Tensor& state, at::Tensor& scale,
                           const c10::optional<at::Tensor>& mask, const at::Tensor& head_norm, double head_eps) {
   TORCH_CHECK(state.dim() == 4 && scale.dim() == 2, "retention_step: state [B, H, Dk, Dv] and scale [B, H]");
+  const auto run = [&](auto stored, auto arithmetic) {
+    using S = decltype(stored);
+    using A = decltype(arithmetic);
+    return retention_step_impl<S, A>(q, k, v, gate, k_shallow, v_shallow, gate_hidden, k_gate_weight, v_gate_weight,
+                                     k_norm, v_norm, kv_eps, signed_sin, cos, log_decay, state, scale, mask, head_norm,
+                                     head_eps);
+  };
   switch (state.scalar_type()) {
     case at::kFloat:
-      return retention_step_impl<float, float>(q, k, v, gate, k_shallow, v_shallow, k_gate, v_gate, k_norm, v_norm,
-                                               kv_eps, signed_sin, cos, log_decay, state, scale, mask, head_norm,
-                                               head_eps);
+      return run(float{}, float{});
     case at::kBFloat16:
-      return retention_step_impl<c10::BFloat16, float>(q, k, v, gate, k_shallow, v_shallow, k_gate, v_gate, k_norm,
-                                                       v_norm, kv_eps, signed_sin, cos, log_decay, state, scale, mask,
-                                                       head_norm, head_eps);
+      return run(c10::BFloat16{}, float{});
     case at::kDouble:
-      return retention_step_impl<double, double>(q, k, v, gate, k_shallow, v_shallow, k_gate, v_gate, k_norm, v_norm,
-                                                 kv_eps, signed_sin, cos, log_decay, state, scale, mask, head_norm,
-                                                 head_eps);
+      return run(double{}, double{});
     default:
       TORCH_CHECK(false, "retention_step: a state of dtype ", state.scalar_type(), " is not supported");
   }
@@ -382,12 +485,14 @@ at::Tensor mamba_conv_step(const at::Tensor& x, const at::Tensor& weight, const 
   }
 }
 
-// h <- exp(Δ A) h + Δ u B, read out with C, plus the shallow states read out with C in the same pass:
-// y = C·h + g ⊙ Σ_i C·h_i + D ⊙ u, times silu(z). Δ is taken as 0 on padded rows: the identity step.
+// h <- exp(Δ A) h + Δ u B, read out with C, plus the shallow states read out with C in the same pass and the
+// same sum: y = C·(h + g ⊙ Σ_i h_i) + D ⊙ u, times silu(z). Δ is taken as 0 on padded rows: the identity step.
+// The dense gate g = silu(silu(hidden) @ W^T) (its second layer, packed: silu_gate) is formed first.
 template <typename A>
 at::Tensor scan_step_impl(const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
                           const at::Tensor& B_in, const at::Tensor& C_in, const at::Tensor& D_in, const at::Tensor& z_in,
-                          at::TensorList shallow, const c10::optional<at::Tensor>& gate_in, at::Tensor& state,
+                          at::TensorList shallow, const c10::optional<at::Tensor>& gate_hidden_in,
+                          const c10::optional<at::Tensor>& gate_weight_in, at::Tensor& state,
                           const c10::optional<at::Tensor>& mask_in) {
   const auto acc = c10::CppTypeToScalarType<A>::value;
   const int64_t Bn = state.size(0), D = state.size(1), N = state.size(2);
@@ -402,7 +507,13 @@ at::Tensor scan_step_impl(const at::Tensor& u_in, const at::Tensor& delta_in, co
     TORCH_CHECK(t.numel() == Bn * D * N, "scan_step: a shallow state of another shape");
     hs.push_back(t.to(acc).contiguous());
   }
-  at::Tensor gate = hs.empty() ? at::Tensor() : rows(*gate_in, Bn, acc);
+  at::Tensor gate;  // the dense gate over every channel, [Bn, D]
+  if (!hs.empty()) {
+    const auto hidden = row_view<A>(at::silu(*gate_hidden_in), Bn);
+    gate = silu_gate<A>(hidden, 0, Bn, *gate_weight_in, D, "mamba_scan_step");
+    TORCH_CHECK(hidden.held.size(1) == gate_weight_in->size(1),
+                "mamba_scan_step: the dense gate's hidden units do not match its weight");
+  }
   at::Tensor mask;
   if (mask_in) mask = mask_in->reshape({Bn}).to(at::kBool).contiguous();
   at::Tensor y = at::empty({Bn, D}, u.options());
@@ -423,7 +534,8 @@ at::Tensor scan_step_impl(const at::Tensor& u_in, const at::Tensor& delta_in, co
     constexpr int64_t kSize = decltype(size)::value;
     const int64_t NN = kSize ? kSize : N;
     at::parallel_for(0, Bn * blocks, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<A> decay(kChannels * NN), read(kChannels * NN), delta(kChannels), out(kChannels);
+      std::vector<A> decay(kChannels * NN), read(kChannels * NN), shallow, delta(kChannels), out(kChannels);
+      if (!hs_p.empty()) shallow.resize(kChannels * NN);
       for (int64_t item = i0; item < i1; ++item) {
         const int64_t b = item / blocks, d0 = (item % blocks) * kChannels, width = std::min(D, d0 + kChannels) - d0;
         const bool real = mask_p == nullptr || mask_p[b];
@@ -439,35 +551,42 @@ at::Tensor scan_step_impl(const at::Tensor& u_in, const at::Tensor& delta_in, co
   #pragma omp simd
         for (int64_t i = 0; i < width * NN; ++i) decay[i] = exp_simd(decay[i]);
         A* h = h_p + (b * D + d0) * NN;
-        for (int64_t c = 0; c < width; ++c) {
-          const A du = delta[c] * ub[c];
-  #pragma omp simd
-          for (int64_t n = 0; n < NN; ++n) {
-            const A next = du * Bb[n] + decay[c * NN + n] * h[c * NN + n];
-            h[c * NN + n] = next;
-            read[c * NN + n] = next * Cb[n];
-          }
-        }
-        for (int64_t c = 0; c < width; ++c) {
-          A own = 0;
-  #pragma omp simd reduction(+ : own)
-          for (int64_t n = 0; n < NN; ++n) own += read[c * NN + n];
-          out[c] = own;
-        }
-        if (!hs_p.empty()) {  // the layers below, read out with this layer's C: g ⊙ C·Σ_i h_i
+        if (hs_p.empty()) {
           for (int64_t c = 0; c < width; ++c) {
-            const int64_t at = (b * D + d0 + c) * NN;
+            const A du = delta[c] * ub[c];
   #pragma omp simd
-            for (int64_t n = 0; n < NN; ++n) read[c * NN + n] = hs_p[0][at + n] * Cb[n];
-            for (size_t i = 1; i < hs_p.size(); ++i) {
-  #pragma omp simd
-              for (int64_t n = 0; n < NN; ++n) read[c * NN + n] += hs_p[i][at + n] * Cb[n];
+            for (int64_t n = 0; n < NN; ++n) {
+              const A next = du * Bb[n] + decay[c * NN + n] * h[c * NN + n];
+              h[c * NN + n] = next;
+              read[c * NN + n] = next * Cb[n];
             }
-            A sum = 0;
-  #pragma omp simd reduction(+ : sum)
-            for (int64_t n = 0; n < NN; ++n) sum += read[c * NN + n];
-            out[c] += g_p[b * D + d0 + c] * sum;
           }
+        } else {  // the layers below, read out with this layer's C in the same sum: C·(h + g ⊙ Σ_i h_i)
+          const int64_t at = (b * D + d0) * NN;
+          const A* gb = g_p + b * D + d0;
+          for (int64_t c = 0; c < width; ++c) {
+  #pragma omp simd
+            for (int64_t n = 0; n < NN; ++n) shallow[c * NN + n] = hs_p[0][at + c * NN + n];
+          }
+          for (size_t i = 1; i < hs_p.size(); ++i) {
+  #pragma omp simd
+            for (int64_t k = 0; k < width * NN; ++k) shallow[k] += hs_p[i][at + k];
+          }
+          for (int64_t c = 0; c < width; ++c) {
+            const A du = delta[c] * ub[c], gc = gb[c];
+  #pragma omp simd
+            for (int64_t n = 0; n < NN; ++n) {
+              const A next = du * Bb[n] + decay[c * NN + n] * h[c * NN + n];
+              h[c * NN + n] = next;
+              read[c * NN + n] = (next + gc * shallow[c * NN + n]) * Cb[n];
+            }
+          }
+        }
+        for (int64_t c = 0; c < width; ++c) {
+          A sum = 0;
+  #pragma omp simd reduction(+ : sum)
+          for (int64_t n = 0; n < NN; ++n) sum += read[c * NN + n];
+          out[c] = sum;
         }
         const A* zb = z_p + b * D + d0;
         A* yb = y_p + b * D + d0;
@@ -487,15 +606,15 @@ at::Tensor scan_step_impl(const at::Tensor& u_in, const at::Tensor& delta_in, co
 
 at::Tensor mamba_scan_step(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                            const at::Tensor& C, const at::Tensor& D, const at::Tensor& z, at::TensorList shallow,
-                           const c10::optional<at::Tensor>& gate, at::Tensor& state,
-                           const c10::optional<at::Tensor>& mask) {
+                           const c10::optional<at::Tensor>& gate_hidden, const c10::optional<at::Tensor>& gate_weight,
+                           at::Tensor& state, const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK(state.dim() == 3 && state.is_contiguous(), "mamba_scan_step: the state must be a contiguous [B, D, N]");
-  TORCH_CHECK(shallow.empty() || gate, "mamba_scan_step: shallow states need the dense gate");
+  TORCH_CHECK(shallow.empty() || (gate_hidden && gate_weight), "mamba_scan_step: shallow states need the dense gate");
   switch (state.scalar_type()) {
     case at::kFloat:
-      return scan_step_impl<float>(u, delta, A, B, C, D, z, shallow, gate, state, mask);
+      return scan_step_impl<float>(u, delta, A, B, C, D, z, shallow, gate_hidden, gate_weight, state, mask);
     case at::kDouble:
-      return scan_step_impl<double>(u, delta, A, B, C, D, z, shallow, gate, state, mask);
+      return scan_step_impl<double>(u, delta, A, B, C, D, z, shallow, gate_hidden, gate_weight, state, mask);
     default:
       TORCH_CHECK(false, "mamba_scan_step: a state of dtype ", state.scalar_type(), " is not supported");
   }
@@ -506,13 +625,13 @@ at::Tensor mamba_scan_step(const at::Tensor& u, const at::Tensor& delta, const a
 TORCH_LIBRARY(densessm_fused, m) {
   m.def(
       "retention_step(Tensor q, Tensor k, Tensor v, Tensor gate, Tensor[] k_shallow, Tensor[] v_shallow, "
-      "Tensor? k_gate, Tensor? v_gate, Tensor? k_norm, Tensor? v_norm, float kv_eps, Tensor signed_sin, "
-      "Tensor cos, Tensor log_decay, Tensor(a!) state, Tensor(b!) scale, Tensor? mask, Tensor head_norm, "
-      "float head_eps) -> Tensor");
+      "Tensor? gate_hidden, Tensor? k_gate_weight, Tensor? v_gate_weight, Tensor? k_norm, Tensor? v_norm, "
+      "float kv_eps, Tensor signed_sin, Tensor cos, Tensor log_decay, Tensor(a!) state, Tensor(b!) scale, "
+      "Tensor? mask, Tensor head_norm, float head_eps) -> Tensor");
   m.def("mamba_conv_step(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) window, Tensor? mask) -> Tensor");
   m.def(
       "mamba_scan_step(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, Tensor[] shallow, "
-      "Tensor? gate, Tensor(a!) state, Tensor? mask) -> Tensor");
+      "Tensor? gate_hidden, Tensor? gate_weight, Tensor(a!) state, Tensor? mask) -> Tensor");
   m.impl("retention_step", c10::DispatchKey::CPU, TORCH_FN(retention_step));
   m.impl("mamba_conv_step", c10::DispatchKey::CPU, TORCH_FN(mamba_conv_step));
   m.impl("mamba_scan_step", c10::DispatchKey::CPU, TORCH_FN(mamba_scan_step));
