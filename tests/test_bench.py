@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -298,3 +299,32 @@ def test_rms_norm_benchmark_script_writes_its_report(tmp_path, monkeypatch):
     table = out.with_suffix(".md").read_text()
     assert table.count("| DenseRetNet-350M") == 4 and "(transposed view)" in table
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_alternate_revisions_runs_each_side_from_its_own_tree(tmp_path):
+    """``benchmarks/alternate_revisions.sh``: the baseline imports densessm from a worktree of the revision, the
+    working tree from this checkout, pair after pair, with {side} and {pair} filled in; the worktree is removed."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout: the script compares git revisions")
+    probe = "import densessm, pathlib; pathlib.Path('{out}/{side}_{pair}').write_text(densessm.__file__)"
+    script = root / "benchmarks" / "alternate_revisions.sh"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    run = subprocess.run(
+        ["bash", str(script), "HEAD", "2", "--", "-c", probe.replace("{out}", str(tmp_path))],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    files = {p.name: p.read_text() for p in tmp_path.glob("*_*")}
+    assert sorted(files) == ["base_1", "base_2", "work_1", "work_2"]
+    assert all(files[f"work_{i}"] == str(root / "src" / "densessm" / "__init__.py") for i in (1, 2))
+    bases = {Path(files[f"base_{i}"]).parents[2] for i in (1, 2)}
+    assert len(bases) == 1 and root not in bases.pop().parents and "== pair 2, work" in run.stdout
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=root, capture_output=True, text=True).stdout
+    assert len(worktrees.strip().splitlines()) == 1  # the baseline's worktree is gone
