@@ -535,7 +535,7 @@ at::Tensor scan_step_impl(const at::Tensor& u_in, const at::Tensor& delta_in, co
     const int64_t NN = kSize ? kSize : N;
     at::parallel_for(0, Bn * blocks, 1, [&](int64_t i0, int64_t i1) {
       std::vector<A> decay(kChannels * NN), read(kChannels * NN), shallow, delta(kChannels), out(kChannels);
-      if (!hs_p.empty()) shallow.resize(kChannels * NN);
+      if (hs_p.size() > 2) shallow.resize(kChannels * NN);
       for (int64_t item = i0; item < i1; ++item) {
         const int64_t b = item / blocks, d0 = (item % blocks) * kChannels, width = std::min(D, d0 + kChannels) - d0;
         const bool real = mask_p == nullptr || mask_p[b];
@@ -564,22 +564,33 @@ at::Tensor scan_step_impl(const at::Tensor& u_in, const at::Tensor& delta_in, co
         } else {  // the layers below, read out with this layer's C in the same sum: C·(h + g ⊙ Σ_i h_i)
           const int64_t at = (b * D + d0) * NN;
           const A* gb = g_p + b * D + d0;
-          for (int64_t c = 0; c < width; ++c) {
+          auto update = [&](auto shallow_at) {
+            for (int64_t c = 0; c < width; ++c) {
+              const A du = delta[c] * ub[c], gc = gb[c];
   #pragma omp simd
-            for (int64_t n = 0; n < NN; ++n) shallow[c * NN + n] = hs_p[0][at + c * NN + n];
-          }
-          for (size_t i = 1; i < hs_p.size(); ++i) {
-  #pragma omp simd
-            for (int64_t k = 0; k < width * NN; ++k) shallow[k] += hs_p[i][at + k];
-          }
-          for (int64_t c = 0; c < width; ++c) {
-            const A du = delta[c] * ub[c], gc = gb[c];
-  #pragma omp simd
-            for (int64_t n = 0; n < NN; ++n) {
-              const A next = du * Bb[n] + decay[c * NN + n] * h[c * NN + n];
-              h[c * NN + n] = next;
-              read[c * NN + n] = (next + gc * shallow[c * NN + n]) * Cb[n];
+              for (int64_t n = 0; n < NN; ++n) {
+                const int64_t k = c * NN + n;
+                const A next = du * Bb[n] + decay[k] * h[k];
+                h[k] = next;
+                read[k] = (next + gc * shallow_at(k)) * Cb[n];
+              }
             }
+          };
+          // one or two layers below (m = 1, 2) are read where they are used; more are summed in a buffer first
+          const A* s0 = hs_p[0] + at;
+          const A* s1 = hs_p.size() > 1 ? hs_p[1] + at : nullptr;
+          if (hs_p.size() == 1) {
+            update([&](int64_t k) { return s0[k]; });
+          } else if (hs_p.size() == 2) {
+            update([&](int64_t k) { return s0[k] + s1[k]; });
+          } else {
+  #pragma omp simd
+            for (int64_t k = 0; k < width * NN; ++k) shallow[k] = s0[k] + s1[k];
+            for (size_t i = 2; i < hs_p.size(); ++i) {
+  #pragma omp simd
+              for (int64_t k = 0; k < width * NN; ++k) shallow[k] += hs_p[i][at + k];
+            }
+            update([&](int64_t k) { return shallow[k]; });
           }
         }
         for (int64_t c = 0; c < width; ++c) {
